@@ -1,0 +1,75 @@
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "kernels/cpu/kernels.h"
+#include "runtime/cpu_features.h"
+#include "runtime/cuda_loader.h"
+
+namespace py = pybind11;
+
+namespace flashpage::bindings {
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// rms_norm through the kernel table of `isa` ("ref" = the scalar reference). Returns
+// (out, residual_after) — residual is copied, not changed in place.
+py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, FloatArray weight,
+                   float eps) {
+  if (x.ndim() != 2) throw std::invalid_argument("rms_norm: x must be 2-D [rows, dim]");
+  const int64_t rows = x.shape(0), dim = x.shape(1);
+  if (weight.ndim() != 1 || weight.shape(0) != dim)
+    throw std::invalid_argument("rms_norm: weight must have shape [" + std::to_string(dim) + "]");
+  const auto& table = isa == "ref" ? cpu::kernels_for(runtime::Isa::kScalar)
+                                   : cpu::kernels_for(runtime::parse_isa(isa));
+  FloatArray out({rows, dim});
+  py::object res_out = py::none();
+  float* res_ptr = nullptr;
+  if (!residual.is_none()) {
+    FloatArray r = FloatArray::ensure(residual);
+    if (!r || r.ndim() != 2 || r.shape(0) != rows || r.shape(1) != dim)
+      throw std::invalid_argument("rms_norm: residual must have the shape of x");
+    FloatArray copy({rows, dim});
+    std::copy(r.data(), r.data() + rows * dim, copy.mutable_data());
+    res_ptr = copy.mutable_data();
+    res_out = copy;
+  }
+  const auto fn = isa == "ref" ? &cpu::ref::rms_norm : table.rms_norm;
+  fn(out.mutable_data(), x.data(), res_ptr, weight.data(), rows, dim, eps);
+  return py::make_tuple(out, res_out);
+}
+
+}  // namespace
+
+void bind_runtime(py::module_& m) {
+  m.def("cpu_isa", [] { return std::string(runtime::isa_name(runtime::active_isa())); },
+        "The CPU ISA level the kernels run with (FLASHPAGE_ISA may lower it).");
+  m.def("cpu_best_isa", [] { return std::string(runtime::isa_name(runtime::best_isa())); });
+  m.def("cpu_supported_isas", [] {
+    std::vector<std::string> names;
+    for (auto isa : runtime::supported_isas()) names.emplace_back(runtime::isa_name(isa));
+    return names;
+  });
+  m.def("rms_norm", &rms_norm, py::arg("isa"), py::arg("x"), py::arg("residual") = py::none(),
+        py::arg("weight"), py::arg("eps") = 1e-6f,
+        "RMSNorm (+ fused residual add) with the kernels of one ISA level, or 'ref'.");
+
+  m.def("cuda_info", [] {
+    const auto& b = runtime::cuda_backend();
+    py::dict d;
+    d["available"] = b.available;
+    d["driver_found"] = b.driver_found;
+    d["library_path"] = b.library_path;
+    d["reason"] = b.reason;
+    d["device_count"] = b.device_count;
+    d["devices"] = b.device_names;
+    return d;
+  }, "Whether the CUDA backend is loaded, and why not.");
+  m.def("cuda_axpy", [](float a, std::vector<float> x, std::vector<float> y) {
+    runtime::cuda_axpy(a, x, y);
+    return y;
+  }, py::arg("a"), py::arg("x"), py::arg("y"), "a * x + y computed on the GPU (a self-test).");
+}
+
+}  // namespace flashpage::bindings

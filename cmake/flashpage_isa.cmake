@@ -1,0 +1,34 @@
+# CPU ISA levels. The whole core assumes AVX2 + FMA + F16C (every x86-64 server of the last
+# decade); kernels are additionally compiled for AVX-512 and chosen at run time. Never
+# -march=native: the wheel must run on other machines than the one that built it.
+if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+  set(FLASHPAGE_X86 ON)
+  set(FLASHPAGE_BASELINE_FLAGS -mavx2 -mfma -mf16c)
+  set(FLASHPAGE_ISA_LEVELS avx2 avx512)
+  set(FLASHPAGE_ISA_FLAGS_avx2 -mavx2 -mfma -mf16c)
+  set(FLASHPAGE_ISA_FLAGS_avx512 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl
+    -Wno-maybe-uninitialized)  # GCC 12 false positive in _mm512_reduce_add_ps
+else()
+  set(FLASHPAGE_X86 OFF)
+  set(FLASHPAGE_BASELINE_FLAGS "")
+  set(FLASHPAGE_ISA_LEVELS generic)
+  set(FLASHPAGE_ISA_FLAGS_generic "")
+endif()
+
+# Compiles each source once per ISA level into `target`, with FLASHPAGE_ISA set to the level's
+# name so the source defines its entry points in namespace flashpage::cpu::<level>.
+function(flashpage_add_isa_kernels target)
+  foreach(level IN LISTS FLASHPAGE_ISA_LEVELS)
+    set(objlib ${target}_isa_${level})
+    if(NOT TARGET ${objlib})
+      add_library(${objlib} OBJECT)
+      target_include_directories(${objlib} PRIVATE
+        ${PROJECT_SOURCE_DIR}/cpp/include ${PROJECT_SOURCE_DIR}/cpp/src)
+      target_compile_definitions(${objlib} PRIVATE FLASHPAGE_ISA=${level})
+      target_compile_options(${objlib} PRIVATE -Wall -Wextra ${FLASHPAGE_ISA_FLAGS_${level}})
+      target_sources(${target} PRIVATE $<TARGET_OBJECTS:${objlib}>)
+      target_compile_definitions(${target} PRIVATE FLASHPAGE_HAS_ISA_${level}=1)
+    endif()
+    target_sources(${objlib} PRIVATE ${ARGN})
+  endforeach()
+endfunction()

@@ -1,0 +1,158 @@
+// flashpage — the paged KV-cache block manager.
+//
+// A pool of fixed-size KV blocks shared by all sequences. Full blocks are content-hashed
+// (chained from the parent block's hash, the block's token ids and an extra key), so a new
+// sequence whose prompt starts like an earlier one reuses that KV instead of recomputing it.
+// Freed blocks that carry a hash stay reusable until evicted, least recently used first.
+// Forked sequences share blocks; a shared, partially filled block is copied before either
+// sequence writes into it (copy-on-write).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace flashpage {
+
+struct BlockManagerConfig {
+  int32_t num_blocks = 0;
+  int32_t block_size = 16;  // tokens per block
+  bool enable_prefix_caching = true;
+};
+
+struct BlockManagerStats {
+  int64_t num_blocks = 0;
+  int64_t used_blocks = 0;         // ref count > 0
+  int64_t free_blocks = 0;         // ref count == 0 (includes cached_free_blocks)
+  int64_t cached_blocks = 0;       // registered in the prefix cache, used or free
+  int64_t cached_free_blocks = 0;  // reusable prefix blocks that nobody holds right now
+  int64_t prefix_queries = 0;      // tokens looked up in the prefix cache
+  int64_t prefix_hits = 0;         // of those, tokens found cached
+  int64_t waste_tokens = 0;        // unused slots in the last, partially filled blocks
+};
+
+// A copy of one block's KV into another, for copy-on-write; the executor performs it before
+// the step's attention runs.
+struct BlockCopy {
+  int32_t src;
+  int32_t dst;
+};
+
+// The blocks one sequence holds, in position order. Owned by the caller (one per sequence);
+// only the BlockManager changes it.
+class BlockTable {
+ public:
+  std::span<const int32_t> blocks() const { return blocks_; }
+  int32_t num_blocks() const { return static_cast<int32_t>(blocks_.size()); }
+  // Tokens whose blocks are registered in the prefix cache (a multiple of the block size).
+  int32_t num_cached_tokens() const { return num_hashed_ * block_size_; }
+  bool empty() const { return blocks_.empty(); }
+
+ private:
+  friend class BlockManager;
+  std::vector<int32_t> blocks_;
+  std::vector<uint64_t> hashes_;  // hashes of the first full blocks, in order
+  int32_t num_hashed_ = 0;        // how many of blocks_ have been offered to the prefix cache
+  // Set by fork: a block this table writes into next may be shared and need a copy. Only
+  // forks share partially filled blocks (prefix hits are full), so without this flag
+  // allocation never looks at reference counts.
+  bool may_share_tail_ = false;
+  int32_t block_size_ = 0;
+  uint64_t extra_key_ = 0;
+};
+
+class BlockManager {
+ public:
+  explicit BlockManager(const BlockManagerConfig& config);
+  BlockManager(const BlockManager&) = delete;
+  BlockManager& operator=(const BlockManager&) = delete;
+
+  int32_t block_size() const { return config_.block_size; }
+  int32_t num_blocks() const { return config_.num_blocks; }
+  int32_t num_free_blocks() const { return num_free_; }
+
+  // Starts `table` (which must be empty) on the longest cached prefix of `tokens`, always
+  // leaving at least one token to compute so the caller gets logits. Returns the number of
+  // tokens whose KV is already there (a multiple of the block size). `extra_key` separates
+  // caches that must never mix (adapters).
+  int32_t allocate_prefix(BlockTable& table, std::span<const int32_t> tokens,
+                          uint64_t extra_key = 0);
+
+  // Number of blocks allocate_slots(table, num_computed, num_new) would take from the pool.
+  int32_t blocks_needed(const BlockTable& table, int32_t num_computed, int32_t num_new) const;
+
+  // Makes positions [num_computed, num_computed + num_new) writable: appends blocks and
+  // copies shared partial blocks (the copies are queued, see take_copies). All or nothing:
+  // returns false, changing nothing, when the pool has too few free blocks.
+  bool allocate_slots(BlockTable& table, int32_t num_computed, int32_t num_new);
+
+  // Registers in the prefix cache every block that is full within tokens[0, num_computed)
+  // (the KV of those tokens has been written).
+  void cache_blocks(BlockTable& table, std::span<const int32_t> tokens, int32_t num_computed);
+
+  // Shares every block of `parent` with `child` (which must be empty).
+  void fork(BlockTable& parent, BlockTable& child);
+
+  // Releases the table's blocks; cached ones stay reusable until evicted.
+  void free(BlockTable& table);
+
+  // Undoes allocate_prefix when the caller could not go on to allocate_slots: frees the table
+  // and takes the lookup back out of the prefix-cache counters.
+  void rollback_prefix(BlockTable& table, int32_t num_tokens, int32_t num_hit_tokens);
+
+  // Copy-on-write copies queued since the last clear_copies().
+  const std::vector<BlockCopy>& pending_copies() const { return copies_; }
+  void clear_copies() { copies_.clear(); }
+
+  int32_t ref_count(int32_t block) const;
+  bool is_cached(int32_t block) const;
+  // The prefix-cache hash of a full block, or 0 if not registered.
+  uint64_t block_hash(int32_t block) const;
+  // Pool and prefix-cache counters; waste_tokens is filled in by the Scheduler, which knows
+  // how many tokens each table holds.
+  BlockManagerStats stats() const;
+
+ private:
+  static constexpr int32_t kNone = -1;
+  struct Block {
+    int32_t ref = 0;
+    int32_t prev = kNone, next = kNone;  // free list links, valid while ref == 0
+    bool hashed = false;
+    uint64_t hash = 0;
+    uint64_t parent_hash = 0;
+    uint64_t extra_key = 0;
+  };
+
+  uint64_t hash_block(uint64_t parent, uint64_t extra_key, const int32_t* tokens) const;
+  int32_t lookup(uint64_t hash, uint64_t parent, uint64_t extra_key, const int32_t* tokens) const;
+  int32_t pop_free();  // evicts the least recently used free block
+  void push_free_back(int32_t b);
+  void push_free_front(int32_t b);
+  void unlink_free(int32_t b);
+  void uncache(int32_t b);
+  void release(int32_t b);
+  void check_block(int32_t b) const;
+  // The prefix-cache index: an open-addressing table (linear probing, at most half full) from
+  // block hash to block id. No allocation after construction, one cache miss per probe.
+  struct IndexSlot {
+    uint64_t hash = 0;  // 0 = empty
+    int32_t block = -1;
+  };
+  size_t index_home(uint64_t hash) const { return static_cast<size_t>(hash) & index_mask_; }
+  int32_t index_find(uint64_t hash) const;
+  void index_insert(uint64_t hash, int32_t block);
+  void index_erase(uint64_t hash);
+
+  BlockManagerConfig config_;
+  std::vector<Block> blocks_;
+  std::vector<int32_t> block_tokens_;  // token ids of hashed blocks, for exact matching
+  std::vector<IndexSlot> index_;
+  size_t index_mask_ = 0;
+  int32_t free_head_ = kNone, free_tail_ = kNone;
+  int32_t num_free_ = 0;
+  int64_t prefix_queries_ = 0, prefix_hits_ = 0;
+  std::vector<BlockCopy> copies_;
+};
+
+}  // namespace flashpage

@@ -1,0 +1,211 @@
+// flashpage — the continuous-batching scheduler.
+//
+// Each step it picks which requests run and how many of their tokens: running decodes first
+// (one token each), then running prompts still being prefilled, then waiting requests, within
+// a per-step token budget (chunked prefill) and a sequence budget. When KV blocks run out it
+// preempts the lowest-priority running request by recompute. The step is handed over as one
+// flattened, unpadded batch of contiguous arrays (StepOutput); update() takes the tokens the
+// sampler produced and applies stop conditions.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "flashpage/block_manager.h"
+
+namespace flashpage {
+
+enum class SchedulingPolicy : int8_t { kFcfs = 0, kPriority = 1 };
+
+enum class FinishReason : int8_t {
+  kNone = 0,
+  kStop = 1,    // a stop token id (eos included), or the caller said so (stop strings)
+  kLength = 2,  // max_tokens or max_model_len reached
+  kAbort = 3,
+};
+const char* finish_reason_name(FinishReason r);
+
+enum class RequestStatus : int8_t { kWaiting = 0, kRunning = 1, kFinished = 2 };
+
+struct SchedulerConfig {
+  int32_t max_num_batched_tokens = 2048;  // tokens per step, decodes and prefill chunks
+  int32_t max_num_seqs = 256;             // sequences per step
+  int32_t max_model_len = 4096;           // prompt + output tokens of one sequence
+  SchedulingPolicy policy = SchedulingPolicy::kFcfs;
+  BlockManagerConfig cache;
+};
+
+// What the scheduler needs to know to stop a sequence (text stop strings live in Python).
+struct StopParams {
+  int32_t max_tokens = 16;
+  int32_t min_tokens = 0;  // stop token ids are ignored until this many tokens are out
+  std::vector<int32_t> stop_token_ids;
+  std::vector<int32_t> eos_token_ids;
+  bool ignore_eos = false;
+};
+
+struct RequestSpec {
+  int64_t request_id = 0;
+  std::vector<int32_t> prompt;
+  StopParams stop;
+  int32_t priority = 0;    // lower value runs first (as in vLLM)
+  uint64_t cache_key = 0;  // extra prefix-cache key (adapters); 0 = none
+};
+
+// Raised for requests that can never be served (empty, too long, larger than the cache).
+class RequestRejected : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// Raised when a request id is not (or no longer) in the scheduler.
+class UnknownRequest : public std::out_of_range {
+ public:
+  using std::out_of_range::out_of_range;
+};
+
+// One engine step as contiguous arrays, ready for the kernels. Rows are the scheduled
+// sequences, in the order of request_ids. Valid until the scheduler is destroyed; the
+// scheduler reuses a StepOutput only when no one else holds a reference to it.
+struct StepOutput {
+  std::vector<int64_t> request_ids;      // [num_seqs]
+  std::vector<int32_t> query_start_loc;  // [num_seqs + 1] offsets into the token arrays
+  std::vector<int32_t> num_computed;     // [num_seqs] tokens already in the KV cache
+  std::vector<int32_t> context_lens;     // [num_seqs] tokens in the cache after this step
+  std::vector<uint8_t> do_sample;        // [num_seqs] 1 if this row yields the next token
+  std::vector<int32_t> token_ids;        // [num_tokens]
+  std::vector<int32_t> positions;        // [num_tokens]
+  std::vector<int32_t> slot_mapping;     // [num_tokens] block * block_size + offset
+  std::vector<int32_t> logits_indices;   // [num_seqs] index of each row's last token
+  std::vector<int32_t> block_tables;     // [num_seqs, block_table_width], padded with -1
+  int32_t block_table_width = 0;
+  std::vector<BlockCopy> block_copies;   // copy-on-write, to run before attention
+  std::vector<int64_t> preempted_ids;    // preempted during this schedule()
+  std::vector<int64_t> finished_ids;     // finished or aborted since the previous schedule()
+  int32_t num_prefill_tokens = 0;        // tokens of rows that are not single-token decodes
+  int32_t num_decode_seqs = 0;
+
+  void clear();
+  int32_t num_seqs() const { return static_cast<int32_t>(request_ids.size()); }
+  int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+};
+
+// What update() did to one request.
+struct RequestUpdate {
+  int64_t request_id;
+  int32_t token;  // the new token, or -1 if this step produced none for it
+  FinishReason finish;
+};
+
+struct SchedulerStats {
+  int32_t num_waiting = 0;
+  int32_t num_running = 0;
+  int64_t num_preemptions = 0;
+  int64_t num_steps = 0;
+  BlockManagerStats cache;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& config);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  const SchedulerConfig& config() const { return config_; }
+  BlockManager& block_manager() { return blocks_; }
+  const BlockManager& block_manager() const { return blocks_; }
+
+  // Queues a request. Throws RequestRejected if it can never run, std::invalid_argument for
+  // a duplicate id or bad stop parameters.
+  void add_request(RequestSpec spec);
+  // Removes a request in any state and frees its blocks. Returns false if it is unknown
+  // (already finished, say). Safe between schedule() and update().
+  bool abort_request(int64_t request_id);
+  // Finishes a request for a reason found by the caller (a stop string); frees its blocks.
+  bool finish_request(int64_t request_id, FinishReason reason = FinishReason::kStop);
+  // Starts `child_id` as a copy of `parent_id` that shares all of its KV blocks (n > 1,
+  // copy-on-write). Call it between schedule() and update(), for a parent whose row in that
+  // step samples a token; the child's own token for that step goes to update() in
+  // `fork_tokens`, in the order of the fork_request() calls.
+  void fork_request(int64_t parent_id, int64_t child_id);
+
+  // Plans the next step. The returned object stays valid while referenced.
+  std::shared_ptr<const StepOutput> schedule();
+  // Takes one sampled token per row of the last StepOutput (rows with do_sample == 0 are
+  // ignored) and one per fork_request() since that schedule(). Returns what happened to each
+  // request that got a token or finished; valid until the next update().
+  const std::vector<RequestUpdate>& update(std::span<const int32_t> sampled,
+                                           std::span<const int32_t> fork_tokens = {});
+
+  bool has_unfinished() const { return !waiting_.empty() || num_active_running_ > 0; }
+  int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
+  int32_t num_running() const { return num_active_running_; }
+  bool contains(int64_t request_id) const { return requests_.count(request_id) != 0; }
+  RequestStatus status(int64_t request_id) const;
+  // Prompt followed by the output so far.
+  std::span<const int32_t> tokens(int64_t request_id) const;
+  int32_t num_prompt_tokens(int64_t request_id) const;
+  int32_t num_computed_tokens(int64_t request_id) const;
+  std::span<const int32_t> block_table(int64_t request_id) const;
+  std::vector<int64_t> running_ids() const;
+  std::vector<int64_t> waiting_ids() const;
+  SchedulerStats stats() const;
+
+  struct Request;  // internal
+
+ private:
+  Request& get(int64_t request_id) const;
+  bool before(const Request& a, const Request& b) const;  // scheduling order
+  void insert_waiting(Request* r);
+  void add_scheduled(Request& r, int32_t num_new);
+  void preempt(Request& r, StepOutput& out);
+  bool preempt_for(Request& w, int32_t blocks_short, bool needs_seq_slot, StepOutput& out);
+  void schedule_running(bool decodes, StepOutput& out);
+  void admit_waiting(StepOutput& out);
+  FinishReason append_token(Request& r, int32_t token);
+  void release(Request& r);
+  void compact();
+  void build_output(StepOutput& out);
+  std::shared_ptr<StepOutput> fresh_output();
+
+  struct Scheduled {
+    Request* req;
+    int32_t num_new;     // 0 once unscheduled
+    int32_t num_blocks;  // the request's block-table length for this step
+  };
+
+  SchedulerConfig config_;
+  BlockManager blocks_;
+  std::unordered_map<int64_t, std::unique_ptr<Request>> requests_;
+  std::deque<Request*> waiting_;  // in scheduling order
+  std::vector<Request*> running_;
+  std::vector<Scheduled> scheduled_;
+  std::vector<Request*> admitted_;    // joined running_ during this schedule()
+  std::vector<Request*> victims_;     // scratch for priority preemption
+  std::vector<Request*> prefilling_;  // running requests with more than one token to compute
+  std::vector<Request*> merge_buf_;   // scratch for merging admitted_ into running_
+  std::vector<Request*> rows_;        // the last StepOutput's rows; nullptr once aborted
+  std::vector<Request*> forks_;       // forked since the last schedule()
+  std::vector<std::unique_ptr<Request>> retired_;  // finished, freed at the next compact()
+  std::vector<int64_t> finished_since_step_;
+  std::vector<RequestUpdate> updates_;
+  std::shared_ptr<StepOutput> outputs_[2];
+  std::shared_ptr<const StepOutput> last_output_;
+  int32_t budget_tokens_ = 0;
+  int32_t budget_seqs_ = 0;
+  int32_t num_active_running_ = 0;
+  bool preempted_this_step_ = false;
+  int64_t arrival_counter_ = 0;
+  int64_t num_preemptions_ = 0;
+  int64_t num_steps_ = 0;
+  bool awaiting_update_ = false;
+};
+
+}  // namespace flashpage

@@ -1,0 +1,28 @@
+// Finds and loads libflashpage_cuda at run time, only when an NVIDIA driver is present.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "runtime/cuda_abi.h"
+
+namespace flashpage::runtime {
+
+struct CudaBackend {
+  bool available = false;     // loaded, and at least one device
+  bool driver_found = false;  // libcuda.so.1 could be opened
+  std::string library_path;   // where libflashpage_cuda was looked for or loaded from
+  std::string reason;         // why it is not available
+  int device_count = 0;
+  std::vector<std::string> device_names;
+  flashpage_cuda_axpy_fn axpy = nullptr;
+};
+
+// Probes once (thread-safe) and caches the result. The library is looked for in
+// $FLASHPAGE_CUDA_LIBRARY, else beside the binary that holds the flashpage core.
+const CudaBackend& cuda_backend();
+
+// y = a * x + y on the GPU; throws std::runtime_error if the backend is not available.
+void cuda_axpy(float a, const std::vector<float>& x, std::vector<float>& y);
+
+}  // namespace flashpage::runtime

@@ -1,0 +1,64 @@
+// The CUDA backend's entry points (C ABI, see cpp/src/runtime/cuda_abi.h). For now a
+// placeholder kernel that proves the build, the loading and a device round trip work.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#include "runtime/cuda_abi.h"
+
+#define FLASHPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+int fail(cudaError_t e, const char* what, char* err, size_t err_len) {
+  if (err != nullptr && err_len > 0)
+    std::snprintf(err, err_len, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+  return -1;
+}
+
+__global__ void axpy_kernel(int n, float a, const float* x, float* y) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * x[i] + y[i];
+}
+
+}  // namespace
+
+FLASHPAGE_EXPORT int flashpage_cuda_abi_version() { return FLASHPAGE_CUDA_ABI_VERSION; }
+
+FLASHPAGE_EXPORT int flashpage_cuda_device_count(int* count, char* err, size_t err_len) {
+  *count = 0;
+  const cudaError_t e = cudaGetDeviceCount(count);
+  if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) {
+    *count = 0;
+    return 0;
+  }
+  return e == cudaSuccess ? 0 : fail(e, "cudaGetDeviceCount", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_device_name(int device, char* name, size_t name_len, char* err,
+                                                size_t err_len) {
+  cudaDeviceProp prop{};
+  const cudaError_t e = cudaGetDeviceProperties(&prop, device);
+  if (e != cudaSuccess) return fail(e, "cudaGetDeviceProperties", err, err_len);
+  std::snprintf(name, name_len, "%s (sm_%d%d)", prop.name, prop.major, prop.minor);
+  return 0;
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_axpy(int n, float a, const float* x, float* y, char* err,
+                                         size_t err_len) {
+  if (n <= 0) return 0;
+  float *dx = nullptr, *dy = nullptr;
+  const size_t bytes = sizeof(float) * static_cast<size_t>(n);
+  cudaError_t e = cudaMalloc(&dx, bytes);
+  if (e == cudaSuccess) e = cudaMalloc(&dy, bytes);
+  if (e == cudaSuccess) e = cudaMemcpy(dx, x, bytes, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) e = cudaMemcpy(dy, y, bytes, cudaMemcpyHostToDevice);
+  if (e == cudaSuccess) {
+    axpy_kernel<<<(n + 255) / 256, 256>>>(n, a, dx, dy);
+    e = cudaGetLastError();
+  }
+  if (e == cudaSuccess) e = cudaMemcpy(y, dy, bytes, cudaMemcpyDeviceToHost);
+  cudaFree(dx);
+  cudaFree(dy);
+  return e == cudaSuccess ? 0 : fail(e, "flashpage_cuda_axpy", err, err_len);
+}
