@@ -191,9 +191,8 @@ void bind_scheduler(py::module_& m) {
              for (py::ssize_t i = 0; i < n; ++i) {
                ids.mutable_at(i) = ups[i].request_id;
                toks.mutable_at(i) = ups[i].token;
-               reasons.append(ups[i].finish == FinishReason::kNone
-                                  ? py::none()
-                                  : py::str(finish_reason_name(ups[i].finish)));
+               if (ups[i].finish == FinishReason::kNone) reasons.append(py::none());
+               else reasons.append(py::str(finish_reason_name(ups[i].finish)));
              }
              return py::make_tuple(ids, toks, reasons);
            },

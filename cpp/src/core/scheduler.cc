@@ -276,9 +276,10 @@ void Scheduler::admit_waiting(StepOutput& out) {
   while (!waiting_.empty() && budget_tokens_ > 0) {
     Request& w = *waiting_.front();
     if (w.preempted_at_step == num_steps_) break;  // not back in the step that preempted it
-    if (num_active_running_ >= config_.max_num_seqs || budget_seqs_ <= 0) {
+    if (num_active_running_ >= config_.max_num_seqs) {
       if (!by_priority || !preempt_for(w, 0, true, out)) break;
     }
+    if (budget_seqs_ <= 0) break;  // forks can hold more running requests than step rows
     const int32_t num_tokens = w.num_tokens();
     const int32_t hit = blocks_.allocate_prefix(w.table, w.tokens, w.cache_key);
     const int32_t n = std::min(num_tokens - hit, budget_tokens_);
