@@ -249,14 +249,15 @@ void BlockManager::cache_blocks(BlockTable& table, std::span<const int32_t> toke
     const int32_t b = table.blocks_[i];
     Block& blk = blocks_[b];
     if (blk.hashed) continue;  // shared with a fork or hit in the cache: registered already
-    if (lookup(h, parent, table.extra_key_, tok) != kNone) continue;  // a duplicate stays private
-    if (index_find(h) != kNone) continue;  // a true 64-bit collision: keep the first owner
+    // Present already: either a duplicate of this content (which stays private) or, with
+    // astronomically low odds, a 64-bit collision (the first owner keeps the hash).
+    if (index_find(h) != kNone) continue;
     blk.hashed = true;
     blk.hash = h;
     blk.parent_hash = parent;
     blk.extra_key = table.extra_key_;
     std::memcpy(&block_tokens_[static_cast<size_t>(b) * bs], tok, bs * sizeof(int32_t));
-    index_insert(h, b);
+    index_insert(h, b);  // the probe chain is in cache from index_find
   }
   table.num_hashed_ = std::max(table.num_hashed_, full);
 }

@@ -38,7 +38,6 @@ inline void prefetch_request(const void* r) {
   const char* p = static_cast<const char*>(r);
   __builtin_prefetch(p);
   __builtin_prefetch(p + 64);
-  __builtin_prefetch(p + 128);
 }
 
 }  // namespace
@@ -54,16 +53,8 @@ const char* finish_reason_name(FinishReason r) {
 }
 
 void StepOutput::clear() {
-  request_ids.clear();
-  query_start_loc.clear();
-  num_computed.clear();
-  context_lens.clear();
-  do_sample.clear();
-  token_ids.clear();
-  positions.clear();
-  slot_mapping.clear();
-  logits_indices.clear();
-  block_tables.clear();
+  // The per-row and per-token arrays are overwritten whole by every schedule(); resizing
+  // them without clearing first spares zero-filling half a megabyte per step at 4k rows.
   block_table_width = 0;
   block_copies.clear();
   preempted_ids.clear();
@@ -446,6 +437,7 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
     if (t < 0) throw std::invalid_argument("Scheduler::update: negative fork token id " + std::to_string(t));
 
   updates_.clear();
+  const int32_t bs = blocks_.block_size();
   for (size_t i = 0; i < rows_.size(); ++i) {
     if (i + kPrefetchFar < rows_.size() && rows_[i + kPrefetchFar])
       prefetch_request(rows_[i + kPrefetchFar]);
@@ -457,7 +449,8 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
     if (r == nullptr) continue;  // aborted after schedule()
     r->row = -1;
     r->num_computed += out.query_start_loc[i + 1] - out.query_start_loc[i];
-    blocks_.cache_blocks(r->table, r->tokens, r->num_computed);
+    if (r->num_computed >= r->table.num_cached_tokens() + bs)  // a block filled up
+      blocks_.cache_blocks(r->table, r->tokens, r->num_computed);
     if (!out.do_sample[i]) continue;  // a prefill chunk that is not the last
     const FinishReason f = append_token(*r, sampled[i]);
     updates_.push_back({r->id, sampled[i], f});
