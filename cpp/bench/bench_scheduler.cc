@@ -36,7 +36,9 @@ StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
     SchedulerConfig cfg;
     cfg.max_num_seqs = seqs;
     cfg.max_num_batched_tokens = std::max(seqs, 8192);
-    cfg.max_model_len = prompt_len + steps + 64;
+    // Room for the decodes during the prefill steps too: nobody may finish before the end.
+    const int prefill_steps = static_cast<int>((int64_t(seqs) * prompt_len) / cfg.max_num_batched_tokens) + 1;
+    cfg.max_model_len = prompt_len + steps + prefill_steps + 64;
     cfg.cache.block_size = 16;
     cfg.cache.num_blocks = seqs * ((cfg.max_model_len + 15) / 16 + 1);
     Scheduler s(cfg);
@@ -45,7 +47,7 @@ StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
       r.request_id = i;
       r.prompt.resize(prompt_len);
       for (int t = 0; t < prompt_len; ++t) r.prompt[t] = (i * 7919 + t * 31) % 32000;
-      r.stop.max_tokens = steps + 32;
+      r.stop.max_tokens = cfg.max_model_len - prompt_len;
       s.add_request(std::move(r));
     }
     std::vector<int32_t> sampled;
@@ -53,6 +55,10 @@ StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
     int guard = 0;
     while (true) {
       auto out = s.schedule();
+      if (out->num_seqs() == 0) {
+        std::fprintf(stderr, "bench_scheduler: nothing scheduled during prefill\n");
+        std::exit(1);
+      }
       sampled.assign(out->num_seqs(), 1);
       s.update(sampled);
       if (out->num_prefill_tokens == 0 && out->num_seqs() == seqs) break;

@@ -51,14 +51,16 @@ class BlockTable {
 
  private:
   friend class BlockManager;
+  // Fields read at every step first, so a scheduler touching thousands of tables per step
+  // reads one cache line of each.
   std::vector<int32_t> blocks_;
-  std::vector<uint64_t> hashes_;  // hashes of the first full blocks, in order
-  int32_t num_hashed_ = 0;        // how many of blocks_ have been offered to the prefix cache
+  int32_t num_hashed_ = 0;  // how many of blocks_ have been offered to the prefix cache
+  int32_t block_size_ = 0;
   // Set by fork: a block this table writes into next may be shared and need a copy. Only
   // forks share partially filled blocks (prefix hits are full), so without this flag
   // allocation never looks at reference counts.
   bool may_share_tail_ = false;
-  int32_t block_size_ = 0;
+  std::vector<uint64_t> hashes_;  // hashes of the first full blocks, in order
   uint64_t extra_key_ = 0;
 };
 

@@ -175,11 +175,19 @@ class Scheduler {
   void build_output(StepOutput& out);
   std::shared_ptr<StepOutput> fresh_output();
 
+  // One row of the step being planned, with a copy of what the output needs.
   struct Scheduled {
     Request* req;
     int32_t num_new;     // 0 once unscheduled
     int32_t num_blocks;  // the request's block-table length for this step
+    int32_t row;         // its row in the StepOutput, set by build_output()
+    int32_t num_computed;
+    int64_t id;
+    const int32_t* tokens;  // stable during the step: tokens and tables do not reallocate
+    const int32_t* blocks;
+    int32_t num_tokens;
   };
+  int32_t row_of(const Request& r) const;  // row in the last step, or -1
 
   SchedulerConfig config_;
   BlockManager blocks_;
@@ -205,6 +213,7 @@ class Scheduler {
   int64_t arrival_counter_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;
+  int64_t step_id_ = -1;  // the step being planned, or the last one planned
   bool awaiting_update_ = false;
 };
 

@@ -9,8 +9,8 @@ struct Scheduler::Request {
   // Hot fields first: every step reads them for every running request.
   RequestStatus status = RequestStatus::kWaiting;
   int32_t num_computed = 0;  // tokens whose KV is in the cache
-  int32_t sched_idx = -1;    // index into scheduled_ while schedule() runs
-  int32_t row = -1;          // row in the last StepOutput until update()
+  int32_t sched_idx = -1;    // index into scheduled_, valid when sched_step == step_id_
+  int64_t sched_step = -1;   // the step that scheduled it last
   int32_t num_prompt = 0;
   int32_t max_num_tokens = 0;  // prompt + max_tokens, capped at max_model_len
   int32_t min_stop_tokens = 0;  // total tokens before stop ids count (prompt + min_tokens)
@@ -172,20 +172,29 @@ void Scheduler::insert_waiting(Request* r) {
   waiting_.insert(it, r);
 }
 
+int32_t Scheduler::row_of(const Request& r) const {
+  if (!awaiting_update_ || r.sched_step != step_id_) return -1;
+  const Scheduled& s = scheduled_[r.sched_idx];
+  return s.num_new > 0 ? s.row : -1;
+}
+
 void Scheduler::add_scheduled(Request& r, int32_t num_new) {
   r.sched_idx = static_cast<int32_t>(scheduled_.size());
-  scheduled_.push_back({&r, num_new, r.table.num_blocks()});
+  r.sched_step = step_id_;
+  // Everything build_output() needs, so it does not touch the request again.
+  scheduled_.push_back({&r, num_new, r.table.num_blocks(), -1, r.num_computed, r.id,
+                        r.tokens.data(), r.table.blocks().data(), r.num_tokens()});
   budget_tokens_ -= num_new;
   --budget_seqs_;
 }
 
 void Scheduler::preempt(Request& r, StepOutput& out) {
-  if (r.sched_idx >= 0) {  // scheduled earlier in this step: give its budget back
+  if (r.sched_step == step_id_) {  // scheduled earlier in this step: give its budget back
     Scheduled& s = scheduled_[r.sched_idx];
     budget_tokens_ += s.num_new;
     ++budget_seqs_;
     s.num_new = 0;
-    r.sched_idx = -1;
+    r.sched_step = -1;
   }
   blocks_.free(r.table);
   r.num_computed = 0;  // recompute: prompt and output so far are prefilled again
@@ -205,7 +214,7 @@ void Scheduler::schedule_running(bool decodes, StepOutput& out) {
   for (size_t i = 0; i < count; ++i) {
     if (decodes && i + kPrefetchFar < count) prefetch_request(running_[i + kPrefetchFar]);
     Request& r = decodes ? *running_[i] : *prefilling_[i];
-    if (r.status != RequestStatus::kRunning || r.sched_idx >= 0) continue;
+    if (r.status != RequestStatus::kRunning || r.sched_step == step_id_) continue;
     const int32_t remaining = r.num_tokens() - r.num_computed;
     if (decodes && remaining != 1) {
       prefilling_.push_back(&r);
@@ -311,6 +320,7 @@ std::shared_ptr<const StepOutput> Scheduler::schedule() {
   if (awaiting_update_)
     throw std::logic_error("Scheduler::schedule: update() has not been called for the previous step");
   compact();
+  step_id_ = num_steps_;
   std::shared_ptr<StepOutput> out = fresh_output();
   out->clear();
   scheduled_.clear();
@@ -342,8 +352,9 @@ std::shared_ptr<const StepOutput> Scheduler::schedule() {
 void Scheduler::build_output(StepOutput& out) {
   rows_.clear();
   int32_t width = 0, num_tokens = 0;
-  for (const Scheduled& s : scheduled_) {
+  for (Scheduled& s : scheduled_) {
     if (s.num_new == 0) continue;
+    s.row = static_cast<int32_t>(rows_.size());
     rows_.push_back(s.req);
     width = std::max(width, s.num_blocks);
     num_tokens += s.num_new;
@@ -361,38 +372,35 @@ void Scheduler::build_output(StepOutput& out) {
   out.block_table_width = width;
   out.block_tables.resize(nseq * static_cast<size_t>(width));
 
+  // Reads only scheduled_ and the token and block arrays it points to: the requests
+  // themselves are not touched again, which matters with thousands of them.
   const int32_t bs = blocks_.block_size();
   int32_t t = 0, i = 0;
   out.query_start_loc[0] = 0;
   for (size_t k = 0; k < scheduled_.size(); ++k) {
-    const Scheduled& s = scheduled_[k];
-    if (k + kPrefetchFar < scheduled_.size()) prefetch_request(scheduled_[k + kPrefetchFar].req);
     if (k + kPrefetchNear < scheduled_.size()) {
-      const Request* ahead = scheduled_[k + kPrefetchNear].req;
-      __builtin_prefetch(ahead->tokens.data() + ahead->num_computed);
-      __builtin_prefetch(ahead->table.blocks().data());
+      const Scheduled& ahead = scheduled_[k + kPrefetchNear];
+      __builtin_prefetch(ahead.tokens + ahead.num_computed);
+      __builtin_prefetch(ahead.blocks);
     }
+    const Scheduled& s = scheduled_[k];
     if (s.num_new == 0) continue;
-    Request& r = *s.req;
-    r.sched_idx = -1;
-    r.row = i;
     const int32_t n = s.num_new;
-    const int32_t start = r.num_computed;
-    const auto table = r.table.blocks();
-    out.request_ids[i] = r.id;
+    const int32_t start = s.num_computed;
+    out.request_ids[i] = s.id;
     out.num_computed[i] = start;
     out.context_lens[i] = start + n;
-    out.do_sample[i] = start + n == r.num_tokens();
+    out.do_sample[i] = start + n == s.num_tokens;
     out.logits_indices[i] = t + n - 1;
-    std::copy(r.tokens.begin() + start, r.tokens.begin() + start + n, out.token_ids.begin() + t);
-    for (int32_t k = 0; k < n; ++k) {
-      const int32_t pos = start + k;
-      out.positions[t + k] = pos;
-      out.slot_mapping[t + k] = table[pos / bs] * bs + pos % bs;
+    std::copy(s.tokens + start, s.tokens + start + n, out.token_ids.begin() + t);
+    for (int32_t j = 0; j < n; ++j) {
+      const int32_t pos = start + j;
+      out.positions[t + j] = pos;
+      out.slot_mapping[t + j] = s.blocks[pos / bs] * bs + pos % bs;
     }
     const auto row_begin = out.block_tables.begin() + static_cast<size_t>(i) * width;
-    std::fill(std::copy(table.begin(), table.end(), row_begin), row_begin + width, -1);
-    if (n == 1 && start + 1 == r.num_tokens() && r.num_output() > 0) {
+    std::fill(std::copy(s.blocks, s.blocks + s.num_blocks, row_begin), row_begin + width, -1);
+    if (n == 1 && out.do_sample[i]) {
       ++out.num_decode_seqs;
     } else {
       out.num_prefill_tokens += n;
@@ -447,7 +455,6 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
     }
     Request* r = rows_[i];
     if (r == nullptr) continue;  // aborted after schedule()
-    r->row = -1;
     r->num_computed += out.query_start_loc[i + 1] - out.query_start_loc[i];
     if (r->num_computed >= r->table.num_cached_tokens() + bs)  // a block filled up
       blocks_.cache_blocks(r->table, r->tokens, r->num_computed);
@@ -477,7 +484,8 @@ void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
     throw std::invalid_argument("Scheduler::fork_request: request id " + std::to_string(child_id) +
                                 " is already in the scheduler");
   Request& p = get(parent_id);
-  if (p.status != RequestStatus::kRunning || p.row < 0 || !last_output_->do_sample[p.row])
+  const int32_t row = row_of(p);
+  if (p.status != RequestStatus::kRunning || row < 0 || !last_output_->do_sample[row])
     throw std::logic_error("Scheduler::fork_request: request " + std::to_string(parent_id) +
                            " does not sample a token in this step");
   auto c = std::make_unique<Request>();
@@ -493,7 +501,7 @@ void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
   c->cache_key = p.cache_key;
   c->arrival = arrival_counter_++;
   c->status = RequestStatus::kRunning;
-  c->num_computed = last_output_->context_lens[p.row];
+  c->num_computed = last_output_->context_lens[row];
   blocks_.fork(p.table, c->table);
   Request* raw = c.get();
   auto it = std::upper_bound(running_.begin(), running_.end(), raw,
@@ -511,8 +519,8 @@ void Scheduler::release(Request& r) {
   } else if (r.status == RequestStatus::kRunning) {
     --num_active_running_;  // leaves running_ at the next compact()
   }
-  if (r.row >= 0) rows_[r.row] = nullptr;
-  r.row = -1;
+  if (const int32_t row = row_of(r); row >= 0) rows_[row] = nullptr;
+  r.sched_step = -1;
   std::replace(forks_.begin(), forks_.end(), &r, static_cast<Request*>(nullptr));
   blocks_.free(r.table);
   r.status = RequestStatus::kFinished;
