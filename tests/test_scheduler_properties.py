@@ -249,28 +249,37 @@ class Checker:
                 assert self.reasons.get(rid) == why
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(workloads())
-def test_random_workloads_keep_every_invariant(w: Workload):
+def workload_settings(examples: int):
+    return settings(max_examples=examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def check_workload(w: Workload) -> Checker:
     c = Checker(w)
     c.run()
     c.check_final()
+    return c
+
+
+@workload_settings(EXAMPLES)
+@given(workloads())
+def test_random_workloads_keep_every_invariant(w: Workload):
+    check_workload(w)
 
 
 def test_the_workloads_exercise_preemption_forks_aborts_and_prefix_hits():
     """Guards the generator: the random workloads must reach the paths they are meant to test."""
-    seen = {"preemptions": 0, "forks": 0, "aborts": 0, "prefix_hits": 0, "rejected": 0}
+    seen = {"preemptions": 0, "priority_preemptions": 0, "forks": 0, "aborts": 0,
+            "prefix_hits": 0, "rejected": 0}
 
-    @settings(max_examples=300, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @workload_settings(300)
     @given(workloads())
     def run_one(w: Workload):
-        c = Checker(w)
-        c.run()
-        c.check_final()
+        c = check_workload(w)
         stats = c.s.stats()
-        seen["preemptions"] += stats["num_preemptions"] > 0
+        preempted = stats["num_preemptions"] > 0
+        seen["preemptions"] += preempted
+        seen["priority_preemptions"] += preempted and w.policy == "priority"
         seen["forks"] += bool(c.fork_index)
         seen["aborts"] += bool(c.aborted)
         seen["prefix_hits"] += stats["prefix_hits"] > 0

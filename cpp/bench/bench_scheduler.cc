@@ -28,10 +28,11 @@ struct StepResult {
   int seqs;
   double us_per_step;  // median over repeats
   double us_min;
+  double us_schedule;  // of which schedule() (the rest is update())
 };
 
 StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
-  std::vector<double> samples;
+  std::vector<double> samples, sched_samples;
   for (int rep = 0; rep < repeats; ++rep) {
     SchedulerConfig cfg;
     cfg.max_num_seqs = seqs;
@@ -68,17 +69,22 @@ StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
       }
     }
     int32_t tok = 0;
+    double sched_us = 0;
     const auto t0 = Clock::now();
     for (int k = 0; k < steps; ++k) {
+      const auto ts = Clock::now();
       auto out = s.schedule();
+      sched_us += std::chrono::duration<double, std::micro>(Clock::now() - ts).count();
       sampled.resize(out->num_seqs());
       for (auto& x : sampled) x = (tok++ % 31999) + 1;
       s.update(sampled);
     }
     const double us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
     samples.push_back(us / steps);
+    sched_samples.push_back(sched_us / steps);
   }
-  return {seqs, median(samples), *std::min_element(samples.begin(), samples.end())};
+  return {seqs, median(samples), *std::min_element(samples.begin(), samples.end()),
+          median(sched_samples)};
 }
 
 // Allocate-and-free cycles of 64-block tables (no prefix caching): blocks per second.
@@ -168,17 +174,19 @@ int main(int argc, char** argv) {
   if (json) {
     std::printf("{\"steps\": [");
     for (size_t i = 0; i < results.size(); ++i)
-      std::printf("%s{\"seqs\": %d, \"us_per_step\": %.2f, \"us_min\": %.2f}", i ? ", " : "",
-                  results[i].seqs, results[i].us_per_step, results[i].us_min);
+      std::printf("%s{\"seqs\": %d, \"us_per_step\": %.2f, \"us_min\": %.2f, \"us_schedule\": %.2f}",
+                  i ? ", " : "", results[i].seqs, results[i].us_per_step, results[i].us_min,
+                  results[i].us_schedule);
     std::printf("], \"alloc_blocks_per_s\": %.0f, \"prefix_admissions_per_s\": %.0f}\n", alloc, prefix);
     return 0;
   }
   std::printf("schedule+update, all running sequences decoding (prompt %d, median of %d runs of %d steps)\n",
               prompt, repeats, steps);
-  std::printf("%10s %14s %14s %16s\n", "running", "us/step", "min us/step", "ns/sequence");
+  std::printf("%10s %14s %14s %16s %14s\n", "running", "us/step", "min us/step", "ns/sequence",
+              "of which sched");
   for (const auto& r : results)
-    std::printf("%10d %14.1f %14.1f %16.1f\n", r.seqs, r.us_per_step, r.us_min,
-                1000.0 * r.us_per_step / r.seqs);
+    std::printf("%10d %14.1f %14.1f %16.1f %14.1f\n", r.seqs, r.us_per_step, r.us_min,
+                1000.0 * r.us_per_step / r.seqs, r.us_schedule);
   std::printf("block allocation (allocate+free, 64-block tables): %.1f M blocks/s\n", alloc / 1e6);
   std::printf("prefix-cache admission (256-token prompts, 192 shared): %.0f k requests/s\n",
               prefix / 1e3);

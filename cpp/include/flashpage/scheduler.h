@@ -71,8 +71,9 @@ class UnknownRequest : public std::out_of_range {
 };
 
 // One engine step as contiguous arrays, ready for the kernels. Rows are the scheduled
-// sequences, in the order of request_ids. Valid until the scheduler is destroyed; the
-// scheduler reuses a StepOutput only when no one else holds a reference to it.
+// sequences, in the order of request_ids. Shared ownership: it stays valid and unchanged while
+// anyone holds it, and the scheduler reuses one (no allocation per step) only when nobody else
+// does.
 struct StepOutput {
   std::vector<int64_t> request_ids;      // [num_seqs]
   std::vector<int32_t> query_start_loc;  // [num_seqs + 1] offsets into the token arrays
@@ -88,8 +89,8 @@ struct StepOutput {
   std::vector<BlockCopy> block_copies;   // copy-on-write, to run before attention
   std::vector<int64_t> preempted_ids;    // preempted during this schedule()
   std::vector<int64_t> finished_ids;     // finished or aborted since the previous schedule()
-  int32_t num_prefill_tokens = 0;        // tokens of rows that are not single-token decodes
-  int32_t num_decode_seqs = 0;
+  int32_t num_prefill_tokens = 0;        // tokens of all other rows
+  int32_t num_decode_seqs = 0;           // rows of one token that yield the next token
 
   void clear();
   int32_t num_seqs() const { return static_cast<int32_t>(request_ids.size()); }

@@ -69,8 +69,8 @@ namespace {
 // heap objects, and the prefetch overlaps those cache misses.
 // Two distances: the request object itself first, then (once it is in cache) the token and
 // block arrays it points to.
-constexpr size_t kPrefetchFar = 16;
-constexpr size_t kPrefetchNear = 6;
+constexpr size_t kPrefetchFar = 32;
+constexpr size_t kPrefetchNear = 12;
 
 void check_config(const SchedulerConfig& c) {
   auto fail = [](const std::string& what) {
