@@ -5,8 +5,9 @@
 
 namespace flashpage {
 
-struct Scheduler::Request {
-  // Hot fields first: every step reads them for every running request.
+// Cache-line aligned, hot fields first: every step reads them for thousands of requests, and
+// they then span two lines instead of straddling three.
+struct alignas(64) Scheduler::Request {
   RequestStatus status = RequestStatus::kWaiting;
   int32_t num_computed = 0;  // tokens whose KV is in the cache
   int32_t sched_idx = -1;    // index into scheduled_, valid when sched_step == step_id_
