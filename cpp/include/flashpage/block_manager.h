@@ -48,6 +48,8 @@ class BlockTable {
   // Tokens whose blocks are registered in the prefix cache (a multiple of the block size).
   int32_t num_cached_tokens() const { return num_hashed_ * block_size_; }
   bool empty() const { return blocks_.empty(); }
+  // True after a fork until the next write: that write may need a copy-on-write block.
+  bool may_share_tail() const { return may_share_tail_; }
 
  private:
   friend class BlockManager;
@@ -92,6 +94,15 @@ class BlockManager {
   // Registers in the prefix cache every block that is full within tokens[0, num_computed)
   // (the KV of those tokens has been written).
   void cache_blocks(BlockTable& table, std::span<const int32_t> tokens, int32_t num_computed);
+
+  struct CacheUpdate {
+    BlockTable* table;
+    std::span<const int32_t> tokens;
+    int32_t num_computed;
+  };
+  // cache_blocks for many tables at once: hashes everything first, then registers, so the
+  // cache misses of different tables overlap instead of queueing one behind the other.
+  void cache_blocks_batch(std::span<const CacheUpdate> updates);
 
   // Shares every block of `parent` with `child` (which must be empty).
   void fork(BlockTable& parent, BlockTable& child);
@@ -155,6 +166,12 @@ class BlockManager {
   int32_t num_free_ = 0;
   int64_t prefix_queries_ = 0, prefix_hits_ = 0;
   std::vector<BlockCopy> copies_;
+  struct PendingBlock {
+    const int32_t* tokens;
+    uint64_t hash, parent, extra_key;
+    int32_t block;
+  };
+  std::vector<PendingBlock> pending_;  // scratch for cache_blocks_batch
 };
 
 }  // namespace flashpage

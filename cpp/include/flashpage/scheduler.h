@@ -162,46 +162,79 @@ class Scheduler {
   struct Request;  // internal
 
  private:
-  Request& get(int64_t request_id) const;
-  bool before(const Request& a, const Request& b) const;  // scheduling order
-  void insert_waiting(Request* r);
-  void add_scheduled(Request& r, int32_t num_new);
-  void preempt(Request& r, StepOutput& out);
-  bool preempt_for(Request& w, int32_t blocks_short, bool needs_seq_slot, StepOutput& out);
-  void schedule_running(bool decodes, StepOutput& out);
-  void admit_waiting(StepOutput& out);
-  FinishReason append_token(Request& r, int32_t token);
-  void release(Request& r);
-  void compact();
-  void build_output(StepOutput& out);
-  std::shared_ptr<StepOutput> fresh_output();
+  // The hot state of one running request, in a dense array (slots_) that every step walks
+  // front to back; the Request itself is touched only on rare events (a block fills, a stop id
+  // may have matched, preemption). Slots are swap-removed at the start of schedule(), so their
+  // order is not the scheduling order: (priority, arrival) decides wherever order matters.
+  struct Slot {
+    Request* req;           // nullptr once finished, aborted or preempted (until compaction)
+    int32_t* tokens;        // the request's token buffer: prompt, then output
+    const int32_t* blocks;  // the request's block table
+    int64_t id;
+    int64_t arrival;
+    uint64_t stop_bloom;    // bit (id % 64) of every stop id: most tokens need no list lookup
+    int32_t num_computed;   // tokens whose KV is in the cache
+    int32_t num_tokens;
+    int32_t capacity;       // of the token buffer
+    int32_t num_blocks;
+    int32_t max_num_tokens;  // prompt + max_tokens, capped at max_model_len
+    int32_t min_stop_tokens;  // stop ids count from this many tokens on (prompt + min_tokens)
+    int32_t cached_tokens;   // tokens in blocks registered in the prefix cache
+    int32_t priority;
+    int32_t last_token;
+    uint32_t sched_step;     // the step that scheduled it last
+    int32_t sched_idx;       // its index in scheduled_ when sched_step == step_id_
+    bool may_share_tail;     // the next write may need a copy-on-write block
+  };
 
   // One row of the step being planned, with a copy of what the output needs.
   struct Scheduled {
-    Request* req;
-    int32_t num_new;     // 0 once unscheduled
-    int32_t num_blocks;  // the request's block-table length for this step
-    int32_t row;         // its row in the StepOutput, set by build_output()
+    int32_t slot;
+    int32_t num_new;  // 0 once unscheduled
+    int32_t row;      // its row in the StepOutput, set by build_output()
     int32_t num_computed;
-    int64_t id;
-    const int32_t* tokens;  // stable during the step: tokens and tables do not reallocate
-    const int32_t* blocks;
     int32_t num_tokens;
+    int32_t num_blocks;
+    int32_t last_token;
+    int64_t id;
+    const int32_t* tokens;  // stable during the step: buffers grow only in update()
+    const int32_t* blocks;
   };
+
+  Request& get(int64_t request_id) const;
+  bool before(const Request& a, const Request& b) const;  // scheduling order
+  bool slot_before(const Slot& a, const Slot& b) const;
+  void insert_waiting(Request* r);
+  void make_slot(Request& r);
+  void refresh_blocks(Slot& sl);
+  bool allocate(int32_t slot, int32_t num_new, StepOutput& out);
+  void add_scheduled(int32_t slot, int32_t num_new);
+  void preempt(int32_t slot, StepOutput& out);
+  int32_t lowest_priority_slot() const;
+  bool preempt_for(const Request& w, int32_t blocks_short, bool needs_seq_slot, StepOutput& out);
+  void schedule_decodes(StepOutput& out);
+  void schedule_prefills(StepOutput& out);
+  void admit_waiting(StepOutput& out);
+  FinishReason append_token(Slot& sl, int32_t token);
+  void release(Request& r);
+  void compact();
   int32_t row_of(const Request& r) const;  // row in the last step, or -1
+  void build_output(StepOutput& out);
+  std::shared_ptr<StepOutput> fresh_output();
 
   SchedulerConfig config_;
   BlockManager blocks_;
   std::unordered_map<int64_t, std::unique_ptr<Request>> requests_;
   std::deque<Request*> waiting_;  // in scheduling order
-  std::vector<Request*> running_;
+  std::vector<Slot> slots_;       // running requests (and dead slots until compaction)
   std::vector<Scheduled> scheduled_;
-  std::vector<Request*> admitted_;    // joined running_ during this schedule()
-  std::vector<Request*> victims_;     // scratch for priority preemption
-  std::vector<Request*> prefilling_;  // running requests with more than one token to compute
-  std::vector<Request*> merge_buf_;   // scratch for merging admitted_ into running_
-  std::vector<Request*> rows_;        // the last StepOutput's rows; nullptr once aborted
-  std::vector<Request*> forks_;       // forked since the last schedule()
+  std::vector<int32_t> prefilling_;  // slots with more than one token to compute
+  std::vector<int32_t> victims_;     // scratch for priority preemption
+  std::vector<int32_t> row_slots_;   // the last StepOutput's rows; -1 once aborted
+  std::vector<int32_t> forks_;       // slots forked since the last schedule()
+  std::vector<int32_t> fill_slots_;  // update(): slots whose computed tokens filled a block
+  std::vector<Request*> finishing_;  // update(): released once their blocks are cached
+  std::vector<BlockManager::CacheUpdate> cache_updates_;
   std::vector<std::unique_ptr<Request>> retired_;  // finished, freed at the next compact()
   std::vector<int64_t> finished_since_step_;
   std::vector<RequestUpdate> updates_;
@@ -210,11 +243,12 @@ class Scheduler {
   int32_t budget_tokens_ = 0;
   int32_t budget_seqs_ = 0;
   int32_t num_active_running_ = 0;
+  int32_t num_dead_slots_ = 0;
   bool preempted_this_step_ = false;
   int64_t arrival_counter_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_steps_ = 0;
-  int64_t step_id_ = -1;  // the step being planned, or the last one planned
+  uint32_t step_id_ = 0;  // the step being planned, or the last one planned
   bool awaiting_update_ = false;
 };
 

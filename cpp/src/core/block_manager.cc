@@ -231,35 +231,47 @@ bool BlockManager::allocate_slots(BlockTable& table, int32_t num_computed, int32
 
 void BlockManager::cache_blocks(BlockTable& table, std::span<const int32_t> tokens,
                                 int32_t num_computed) {
+  const CacheUpdate one{&table, tokens, num_computed};
+  cache_blocks_batch({&one, 1});
+}
+
+void BlockManager::cache_blocks_batch(std::span<const CacheUpdate> updates) {
   if (!config_.enable_prefix_caching) return;
   const int32_t bs = config_.block_size;
-  const int32_t full = std::min<int32_t>(
-      std::min<int32_t>(num_computed, static_cast<int32_t>(tokens.size())) / bs,
-      table.num_blocks());
-  for (int32_t i = table.num_hashed_; i < full; ++i) {
-    const int32_t* tok = tokens.data() + static_cast<size_t>(i) * bs;
-    const uint64_t parent = i > 0 ? table.hashes_[i - 1] : 0;
-    uint64_t h;
-    if (i < static_cast<int32_t>(table.hashes_.size())) {
-      h = table.hashes_[i];
-    } else {
-      h = hash_block(parent, table.extra_key_, tok);
-      table.hashes_.push_back(h);
+  // Pass 1: extend each table's hash chain over its newly full blocks, and prefetch where
+  // pass 2 will look (the index slot, the block's entry).
+  pending_.clear();
+  for (const CacheUpdate& u : updates) {
+    BlockTable& table = *u.table;
+    const int32_t full = std::min<int32_t>(
+        std::min<int32_t>(u.num_computed, static_cast<int32_t>(u.tokens.size())) / bs,
+        table.num_blocks());
+    for (int32_t i = table.num_hashed_; i < full; ++i) {
+      const int32_t* tok = u.tokens.data() + static_cast<size_t>(i) * bs;
+      const uint64_t parent = i > 0 ? table.hashes_[i - 1] : 0;
+      if (i >= static_cast<int32_t>(table.hashes_.size()))
+        table.hashes_.push_back(hash_block(parent, table.extra_key_, tok));
+      const uint64_t h = table.hashes_[i];
+      const int32_t b = table.blocks_[i];
+      __builtin_prefetch(&index_[index_home(h)]);
+      __builtin_prefetch(&blocks_[b]);
+      pending_.push_back({tok, h, parent, table.extra_key_, b});
     }
-    const int32_t b = table.blocks_[i];
-    Block& blk = blocks_[b];
-    if (blk.hashed) continue;  // shared with a fork or hit in the cache: registered already
-    // Present already: either a duplicate of this content (which stays private) or, with
-    // astronomically low odds, a 64-bit collision (the first owner keeps the hash).
-    if (index_find(h) != kNone) continue;
-    blk.hashed = true;
-    blk.hash = h;
-    blk.parent_hash = parent;
-    blk.extra_key = table.extra_key_;
-    std::memcpy(&block_tokens_[static_cast<size_t>(b) * bs], tok, bs * sizeof(int32_t));
-    index_insert(h, b);  // the probe chain is in cache from index_find
+    table.num_hashed_ = std::max(table.num_hashed_, full);
   }
-  table.num_hashed_ = std::max(table.num_hashed_, full);
+  // Pass 2: register. A block already hashed is shared with a fork or was a cache hit; a
+  // hash already present is a duplicate of this content (which stays private) or, with
+  // astronomically low odds, a 64-bit collision (the first owner keeps the hash).
+  for (const PendingBlock& p : pending_) {
+    Block& blk = blocks_[p.block];
+    if (blk.hashed || index_find(p.hash) != kNone) continue;
+    blk.hashed = true;
+    blk.hash = p.hash;
+    blk.parent_hash = p.parent;
+    blk.extra_key = p.extra_key;
+    std::memcpy(&block_tokens_[static_cast<size_t>(p.block) * bs], p.tokens, bs * sizeof(int32_t));
+    index_insert(p.hash, p.block);  // the probe chain is in cache from index_find
+  }
 }
 
 void BlockManager::fork(BlockTable& parent, BlockTable& child) {

@@ -5,22 +5,20 @@
 
 namespace flashpage {
 
-// Cache-line aligned, hot fields first: every step reads them for thousands of requests, and
-// they then span two lines instead of straddling three.
-struct alignas(64) Scheduler::Request {
-  RequestStatus status = RequestStatus::kWaiting;
-  int32_t num_computed = 0;  // tokens whose KV is in the cache
-  int32_t sched_idx = -1;    // index into scheduled_, valid when sched_step == step_id_
-  int64_t sched_step = -1;   // the step that scheduled it last
-  int32_t num_prompt = 0;
-  int32_t max_num_tokens = 0;  // prompt + max_tokens, capped at max_model_len
-  int32_t min_stop_tokens = 0;  // total tokens before stop ids count (prompt + min_tokens)
-  int32_t num_stop_ids = 0;
+// The cold state of a request; while it runs, its hot state lives in a Slot (slot >= 0) and
+// num_tokens / num_computed here are stale.
+struct Scheduler::Request {
   int64_t id = 0;
-  std::vector<int32_t> tokens;  // prompt, then output
-  BlockTable table;
+  RequestStatus status = RequestStatus::kWaiting;
+  int32_t slot = -1;
+  std::vector<int32_t> token_buf;  // prompt, then output, in [0, num_tokens); size() = capacity
+  int32_t num_tokens = 0;
+  int32_t num_computed = 0;
+  int32_t num_prompt = 0;
+  int32_t max_num_tokens = 0;
+  int32_t min_stop_tokens = 0;
   std::vector<int32_t> stop_ids;  // eos (unless ignore_eos) and stop_token_ids
-  StopParams stop;
+  uint64_t stop_bloom = 0;
   int32_t priority = 0;
   int64_t arrival = 0;
   uint64_t cache_key = 0;
@@ -28,20 +26,10 @@ struct alignas(64) Scheduler::Request {
   // must make progress before it can be preempted again, so requests cannot thrash.
   int32_t protect_until_output = -1;
   int64_t preempted_at_step = -1;
+  BlockTable table;
 
-  int32_t num_tokens() const { return static_cast<int32_t>(tokens.size()); }
-  int32_t num_output() const { return num_tokens() - num_prompt; }
+  std::span<const int32_t> tokens() const { return {token_buf.data(), size_t(num_tokens)}; }
 };
-
-namespace {
-
-inline void prefetch_request(const void* r) {
-  const char* p = static_cast<const char*>(r);
-  __builtin_prefetch(p);
-  __builtin_prefetch(p + 64);
-}
-
-}  // namespace
 
 const char* finish_reason_name(FinishReason r) {
   switch (r) {
@@ -66,12 +54,11 @@ void StepOutput::clear() {
 
 namespace {
 
-// How far ahead loops over requests prefetch: they are pointer-chasing through thousands of
-// heap objects, and the prefetch overlaps those cache misses.
-// Two distances: the request object itself first, then (once it is in cache) the token and
-// block arrays it points to.
-constexpr size_t kPrefetchFar = 32;
-constexpr size_t kPrefetchNear = 12;
+constexpr uint32_t kNeverScheduled = 0xffffffffu;
+// Rows ahead whose block arrays (build_output) and token buffers (update) are prefetched: the
+// loops stream through arrays, but these two land at random addresses.
+constexpr size_t kPrefetch = 8;
+constexpr size_t kPrefetchUpdate = 16;
 
 void check_config(const SchedulerConfig& c) {
   auto fail = [](const std::string& what) {
@@ -85,21 +72,25 @@ void check_config(const SchedulerConfig& c) {
   if (c.max_model_len <= 0) fail("max_model_len must be positive, got " + std::to_string(c.max_model_len));
 }
 
-bool has_token(const std::vector<int32_t>& v, int32_t x) {
-  return std::find(v.begin(), v.end(), x) != v.end();
-}
+inline uint64_t bloom_bit(int32_t token) { return uint64_t{1} << (static_cast<uint32_t>(token) & 63); }
 
 }  // namespace
 
 Scheduler::Scheduler(const SchedulerConfig& config)
     : config_((check_config(config), config)), blocks_(config.cache) {
-  running_.reserve(config.max_num_seqs);
+  slots_.reserve(config.max_num_seqs);
   scheduled_.reserve(config.max_num_seqs);
 }
 
 Scheduler::~Scheduler() = default;
 
 bool Scheduler::before(const Request& a, const Request& b) const {
+  if (config_.policy == SchedulingPolicy::kPriority && a.priority != b.priority)
+    return a.priority < b.priority;
+  return a.arrival < b.arrival;
+}
+
+bool Scheduler::slot_before(const Slot& a, const Slot& b) const {
   if (config_.policy == SchedulingPolicy::kPriority && a.priority != b.priority)
     return a.priority < b.priority;
   return a.arrival < b.arrival;
@@ -144,16 +135,18 @@ void Scheduler::add_request(RequestSpec spec) {
 
   auto r = std::make_unique<Request>();
   r->id = spec.request_id;
-  r->tokens = std::move(spec.prompt);
-  r->tokens.reserve(std::min<int64_t>(kv_tokens + 1, config_.max_model_len + 1));
   r->num_prompt = n;
-  r->stop = std::move(spec.stop);
-  if (!r->stop.ignore_eos) r->stop_ids = r->stop.eos_token_ids;
-  r->stop_ids.insert(r->stop_ids.end(), r->stop.stop_token_ids.begin(), r->stop.stop_token_ids.end());
-  r->num_stop_ids = static_cast<int32_t>(r->stop_ids.size());
-  r->min_stop_tokens = n + r->stop.min_tokens;
+  r->num_tokens = n;
   r->max_num_tokens = static_cast<int32_t>(
-      std::min<int64_t>(static_cast<int64_t>(n) + r->stop.max_tokens, config_.max_model_len));
+      std::min<int64_t>(static_cast<int64_t>(n) + st.max_tokens, config_.max_model_len));
+  // Room for the whole output when it is short; longer outputs grow the buffer in update().
+  const int64_t capacity = std::max<int64_t>(n + 1, std::min<int64_t>(r->max_num_tokens, n + 256));
+  r->token_buf.resize(capacity);
+  std::copy(spec.prompt.begin(), spec.prompt.end(), r->token_buf.begin());
+  if (!st.ignore_eos) r->stop_ids = st.eos_token_ids;
+  r->stop_ids.insert(r->stop_ids.end(), st.stop_token_ids.begin(), st.stop_token_ids.end());
+  for (int32_t t : r->stop_ids) r->stop_bloom |= bloom_bit(t);
+  r->min_stop_tokens = n + st.min_tokens;
   r->priority = spec.priority;
   r->cache_key = spec.cache_key;
   r->arrival = arrival_counter_++;
@@ -173,102 +166,149 @@ void Scheduler::insert_waiting(Request* r) {
   waiting_.insert(it, r);
 }
 
-int32_t Scheduler::row_of(const Request& r) const {
-  if (!awaiting_update_ || r.sched_step != step_id_) return -1;
-  const Scheduled& s = scheduled_[r.sched_idx];
-  return s.num_new > 0 ? s.row : -1;
+void Scheduler::make_slot(Request& r) {
+  r.status = RequestStatus::kRunning;
+  r.slot = static_cast<int32_t>(slots_.size());
+  Slot sl{};
+  sl.req = &r;
+  sl.tokens = r.token_buf.data();
+  sl.id = r.id;
+  sl.arrival = r.arrival;
+  sl.stop_bloom = r.stop_bloom;
+  sl.num_computed = r.num_computed;
+  sl.num_tokens = r.num_tokens;
+  sl.capacity = static_cast<int32_t>(r.token_buf.size());
+  sl.max_num_tokens = r.max_num_tokens;
+  sl.min_stop_tokens = r.min_stop_tokens;
+  sl.priority = r.priority;
+  sl.last_token = r.token_buf[r.num_tokens - 1];
+  sl.sched_step = kNeverScheduled;
+  sl.sched_idx = -1;
+  slots_.push_back(sl);
+  refresh_blocks(slots_.back());
+  ++num_active_running_;
 }
 
-void Scheduler::add_scheduled(Request& r, int32_t num_new) {
-  r.sched_idx = static_cast<int32_t>(scheduled_.size());
-  r.sched_step = step_id_;
-  // Everything build_output() needs, so it does not touch the request again.
-  scheduled_.push_back({&r, num_new, r.table.num_blocks(), -1, r.num_computed, r.id,
-                        r.tokens.data(), r.table.blocks().data(), r.num_tokens()});
+// After the block manager changed the table: its array may have moved.
+void Scheduler::refresh_blocks(Slot& sl) {
+  const BlockTable& t = sl.req->table;
+  sl.blocks = t.blocks().data();
+  sl.num_blocks = t.num_blocks();
+  sl.cached_tokens = t.num_cached_tokens();
+  sl.may_share_tail = t.may_share_tail();
+}
+
+void Scheduler::add_scheduled(int32_t slot, int32_t num_new) {
+  Slot& sl = slots_[slot];
+  sl.sched_step = step_id_;
+  sl.sched_idx = static_cast<int32_t>(scheduled_.size());
+  scheduled_.push_back({slot, num_new, -1, sl.num_computed, sl.num_tokens, sl.num_blocks,
+                        sl.last_token, sl.id, sl.tokens, sl.blocks});
   budget_tokens_ -= num_new;
   --budget_seqs_;
 }
 
-void Scheduler::preempt(Request& r, StepOutput& out) {
-  if (r.sched_step == step_id_) {  // scheduled earlier in this step: give its budget back
-    Scheduled& s = scheduled_[r.sched_idx];
+void Scheduler::preempt(int32_t slot, StepOutput& out) {
+  Slot& sl = slots_[slot];
+  Request& r = *sl.req;
+  if (sl.sched_step == step_id_) {  // scheduled earlier in this step: give its budget back
+    Scheduled& s = scheduled_[sl.sched_idx];
     budget_tokens_ += s.num_new;
     ++budget_seqs_;
     s.num_new = 0;
-    r.sched_step = -1;
   }
-  blocks_.free(r.table);
+  r.num_tokens = sl.num_tokens;
   r.num_computed = 0;  // recompute: prompt and output so far are prefilled again
-  r.protect_until_output = r.num_output();
-  r.preempted_at_step = num_steps_;
+  r.slot = -1;
+  sl.req = nullptr;
+  ++num_dead_slots_;
   --num_active_running_;
+  blocks_.free(r.table);
+  r.protect_until_output = r.num_tokens - r.num_prompt;
+  r.preempted_at_step = num_steps_;
   insert_waiting(&r);
   out.preempted_ids.push_back(r.id);
   ++num_preemptions_;
 }
 
-void Scheduler::schedule_running(bool decodes, StepOutput& out) {
-  // The decode pass walks all of running_ and sets aside the rows with more than one token
-  // left (prefill chunks, recomputes) for the second pass.
-  if (decodes) prefilling_.clear();
-  const size_t count = decodes ? running_.size() : prefilling_.size();
-  for (size_t i = 0; i < count; ++i) {
-    if (decodes && i + kPrefetchFar < count) prefetch_request(running_[i + kPrefetchFar]);
-    Request& r = decodes ? *running_[i] : *prefilling_[i];
-    if (r.status != RequestStatus::kRunning || r.sched_step == step_id_) continue;
-    const int32_t remaining = r.num_tokens() - r.num_computed;
-    if (decodes && remaining != 1) {
-      prefilling_.push_back(&r);
+int32_t Scheduler::lowest_priority_slot() const {
+  int32_t worst = -1;
+  for (int32_t s = 0; s < static_cast<int32_t>(slots_.size()); ++s) {
+    if (slots_[s].req == nullptr) continue;
+    if (worst < 0 || slot_before(slots_[worst], slots_[s])) worst = s;
+  }
+  return worst;
+}
+
+// Makes room for `num_new` tokens of a running slot, preempting the lowest-priority running
+// requests (possibly this one) while blocks are short. The highest-priority request always
+// keeps its blocks, so something always progresses. Returns false if the slot was preempted.
+bool Scheduler::allocate(int32_t slot, int32_t num_new, StepOutput& out) {
+  Slot& sl = slots_[slot];
+  const int32_t bs = blocks_.block_size();
+  if (!sl.may_share_tail && sl.num_computed + num_new <= sl.num_blocks * bs) return true;
+  while (!blocks_.allocate_slots(sl.req->table, sl.num_computed, num_new)) {
+    const int32_t victim = lowest_priority_slot();
+    preempt(victim, out);
+    preempted_this_step_ = true;
+    if (victim == slot) return false;
+  }
+  refresh_blocks(sl);
+  return true;
+}
+
+void Scheduler::schedule_decodes(StepOutput& out) {
+  // One pass over all slots: decodes are scheduled, rows with more tokens to compute
+  // (prefill chunks, recomputes) are set aside for the prefill pass.
+  prefilling_.clear();
+  const int32_t count = static_cast<int32_t>(slots_.size());
+  for (int32_t s = 0; s < count; ++s) {
+    Slot& sl = slots_[s];
+    if (sl.req == nullptr || sl.sched_step == step_id_) continue;
+    if (sl.num_tokens - sl.num_computed != 1) {
+      prefilling_.push_back(s);
       continue;
     }
-    if (budget_tokens_ <= 0 || budget_seqs_ <= 0) {
-      if (decodes) continue;  // keep collecting the prefilling rows
-      return;
-    }
-    const int32_t n = std::min(remaining, budget_tokens_);
-    bool preempted_self = false;
-    while (!blocks_.allocate_slots(r.table, r.num_computed, n)) {
-      // Out of blocks: preempt the lowest-priority running request (possibly r itself).
-      // The highest-priority request always keeps its blocks, so something always progresses.
-      Request* victim = nullptr;
-      for (size_t j = running_.size(); j-- > 0;) {
-        if (running_[j]->status == RequestStatus::kRunning) {
-          victim = running_[j];
-          break;
-        }
-      }
-      preempt(*victim, out);
-      preempted_this_step_ = true;
-      if (victim == &r) {
-        preempted_self = true;
-        break;
-      }
-    }
-    if (!preempted_self) add_scheduled(r, n);
+    if (budget_tokens_ <= 0 || budget_seqs_ <= 0) continue;
+    if (allocate(s, 1, out)) add_scheduled(s, 1);
   }
 }
 
-bool Scheduler::preempt_for(Request& w, int32_t blocks_short, bool needs_seq_slot,
+void Scheduler::schedule_prefills(StepOutput& out) {
+  // Chunks share what is left of the token budget, in scheduling order.
+  std::sort(prefilling_.begin(), prefilling_.end(),
+            [this](int32_t a, int32_t b) { return slot_before(slots_[a], slots_[b]); });
+  for (int32_t s : prefilling_) {
+    if (budget_tokens_ <= 0 || budget_seqs_ <= 0) return;
+    const Slot& sl = slots_[s];
+    if (sl.req == nullptr) continue;  // preempted by an earlier chunk of this pass
+    const int32_t n = std::min(sl.num_tokens - sl.num_computed, budget_tokens_);
+    if (allocate(s, n, out)) add_scheduled(s, n);
+  }
+}
+
+bool Scheduler::preempt_for(const Request& w, int32_t blocks_short, bool needs_seq_slot,
                             StepOutput& out) {
   if (config_.policy != SchedulingPolicy::kPriority) return false;
   victims_.clear();
-  int32_t freeable = 0;
-  bool enough = false;
-  for (size_t j = running_.size(); j-- > 0;) {
-    Request& c = *running_[j];
-    if (c.status != RequestStatus::kRunning) continue;
-    if (c.priority <= w.priority) break;  // running_ is in priority order
-    if (c.num_output() <= c.protect_until_output) continue;
-    victims_.push_back(&c);
-    for (int32_t b : c.table.blocks())
-      if (blocks_.ref_count(b) == 1) ++freeable;
-    if (freeable >= blocks_short) {
-      enough = true;
-      break;
-    }
+  for (int32_t s = 0; s < static_cast<int32_t>(slots_.size()); ++s) {
+    const Slot& sl = slots_[s];
+    if (sl.req == nullptr || sl.priority <= w.priority) continue;
+    if (sl.num_tokens - sl.req->num_prompt <= sl.req->protect_until_output) continue;
+    victims_.push_back(s);
   }
-  if (!enough || (needs_seq_slot && victims_.empty())) return false;
-  for (Request* v : victims_) preempt(*v, out);
+  // Lowest priority first.
+  std::sort(victims_.begin(), victims_.end(),
+            [this](int32_t a, int32_t b) { return slot_before(slots_[b], slots_[a]); });
+  int32_t freeable = 0;
+  size_t take = 0;
+  while (take < victims_.size() && (freeable < blocks_short || (needs_seq_slot && take == 0))) {
+    for (int32_t b : slots_[victims_[take]].req->table.blocks())
+      if (blocks_.ref_count(b) == 1) ++freeable;
+    ++take;
+  }
+  if (freeable < blocks_short || (needs_seq_slot && take == 0)) return false;
+  for (size_t i = 0; i < take; ++i) preempt(victims_[i], out);
   return true;
 }
 
@@ -281,8 +321,8 @@ void Scheduler::admit_waiting(StepOutput& out) {
       if (!by_priority || !preempt_for(w, 0, true, out)) break;
     }
     if (budget_seqs_ <= 0) break;  // forks can hold more running requests than step rows
-    const int32_t num_tokens = w.num_tokens();
-    const int32_t hit = blocks_.allocate_prefix(w.table, w.tokens, w.cache_key);
+    const int32_t num_tokens = w.num_tokens;
+    const int32_t hit = blocks_.allocate_prefix(w.table, w.tokens(), w.cache_key);
     const int32_t n = std::min(num_tokens - hit, budget_tokens_);
     if (!blocks_.allocate_slots(w.table, hit, n)) {
       const int32_t short_by = blocks_.blocks_needed(w.table, hit, n) - blocks_.num_free_blocks();
@@ -293,11 +333,9 @@ void Scheduler::admit_waiting(StepOutput& out) {
       }
     }
     waiting_.pop_front();
-    w.status = RequestStatus::kRunning;
     w.num_computed = hit;
-    ++num_active_running_;
-    admitted_.push_back(&w);
-    add_scheduled(w, n);
+    make_slot(w);
+    add_scheduled(w.slot, n);
   }
 }
 
@@ -311,56 +349,56 @@ std::shared_ptr<StepOutput> Scheduler::fresh_output() {
   return outputs_[0];
 }
 
+// Swap-removes dead slots. Runs only at the start of schedule(): between schedule() and
+// update() slot indices stay put, so rows and forks can refer to them.
 void Scheduler::compact() {
-  if (retired_.empty()) return;  // nothing finished since the last compact()
-  std::erase_if(running_, [](const Request* r) { return r->status != RequestStatus::kRunning; });
   retired_.clear();
+  if (num_dead_slots_ == 0) return;
+  for (size_t s = 0; s < slots_.size();) {
+    if (slots_[s].req != nullptr) {
+      ++s;
+      continue;
+    }
+    slots_[s] = slots_.back();
+    slots_.pop_back();
+    if (s < slots_.size() && slots_[s].req != nullptr) slots_[s].req->slot = static_cast<int32_t>(s);
+  }
+  num_dead_slots_ = 0;
 }
 
 std::shared_ptr<const StepOutput> Scheduler::schedule() {
   if (awaiting_update_)
     throw std::logic_error("Scheduler::schedule: update() has not been called for the previous step");
   compact();
-  step_id_ = num_steps_;
+  step_id_ = static_cast<uint32_t>(num_steps_ & 0x7fffffff);
   std::shared_ptr<StepOutput> out = fresh_output();
   out->clear();
   scheduled_.clear();
-  admitted_.clear();
   budget_tokens_ = config_.max_num_batched_tokens;
   budget_seqs_ = config_.max_num_seqs;
   preempted_this_step_ = false;
 
-  schedule_running(/*decodes=*/true, *out);
-  schedule_running(/*decodes=*/false, *out);
+  schedule_decodes(*out);
+  schedule_prefills(*out);
   if (!preempted_this_step_) admit_waiting(*out);
-
-  // Keep running_ in scheduling order: drop the preempted, merge in the admitted.
-  std::erase_if(running_, [](const Request* r) { return r->status != RequestStatus::kRunning; });
-  if (!admitted_.empty()) {
-    merge_buf_.clear();
-    std::merge(running_.begin(), running_.end(), admitted_.begin(), admitted_.end(),
-               std::back_inserter(merge_buf_),
-               [this](const Request* a, const Request* b) { return before(*a, *b); });
-    running_.swap(merge_buf_);
-  }
   build_output(*out);
   ++num_steps_;
-  awaiting_update_ = !rows_.empty();
+  awaiting_update_ = !row_slots_.empty();
   last_output_ = out;
   return out;
 }
 
 void Scheduler::build_output(StepOutput& out) {
-  rows_.clear();
+  row_slots_.clear();
   int32_t width = 0, num_tokens = 0;
   for (Scheduled& s : scheduled_) {
     if (s.num_new == 0) continue;
-    s.row = static_cast<int32_t>(rows_.size());
-    rows_.push_back(s.req);
+    s.row = static_cast<int32_t>(row_slots_.size());
+    row_slots_.push_back(s.slot);
     width = std::max(width, s.num_blocks);
     num_tokens += s.num_new;
   }
-  const size_t nseq = rows_.size();
+  const size_t nseq = row_slots_.size();
   out.request_ids.resize(nseq);
   out.query_start_loc.resize(nseq + 1);
   out.num_computed.resize(nseq);
@@ -373,17 +411,13 @@ void Scheduler::build_output(StepOutput& out) {
   out.block_table_width = width;
   out.block_tables.resize(nseq * static_cast<size_t>(width));
 
-  // Reads only scheduled_ and the token and block arrays it points to: the requests
-  // themselves are not touched again, which matters with thousands of them.
+  // Reads scheduled_ (sequential) and each row's block array; a decode's input token comes
+  // with the row, so token arrays are read only for prefill chunks.
   const int32_t bs = blocks_.block_size();
   int32_t t = 0, i = 0;
   out.query_start_loc[0] = 0;
   for (size_t k = 0; k < scheduled_.size(); ++k) {
-    if (k + kPrefetchNear < scheduled_.size()) {
-      const Scheduled& ahead = scheduled_[k + kPrefetchNear];
-      __builtin_prefetch(ahead.tokens + ahead.num_computed);
-      __builtin_prefetch(ahead.blocks);
-    }
+    if (k + kPrefetch < scheduled_.size()) __builtin_prefetch(scheduled_[k + kPrefetch].blocks);
     const Scheduled& s = scheduled_[k];
     if (s.num_new == 0) continue;
     const int32_t n = s.num_new;
@@ -393,7 +427,11 @@ void Scheduler::build_output(StepOutput& out) {
     out.context_lens[i] = start + n;
     out.do_sample[i] = start + n == s.num_tokens;
     out.logits_indices[i] = t + n - 1;
-    std::copy(s.tokens + start, s.tokens + start + n, out.token_ids.begin() + t);
+    if (n == 1 && start + 1 == s.num_tokens) {
+      out.token_ids[t] = s.last_token;
+    } else {
+      std::copy(s.tokens + start, s.tokens + start + n, out.token_ids.begin() + t);
+    }
     for (int32_t j = 0; j < n; ++j) {
       const int32_t pos = start + j;
       out.positions[t + j] = pos;
@@ -416,66 +454,95 @@ void Scheduler::build_output(StepOutput& out) {
   finished_since_step_.clear();
 }
 
-FinishReason Scheduler::append_token(Request& r, int32_t token) {
-  r.tokens.push_back(token);
-  const int32_t n = r.num_tokens();
-  if (r.num_stop_ids > 0 && n >= r.min_stop_tokens && has_token(r.stop_ids, token))
-    return FinishReason::kStop;
-  // max_tokens, or max_model_len for a prompt that already fills it.
-  if (n >= r.max_num_tokens || n >= config_.max_model_len) return FinishReason::kLength;
+FinishReason Scheduler::append_token(Slot& sl, int32_t token) {
+  if (sl.num_tokens == sl.capacity) {  // rare: outputs longer than the first reservation
+    std::vector<int32_t>& buf = sl.req->token_buf;
+    buf.resize(std::max<size_t>(buf.size() * 2, buf.size() + 16));
+    sl.tokens = buf.data();
+    sl.capacity = static_cast<int32_t>(buf.size());
+  }
+  sl.tokens[sl.num_tokens++] = token;
+  sl.last_token = token;
+  if ((sl.stop_bloom & bloom_bit(token)) != 0 && sl.num_tokens >= sl.min_stop_tokens) {
+    const auto& ids = sl.req->stop_ids;
+    if (std::find(ids.begin(), ids.end(), token) != ids.end()) return FinishReason::kStop;
+  }
+  if (sl.num_tokens >= sl.max_num_tokens) return FinishReason::kLength;
   return FinishReason::kNone;
 }
 
 const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sampled,
                                                     std::span<const int32_t> fork_tokens) {
   if (!awaiting_update_) throw std::logic_error("Scheduler::update: no step is waiting for tokens");
-  if (sampled.size() != rows_.size())
+  if (sampled.size() != row_slots_.size())
     throw std::invalid_argument("Scheduler::update: got " + std::to_string(sampled.size()) +
-                                " sampled tokens for a step of " + std::to_string(rows_.size()) +
+                                " sampled tokens for a step of " + std::to_string(row_slots_.size()) +
                                 " sequences");
   if (fork_tokens.size() != forks_.size())
     throw std::invalid_argument("Scheduler::update: got " + std::to_string(fork_tokens.size()) +
                                 " fork tokens for " + std::to_string(forks_.size()) + " forks");
   const StepOutput& out = *last_output_;
-  for (size_t i = 0; i < rows_.size(); ++i)
-    if (rows_[i] && out.do_sample[i] && sampled[i] < 0)
+  for (size_t i = 0; i < row_slots_.size(); ++i)
+    if (row_slots_[i] >= 0 && out.do_sample[i] && sampled[i] < 0)
       throw std::invalid_argument("Scheduler::update: negative token id " +
                                   std::to_string(sampled[i]) + " for request " +
-                                  std::to_string(rows_[i]->id));
+                                  std::to_string(out.request_ids[i]));
   for (int32_t t : fork_tokens)
     if (t < 0) throw std::invalid_argument("Scheduler::update: negative fork token id " + std::to_string(t));
 
   updates_.clear();
+  fill_slots_.clear();
+  finishing_.clear();
   const int32_t bs = blocks_.block_size();
-  for (size_t i = 0; i < rows_.size(); ++i) {
-    if (i + kPrefetchFar < rows_.size() && rows_[i + kPrefetchFar])
-      prefetch_request(rows_[i + kPrefetchFar]);
-    if (i + kPrefetchNear < rows_.size() && rows_[i + kPrefetchNear]) {
-      const Request* ahead = rows_[i + kPrefetchNear];
-      __builtin_prefetch(ahead->tokens.data() + ahead->tokens.size());
+  auto advance = [&](int32_t slot, int32_t num_new) {
+    Slot& sl = slots_[slot];
+    sl.num_computed += num_new;
+    // A block filled up: offer it to the prefix cache (in one batch, below).
+    if (sl.num_computed >= sl.cached_tokens + bs) fill_slots_.push_back(slot);
+  };
+  auto emit = [&](int32_t slot, int32_t token) {
+    Slot& sl = slots_[slot];
+    const FinishReason f = append_token(sl, token);
+    updates_.push_back({sl.id, token, f});
+    if (f != FinishReason::kNone) finishing_.push_back(sl.req);
+  };
+  for (size_t i = 0; i < row_slots_.size(); ++i) {
+    if (i + kPrefetchUpdate < row_slots_.size() && row_slots_[i + kPrefetchUpdate] >= 0) {
+      const Slot& ahead = slots_[row_slots_[i + kPrefetchUpdate]];
+      __builtin_prefetch(ahead.tokens + ahead.num_tokens, /*rw=*/1);
     }
-    Request* r = rows_[i];
-    if (r == nullptr) continue;  // aborted after schedule()
-    r->num_computed += out.query_start_loc[i + 1] - out.query_start_loc[i];
-    if (r->num_computed >= r->table.num_cached_tokens() + bs)  // a block filled up
-      blocks_.cache_blocks(r->table, r->tokens, r->num_computed);
-    if (!out.do_sample[i]) continue;  // a prefill chunk that is not the last
-    const FinishReason f = append_token(*r, sampled[i]);
-    updates_.push_back({r->id, sampled[i], f});
-    if (f != FinishReason::kNone) release(*r);
+    if (row_slots_[i] < 0) continue;  // aborted after schedule()
+    advance(row_slots_[i], out.query_start_loc[i + 1] - out.query_start_loc[i]);
+    if (out.do_sample[i]) emit(row_slots_[i], sampled[i]);  // else: a chunk that is not the last
   }
   for (size_t k = 0; k < forks_.size(); ++k) {
-    Request* c = forks_[k];
-    if (c == nullptr) continue;
-    blocks_.cache_blocks(c->table, c->tokens, c->num_computed);
-    const FinishReason f = append_token(*c, fork_tokens[k]);
-    updates_.push_back({c->id, fork_tokens[k], f});
-    if (f != FinishReason::kNone) release(*c);
+    if (forks_[k] < 0) continue;
+    advance(forks_[k], 0);
+    emit(forks_[k], fork_tokens[k]);
   }
-  rows_.clear();
+  // Cache before releasing, so finished requests leave their full blocks reusable.
+  if (!fill_slots_.empty()) {
+    cache_updates_.clear();
+    for (int32_t s : fill_slots_) {
+      const Slot& sl = slots_[s];
+      cache_updates_.push_back({&sl.req->table, {sl.tokens, size_t(sl.num_tokens)}, sl.num_computed});
+    }
+    blocks_.cache_blocks_batch(cache_updates_);
+    for (int32_t s : fill_slots_) slots_[s].cached_tokens = slots_[s].req->table.num_cached_tokens();
+  }
+  for (Request* r : finishing_) release(*r);
+  row_slots_.clear();
   forks_.clear();
   awaiting_update_ = false;
   return updates_;
+}
+
+int32_t Scheduler::row_of(const Request& r) const {
+  if (!awaiting_update_ || r.slot < 0) return -1;
+  const Slot& sl = slots_[r.slot];
+  if (sl.sched_step != step_id_) return -1;
+  const Scheduled& s = scheduled_[sl.sched_idx];
+  return s.num_new > 0 ? s.row : -1;
 }
 
 void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
@@ -486,43 +553,46 @@ void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
                                 " is already in the scheduler");
   Request& p = get(parent_id);
   const int32_t row = row_of(p);
-  if (p.status != RequestStatus::kRunning || row < 0 || !last_output_->do_sample[row])
+  if (row < 0 || !last_output_->do_sample[row])
     throw std::logic_error("Scheduler::fork_request: request " + std::to_string(parent_id) +
                            " does not sample a token in this step");
+  Slot& ps = slots_[p.slot];
   auto c = std::make_unique<Request>();
   c->id = child_id;
-  c->tokens = p.tokens;
+  c->token_buf.assign(ps.tokens, ps.tokens + ps.capacity);
+  c->num_tokens = ps.num_tokens;
+  c->num_computed = last_output_->context_lens[row];  // as the parent after this step
   c->num_prompt = p.num_prompt;
-  c->stop = p.stop;
-  c->stop_ids = p.stop_ids;
-  c->num_stop_ids = p.num_stop_ids;
-  c->min_stop_tokens = p.min_stop_tokens;
   c->max_num_tokens = p.max_num_tokens;
+  c->min_stop_tokens = p.min_stop_tokens;
+  c->stop_ids = p.stop_ids;
+  c->stop_bloom = p.stop_bloom;
   c->priority = p.priority;
   c->cache_key = p.cache_key;
   c->arrival = arrival_counter_++;
-  c->status = RequestStatus::kRunning;
-  c->num_computed = last_output_->context_lens[row];
   blocks_.fork(p.table, c->table);
+  ps.may_share_tail = true;  // the parent's next write may need a copy too
   Request* raw = c.get();
-  auto it = std::upper_bound(running_.begin(), running_.end(), raw,
-                             [this](const Request* a, const Request* b) { return before(*a, *b); });
-  running_.insert(it, raw);
-  ++num_active_running_;
-  forks_.push_back(raw);
   requests_.emplace(child_id, std::move(c));
+  make_slot(*raw);  // may move slots_: no Slot references past this point
+  forks_.push_back(raw->slot);
 }
 
 void Scheduler::release(Request& r) {
-  if (r.status == RequestStatus::kWaiting) {
+  if (r.slot >= 0) {
+    Slot& sl = slots_[r.slot];
+    r.num_tokens = sl.num_tokens;
+    r.num_computed = sl.num_computed;
+    if (const int32_t row = row_of(r); row >= 0) row_slots_[row] = -1;
+    std::replace(forks_.begin(), forks_.end(), r.slot, -1);
+    sl.req = nullptr;
+    ++num_dead_slots_;
+    --num_active_running_;
+    r.slot = -1;
+  } else if (r.status == RequestStatus::kWaiting) {
     auto it = std::find(waiting_.begin(), waiting_.end(), &r);
     if (it != waiting_.end()) waiting_.erase(it);
-  } else if (r.status == RequestStatus::kRunning) {
-    --num_active_running_;  // leaves running_ at the next compact()
   }
-  if (const int32_t row = row_of(r); row >= 0) rows_[row] = nullptr;
-  r.sched_step = -1;
-  std::replace(forks_.begin(), forks_.end(), &r, static_cast<Request*>(nullptr));
   blocks_.free(r.table);
   r.status = RequestStatus::kFinished;
   finished_since_step_.push_back(r.id);
@@ -546,12 +616,18 @@ bool Scheduler::finish_request(int64_t request_id, FinishReason reason) {
 
 RequestStatus Scheduler::status(int64_t request_id) const { return get(request_id).status; }
 
-std::span<const int32_t> Scheduler::tokens(int64_t request_id) const { return get(request_id).tokens; }
+std::span<const int32_t> Scheduler::tokens(int64_t request_id) const {
+  const Request& r = get(request_id);
+  if (r.slot < 0) return r.tokens();
+  const Slot& sl = slots_[r.slot];
+  return {sl.tokens, static_cast<size_t>(sl.num_tokens)};
+}
 
 int32_t Scheduler::num_prompt_tokens(int64_t request_id) const { return get(request_id).num_prompt; }
 
 int32_t Scheduler::num_computed_tokens(int64_t request_id) const {
-  return get(request_id).num_computed;
+  const Request& r = get(request_id);
+  return r.slot < 0 ? r.num_computed : slots_[r.slot].num_computed;
 }
 
 std::span<const int32_t> Scheduler::block_table(int64_t request_id) const {
@@ -560,8 +636,8 @@ std::span<const int32_t> Scheduler::block_table(int64_t request_id) const {
 
 std::vector<int64_t> Scheduler::running_ids() const {
   std::vector<int64_t> ids;
-  for (const Request* r : running_)
-    if (r->status == RequestStatus::kRunning) ids.push_back(r->id);
+  for (const Slot& sl : slots_)
+    if (sl.req != nullptr) ids.push_back(sl.id);
   return ids;
 }
 
@@ -579,9 +655,9 @@ SchedulerStats Scheduler::stats() const {
   s.num_steps = num_steps_;
   s.cache = blocks_.stats();
   const int64_t bs = blocks_.block_size();
-  for (const Request* r : running_) {
-    if (r->status != RequestStatus::kRunning) continue;
-    s.cache.waste_tokens += std::max<int64_t>(0, r->table.num_blocks() * bs - r->num_tokens());
+  for (const Slot& sl : slots_) {
+    if (sl.req == nullptr) continue;
+    s.cache.waste_tokens += std::max<int64_t>(0, int64_t(sl.num_blocks) * bs - sl.num_tokens);
   }
   return s;
 }
