@@ -211,7 +211,7 @@ void bind_scheduler(py::module_& m) {
           default: return "finished";
         }
       })
-      .def("tokens", [](const Scheduler& s, int64_t id) {
+      .def("tokens", [](Scheduler& s, int64_t id) {
         auto t = s.tokens(id);
         return std::vector<int32_t>(t.begin(), t.end());
       })

@@ -150,8 +150,8 @@ class Scheduler {
   int32_t num_running() const { return num_active_running_; }
   bool contains(int64_t request_id) const { return requests_.count(request_id) != 0; }
   RequestStatus status(int64_t request_id) const;
-  // Prompt followed by the output so far.
-  std::span<const int32_t> tokens(int64_t request_id) const;
+  // Prompt followed by the output so far (valid until the scheduler next changes).
+  std::span<const int32_t> tokens(int64_t request_id);
   int32_t num_prompt_tokens(int64_t request_id) const;
   int32_t num_computed_tokens(int64_t request_id) const;
   std::span<const int32_t> block_table(int64_t request_id) const;
@@ -166,15 +166,17 @@ class Scheduler {
   // front to back; the Request itself is touched only on rare events (a block fills, a stop id
   // may have matched, preemption). Slots are swap-removed at the start of schedule(), so their
   // order is not the scheduling order: (priority, arrival) decides wherever order matters.
+  static constexpr int32_t kTail = 16;
   struct Slot {
     Request* req;           // nullptr once finished, aborted or preempted (until compaction)
-    int32_t* tokens;        // the request's token buffer: prompt, then output
+    int32_t* tokens;        // the request's token buffer: prompt, then output, up to num_flushed
     const int32_t* blocks;  // the request's block table
     int64_t id;
     int64_t arrival;
     uint64_t stop_bloom;    // bit (id % 64) of every stop id: most tokens need no list lookup
     int32_t num_computed;   // tokens whose KV is in the cache
     int32_t num_tokens;
+    int32_t num_flushed;    // tokens in the buffer; the rest (at most kTail) are in tail
     int32_t capacity;       // of the token buffer
     int32_t num_blocks;
     int32_t max_num_tokens;  // prompt + max_tokens, capped at max_model_len
@@ -185,6 +187,9 @@ class Scheduler {
     uint32_t sched_step;     // the step that scheduled it last
     int32_t sched_idx;       // its index in scheduled_ when sched_step == step_id_
     bool may_share_tail;     // the next write may need a copy-on-write block
+    // The newest sampled tokens, written to the buffer kTail at a time (or when a consumer
+    // needs them): one random write per kTail steps instead of one per step.
+    int32_t tail[kTail];
   };
 
   // One row of the step being planned, with a copy of what the output needs.
@@ -216,6 +221,7 @@ class Scheduler {
   void schedule_prefills(StepOutput& out);
   void admit_waiting(StepOutput& out);
   FinishReason append_token(Slot& sl, int32_t token);
+  void flush_tokens(Slot& sl);
   void release(Request& r);
   void compact();
   int32_t row_of(const Request& r) const;  // row in the last step, or -1

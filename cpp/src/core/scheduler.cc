@@ -55,10 +55,9 @@ void StepOutput::clear() {
 namespace {
 
 constexpr uint32_t kNeverScheduled = 0xffffffffu;
-// Rows ahead whose block arrays (build_output) and token buffers (update) are prefetched: the
-// loops stream through arrays, but these two land at random addresses.
+// Rows ahead whose block arrays build_output() prefetches: it streams through arrays, but
+// these land at random addresses.
 constexpr size_t kPrefetch = 8;
-constexpr size_t kPrefetchUpdate = 16;
 
 void check_config(const SchedulerConfig& c) {
   auto fail = [](const std::string& what) {
@@ -177,6 +176,7 @@ void Scheduler::make_slot(Request& r) {
   sl.stop_bloom = r.stop_bloom;
   sl.num_computed = r.num_computed;
   sl.num_tokens = r.num_tokens;
+  sl.num_flushed = r.num_tokens;
   sl.capacity = static_cast<int32_t>(r.token_buf.size());
   sl.max_num_tokens = r.max_num_tokens;
   sl.min_stop_tokens = r.min_stop_tokens;
@@ -200,6 +200,8 @@ void Scheduler::refresh_blocks(Slot& sl) {
 
 void Scheduler::add_scheduled(int32_t slot, int32_t num_new) {
   Slot& sl = slots_[slot];
+  // build_output() reads the token buffer for every row but decodes (which carry last_token).
+  if (!(num_new == 1 && sl.num_computed + 1 == sl.num_tokens)) flush_tokens(sl);
   sl.sched_step = step_id_;
   sl.sched_idx = static_cast<int32_t>(scheduled_.size());
   scheduled_.push_back({slot, num_new, -1, sl.num_computed, sl.num_tokens, sl.num_blocks,
@@ -211,6 +213,7 @@ void Scheduler::add_scheduled(int32_t slot, int32_t num_new) {
 void Scheduler::preempt(int32_t slot, StepOutput& out) {
   Slot& sl = slots_[slot];
   Request& r = *sl.req;
+  flush_tokens(sl);
   if (sl.sched_step == step_id_) {  // scheduled earlier in this step: give its budget back
     Scheduled& s = scheduled_[sl.sched_idx];
     budget_tokens_ += s.num_new;
@@ -454,14 +457,23 @@ void Scheduler::build_output(StepOutput& out) {
   finished_since_step_.clear();
 }
 
-FinishReason Scheduler::append_token(Slot& sl, int32_t token) {
-  if (sl.num_tokens == sl.capacity) {  // rare: outputs longer than the first reservation
+void Scheduler::flush_tokens(Slot& sl) {
+  const int32_t pending = sl.num_tokens - sl.num_flushed;
+  if (pending == 0) return;
+  if (sl.num_tokens > sl.capacity) {  // outputs longer than the first reservation
     std::vector<int32_t>& buf = sl.req->token_buf;
-    buf.resize(std::max<size_t>(buf.size() * 2, buf.size() + 16));
+    buf.resize(std::max<size_t>(buf.size() * 2, static_cast<size_t>(sl.num_tokens) + kTail));
     sl.tokens = buf.data();
     sl.capacity = static_cast<int32_t>(buf.size());
   }
-  sl.tokens[sl.num_tokens++] = token;
+  std::copy(sl.tail, sl.tail + pending, sl.tokens + sl.num_flushed);
+  sl.num_flushed = sl.num_tokens;
+}
+
+FinishReason Scheduler::append_token(Slot& sl, int32_t token) {
+  if (sl.num_tokens - sl.num_flushed == kTail) flush_tokens(sl);
+  sl.tail[sl.num_tokens - sl.num_flushed] = token;
+  ++sl.num_tokens;
   sl.last_token = token;
   if ((sl.stop_bloom & bloom_bit(token)) != 0 && sl.num_tokens >= sl.min_stop_tokens) {
     const auto& ids = sl.req->stop_ids;
@@ -507,10 +519,6 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
     if (f != FinishReason::kNone) finishing_.push_back(sl.req);
   };
   for (size_t i = 0; i < row_slots_.size(); ++i) {
-    if (i + kPrefetchUpdate < row_slots_.size() && row_slots_[i + kPrefetchUpdate] >= 0) {
-      const Slot& ahead = slots_[row_slots_[i + kPrefetchUpdate]];
-      __builtin_prefetch(ahead.tokens + ahead.num_tokens, /*rw=*/1);
-    }
     if (row_slots_[i] < 0) continue;  // aborted after schedule()
     advance(row_slots_[i], out.query_start_loc[i + 1] - out.query_start_loc[i]);
     if (out.do_sample[i]) emit(row_slots_[i], sampled[i]);  // else: a chunk that is not the last
@@ -524,7 +532,8 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
   if (!fill_slots_.empty()) {
     cache_updates_.clear();
     for (int32_t s : fill_slots_) {
-      const Slot& sl = slots_[s];
+      Slot& sl = slots_[s];
+      flush_tokens(sl);  // hashing reads the block's tokens
       cache_updates_.push_back({&sl.req->table, {sl.tokens, size_t(sl.num_tokens)}, sl.num_computed});
     }
     blocks_.cache_blocks_batch(cache_updates_);
@@ -557,6 +566,7 @@ void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
     throw std::logic_error("Scheduler::fork_request: request " + std::to_string(parent_id) +
                            " does not sample a token in this step");
   Slot& ps = slots_[p.slot];
+  flush_tokens(ps);
   auto c = std::make_unique<Request>();
   c->id = child_id;
   c->token_buf.assign(ps.tokens, ps.tokens + ps.capacity);
@@ -581,6 +591,7 @@ void Scheduler::fork_request(int64_t parent_id, int64_t child_id) {
 void Scheduler::release(Request& r) {
   if (r.slot >= 0) {
     Slot& sl = slots_[r.slot];
+    flush_tokens(sl);
     r.num_tokens = sl.num_tokens;
     r.num_computed = sl.num_computed;
     if (const int32_t row = row_of(r); row >= 0) row_slots_[row] = -1;
@@ -616,10 +627,11 @@ bool Scheduler::finish_request(int64_t request_id, FinishReason reason) {
 
 RequestStatus Scheduler::status(int64_t request_id) const { return get(request_id).status; }
 
-std::span<const int32_t> Scheduler::tokens(int64_t request_id) const {
+std::span<const int32_t> Scheduler::tokens(int64_t request_id) {
   const Request& r = get(request_id);
   if (r.slot < 0) return r.tokens();
-  const Slot& sl = slots_[r.slot];
+  Slot& sl = slots_[r.slot];
+  flush_tokens(sl);
   return {sl.tokens, static_cast<size_t>(sl.num_tokens)};
 }
 
