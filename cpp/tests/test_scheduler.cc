@@ -259,3 +259,23 @@ TEST(scheduler_prefix_cache_reuses_blocks_across_requests) {
   CHECK_EQ(out->num_tokens(), 1);
   CHECK_EQ(s.stats().cache.prefix_hits, 12);
 }
+
+TEST(scheduler_tokens_survive_the_recent_token_buffer) {
+  // 45 outputs with 32-token blocks: the slot's recent-token buffer fills and flushes on its
+  // own (not only at block boundaries); tokens() must still return everything in order.
+  Scheduler s(make_config(64, 32));
+  s.add_request(make_request(1, 5, 50));
+  std::vector<int32_t> expected(s.tokens(1).begin(), s.tokens(1).end());
+  std::vector<int32_t> tok(1);
+  for (int k = 0; k < 45; ++k) {
+    s.schedule();
+    tok[0] = 100 + k;
+    expected.push_back(tok[0]);
+    s.update(tok);
+  }
+  const auto got = s.tokens(1);
+  CHECK(std::vector<int32_t>(got.begin(), got.end()) == expected);
+  auto out = s.schedule();  // the next decode's input is the last token
+  CHECK_EQ(out->token_ids[0], 144);
+  CHECK_EQ(out->positions[0], 49);
+}
