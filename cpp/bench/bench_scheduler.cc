@@ -1,4 +1,5 @@
-// Times one scheduler step (schedule + update) with N running decodes, and the block pool's
+// Times one scheduler step (schedule + update) with N running decodes (prompts of --prompt
+// tokens plus up to a block more), and the block pool's
 // allocation throughput. Usage: bench_scheduler [--seqs 256,1024,4096] [--steps 200]
 //                                              [--prompt 128] [--repeats 5] [--json]
 #include <algorithm>
@@ -39,16 +40,18 @@ StepResult bench_steps(int seqs, int prompt_len, int steps, int repeats) {
     cfg.max_num_batched_tokens = std::max(seqs, 8192);
     // Room for the decodes during the prefill steps too: nobody may finish before the end.
     const int prefill_steps = static_cast<int>((int64_t(seqs) * prompt_len) / cfg.max_num_batched_tokens) + 1;
-    cfg.max_model_len = prompt_len + steps + prefill_steps + 64;
     cfg.cache.block_size = 16;
+    cfg.max_model_len = prompt_len + cfg.cache.block_size + steps + prefill_steps + 64;
     cfg.cache.num_blocks = seqs * ((cfg.max_model_len + 15) / 16 + 1);
     Scheduler s(cfg);
     for (int i = 0; i < seqs; ++i) {
       RequestSpec r;
       r.request_id = i;
-      r.prompt.resize(prompt_len);
-      for (int t = 0; t < prompt_len; ++t) r.prompt[t] = (i * 7919 + t * 31) % 32000;
-      r.stop.max_tokens = cfg.max_model_len - prompt_len;
+      // Lengths staggered over a block, so block boundaries spread over the steps as they
+      // do in real traffic.
+      r.prompt.resize(prompt_len + i % cfg.cache.block_size);
+      for (size_t t = 0; t < r.prompt.size(); ++t) r.prompt[t] = (i * 7919 + int(t) * 31) % 32000;
+      r.stop.max_tokens = cfg.max_model_len - static_cast<int>(r.prompt.size());
       s.add_request(std::move(r));
     }
     std::vector<int32_t> sampled;

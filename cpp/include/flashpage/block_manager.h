@@ -50,6 +50,11 @@ class BlockTable {
   bool empty() const { return blocks_.empty(); }
   // True after a fork until the next write: that write may need a copy-on-write block.
   bool may_share_tail() const { return may_share_tail_; }
+  // Room for max_blocks without reallocating (so allocation in the step loop never mallocs).
+  void reserve(int32_t max_blocks) {
+    blocks_.reserve(max_blocks);
+    hashes_.reserve(max_blocks);
+  }
 
  private:
   friend class BlockManager;

@@ -241,7 +241,15 @@ void BlockManager::cache_blocks_batch(std::span<const CacheUpdate> updates) {
   // Pass 1: extend each table's hash chain over its newly full blocks, and prefetch where
   // pass 2 will look (the index slot, the block's entry).
   pending_.clear();
-  for (const CacheUpdate& u : updates) {
+  constexpr size_t kAhead = 4;
+  for (size_t k = 0; k < updates.size(); ++k) {
+    if (k + kAhead < updates.size()) {  // the chain's last hash and the next block's id
+      const BlockTable& next = *updates[k + kAhead].table;
+      if (next.num_hashed_ > 0) __builtin_prefetch(next.hashes_.data() + next.num_hashed_ - 1);
+      __builtin_prefetch(next.blocks_.data() + next.num_hashed_);
+    }
+    if (k + 2 * kAhead < updates.size()) __builtin_prefetch(updates[k + 2 * kAhead].table);
+    const CacheUpdate& u = updates[k];
     BlockTable& table = *u.table;
     const int32_t full = std::min<int32_t>(
         std::min<int32_t>(u.num_computed, static_cast<int32_t>(u.tokens.size())) / bs,
@@ -277,6 +285,7 @@ void BlockManager::cache_blocks_batch(std::span<const CacheUpdate> updates) {
 void BlockManager::fork(BlockTable& parent, BlockTable& child) {
   if (!child.empty()) throw std::logic_error("BlockManager::fork: the child table is not empty");
   child = parent;
+  child.reserve(static_cast<int32_t>(parent.blocks_.capacity()));
   for (int32_t b : child.blocks_) ++blocks_[b].ref;
   parent.may_share_tail_ = child.may_share_tail_ = true;
 }

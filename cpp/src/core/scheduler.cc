@@ -149,6 +149,7 @@ void Scheduler::add_request(RequestSpec spec) {
   r->priority = spec.priority;
   r->cache_key = spec.cache_key;
   r->arrival = arrival_counter_++;
+  r->table.reserve(static_cast<int32_t>(need_blocks));
   Request* raw = r.get();
   requests_.emplace(raw->id, std::move(r));
   insert_waiting(raw);
@@ -420,7 +421,11 @@ void Scheduler::build_output(StepOutput& out) {
   int32_t t = 0, i = 0;
   out.query_start_loc[0] = 0;
   for (size_t k = 0; k < scheduled_.size(); ++k) {
-    if (k + kPrefetch < scheduled_.size()) __builtin_prefetch(scheduled_[k + kPrefetch].blocks);
+    if (k + kPrefetch < scheduled_.size()) {  // both ends of a later row's block table
+      const Scheduled& ahead = scheduled_[k + kPrefetch];
+      __builtin_prefetch(ahead.blocks);
+      __builtin_prefetch(ahead.blocks + ahead.num_blocks - 1);
+    }
     const Scheduled& s = scheduled_[k];
     if (s.num_new == 0) continue;
     const int32_t n = s.num_new;
