@@ -5,7 +5,8 @@
 // a per-step token budget (chunked prefill) and a sequence budget. When KV blocks run out it
 // preempts the lowest-priority running request by recompute. The step is handed over as one
 // flattened, unpadded batch of contiguous arrays (StepOutput); update() takes the tokens the
-// sampler produced and applies stop conditions.
+// sampler produced and applies stop conditions. Not thread-safe: one thread (the engine loop)
+// drives it.
 #pragma once
 
 #include <cstdint>
