@@ -21,8 +21,9 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
   const int64_t rows = x.shape(0), dim = x.shape(1);
   if (weight.ndim() != 1 || weight.shape(0) != dim)
     throw std::invalid_argument("rms_norm: weight must have shape [" + std::to_string(dim) + "]");
-  const auto& table = isa == "ref" ? cpu::kernels_for(runtime::Isa::kScalar)
-                                   : cpu::kernels_for(runtime::parse_isa(isa));
+  // "ref" is the scalar level, whose table holds the reference kernels.
+  const auto& table =
+      cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
   FloatArray out({rows, dim});
   py::object res_out = py::none();
   float* res_ptr = nullptr;
@@ -35,8 +36,7 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
     res_ptr = copy.mutable_data();
     res_out = copy;
   }
-  const auto fn = isa == "ref" ? &cpu::ref::rms_norm : table.rms_norm;
-  fn(out.mutable_data(), x.data(), res_ptr, weight.data(), rows, dim, eps);
+  table.rms_norm(out.mutable_data(), x.data(), res_ptr, weight.data(), rows, dim, eps);
   return py::make_tuple(out, res_out);
 }
 
