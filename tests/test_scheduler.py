@@ -159,6 +159,9 @@ def test_abort_in_every_state_frees_everything():
 
 def test_update_checks_its_input():
     s = make()
+    assert s.schedule().num_seqs == 0
+    ids, _, _ = s.update(np.zeros(0, dtype=np.int32))  # an empty step: a no-op
+    assert len(ids) == 0
     s.add_request(1, prompt(4))
     with pytest.raises(RuntimeError, match="no step"):
         s.update(np.zeros(1, dtype=np.int32))

@@ -142,7 +142,8 @@ class Scheduler {
   std::shared_ptr<const StepOutput> schedule();
   // Takes one sampled token per row of the last StepOutput (rows with do_sample == 0 are
   // ignored) and one per fork_request() since that schedule(). Returns what happened to each
-  // request that got a token or finished; valid until the next update().
+  // request that got a token or finished; valid until the next update(). After a step with
+  // no rows, an empty update() is a no-op.
   const std::vector<RequestUpdate>& update(std::span<const int32_t> sampled,
                                            std::span<const int32_t> fork_tokens = {});
 

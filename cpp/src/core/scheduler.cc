@@ -490,7 +490,13 @@ FinishReason Scheduler::append_token(Slot& sl, int32_t token) {
 
 const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sampled,
                                                     std::span<const int32_t> fork_tokens) {
-  if (!awaiting_update_) throw std::logic_error("Scheduler::update: no step is waiting for tokens");
+  if (!awaiting_update_) {
+    if (sampled.empty() && fork_tokens.empty()) {  // after a step with no rows: nothing to do
+      updates_.clear();
+      return updates_;
+    }
+    throw std::logic_error("Scheduler::update: no step is waiting for tokens");
+  }
   if (sampled.size() != row_slots_.size())
     throw std::invalid_argument("Scheduler::update: got " + std::to_string(sampled.size()) +
                                 " sampled tokens for a step of " + std::to_string(row_slots_.size()) +
