@@ -1,0 +1,79 @@
+// Small helpers shared by the CUDA kernels: dtype conversion and 16-byte vector access.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace flashpage::cuda {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Eight 16-bit values in one 16-byte register group.
+template <typename T>
+union Vec8 {
+  uint4 raw;
+  T v[8];
+};
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&out)[8]) {
+  Vec8<T> u;
+  u.raw = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = to_float(u.v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&in)[8]) {
+  Vec8<T> u;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) u.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<uint4*>(p) = u.raw;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  x = warp_sum(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) / 32;
+  x = lane < nwarps ? scratch[lane] : 0.f;
+  x = warp_sum(x);
+  __syncthreads();
+  return x;
+}
+
+}  // namespace flashpage::cuda
+
+// Runs the statement with T bound to the 16-bit type of a DType.
+#define FLASHPAGE_DISPATCH_DTYPE(dtype, T, ...)        \
+  do {                                                 \
+    if ((dtype) == DType::kBFloat16) {                 \
+      using T = __nv_bfloat16;                         \
+      __VA_ARGS__;                                     \
+    } else {                                           \
+      using T = __half;                                \
+      __VA_ARGS__;                                     \
+    }                                                  \
+  } while (0)

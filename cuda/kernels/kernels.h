@@ -1,0 +1,66 @@
+// Launch functions of flashpage's CUDA kernels, on raw device pointers. All tensors are
+// contiguous, row-major; `dtype` is the 16-bit element type of activations and KV cache.
+// Each returns cudaSuccess or the launch error; none synchronizes.
+//
+// KV cache layout (per layer): k_cache and v_cache are [num_blocks, num_kv_heads, block_size,
+// head_dim]: one block of one head is a contiguous block_size x head_dim tile, so attention
+// streams it with coalesced 16-byte loads.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flashpage::cuda {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// key/value [num_tokens, num_kv_heads, head_dim] -> the cache slots in slot_mapping
+// (block * block_size + offset; negative = skip). head_dim % 8 == 0.
+cudaError_t reshape_and_cache(DType dtype, const void* key, const void* value, void* k_cache,
+                              void* v_cache, const int32_t* slot_mapping, int num_tokens,
+                              int num_kv_heads, int head_dim, int block_size, cudaStream_t stream);
+
+// residual += x; out = residual * rsqrt(mean(residual^2) + eps) * weight, per row of `hidden`.
+// With residual == nullptr: out = rmsnorm(x) * weight. hidden % 8 == 0.
+cudaError_t fused_add_rms_norm(DType dtype, void* out, const void* x, void* residual,
+                               const void* weight, int num_tokens, int hidden, float eps,
+                               cudaStream_t stream);
+
+// out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [num_tokens, 2 * inter]. inter % 8 == 0.
+cudaError_t silu_and_mul(DType dtype, void* out, const void* in, int num_tokens, int inter,
+                         cudaStream_t stream);
+
+// Rotary embedding in place, rotate-half ("neox") style as in Hugging Face Llama:
+// q [num_tokens, num_q_heads, head_dim], k [num_tokens, num_kv_heads, head_dim];
+// cos_sin [max_position, head_dim] float32, cos in the first half and sin in the second
+// (scaling variants such as llama3 or linear are folded into this table by the caller).
+cudaError_t rotary_embedding(DType dtype, void* q, void* k, const int32_t* positions,
+                             const float* cos_sin, int num_tokens, int num_q_heads,
+                             int num_kv_heads, int head_dim, cudaStream_t stream);
+
+struct PagedDecodeParams {
+  DType dtype;
+  const void* q;      // [num_seqs, num_q_heads, head_dim]
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* block_tables;  // [num_seqs, block_table_stride]
+  const int32_t* context_lens;  // [num_seqs], the current token included
+  void* out;                    // [num_seqs, num_q_heads, head_dim]
+  float* workspace;             // paged_decode_workspace_floats() floats, or nullptr if 0
+  int num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, block_table_stride;
+  int max_context_len;  // an upper bound of context_lens (sizes the split-KV grid)
+  int num_sms;          // multiprocessors of the device (from cudaGetDeviceProperties)
+  float scale;          // softmax scale, usually 1/sqrt(head_dim)
+  int num_splits = 0;   // 0: choose; else force this many KV splits (tests)
+};
+
+// Split-KV (flash-decoding) attention of one query token per sequence over its paged KV.
+cudaError_t paged_decode(const PagedDecodeParams& p, cudaStream_t stream);
+// Floats of workspace paged_decode needs for these parameters (0 when it runs unsplit).
+int64_t paged_decode_workspace_floats(const PagedDecodeParams& p);
+// Whether a configuration is supported (head_dim 64 or 128, block size 16 or 32, query heads
+// per KV head 1..8 or a multiple of 8).
+bool paged_decode_supported(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
+
+}  // namespace flashpage::cuda

@@ -1,0 +1,144 @@
+// C ABI exports of the kernels, for the core's loader and for Python (ctypes) tests and
+// benchmarks. Argument checks that the kernels rely on happen here, with messages.
+#include <cstdio>
+
+#include "kernels/kernels.h"
+
+#define FLASHPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using flashpage::cuda::DType;
+
+int report(cudaError_t e, const char* what, char* err, size_t err_len) {
+  if (e == cudaSuccess) return 0;
+  if (err != nullptr && err_len > 0)
+    std::snprintf(err, err_len, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+  return -1;
+}
+
+int invalid(const char* msg, char* err, size_t err_len) {
+  if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", msg);
+  return -1;
+}
+
+bool dtype_ok(int dtype) { return dtype == 0 || dtype == 1; }
+
+}  // namespace
+
+FLASHPAGE_EXPORT int flashpage_cuda_num_sms(int device, int* num_sms, char* err, size_t err_len) {
+  return report(cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, device),
+                "cudaDeviceGetAttribute", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_reshape_and_cache(int dtype, const void* key, const void* value,
+                                                      void* k_cache, void* v_cache,
+                                                      const int32_t* slot_mapping, int num_tokens,
+                                                      int num_kv_heads, int head_dim,
+                                                      int block_size, void* stream, char* err,
+                                                      size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("reshape_and_cache: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (head_dim % 8 != 0) return invalid("reshape_and_cache: head_dim must be a multiple of 8", err, err_len);
+  return report(flashpage::cuda::reshape_and_cache(static_cast<DType>(dtype), key, value, k_cache,
+                                                   v_cache, slot_mapping, num_tokens, num_kv_heads,
+                                                   head_dim, block_size,
+                                                   static_cast<cudaStream_t>(stream)),
+                "reshape_and_cache", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_fused_add_rms_norm(int dtype, void* out, const void* x,
+                                                       void* residual, const void* weight,
+                                                       int num_tokens, int hidden, float eps,
+                                                       void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("fused_add_rms_norm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (hidden % 8 != 0) return invalid("fused_add_rms_norm: hidden must be a multiple of 8", err, err_len);
+  return report(flashpage::cuda::fused_add_rms_norm(static_cast<DType>(dtype), out, x, residual,
+                                                    weight, num_tokens, hidden, eps,
+                                                    static_cast<cudaStream_t>(stream)),
+                "fused_add_rms_norm", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_silu_and_mul(int dtype, void* out, const void* in, int num_tokens,
+                                                 int inter, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("silu_and_mul: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (inter % 8 != 0) return invalid("silu_and_mul: the intermediate size must be a multiple of 8", err, err_len);
+  return report(flashpage::cuda::silu_and_mul(static_cast<DType>(dtype), out, in, num_tokens, inter,
+                                              static_cast<cudaStream_t>(stream)),
+                "silu_and_mul", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_rotary_embedding(int dtype, void* q, void* k,
+                                                     const int32_t* positions, const float* cos_sin,
+                                                     int num_tokens, int num_q_heads,
+                                                     int num_kv_heads, int head_dim, void* stream,
+                                                     char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("rotary_embedding: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (head_dim % 2 != 0) return invalid("rotary_embedding: head_dim must be even", err, err_len);
+  return report(flashpage::cuda::rotary_embedding(static_cast<DType>(dtype), q, k, positions, cos_sin,
+                                                  num_tokens, num_q_heads, num_kv_heads, head_dim,
+                                                  static_cast<cudaStream_t>(stream)),
+                "rotary_embedding", err, err_len);
+}
+
+namespace {
+
+flashpage::cuda::PagedDecodeParams decode_params(int dtype, const void* q, const void* k_cache,
+                                                 const void* v_cache, const int32_t* block_tables,
+                                                 const int32_t* context_lens, void* out,
+                                                 float* workspace, int num_seqs, int num_q_heads,
+                                                 int num_kv_heads, int head_dim, int block_size,
+                                                 int block_table_stride, int max_context_len,
+                                                 int num_sms, float scale, int num_splits) {
+  flashpage::cuda::PagedDecodeParams p{};
+  p.dtype = static_cast<DType>(dtype);
+  p.q = q;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.block_tables = block_tables;
+  p.context_lens = context_lens;
+  p.out = out;
+  p.workspace = workspace;
+  p.num_seqs = num_seqs;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.block_table_stride = block_table_stride;
+  p.max_context_len = max_context_len;
+  p.num_sms = num_sms;
+  p.scale = scale;
+  p.num_splits = num_splits;
+  return p;
+}
+
+}  // namespace
+
+// Floats of workspace the call with the same arguments needs (0: none).
+FLASHPAGE_EXPORT int64_t flashpage_cuda_paged_decode_workspace(
+    int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
+    int max_context_len, int num_sms, int num_splits) {
+  return flashpage::cuda::paged_decode_workspace_floats(
+      decode_params(1, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, num_seqs,
+                    num_q_heads, num_kv_heads, head_dim, block_size, 0, max_context_len, num_sms,
+                    1.f, num_splits));
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_paged_decode(
+    int dtype, const void* q, const void* k_cache, const void* v_cache,
+    const int32_t* block_tables, const int32_t* context_lens, void* out, float* workspace,
+    int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
+    int block_table_stride, int max_context_len, int num_sms, float scale, int num_splits,
+    void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("paged_decode: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::paged_decode_supported(head_dim, block_size, num_q_heads, num_kv_heads))
+    return invalid("paged_decode: unsupported shape (head_dim 64 or 128, block_size 16 or 32, "
+                   "query heads per KV head 1..8 or a multiple of 8)", err, err_len);
+  const auto p = decode_params(dtype, q, k_cache, v_cache, block_tables, context_lens, out,
+                               workspace, num_seqs, num_q_heads, num_kv_heads, head_dim,
+                               block_size, block_table_stride, max_context_len, num_sms, scale,
+                               num_splits);
+  if (flashpage::cuda::paged_decode_workspace_floats(p) > 0 && workspace == nullptr)
+    return invalid("paged_decode: this call splits the KV and needs a workspace", err, err_len);
+  return report(flashpage::cuda::paged_decode(p, static_cast<cudaStream_t>(stream)),
+                "paged_decode", err, err_len);
+}

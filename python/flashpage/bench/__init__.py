@@ -1,0 +1,1 @@
+"""Benchmarks that need Python peers (torch, llama.cpp) beside flashpage."""

@@ -1,0 +1,169 @@
+"""The CUDA kernels of libflashpage_cuda on torch tensors, through the library's C ABI.
+
+For tests and benchmarks on a GPU machine (it needs torch with CUDA); the engine itself
+calls the kernels from C++. Every function checks shapes and dtypes and raises ValueError
+naming the problem, or RuntimeError with the CUDA error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+from typing import Any
+
+from flashpage import _core
+
+_ERR_LEN = 512
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    info = _core.cuda_info()
+    if not info["available"]:
+        raise RuntimeError(f"CUDA backend not available: {info['reason']}")
+    lib = ctypes.CDLL(info["library_path"])
+    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    sz = ctypes.c_size_t
+    sigs = {
+        "flashpage_cuda_num_sms": [i, ctypes.POINTER(i), p, sz],
+        "flashpage_cuda_reshape_and_cache": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
+        "flashpage_cuda_fused_add_rms_norm": [i, p, p, p, p, i, i, f, p, p, sz],
+        "flashpage_cuda_silu_and_mul": [i, p, p, i, i, p, p, sz],
+        "flashpage_cuda_rotary_embedding": [i, p, p, p, p, i, i, i, i, p, p, sz],
+        "flashpage_cuda_paged_decode": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, f, i, p, p, sz],
+        "flashpage_cuda_paged_decode_workspace": [i, i, i, i, i, i, i, i],
+    }
+    for name, args in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = i64 if name.endswith("_workspace") else i
+    return lib
+
+
+def _call(name: str, *args: Any) -> None:
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if getattr(_lib(), name)(*args, err, _ERR_LEN) != 0:
+        raise RuntimeError(err.value.decode())
+
+
+def _dtype_code(t: Any) -> int:
+    import torch
+
+    if t.dtype == torch.float16:
+        return 0
+    if t.dtype == torch.bfloat16:
+        return 1
+    raise ValueError(f"expected a float16 or bfloat16 tensor, got {t.dtype}")
+
+
+def _check(t: Any, name: str, *, dtype: Any = None, dim: int | None = None) -> None:
+    if not t.is_cuda or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous CUDA tensor")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _stream() -> int:
+    import torch
+
+    return torch.cuda.current_stream().cuda_stream
+
+
+@functools.cache
+def num_sms(device: int = 0) -> int:
+    n = ctypes.c_int(0)
+    _call("flashpage_cuda_num_sms", device, ctypes.byref(n))
+    return n.value
+
+
+def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_mapping: Any) -> None:
+    """key/value [tokens, kv_heads, head_dim] -> caches [blocks, kv_heads, block_size, head_dim]."""
+    import torch
+
+    for t, n in ((key, "key"), (value, "value")):
+        _check(t, n, dtype=k_cache.dtype, dim=3)
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check(t, n, dim=4)
+    _check(slot_mapping, "slot_mapping", dtype=torch.int32, dim=1)
+    tokens, kv_heads, head_dim = key.shape
+    if k_cache.shape[1] != kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit key {tuple(key.shape)}")
+    _call("flashpage_cuda_reshape_and_cache", _dtype_code(key), key.data_ptr(), value.data_ptr(),
+          k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads,
+          head_dim, k_cache.shape[2], _stream())
+
+
+def fused_add_rms_norm(x: Any, residual: Any | None, weight: Any, eps: float) -> Any:
+    """residual += x (in place); returns rmsnorm(residual) * weight (or of x without residual)."""
+    import torch
+
+    _check(x, "x", dim=2)
+    _check(weight, "weight", dtype=x.dtype, dim=1)
+    if residual is not None:
+        _check(residual, "residual", dtype=x.dtype, dim=2)
+    out = torch.empty_like(x)
+    _call("flashpage_cuda_fused_add_rms_norm", _dtype_code(x), out.data_ptr(), x.data_ptr(),
+          residual.data_ptr() if residual is not None else None, weight.data_ptr(), x.shape[0],
+          x.shape[1], eps, _stream())
+    return out
+
+
+def silu_and_mul(x: Any) -> Any:
+    import torch
+
+    _check(x, "x", dim=2)
+    inter = x.shape[1] // 2
+    out = torch.empty((x.shape[0], inter), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_silu_and_mul", _dtype_code(x), out.data_ptr(), x.data_ptr(), x.shape[0],
+          inter, _stream())
+    return out
+
+
+def rotary_embedding(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
+    """In place on q [tokens, q_heads, head_dim] and k [tokens, kv_heads, head_dim]."""
+    import torch
+
+    _check(q, "q", dim=3)
+    _check(k, "k", dtype=q.dtype, dim=3)
+    _check(positions, "positions", dtype=torch.int32, dim=1)
+    _check(cos_sin, "cos_sin", dtype=torch.float32, dim=2)
+    _call("flashpage_cuda_rotary_embedding", _dtype_code(q), q.data_ptr(), k.data_ptr(),
+          positions.data_ptr(), cos_sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
+          _stream())
+
+
+def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_lens: Any,
+                 max_context_len: int, scale: float | None = None, num_splits: int = 0,
+                 out: Any | None = None, workspace: Any | None = None) -> Any:
+    """Attention of q [seqs, q_heads, head_dim] over the paged caches; returns [seqs, q_heads, head_dim]."""
+    import torch
+
+    _check(q, "q", dim=3)
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check(t, n, dtype=q.dtype, dim=4)
+    _check(block_tables, "block_tables", dtype=torch.int32, dim=2)
+    _check(context_lens, "context_lens", dtype=torch.int32, dim=1)
+    seqs, q_heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    sms = num_sms(q.device.index or 0)
+    need = _lib().flashpage_cuda_paged_decode_workspace(seqs, q_heads, kv_heads, head_dim,
+                                                        block_size, max_context_len, sms, num_splits)
+    if need > 0 and (workspace is None or workspace.numel() < need):
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    _call("flashpage_cuda_paged_decode", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
+          v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
+          workspace.data_ptr() if need > 0 else None, seqs, q_heads, kv_heads, head_dim,
+          block_size, block_tables.shape[1], max_context_len, sms, scale, num_splits, _stream())
+    return out
+
+
+def paged_decode_workspace_floats(seqs: int, q_heads: int, kv_heads: int, head_dim: int,
+                                  block_size: int, max_context_len: int, num_splits: int = 0) -> int:
+    return int(_lib().flashpage_cuda_paged_decode_workspace(
+        seqs, q_heads, kv_heads, head_dim, block_size, max_context_len, num_sms(), num_splits))

@@ -1,0 +1,173 @@
+"""CUDA kernels against torch references on the GPU (skipped without a GPU and CUDA torch).
+Error metric: ||out - ref|| / ||ref|| with ref in fp32; outputs are poisoned (NaN) first so an
+unwritten element fails."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import flashpage
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(
+    not (flashpage.cuda_available() and torch.cuda.is_available()), reason="needs a CUDA GPU")
+
+if flashpage.cuda_available() and torch.cuda.is_available():
+    from flashpage import cuda_ops
+
+DTYPES = [torch.float16, torch.bfloat16]
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def make_paged(seq_lens, kv_heads, head_dim, block_size, dtype, extra_blocks=7, seed=0):
+    """Random paged caches and per-sequence contiguous copies of their K and V."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per) + extra_blocks
+    k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g, device="cuda").to(dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=g, device="cuda").to(dtype)
+    perm = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32)
+    width = max(blocks_per) + 2
+    tables = torch.full((len(seq_lens), width), -1, dtype=torch.int32, device="cuda")
+    at = 0
+    for i, nb in enumerate(blocks_per):
+        tables[i, :nb] = perm[at:at + nb]
+        at += nb
+    return k_cache, v_cache, tables
+
+
+def gather(cache, table, n):
+    """[num_blocks, heads, bs, d] -> [heads, n, d] for one sequence."""
+    bs = cache.shape[2]
+    blocks = table[: math.ceil(n / bs)].long()
+    x = cache[blocks]  # [nb, heads, bs, d]
+    return x.permute(1, 0, 2, 3).reshape(cache.shape[1], -1, cache.shape[3])[:, :n]
+
+
+def ref_decode(q, k_cache, v_cache, tables, lens, scale):
+    out = torch.empty_like(q, dtype=torch.float32)
+    q_heads, kv_heads = q.shape[1], k_cache.shape[1]
+    for i, n in enumerate(lens):
+        k = gather(k_cache, tables[i], n).float().repeat_interleave(q_heads // kv_heads, 0)
+        v = gather(v_cache, tables[i], n).float().repeat_interleave(q_heads // kv_heads, 0)
+        s = torch.einsum("hd,hnd->hn", q[i].float(), k) * scale
+        out[i] = torch.einsum("hn,hnd->hd", s.softmax(-1), v)
+    return out
+
+
+DECODE_CASES = [
+    # (seq lens, q heads, kv heads, head dim, block size, splits)
+    ([1], 32, 8, 128, 16, 0),
+    ([16, 17, 32, 33], 32, 8, 128, 16, 0),
+    ([5, 300, 1000], 32, 8, 128, 16, 3),
+    ([4000, 70], 32, 8, 128, 16, 0),
+    ([4000], 32, 8, 128, 16, 1),
+    ([257, 31, 64], 8, 8, 128, 32, 0),
+    ([100, 2048], 12, 4, 64, 16, 0),
+    ([33, 600], 28, 4, 128, 32, 2),
+    ([1, 15, 999], 16, 16, 64, 32, 0),
+    ([513, 7], 32, 2, 128, 16, 0),
+    ([129], 9, 3, 64, 16, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_paged_decode_matches_reference(case, dtype):
+    lens, q_heads, kv_heads, head_dim, block_size, splits = case
+    k_cache, v_cache, tables = make_paged(lens, kv_heads, head_dim, block_size, dtype)
+    q = torch.randn(len(lens), q_heads, head_dim, device="cuda").to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(head_dim)
+    cuda_ops.paged_decode(q, k_cache, v_cache, tables, ctx, max(lens), scale, splits, out=out)
+    torch.cuda.synchronize()
+    assert rel_err(out, ref_decode(q, k_cache, v_cache, tables, lens, scale)) < TOL[dtype]
+
+
+def test_paged_decode_rejects_unsupported_shapes():
+    k_cache, v_cache, tables = make_paged([10], 2, 96, 16, torch.float16)
+    q = torch.randn(1, 4, 96, device="cuda", dtype=torch.float16)
+    ctx = torch.tensor([10], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="unsupported shape"):
+        cuda_ops.paged_decode(q, k_cache, v_cache, tables, ctx, 10)
+    with pytest.raises(ValueError, match="int32"):
+        cuda_ops.paged_decode(q, k_cache, v_cache, tables.long(), ctx, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size,head_dim", [(16, 128), (32, 64)])
+def test_reshape_and_cache_writes_the_slots(dtype, block_size, head_dim):
+    tokens, kv_heads, num_blocks = 37, 4, 9
+    key = torch.randn(tokens, kv_heads, head_dim, device="cuda").to(dtype)
+    value = torch.randn(tokens, kv_heads, head_dim, device="cuda").to(dtype)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:tokens].to(torch.int32)
+    slots[5] = -1  # padding: skipped
+    k_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    cuda_ops.reshape_and_cache(key, value, k_cache, v_cache, slots)
+    torch.cuda.synchronize()
+    for t in range(tokens):
+        s = int(slots[t])
+        if s < 0:
+            continue
+        assert torch.equal(k_cache[s // block_size, :, s % block_size], key[t])
+        assert torch.equal(v_cache[s // block_size, :, s % block_size], value[t])
+    assert int((k_cache != 0).any(-1).sum()) == (tokens - 1) * kv_heads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [8, 576, 4096, 5120])
+def test_fused_add_rms_norm(dtype, hidden):
+    x = torch.randn(13, hidden, device="cuda").to(dtype)
+    res = torch.randn(13, hidden, device="cuda").to(dtype)
+    w = torch.randn(hidden, device="cuda").to(dtype)
+    r32 = x.float() + res.float()
+    want = r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    res_in = res.clone()
+    out = cuda_ops.fused_add_rms_norm(x, res_in, w, 1e-5)
+    torch.cuda.synchronize()
+    assert rel_err(res_in, r32) < TOL[dtype] / 4
+    assert rel_err(out, want) < TOL[dtype]
+    plain = cuda_ops.fused_add_rms_norm(x, None, w, 1e-5)
+    x32 = x.float()
+    assert rel_err(plain, x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    x = torch.randn(7, 2 * 1408, device="cuda").to(dtype)
+    out = cuda_ops.silu_and_mul(x)
+    torch.cuda.synchronize()
+    g, u = x.float().chunk(2, -1)
+    assert rel_err(out, torch.nn.functional.silu(g) * u) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_embedding_rotate_half(dtype, head_dim):
+    tokens, q_heads, kv_heads, max_pos = 11, 8, 2, 4096
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, device="cuda").float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).contiguous()
+    q = torch.randn(tokens, q_heads, head_dim, device="cuda").to(dtype)
+    k = torch.randn(tokens, kv_heads, head_dim, device="cuda").to(dtype)
+    pos = torch.randint(0, max_pos, (tokens,), device="cuda", dtype=torch.int32)
+    want = []
+    for x in (q, k):
+        c = freqs[pos.long()].cos()[:, None, :].repeat(1, 1, 2)
+        s = freqs[pos.long()].sin()[:, None, :].repeat(1, 1, 2)
+        x1, x2 = x.float().chunk(2, -1)
+        want.append(x.float() * c + torch.cat([-x2, x1], -1) * s)
+    cuda_ops.rotary_embedding(q, k, pos, cos_sin)
+    torch.cuda.synchronize()
+    assert rel_err(q, want[0]) < TOL[dtype]
+    assert rel_err(k, want[1]) < TOL[dtype]
