@@ -32,7 +32,7 @@ __device__ __forceinline__ void merge_state(float (&m)[G], float (&l)[G], float 
 }
 
 template <typename T, int D, int G, int BS>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, G >= 8 ? 2 : 4)
 paged_decode_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
                     const T* __restrict__ v_cache, const int32_t* __restrict__ block_tables,
                     int bt_stride, const int32_t* __restrict__ context_lens, int num_q_heads,

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--splits", default="0", help="KV splits to try (0 = the kernel's choice); "
+                    "the table shows the auto choice and the best tried")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -67,8 +69,16 @@ def main() -> None:
             ws = torch.empty(max(1, cuda_ops.paged_decode_workspace_floats(
                 batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size, ctx)),
                 dtype=torch.float32, device="cuda")
-            ours = median_ms(lambda: cuda_ops.paged_decode(q, k_cache, v_cache, tables, lens, ctx,
-                                                           out=out, workspace=ws))
+            tried = {}
+            for sp in map(int, args.splits.split(",")):
+                need = cuda_ops.paged_decode_workspace_floats(
+                    batch, args.q_heads, args.kv_heads, args.head_dim, args.block_size, ctx, sp)
+                if need > ws.numel():
+                    ws = torch.empty(need, dtype=torch.float32, device="cuda")
+                tried[sp] = median_ms(lambda: cuda_ops.paged_decode(
+                    q, k_cache, v_cache, tables, lens, ctx, num_splits=sp, out=out, workspace=ws))
+            ours = tried[0] if 0 in tried else min(tried.values())
+            best_splits = min(tried, key=tried.get)
             kv_bytes = 2 * batch * ctx * args.kv_heads * args.head_dim * 2
             # Peer: SDPA over contiguous K/V [batch, kv_heads, ctx, d] (flash/cuDNN backends).
             del k_cache, v_cache
@@ -82,15 +92,18 @@ def main() -> None:
             gbs = kv_bytes / ours / 1e6
             rows.append({"batch": batch, "context": ctx, "ms": round(ours, 4),
                          "GB/s": round(gbs), "of_copy_bw": round(gbs / copy_gbs, 3),
-                         "sdpa_ms": round(sdpa, 4), "speedup_vs_sdpa": round(sdpa / ours, 2)})
+                         "sdpa_ms": round(sdpa, 4), "speedup_vs_sdpa": round(sdpa / ours, 2),
+                         "best_splits": best_splits, "best_ms": round(tried[best_splits], 4)})
     if args.json:
         print(json.dumps({"copy_GB/s": round(copy_gbs), "rows": rows}))
         return
     print(f"device copy bandwidth (read + write): {copy_gbs:.0f} GB/s")
-    print(f"{'batch':>6} {'context':>8} {'ms':>9} {'GB/s':>7} {'of copy':>8} {'sdpa ms':>9} {'vs sdpa':>8}")
+    print(f"{'batch':>6} {'context':>8} {'ms':>9} {'GB/s':>7} {'of copy':>8} {'sdpa ms':>9} "
+          f"{'vs sdpa':>8} {'best split':>10} {'best ms':>9}")
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>8} {r['ms']:>9.4f} {r['GB/s']:>7} "
-              f"{r['of_copy_bw']:>8.2f} {r['sdpa_ms']:>9.4f} {r['speedup_vs_sdpa']:>8.2f}")
+              f"{r['of_copy_bw']:>8.2f} {r['sdpa_ms']:>9.4f} {r['speedup_vs_sdpa']:>8.2f} "
+              f"{r['best_splits']:>10} {r['best_ms']:>9.4f}")
 
 
 if __name__ == "__main__":
