@@ -142,3 +142,34 @@ FLASHPAGE_EXPORT int flashpage_cuda_paged_decode(
   return report(flashpage::cuda::paged_decode(p, static_cast<cudaStream_t>(stream)),
                 "paged_decode", err, err_len);
 }
+
+FLASHPAGE_EXPORT int flashpage_cuda_paged_prefill(
+    int dtype, const void* q, const void* k_cache, const void* v_cache,
+    const int32_t* block_tables, const int32_t* query_start_loc, const int32_t* context_lens,
+    void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
+    int block_table_stride, int max_query_len, float scale, void* stream, char* err,
+    size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("paged_prefill: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::paged_prefill_supported(head_dim, block_size, num_q_heads, num_kv_heads))
+    return invalid("paged_prefill: unsupported shape (head_dim 64 or 128, block_size 16 or 32, "
+                   "query heads a multiple of KV heads)", err, err_len);
+  flashpage::cuda::PagedPrefillParams p{};
+  p.dtype = static_cast<DType>(dtype);
+  p.q = q;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.block_tables = block_tables;
+  p.query_start_loc = query_start_loc;
+  p.context_lens = context_lens;
+  p.out = out;
+  p.num_seqs = num_seqs;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.block_table_stride = block_table_stride;
+  p.max_query_len = max_query_len;
+  p.scale = scale;
+  return report(flashpage::cuda::paged_prefill(p, static_cast<cudaStream_t>(stream)),
+                "paged_prefill", err, err_len);
+}

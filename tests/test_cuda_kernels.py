@@ -4,6 +4,7 @@ unwritten element fails."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -101,6 +102,46 @@ def test_paged_decode_rejects_unsupported_shapes():
         cuda_ops.paged_decode(q, k_cache, v_cache, tables, ctx, 10)
     with pytest.raises(ValueError, match="int32"):
         cuda_ops.paged_decode(q, k_cache, v_cache, tables.long(), ctx, 10)
+
+
+def ref_prefill(q, k_cache, v_cache, tables, qsl, lens, scale):
+    out = torch.empty_like(q, dtype=torch.float32)
+    q_heads, kv_heads = q.shape[1], k_cache.shape[1]
+    for i, n in enumerate(lens):
+        a, b = int(qsl[i]), int(qsl[i + 1])
+        k = gather(k_cache, tables[i], n).float().repeat_interleave(q_heads // kv_heads, 0)
+        v = gather(v_cache, tables[i], n).float().repeat_interleave(q_heads // kv_heads, 0)
+        qi = q[a:b].float().transpose(0, 1)  # [h, q_len, d]
+        s = torch.einsum("hqd,hnd->hqn", qi, k) * scale
+        pos_q = torch.arange(n - (b - a), n, device="cuda")[:, None]
+        s = s.masked_fill(torch.arange(n, device="cuda")[None, :] > pos_q, float("-inf"))
+        out[a:b] = torch.einsum("hqn,hnd->hqd", s.softmax(-1), v).transpose(0, 1)
+    return out
+
+
+PREFILL_CASES = [
+    # (query lens, context lens, q heads, kv heads, head dim, block size)
+    ([5], [5], 8, 8, 128, 16),
+    ([64, 65, 1, 130], [64, 100, 37, 130], 32, 8, 128, 16),   # chunks after cached context
+    ([200, 1, 1], [1000, 16, 17], 12, 4, 64, 32),            # a prefill chunk beside decodes
+    ([300], [300], 28, 4, 128, 32),
+    ([17, 33], [17, 48], 9, 3, 64, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_paged_prefill_matches_reference(case, dtype):
+    qlens, lens, q_heads, kv_heads, head_dim, block_size = case
+    k_cache, v_cache, tables = make_paged(lens, kv_heads, head_dim, block_size, dtype, seed=1)
+    qsl = torch.tensor([0] + list(itertools.accumulate(qlens)), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(qlens), q_heads, head_dim, device="cuda").to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(head_dim)
+    cuda_ops.paged_prefill(q, k_cache, v_cache, tables, qsl, ctx, max(qlens), scale, out=out)
+    torch.cuda.synchronize()
+    assert rel_err(out, ref_prefill(q, k_cache, v_cache, tables, qsl, lens, scale)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -63,4 +63,23 @@ int64_t paged_decode_workspace_floats(const PagedDecodeParams& p);
 // per KV head 1..8 or a multiple of 8).
 bool paged_decode_supported(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
 
+struct PagedPrefillParams {
+  DType dtype;
+  const void* q;  // [num_tokens, num_q_heads, head_dim]: the flattened batch's query rows
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* block_tables;     // [num_seqs, block_table_stride]
+  const int32_t* query_start_loc;  // [num_seqs + 1]
+  const int32_t* context_lens;     // [num_seqs]: cached tokens after this step's writes
+  void* out;                       // [num_tokens, num_q_heads, head_dim]
+  int num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, block_table_stride;
+  int max_query_len;  // the longest query_start_loc[i + 1] - query_start_loc[i]
+  float scale;
+};
+
+// Causal attention of every query row of the batch over its sequence's paged KV (prefill
+// chunks and decodes alike: the mixed-batch contract of the CPU kernel).
+cudaError_t paged_prefill(const PagedPrefillParams& p, cudaStream_t stream);
+bool paged_prefill_supported(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
+
 }  // namespace flashpage::cuda

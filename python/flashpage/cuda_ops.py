@@ -33,6 +33,7 @@ def _lib() -> ctypes.CDLL:
         "flashpage_cuda_rotary_embedding": [i, p, p, p, p, i, i, i, i, p, p, sz],
         "flashpage_cuda_paged_decode": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, f, i, p, p, sz],
         "flashpage_cuda_paged_decode_workspace": [i, i, i, i, i, i, i, i],
+        "flashpage_cuda_paged_prefill": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, p, p, sz],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -167,3 +168,30 @@ def paged_decode_workspace_floats(seqs: int, q_heads: int, kv_heads: int, head_d
                                   block_size: int, max_context_len: int, num_splits: int = 0) -> int:
     return int(_lib().flashpage_cuda_paged_decode_workspace(
         seqs, q_heads, kv_heads, head_dim, block_size, max_context_len, num_sms(), num_splits))
+
+
+def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_start_loc: Any,
+                  context_lens: Any, max_query_len: int, scale: float | None = None,
+                  out: Any | None = None) -> Any:
+    """Causal attention of the flattened batch's query rows q [tokens, q_heads, head_dim]
+    over each sequence's paged KV (its newest q_len positions are the rows' own)."""
+    import torch
+
+    _check(q, "q", dim=3)
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check(t, n, dtype=q.dtype, dim=4)
+    for t, n in ((block_tables, "block_tables"), (query_start_loc, "query_start_loc"),
+                 (context_lens, "context_lens")):
+        _check(t, n, dtype=torch.int32)
+    seqs = context_lens.shape[0]
+    if query_start_loc.shape[0] != seqs + 1:
+        raise ValueError("query_start_loc must have one entry more than context_lens")
+    _, q_heads, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if out is None:
+        out = torch.empty_like(q)
+    _call("flashpage_cuda_paged_prefill", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
+          v_cache.data_ptr(), block_tables.data_ptr(), query_start_loc.data_ptr(),
+          context_lens.data_ptr(), out.data_ptr(), seqs, q_heads, k_cache.shape[1], head_dim,
+          k_cache.shape[2], block_tables.shape[1], max_query_len, scale, _stream())
+    return out

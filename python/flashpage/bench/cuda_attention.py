@@ -1,7 +1,9 @@
-"""Paged decode attention on the GPU: achieved bandwidth against the device's measured copy
-bandwidth, and torch's scaled_dot_product_attention on contiguous (non-paged) K/V as a peer.
+"""Paged attention on the GPU. Decode: achieved bandwidth against the device's measured copy
+bandwidth. Prefill (--prefill): TFLOP/s of causal attention over whole prompts. Both beside
+torch's scaled_dot_product_attention on contiguous (non-paged) K/V.
 
     python -m flashpage.bench.cuda_attention [--batches 1,32,128] [--contexts 512,2048,8192,32768]
+    python -m flashpage.bench.cuda_attention --prefill [--batches 1,4] [--contexts 1024,4096,8192]
 """
 
 from __future__ import annotations
@@ -36,6 +38,38 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / ms / 1e6  # bytes read + written
 
 
+def prefill(args) -> None:
+    import torch
+
+    from flashpage import cuda_ops
+
+    dtype = torch.bfloat16
+    print(f"{'batch':>6} {'seq':>6} {'ms':>9} {'TFLOP/s':>8} {'sdpa ms':>9} {'sdpa TFLOP/s':>13} {'vs sdpa':>8}")
+    for batch in map(int, args.batches.split(",")):
+        for n in map(int, args.contexts.split(",")):
+            nb = math.ceil(n / args.block_size)
+            shape = (batch * nb, args.kv_heads, args.block_size, args.head_dim)
+            k_cache = torch.randn(shape, device="cuda", dtype=dtype)
+            v_cache = torch.randn(shape, device="cuda", dtype=dtype)
+            tables = torch.randperm(batch * nb, device="cuda").to(torch.int32).view(batch, nb)
+            qsl = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device="cuda")
+            lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+            q = torch.randn(batch * n, args.q_heads, args.head_dim, device="cuda", dtype=dtype)
+            out = torch.empty_like(q)
+            ours = median_ms(lambda: cuda_ops.paged_prefill(q, k_cache, v_cache, tables, qsl, lens,
+                                                            n, out=out), iters=10)
+            qc = torch.randn(batch, args.q_heads, n, args.head_dim, device="cuda", dtype=dtype)
+            kc = torch.randn(batch, args.kv_heads, n, args.head_dim, device="cuda", dtype=dtype)
+            vc = torch.randn_like(kc)
+            sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qc, kc, vc, is_causal=True, enable_gqa=True), iters=10)
+            flops = 4 * batch * args.q_heads * n * n * args.head_dim / 2  # causal: half
+            print(f"{batch:>6} {n:>6} {ours:>9.3f} {flops / ours / 1e9:>8.1f} {sdpa:>9.3f} "
+                  f"{flops / sdpa / 1e9:>13.1f} {sdpa / ours:>8.2f}")
+            del k_cache, v_cache, qc, kc, vc
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     import torch
 
@@ -51,7 +85,11 @@ def main() -> None:
     ap.add_argument("--splits", default="0", help="KV splits to try (0 = the kernel's choice); "
                     "the table shows the auto choice and the best tried")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prefill", action="store_true", help="benchmark prefill instead of decode")
     args = ap.parse_args()
+    if args.prefill:
+        prefill(args)
+        return
     dtype = torch.bfloat16
     copy_gbs = copy_bandwidth_gbs()
     rows = []
