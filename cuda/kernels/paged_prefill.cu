@@ -2,13 +2,11 @@
 // query rows are the newest tokens of its context (a prompt chunk, or one decode token), whose
 // K/V are already in the cache; row j of a sequence with context n and q_len rows sits at
 // position n - q_len + j and attends causally to positions <= its own, through the block
-// table. Tiled (64 query rows x 64 keys), online softmax, tensor cores through WMMA.
-//
-// This first version keeps the softmax and the output accumulator in shared memory (WMMA's
-// fragment layout is opaque): correct for every shape, not yet FlashAttention-fast.
-#include <mma.h>
-
+// table. FlashAttention-2 style: a CTA takes 64 query rows of one head (16 per warp), streams
+// 64-key tiles of K and V through shared memory, and keeps scores, probabilities and the
+// output accumulator in registers (mma.sync m16n8k16, fragments loaded with ldmatrix).
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
@@ -16,22 +14,57 @@
 namespace flashpage::cuda {
 namespace {
 
-using namespace nvcuda;
-
 constexpr int kBM = 64, kBN = 64, kWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
 struct Smem {
-  static constexpr int kLd = D + 8;    // 16-bit rows, padded against bank conflicts
-  static constexpr int kSLd = kBN + 4;  // fp32 scores
-  static constexpr int kPLd = kBN + 8;  // 16-bit probabilities
-  static constexpr int kOLd = D + 4;    // fp32 output accumulator
-  static constexpr size_t kQ = size_t(kBM) * kLd * 2, kK = size_t(kBN) * kLd * 2;
-  static constexpr size_t kS = size_t(16) * kSLd * 4, kP = size_t(16) * kPLd * 2;
-  static constexpr size_t kO = size_t(16) * kOLd * 4;
-  static constexpr size_t kBytes = kQ + 2 * kK + kWarps * (kS + kP + kO);
+  static constexpr int kLd = D + 8;  // padded rows: ldmatrix reads 8 rows without conflicts
+  static constexpr size_t kTile = size_t(kBM) * kLd * 2;
+  static constexpr size_t kBytes = 3 * kTile;  // Q, K, V
 };
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  Vec8<T> u;  // only the first two lanes are used
+  u.v[0] = from_float<T>(lo);
+  u.v[1] = from_float<T>(hi);
+  return u.raw.x;
+}
 
 template <typename T, int D, int BS>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -41,15 +74,13 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
                      const int32_t* __restrict__ context_lens, int num_q_heads,
                      int num_kv_heads, int q_tiles, float scale_log2, T* __restrict__ out) {
   using S = Smem<D>;
+  constexpr int kLd = S::kLd, kVecs = D / 8, kNT = kBN / 8, kDT = D / 8, kKS = D / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sk = reinterpret_cast<T*>(smem + S::kQ);
-  T* sv = reinterpret_cast<T*>(smem + S::kQ + S::kK);
+  T* sk = reinterpret_cast<T*>(smem + S::kTile);
+  T* sv = reinterpret_cast<T*>(smem + 2 * S::kTile);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  unsigned char* wbase = smem + S::kQ + 2 * S::kK + warp * (S::kS + S::kP + S::kO);
-  float* ss = reinterpret_cast<float*>(wbase);
-  T* sp = reinterpret_cast<T*>(wbase + S::kS);
-  float* so = reinterpret_cast<float*>(wbase + S::kS + S::kP);
+  const int g = lane / 4, t = lane % 4;
 
   const int seq = blockIdx.x / q_tiles, tile = blockIdx.x % q_tiles;
   const int qh = blockIdx.y, kvh = qh / (num_q_heads / num_kv_heads);
@@ -57,29 +88,35 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   const int row0 = tile * kBM;
   if (row0 >= q_len) return;
   const int ctx = context_lens[seq];
-  const int first_pos = ctx - q_len;  // position of query row 0
+  const int first_pos = ctx - q_len;
   const int rows = min(kBM, q_len - row0);
-  const int kv_end = min(ctx, first_pos + row0 + rows);  // causal: keys up to the last row
-  constexpr int kVecs = D / 8;
+  const int kv_end = min(ctx, first_pos + row0 + rows);
 
-  // Q tile -> shared memory (missing rows are zeros).
   for (int i = threadIdx.x; i < kBM * kVecs; i += blockDim.x) {
     const int r = i / kVecs, c = (i % kVecs) * 8;
     uint4 v = make_uint4(0, 0, 0, 0);
     if (r < rows)
       v = *reinterpret_cast<const uint4*>(
           q + (int64_t(q_begin + row0 + r) * num_q_heads + qh) * D + c);
-    *reinterpret_cast<uint4*>(sq + r * S::kLd + c) = v;
+    *reinterpret_cast<uint4*>(sq + r * kLd + c) = v;
   }
-  for (int i = lane; i < 16 * S::kOLd; i += 32) so[i] = 0.f;
-  // Softmax state of this lane's row (two lanes per row: halves of the columns).
-  const int my_row = lane / 2, half = lane % 2;
-  const int my_pos = first_pos + row0 + warp * 16 + my_row;
-  float m = -FLT_MAX, l = 0.f;
+  __syncthreads();
+  // This warp's 16 query rows as A fragments, one per 16-wide slice of the head dim.
+  uint32_t qa[kKS][4];
+#pragma unroll
+  for (int ks = 0; ks < kKS; ++ks)
+    ldmatrix_x4(qa[ks], sq + (warp * 16 + lane % 16) * kLd + ks * 16 + (lane / 16) * 8);
+
+  // Rows g and g + 8 of the warp's 16.
+  const int pos_lo = first_pos + row0 + warp * 16 + g, pos_hi = pos_lo + 8;
+  float m_lo = -FLT_MAX, m_hi = -FLT_MAX, l_lo = 0.f, l_hi = 0.f;
+  float o[kDT][4];
+#pragma unroll
+  for (int j = 0; j < kDT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   const int32_t* bt = block_tables + int64_t(seq) * bt_stride;
 
   for (int kv0 = 0; kv0 < kv_end; kv0 += kBN) {
-    __syncthreads();  // the previous tile is consumed
+    __syncthreads();  // every warp is done with the previous K/V tile
     for (int i = threadIdx.x; i < kBN * kVecs; i += blockDim.x) {
       const int r = i / kVecs, c = (i % kVecs) * 8, pos = kv0 + r;
       uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
@@ -88,80 +125,103 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
         kx = *reinterpret_cast<const uint4*>(k_cache + off);
         vx = *reinterpret_cast<const uint4*>(v_cache + off);
       }
-      *reinterpret_cast<uint4*>(sk + r * S::kLd + c) = kx;
-      *reinterpret_cast<uint4*>(sv + r * S::kLd + c) = vx;
+      *reinterpret_cast<uint4*>(sk + r * kLd + c) = kx;
+      *reinterpret_cast<uint4*>(sv + r * kLd + c) = vx;
     }
     __syncthreads();
 
-    // S = Q_w K^T for this warp's 16 rows.
-    for (int n = 0; n < kBN / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
+    // S = Q K^T: kNT tiles of 8 keys.
+    float s[kNT][4];
 #pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(a, sq + warp * 16 * S::kLd + k * 16, S::kLd);
-        wmma::load_matrix_sync(b, sk + n * 16 * S::kLd + k * 16, S::kLd);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(ss + n * 16, acc, S::kSLd, wmma::mem_row_major);
-    }
-    __syncwarp();
-
-    // Online softmax on this lane's half row; P to shared memory; rescale the accumulator.
-    float* srow = ss + my_row * S::kSLd + half * (kBN / 2);
-    float mx = m;
-    for (int j = 0; j < kBN / 2; ++j) {
-      const int pos = kv0 + half * (kBN / 2) + j;
-      const float s = pos <= my_pos && pos < kv_end ? srow[j] * scale_log2 : -FLT_MAX;
-      srow[j] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float corr = exp2f(m - mx);
-    float sum = 0.f;
-    T* prow = sp + my_row * S::kPLd + half * (kBN / 2);
-    for (int j = 0; j < kBN / 2; ++j) {
-      const float p = srow[j] == -FLT_MAX ? 0.f : exp2f(srow[j] - mx);
-      sum += p;
-      prow[j] = from_float<T>(p);
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l = l * corr + sum;
-    m = mx;
-    float* orow = so + my_row * S::kOLd + half * (D / 2);
-    for (int j = 0; j < D / 2; ++j) orow[j] *= corr;
-    __syncwarp();
-
-    // O_w += P V.
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, so + n * 16, S::kOLd, wmma::mem_row_major);
+    for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-      for (int k = 0; k < kBN / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, sp + k * 16, S::kPLd);
-        wmma::load_matrix_sync(b, sv + k * 16 * S::kLd + n * 16, S::kLd);
-        wmma::mma_sync(acc, a, b, acc);
+    for (int ks = 0; ks < kKS; ++ks) {
+#pragma unroll
+      for (int j = 0; j < kNT; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sk + (j * 8 + lane % 8 + (lane / 16) * 8) * kLd + ks * 16 + ((lane / 8) % 2) * 8);
+        mma16816<T>(s[j], qa[ks], b[0], b[1]);
+        mma16816<T>(s[j + 1], qa[ks], b[2], b[3]);
       }
-      wmma::store_matrix_sync(so + n * 16, acc, S::kOLd, wmma::mem_row_major);
     }
-    __syncwarp();
+    // Scale, mask (causal and past the context), online softmax per row.
+    float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = kv0 + j * 8 + t * 2 + (e & 1);
+        const int pos = e < 2 ? pos_lo : pos_hi;
+        s[j][e] = key <= pos && key < kv_end ? s[j][e] * scale_log2 : -FLT_MAX;
+      }
+      mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
+      mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, off));
+      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, off));
+    }
+    const float corr_lo = exp2f(m_lo - mx_lo), corr_hi = exp2f(m_hi - mx_hi);
+    m_lo = mx_lo;
+    m_hi = mx_hi;
+    float sum_lo = 0.f, sum_hi = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = s[j][e] == -FLT_MAX ? 0.f : exp2f(s[j][e] - (e < 2 ? mx_lo : mx_hi));
+        s[j][e] = p;
+        (e < 2 ? sum_lo : sum_hi) += p;
+      }
+    }
+    l_lo = l_lo * corr_lo + sum_lo;  // per-thread partial sums; reduced across the row at the end
+    l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+      o[j][0] *= corr_lo;
+      o[j][1] *= corr_lo;
+      o[j][2] *= corr_hi;
+      o[j][3] *= corr_hi;
+    }
+    // O += P V: the score accumulators of two adjacent key tiles form one A fragment.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j < kDT; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sv + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * kLd + j * 8 + (lane / 16) * 8);
+        mma16816<T>(o[j], pa, b[0], b[1]);
+        mma16816<T>(o[j + 1], pa, b[2], b[3]);
+      }
+    }
   }
 
-  // Normalize and write this lane's half row.
-  const int r = warp * 16 + my_row;
-  if (r >= rows) return;
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-  T* dst = out + (int64_t(q_begin + row0 + r) * num_q_heads + qh) * D + half * (D / 2);
-  const float* orow = so + my_row * S::kOLd + half * (D / 2);
-  for (int j = 0; j < D / 2; j += 8) {
-    float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = orow[j + i] * inv;
-    store8(dst + j, v);
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, off);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, off);
+  }
+  const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+  const int r_lo = warp * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+  for (int j = 0; j < kDT; ++j) {
+    const int c = j * 8 + t * 2;
+    if (r_lo < rows) {
+      T* dst = out + (int64_t(q_begin + row0 + r_lo) * num_q_heads + qh) * D + c;
+      dst[0] = from_float<T>(o[j][0] * inv_lo);
+      dst[1] = from_float<T>(o[j][1] * inv_lo);
+    }
+    if (r_hi < rows) {
+      T* dst = out + (int64_t(q_begin + row0 + r_hi) * num_q_heads + qh) * D + c;
+      dst[0] = from_float<T>(o[j][2] * inv_hi);
+      dst[1] = from_float<T>(o[j][3] * inv_hi);
+    }
   }
 }
 
