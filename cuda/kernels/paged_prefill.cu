@@ -3,8 +3,8 @@
 // K/V are already in the cache; row j of a sequence with context n and q_len rows sits at
 // position n - q_len + j and attends causally to positions <= its own, through the block
 // table. FlashAttention-2 style: a CTA takes 64 query rows of one head (16 per warp), streams
-// 64-key tiles of K and V through shared memory, and keeps scores, probabilities and the
-// output accumulator in registers (mma.sync m16n8k16, fragments loaded with ldmatrix).
+// 64-key tiles of K and V through shared memory (cp.async, two stages), and keeps scores,
+// probabilities and the output accumulator in registers (mma.sync m16n8k16, ldmatrix).
 #include <cfloat>
 #include <type_traits>
 
@@ -21,7 +21,7 @@ template <int D>
 struct Smem {
   static constexpr int kLd = D + 8;  // padded rows: ldmatrix reads 8 rows without conflicts
   static constexpr size_t kTile = size_t(kBM) * kLd * 2;
-  static constexpr size_t kBytes = 3 * kTile;  // Q, K, V
+  static constexpr size_t kBytes = 5 * kTile;  // Q, and two stages of K and V
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -39,6 +39,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
+
+// 16 bytes global -> shared without passing through registers; zero-filled when !pred.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -77,8 +86,9 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
   constexpr int kLd = S::kLd, kVecs = D / 8, kNT = kBN / 8, kDT = D / 8, kKS = D / 16;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sk = reinterpret_cast<T*>(smem + S::kTile);
-  T* sv = reinterpret_cast<T*>(smem + 2 * S::kTile);
+  // Two stages of K and V: the next tile's loads run while this one is computed.
+  auto stage_k = [&](int stage) { return reinterpret_cast<T*>(smem + (1 + 2 * stage) * S::kTile); };
+  auto stage_v = [&](int stage) { return reinterpret_cast<T*>(smem + (2 + 2 * stage) * S::kTile); };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
 
@@ -114,19 +124,27 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
 #pragma unroll
   for (int j = 0; j < kDT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   const int32_t* bt = block_tables + int64_t(seq) * bt_stride;
-
-  for (int kv0 = 0; kv0 < kv_end; kv0 += kBN) {
-    __syncthreads();  // every warp is done with the previous K/V tile
+  auto load_kv = [&](int stage, int kv_start) {
     for (int i = threadIdx.x; i < kBN * kVecs; i += blockDim.x) {
-      const int r = i / kVecs, c = (i % kVecs) * 8, pos = kv0 + r;
-      uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-      if (pos < kv_end) {
-        const int64_t off = ((int64_t(bt[pos / BS]) * num_kv_heads + kvh) * BS + pos % BS) * D + c;
-        kx = *reinterpret_cast<const uint4*>(k_cache + off);
-        vx = *reinterpret_cast<const uint4*>(v_cache + off);
-      }
-      *reinterpret_cast<uint4*>(sk + r * kLd + c) = kx;
-      *reinterpret_cast<uint4*>(sv + r * kLd + c) = vx;
+      const int r = i / kVecs, c = (i % kVecs) * 8, pos = kv_start + r;
+      const bool ok = pos < kv_end;
+      const int64_t off =
+          ok ? ((int64_t(bt[pos / BS]) * num_kv_heads + kvh) * BS + pos % BS) * D + c : 0;
+      cp_async16(stage_k(stage) + r * kLd + c, k_cache + off, ok);
+      cp_async16(stage_v(stage) + r * kLd + c, v_cache + off, ok);
+    }
+    cp_async_commit();
+  };
+
+  load_kv(0, 0);
+  for (int it = 0, kv0 = 0; kv0 < kv_end; ++it, kv0 += kBN) {
+    const T* sk = stage_k(it & 1);
+    const T* sv = stage_v(it & 1);
+    if (kv0 + kBN < kv_end) {
+      load_kv((it + 1) & 1, kv0 + kBN);
+      cp_async_wait<1>();  // this tile has landed; the next one is in flight
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
 
@@ -200,6 +218,7 @@ paged_prefill_kernel(const T* __restrict__ q, const T* __restrict__ k_cache,
         mma16816<T>(o[j + 1], pa, b[2], b[3]);
       }
     }
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
 #pragma unroll
