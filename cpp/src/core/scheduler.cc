@@ -83,16 +83,21 @@ Scheduler::Scheduler(const SchedulerConfig& config)
 
 Scheduler::~Scheduler() = default;
 
-bool Scheduler::before(const Request& a, const Request& b) const {
-  if (config_.policy == SchedulingPolicy::kPriority && a.priority != b.priority)
+// Scheduling order, for waiting requests and running slots alike: priority (lower first) under
+// the priority policy, then arrival.
+template <class X>
+static bool ordered_before(SchedulingPolicy policy, const X& a, const X& b) {
+  if (policy == SchedulingPolicy::kPriority && a.priority != b.priority)
     return a.priority < b.priority;
   return a.arrival < b.arrival;
 }
 
+bool Scheduler::before(const Request& a, const Request& b) const {
+  return ordered_before(config_.policy, a, b);
+}
+
 bool Scheduler::slot_before(const Slot& a, const Slot& b) const {
-  if (config_.policy == SchedulingPolicy::kPriority && a.priority != b.priority)
-    return a.priority < b.priority;
-  return a.arrival < b.arrival;
+  return ordered_before(config_.policy, a, b);
 }
 
 Scheduler::Request& Scheduler::get(int64_t request_id) const {
