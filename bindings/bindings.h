@@ -8,6 +8,7 @@ namespace flashpage::bindings {
 
 void bind_core(pybind11::module_& m);     // BlockManager, Scheduler, StepOutput
 void bind_runtime(pybind11::module_& m);  // CPU ISA dispatch, kernels, CUDA backend
+void bind_model(pybind11::module_& m);    // config.json, safetensors
 
 // A read-only numpy view of `n` elements at `data` whose lifetime is tied to `owner`.
 template <class T>

@@ -19,4 +19,5 @@ PYBIND11_MODULE(_core, m) {
   });
   flashpage::bindings::bind_core(m);
   flashpage::bindings::bind_runtime(m);
+  flashpage::bindings::bind_model(m);
 }

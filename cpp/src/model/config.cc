@@ -1,0 +1,158 @@
+#include "model/config.h"
+
+#include <cmath>
+#include <fstream>
+#include <numbers>
+#include <sstream>
+#include <stdexcept>
+
+#include "model/json.h"
+
+namespace flashpage::model {
+namespace {
+
+[[noreturn]] void refuse(const std::string& source, const std::string& what) {
+  throw std::runtime_error(source + ": " + what);
+}
+
+int64_t get_int(const Json& j, const std::string& key, const std::string& source, int64_t fallback,
+                bool required) {
+  const Json* v = j.find(key);
+  if (v == nullptr || v->is_null()) {
+    if (required) refuse(source, "missing required field \"" + key + "\"");
+    return fallback;
+  }
+  const int64_t x = v->as_int(source + " field \"" + key + "\"");
+  if (x <= 0) refuse(source, "field \"" + key + "\" must be positive, got " + std::to_string(x));
+  return x;
+}
+
+double get_num(const Json& j, const std::string& key, const std::string& source, double fallback) {
+  const Json* v = j.find(key);
+  if (v == nullptr || v->is_null()) return fallback;
+  return v->as_number(source + " field \"" + key + "\"");
+}
+
+bool get_bool(const Json& j, const std::string& key, const std::string& source, bool fallback) {
+  const Json* v = j.find(key);
+  if (v == nullptr || v->is_null()) return fallback;
+  return v->as_bool(source + " field \"" + key + "\"");
+}
+
+}  // namespace
+
+ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& source) {
+  const Json j = Json::parse(text, source);
+  j.as_object(source);
+  ModelConfig c;
+  const Json* mt = j.find("model_type");
+  if (mt == nullptr) refuse(source, "missing required field \"model_type\"");
+  c.model_type = mt->as_string(source + " field \"model_type\"");
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" &&
+      c.model_type != "qwen3")
+    refuse(source, "model_type \"" + c.model_type +
+                       "\" is not supported (supported: llama, mistral, qwen2, qwen3)");
+  c.hidden_size = get_int(j, "hidden_size", source, 0, true);
+  c.intermediate_size = get_int(j, "intermediate_size", source, 0, true);
+  c.num_hidden_layers = get_int(j, "num_hidden_layers", source, 0, true);
+  c.num_attention_heads = get_int(j, "num_attention_heads", source, 0, true);
+  c.num_key_value_heads = get_int(j, "num_key_value_heads", source, c.num_attention_heads, false);
+  c.vocab_size = get_int(j, "vocab_size", source, 0, true);
+  c.max_position_embeddings = get_int(j, "max_position_embeddings", source, 2048, false);
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    refuse(source, "num_attention_heads (" + std::to_string(c.num_attention_heads) +
+                       ") must be a multiple of num_key_value_heads (" +
+                       std::to_string(c.num_key_value_heads) + ")");
+  const int64_t derived = c.hidden_size / c.num_attention_heads;
+  c.head_dim = get_int(j, "head_dim", source, derived, false);
+  if (j.find("head_dim") == nullptr && c.hidden_size % c.num_attention_heads != 0)
+    refuse(source, "hidden_size is not a multiple of num_attention_heads and no head_dim is given");
+  if (c.head_dim % 2 != 0) refuse(source, "head_dim must be even for rotary embeddings, got " + std::to_string(c.head_dim));
+  c.rms_norm_eps = get_num(j, "rms_norm_eps", source, 1e-6);
+  c.rope_theta = get_num(j, "rope_theta", source, 10000.0);
+  c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", source, false);
+  c.attention_bias = get_bool(j, "attention_bias", source, c.model_type == "qwen2");
+  c.qk_norm = c.model_type == "qwen3";
+  if (const Json* hidden_act = j.find("hidden_act")) {
+    const std::string& act = hidden_act->as_string(source + " field \"hidden_act\"");
+    if (act != "silu") refuse(source, "hidden_act \"" + act + "\" is not supported (only silu)");
+  }
+  if (get_bool(j, "mlp_bias", source, false)) refuse(source, "mlp_bias=true is not supported");
+  // Sliding-window attention is not implemented: refuse configs that would use it.
+  if (const Json* sw = j.find("sliding_window"); sw && !sw->is_null()) {
+    const bool used = c.model_type == "mistral" || get_bool(j, "use_sliding_window", source, false);
+    if (used && sw->as_int(source + " field \"sliding_window\"") < c.max_position_embeddings)
+      refuse(source, "sliding_window=" + std::to_string(sw->as_int("sliding_window")) +
+                         " is not supported (sliding-window attention)");
+  }
+  if (const Json* rs = j.find("rope_scaling"); rs && !rs->is_null()) {
+    const std::string what = source + " rope_scaling";
+    rs->as_object(what);
+    const Json* t = rs->find("rope_type");
+    if (t == nullptr) t = rs->find("type");
+    if (t == nullptr) refuse(source, "rope_scaling lacks \"rope_type\"");
+    c.rope_scaling.type = t->as_string(what + " rope_type");
+    if (c.rope_scaling.type == "default") {
+      c.rope_scaling.type.clear();
+    } else if (c.rope_scaling.type == "linear") {
+      c.rope_scaling.factor = get_num(*rs, "factor", what, 1.0);
+    } else if (c.rope_scaling.type == "llama3") {
+      c.rope_scaling.factor = get_num(*rs, "factor", what, 8.0);
+      c.rope_scaling.low_freq_factor = get_num(*rs, "low_freq_factor", what, 1.0);
+      c.rope_scaling.high_freq_factor = get_num(*rs, "high_freq_factor", what, 4.0);
+      c.rope_scaling.original_max_position_embeddings =
+          get_int(*rs, "original_max_position_embeddings", what, 8192, false);
+    } else {
+      refuse(source, "rope_scaling type \"" + c.rope_scaling.type +
+                         "\" is not supported (supported: linear, llama3)");
+    }
+    if (!(c.rope_scaling.factor > 0)) refuse(source, "rope_scaling factor must be positive");
+  }
+  if (const Json* dt = j.find("torch_dtype"); dt && dt->is_string()) c.torch_dtype = dt->as_string("torch_dtype");
+  if (const Json* dt = j.find("dtype"); c.torch_dtype.empty() && dt && dt->is_string())
+    c.torch_dtype = dt->as_string("dtype");
+  if (const Json* b = j.find("bos_token_id"); b && b->is_number()) c.bos_token_id = b->as_int("bos_token_id");
+  if (const Json* e = j.find("eos_token_id"); e && !e->is_null()) {
+    if (e->is_array()) {
+      for (const Json& x : e->as_array("eos_token_id")) c.eos_token_ids.push_back(x.as_int("eos_token_id"));
+    } else {
+      c.eos_token_ids.push_back(e->as_int(source + " field \"eos_token_id\""));
+    }
+  }
+  return c;
+}
+
+ModelConfig ModelConfig::from_dir(const std::string& model_dir) {
+  const std::string path = model_dir + "/config.json";
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error(path + ": cannot open (is this a Hugging Face model directory?)");
+  std::ostringstream os;
+  os << f.rdbuf();
+  return from_json_text(os.str(), path);
+}
+
+std::vector<double> ModelConfig::rope_inv_freq() const {
+  const int64_t half = head_dim / 2;
+  std::vector<double> inv(half);
+  for (int64_t i = 0; i < half; ++i) inv[i] = 1.0 / std::pow(rope_theta, double(2 * i) / double(head_dim));
+  if (rope_scaling.type == "linear") {
+    for (double& x : inv) x /= rope_scaling.factor;
+  } else if (rope_scaling.type == "llama3") {
+    // As in Hugging Face's _compute_llama3_parameters.
+    const RopeScaling& s = rope_scaling;
+    const double old_len = double(s.original_max_position_embeddings);
+    const double low_wavelen = old_len / s.low_freq_factor, high_wavelen = old_len / s.high_freq_factor;
+    for (double& x : inv) {
+      const double wavelen = 2 * std::numbers::pi / x;
+      if (wavelen > low_wavelen) {
+        x /= s.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        x = (1 - smooth) * x / s.factor + smooth * x;
+      }
+    }
+  }
+  return inv;
+}
+
+}  // namespace flashpage::model
