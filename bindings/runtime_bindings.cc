@@ -40,6 +40,37 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
   return py::make_tuple(out, res_out);
 }
 
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// Paged attention with the kernels of one ISA level (or "ref"). k_cache/v_cache: float32, or
+// uint16 holding bf16 bits; [num_blocks, num_kv_heads, block_size, head_dim].
+FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cache,
+                           py::array v_cache, IntArray block_tables, IntArray query_start_loc,
+                           IntArray context_lens, float scale) {
+  if (q.ndim() != 3) throw std::invalid_argument("paged_attention: q must be [tokens, heads, head_dim]");
+  if (k_cache.ndim() != 4 || v_cache.ndim() != 4)
+    throw std::invalid_argument("paged_attention: caches must be [blocks, kv_heads, block_size, head_dim]");
+  const bool bf16 = k_cache.dtype().is(py::dtype("uint16"));
+  if (!bf16 && !k_cache.dtype().is(py::dtype("float32")))
+    throw std::invalid_argument("paged_attention: caches must be float32 or uint16 (bf16 bits)");
+  if (!k_cache.dtype().is(v_cache.dtype()) || !(k_cache.flags() & py::array::c_style) ||
+      !(v_cache.flags() & py::array::c_style))
+    throw std::invalid_argument("paged_attention: k_cache and v_cache must be contiguous, same dtype");
+  if (block_tables.ndim() != 2 || query_start_loc.shape(0) != context_lens.shape(0) + 1)
+    throw std::invalid_argument("paged_attention: block_tables must be 2-D and query_start_loc one longer than context_lens");
+  if (q.shape(2) != k_cache.shape(3) || q.shape(1) % k_cache.shape(1) != 0)
+    throw std::invalid_argument("paged_attention: q [tokens, heads, head_dim] does not fit the caches "
+                                "(head_dim must match, heads a multiple of kv_heads)");
+  const auto& table = cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+  FloatArray out({q.shape(0), q.shape(1), q.shape(2)});
+  cpu::PagedAttentionArgs a{out.mutable_data(), q.data(), k_cache.data(), v_cache.data(), bf16,
+                            block_tables.data(), block_tables.shape(1), query_start_loc.data(),
+                            context_lens.data(), q.shape(1), k_cache.shape(1), q.shape(2),
+                            k_cache.shape(2), scale};
+  table.paged_attention(a, 0, context_lens.shape(0));
+  return out;
+}
+
 }  // namespace
 
 void bind_runtime(py::module_& m) {
@@ -54,6 +85,11 @@ void bind_runtime(py::module_& m) {
   m.def("rms_norm", &rms_norm, py::arg("isa"), py::arg("x"), py::arg("residual") = py::none(),
         py::arg("weight"), py::arg("eps") = 1e-6f,
         "RMSNorm (+ fused residual add) with the kernels of one ISA level, or 'ref'.");
+
+  m.def("paged_attention", &paged_attention, py::arg("isa"), py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("query_start_loc"),
+        py::arg("context_lens"), py::arg("scale"),
+        "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
 
   m.def("cuda_info", [] {
     const auto& b = runtime::cuda_backend();

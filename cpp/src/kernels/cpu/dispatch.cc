@@ -1,4 +1,7 @@
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -23,15 +26,57 @@ void rms_norm(float* out, const float* x, float* residual, const float* weight, 
   }
 }
 
+namespace {
+float kv_at(const PagedAttentionArgs& a, const void* cache, int64_t idx) {
+  if (!a.kv_bf16) return static_cast<const float*>(cache)[idx];
+  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(cache)[idx]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+}  // namespace
+
+void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
+  const int64_t D = a.head_dim, bs = a.block_size, group = a.num_q_heads / a.num_kv_heads;
+  for (int64_t s = seq_begin; s < seq_end; ++s) {
+    const int64_t r0 = a.query_start_loc[s], r1 = a.query_start_loc[s + 1], ctx = a.context_lens[s];
+    const int32_t* bt = a.block_tables + s * a.block_table_stride;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t pos = ctx - (r1 - r0) + (r - r0);
+      for (int64_t h = 0; h < a.num_q_heads; ++h) {
+        const float* q = a.q + (r * a.num_q_heads + h) * D;
+        std::vector<double> score(pos + 1);
+        double mx = -INFINITY;
+        for (int64_t p = 0; p <= pos; ++p) {
+          const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
+          double d = 0;
+          for (int64_t i = 0; i < D; ++i) d += double(q[i]) * kv_at(a, a.k_cache, row + i);
+          score[p] = d * a.scale;
+          mx = std::max(mx, score[p]);
+        }
+        std::vector<double> out(D, 0.0);
+        double sum = 0;
+        for (int64_t p = 0; p <= pos; ++p) {
+          const double w = std::exp(score[p] - mx);
+          sum += w;
+          const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
+          for (int64_t i = 0; i < D; ++i) out[i] += w * kv_at(a, a.v_cache, row + i);
+        }
+        for (int64_t i = 0; i < D; ++i) a.out[(r * a.num_q_heads + h) * D + i] = float(out[i] / sum);
+      }
+    }
+  }
+}
+
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm};
+constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention};
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm};
+constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention};
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm};
+constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention};
 #endif
 }  // namespace
 
