@@ -4,6 +4,7 @@
 #include "kernels/cpu/kernels.h"
 #include "runtime/cpu_features.h"
 #include "runtime/cuda_loader.h"
+#include "runtime/kv_cache_plan.h"
 
 namespace py = pybind11;
 
@@ -90,6 +91,31 @@ void bind_runtime(py::module_& m) {
         py::arg("v_cache"), py::arg("block_tables"), py::arg("query_start_loc"),
         py::arg("context_lens"), py::arg("scale"),
         "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
+
+  m.def("plan_kv_cache",
+        [](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+           int64_t dtype_bytes, int64_t max_model_len, py::object budget_bytes,
+           py::object memory_fraction) {
+          int64_t budget;
+          if (!budget_bytes.is_none()) budget = budget_bytes.cast<int64_t>();
+          else if (!memory_fraction.is_none())
+            budget = runtime::memory_budget_from_fraction(memory_fraction.cast<double>());
+          else throw std::invalid_argument("plan_kv_cache: give budget_bytes or memory_fraction");
+          const auto p = runtime::plan_kv_cache(
+              {num_layers, num_kv_heads, head_dim, block_size, dtype_bytes}, budget, max_model_len);
+          py::dict d;
+          d["bytes_per_token"] = p.bytes_per_token;
+          d["bytes_per_block"] = p.bytes_per_block;
+          d["num_blocks"] = p.num_blocks;
+          d["budget_bytes"] = p.budget_bytes;
+          d["seqs_at_max_len"] = p.seqs_at_max_len;
+          d["report"] = p.report();
+          return d;
+        },
+        py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
+        py::arg("dtype_bytes"), py::arg("max_model_len"), py::arg("budget_bytes") = py::none(),
+        py::arg("memory_fraction") = py::none(),
+        "Sizes the paged KV cache from a byte budget or a fraction of available memory.");
 
   m.def("cuda_info", [] {
     const auto& b = runtime::cuda_backend();
