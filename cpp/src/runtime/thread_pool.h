@@ -1,0 +1,52 @@
+// A fixed pool of worker threads for data-parallel kernels. parallel_for splits [0, n) into
+// one contiguous range per thread (the caller runs one of them) and returns when all are done.
+// No allocation per call: the task is passed by reference, not copied into a std::function.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace flashpage::runtime {
+
+class ThreadPool {
+ public:
+  // num_threads <= 0: FLASHPAGE_NUM_THREADS, else the CPUs this process may run on.
+  explicit ThreadPool(int num_threads = 0);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // fn(begin, end) for disjoint ranges covering [0, n); ranges have at least `grain` items.
+  // Not reentrant: call it from one thread at a time, never from inside fn.
+  template <class Fn>
+  void parallel_for(int64_t n, Fn&& fn, int64_t grain = 1) {
+    auto call = [](void* ctx, int64_t b, int64_t e) { (*static_cast<Fn*>(ctx))(b, e); };
+    run(n, grain, call, &fn);
+  }
+
+  // The process-wide pool.
+  static ThreadPool& global();
+
+ private:
+  using Invoke = void (*)(void*, int64_t, int64_t);
+  void run(int64_t n, int64_t grain, Invoke invoke, void* ctx);
+  void worker(int index);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable start_cv_, done_cv_;
+  uint64_t generation_ = 0;
+  int pending_ = 0;
+  bool stop_ = false;
+  // The current job.
+  Invoke invoke_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t n_ = 0, chunk_ = 0;
+};
+
+}  // namespace flashpage::runtime
