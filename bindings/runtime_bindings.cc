@@ -5,6 +5,7 @@
 #include "runtime/cpu_features.h"
 #include "runtime/cuda_loader.h"
 #include "runtime/kv_cache_plan.h"
+#include "runtime/thread_pool.h"
 
 namespace py = pybind11;
 
@@ -72,6 +73,33 @@ FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cac
   return out;
 }
 
+// x [M, K] . w[N, K]^T (+ bias) with one ISA level's kernel (or "ref"), split over the global
+// thread pool's threads by output column when parallel.
+FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object bias, bool parallel) {
+  if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1))
+    throw std::invalid_argument("linear: x must be [M, K] and w [N, K] with the same K");
+  const bool bf16 = w.dtype().is(py::dtype("uint16"));
+  if ((!bf16 && !w.dtype().is(py::dtype("float32"))) || !(w.flags() & py::array::c_style))
+    throw std::invalid_argument("linear: w must be contiguous float32 or uint16 (bf16 bits)");
+  const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
+  FloatArray b;
+  if (!bias.is_none()) {
+    b = FloatArray::ensure(bias);
+    if (!b || b.ndim() != 1 || b.shape(0) != N) throw std::invalid_argument("linear: bias must be [N]");
+  }
+  const auto& table = cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+  FloatArray y({M, N});
+  float* yp = y.mutable_data();
+  const float* xp = x.data();
+  const void* wp = w.data();
+  const float* bp = bias.is_none() ? nullptr : b.data();
+  auto part = [&](int64_t n0, int64_t n1) { table.linear(yp, xp, wp, bf16, bp, M, N, K, n0, n1); };
+  py::gil_scoped_release release;
+  if (parallel) runtime::ThreadPool::global().parallel_for(N, part, 16);
+  else part(0, N);
+  return y;
+}
+
 }  // namespace
 
 void bind_runtime(py::module_& m) {
@@ -91,6 +119,10 @@ void bind_runtime(py::module_& m) {
         py::arg("v_cache"), py::arg("block_tables"), py::arg("query_start_loc"),
         py::arg("context_lens"), py::arg("scale"),
         "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
+
+  m.def("linear", &linear, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+        py::arg("parallel") = true, "x . w^T (+ bias) with the CPU kernels of one ISA level.");
+  m.def("num_threads", [] { return runtime::ThreadPool::global().num_threads(); });
 
   m.def("plan_kv_cache",
         [](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace flashpage::runtime {
@@ -25,8 +26,9 @@ class ThreadPool {
   // Not reentrant: call it from one thread at a time, never from inside fn.
   template <class Fn>
   void parallel_for(int64_t n, Fn&& fn, int64_t grain = 1) {
-    auto call = [](void* ctx, int64_t b, int64_t e) { (*static_cast<Fn*>(ctx))(b, e); };
-    run(n, grain, call, &fn);
+    using F = std::remove_reference_t<Fn>;
+    auto call = [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); };
+    run(n, grain, call, const_cast<void*>(static_cast<const void*>(&fn)));
   }
 
   // The process-wide pool.

@@ -27,9 +27,10 @@ void rms_norm(float* out, const float* x, float* residual, const float* weight, 
 }
 
 namespace {
-float kv_at(const PagedAttentionArgs& a, const void* cache, int64_t idx) {
-  if (!a.kv_bf16) return static_cast<const float*>(cache)[idx];
-  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(cache)[idx]) << 16;
+// Element idx of an fp32 array, or of a bf16 one held as raw uint16.
+float element(const void* data, bool bf16, int64_t idx) {
+  if (!bf16) return static_cast<const float*>(data)[idx];
+  const uint32_t bits = uint32_t(static_cast<const uint16_t*>(data)[idx]) << 16;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
@@ -50,7 +51,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
         for (int64_t p = 0; p <= pos; ++p) {
           const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
           double d = 0;
-          for (int64_t i = 0; i < D; ++i) d += double(q[i]) * kv_at(a, a.k_cache, row + i);
+          for (int64_t i = 0; i < D; ++i) d += double(q[i]) * element(a.k_cache, a.kv_bf16, row + i);
           score[p] = d * a.scale;
           mx = std::max(mx, score[p]);
         }
@@ -60,7 +61,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
           const double w = std::exp(score[p] - mx);
           sum += w;
           const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
-          for (int64_t i = 0; i < D; ++i) out[i] += w * kv_at(a, a.v_cache, row + i);
+          for (int64_t i = 0; i < D; ++i) out[i] += w * element(a.v_cache, a.kv_bf16, row + i);
         }
         for (int64_t i = 0; i < D; ++i) a.out[(r * a.num_q_heads + h) * D + i] = float(out[i] / sum);
       }
@@ -68,15 +69,25 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
   }
 }
 
+void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias, int64_t M,
+            int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      double acc = bias ? bias[n] : 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += double(x[m * K + k]) * element(w, w_bf16, n * K + k);
+      y[m * N + n] = float(acc);
+    }
+}
+
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention};
+constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear};
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention};
+constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear};
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention};
+constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear};
 #endif
 }  // namespace
 

@@ -15,7 +15,11 @@ namespace flashpage::cpu {
   void rms_norm(float* out, const float* x, float* residual, const float* weight,          \
                 int64_t rows, int64_t dim, float eps);                                     \
   /* Paged attention for a flattened batch (prefill chunks and decodes), see below.    */  \
-  void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);
+  void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);  \
+  /* y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end): a Linear layer  */  \
+  /* with Hugging Face's [out, in] weights, fp32 or bf16 (raw uint16). y is [M, N].     */  \
+  void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias,     \
+              int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);
 
 // Causal attention of each sequence's query rows over its paged KV. Sequence s owns rows
 // [query_start_loc[s], query_start_loc[s + 1]) of q and out ([rows, num_q_heads, head_dim]
@@ -48,6 +52,7 @@ struct KernelTable {
   runtime::Isa isa;
   decltype(&ref::rms_norm) rms_norm;
   decltype(&ref::paged_attention) paged_attention;
+  decltype(&ref::linear) linear;
 };
 
 // The table for the active ISA (runtime::active_isa()).
