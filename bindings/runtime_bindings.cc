@@ -100,6 +100,10 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
   return y;
 }
 
+const cpu::KernelTable& table_for(const std::string& isa) {
+  return cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+}
+
 }  // namespace
 
 void bind_runtime(py::module_& m) {
@@ -123,6 +127,46 @@ void bind_runtime(py::module_& m) {
   m.def("linear", &linear, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         py::arg("parallel") = true, "x . w^T (+ bias) with the CPU kernels of one ISA level.");
   m.def("num_threads", [] { return runtime::ThreadPool::global().num_threads(); });
+  m.def("silu_and_mul", [](const std::string& isa, FloatArray in) {
+    if (in.ndim() != 2 || in.shape(1) % 2 != 0)
+      throw std::invalid_argument("silu_and_mul: input must be [tokens, 2 * intermediate]");
+    FloatArray out({in.shape(0), in.shape(1) / 2});
+    table_for(isa).silu_and_mul(out.mutable_data(), in.data(), in.shape(0), in.shape(1) / 2);
+    return out;
+  }, py::arg("isa"), py::arg("x"));
+  m.def("rotary", [](const std::string& isa, FloatArray x, IntArray positions, FloatArray cos_sin) {
+    if (x.ndim() != 3 || positions.ndim() != 1 || positions.shape(0) != x.shape(0) ||
+        cos_sin.ndim() != 2 || cos_sin.shape(1) != x.shape(2) || x.shape(2) % 2 != 0)
+      throw std::invalid_argument("rotary: x [tokens, heads, head_dim], positions [tokens], cos_sin [positions, head_dim]");
+    for (py::ssize_t t = 0; t < positions.shape(0); ++t)
+      if (positions.data()[t] < 0 || positions.data()[t] >= cos_sin.shape(0))
+        throw std::invalid_argument("rotary: position " + std::to_string(positions.data()[t]) +
+                                    " outside the cos/sin table of " + std::to_string(cos_sin.shape(0)));
+    FloatArray out({x.shape(0), x.shape(1), x.shape(2)});
+    std::copy(x.data(), x.data() + x.size(), out.mutable_data());
+    table_for(isa).rotary(out.mutable_data(), positions.data(), cos_sin.data(), x.shape(0), x.shape(1), x.shape(2));
+    return out;
+  }, py::arg("isa"), py::arg("x"), py::arg("positions"), py::arg("cos_sin"));
+  m.def("write_kv_cache", [](const std::string& isa, FloatArray key, FloatArray value, py::array k_cache,
+                             py::array v_cache, IntArray slot_mapping) {
+    const bool bf16 = k_cache.dtype().is(py::dtype("uint16"));
+    if (key.ndim() != 3 || k_cache.ndim() != 4 || !k_cache.dtype().is(v_cache.dtype()) ||
+        (!bf16 && !k_cache.dtype().is(py::dtype("float32"))) || key.shape(2) != k_cache.shape(3) ||
+        key.shape(1) != k_cache.shape(1) || slot_mapping.shape(0) != key.shape(0) ||
+        !(k_cache.flags() & py::array::c_style) || !(v_cache.flags() & py::array::c_style) ||
+        !k_cache.writeable() || !v_cache.writeable())
+      throw std::invalid_argument("write_kv_cache: key/value [tokens, kv_heads, head_dim] and writable, "
+                                  "contiguous float32 or uint16 caches [blocks, kv_heads, block_size, head_dim]");
+    const int64_t capacity = k_cache.shape(0) * k_cache.shape(2);
+    for (py::ssize_t t = 0; t < slot_mapping.shape(0); ++t)
+      if (slot_mapping.data()[t] >= capacity)
+        throw std::invalid_argument("write_kv_cache: slot " + std::to_string(slot_mapping.data()[t]) +
+                                    " outside a cache of " + std::to_string(capacity) + " slots");
+    table_for(isa).write_kv_cache(key.data(), value.data(), k_cache.mutable_data(), v_cache.mutable_data(),
+                                  bf16, slot_mapping.data(), key.shape(0), key.shape(1), key.shape(2),
+                                  k_cache.shape(2));
+  }, py::arg("isa"), py::arg("key"), py::arg("value"), py::arg("k_cache"), py::arg("v_cache"),
+     py::arg("slot_mapping"));
 
   m.def("plan_kv_cache",
         [](int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,

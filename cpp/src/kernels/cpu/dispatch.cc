@@ -79,15 +79,67 @@ void linear(float* y, const float* x, const void* w, bool w_bf16, const float* b
     }
 }
 
+void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t i = 0; i < inter; ++i) {
+      const double g = in[t * 2 * inter + i], u = in[t * 2 * inter + inter + i];
+      out[t * inter + i] = float(g / (1.0 + std::exp(-g)) * u);
+    }
+}
+
+void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t tokens,
+            int64_t heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < half; ++i) {
+        float* v = x + (t * heads + h) * head_dim;
+        const double c = cos_sin[positions[t] * head_dim + i], s = cos_sin[positions[t] * head_dim + half + i];
+        const double a = v[i], b = v[i + half];
+        v[i] = float(a * c - b * s);
+        v[i + half] = float(b * c + a * s);
+      }
+}
+
+void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,
+                    bool cache_bf16, const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads,
+                    int64_t head_dim, int64_t block_size) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slot_mapping[t] < 0) continue;
+    const int64_t block = slot_mapping[t] / block_size, off = slot_mapping[t] % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h)
+      for (int64_t i = 0; i < head_dim; ++i) {
+        const int64_t src = (t * kv_heads + h) * head_dim + i;
+        const int64_t dst = ((block * kv_heads + h) * block_size + off) * head_dim + i;
+        for (int kv = 0; kv < 2; ++kv) {
+          const float x = (kv ? value : key)[src];
+          void* cache = kv ? v_cache : k_cache;
+          if (!cache_bf16) {
+            static_cast<float*>(cache)[dst] = x;
+            continue;
+          }
+          // bf16 by round-to-nearest-even of the fp32 bits.
+          uint32_t b;
+          std::memcpy(&b, &x, 4);
+          const uint32_t lsb = (b >> 16) & 1;
+          static_cast<uint16_t*>(cache)[dst] = static_cast<uint16_t>((b + 0x7FFF + lsb) >> 16);
+        }
+      }
+  }
+}
+
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear};
+constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear, &ref::silu_and_mul,
+                                 &ref::rotary, &ref::write_kv_cache};
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear};
+constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear, &avx2::silu_and_mul,
+                                 &avx2::rotary, &avx2::write_kv_cache};
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear};
+constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear, &avx512::silu_and_mul,
+                                 &avx512::rotary, &avx512::write_kv_cache};
 #endif
 }  // namespace
 

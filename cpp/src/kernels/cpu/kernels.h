@@ -19,7 +19,18 @@ namespace flashpage::cpu {
   /* y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end): a Linear layer  */  \
   /* with Hugging Face's [out, in] weights, fp32 or bf16 (raw uint16). y is [M, N].     */  \
   void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias,     \
-              int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);
+              int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);            \
+  /* out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [tokens, 2 * inter].           */ \
+  void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter);           \
+  /* Rotate-half RoPE in place on x [tokens, heads, head_dim]; cos_sin [positions,        */ \
+  /* head_dim]: cos in the first half, sin in the second (scaling folded in).            */ \
+  void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t tokens,    \
+              int64_t heads, int64_t head_dim);                                            \
+  /* K/V rows [tokens, kv_heads, head_dim] into the paged caches at slot_mapping          */ \
+  /* (negative: skip); caches fp32 or bf16 (rounded to nearest even).                     */ \
+  void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,  \
+                      bool cache_bf16, const int32_t* slot_mapping, int64_t tokens,         \
+                      int64_t kv_heads, int64_t head_dim, int64_t block_size);
 
 // Causal attention of each sequence's query rows over its paged KV. Sequence s owns rows
 // [query_start_loc[s], query_start_loc[s + 1]) of q and out ([rows, num_q_heads, head_dim]
@@ -53,6 +64,9 @@ struct KernelTable {
   decltype(&ref::rms_norm) rms_norm;
   decltype(&ref::paged_attention) paged_attention;
   decltype(&ref::linear) linear;
+  decltype(&ref::silu_and_mul) silu_and_mul;
+  decltype(&ref::rotary) rotary;
+  decltype(&ref::write_kv_cache) write_kv_cache;
 };
 
 // The table for the active ISA (runtime::active_isa()).

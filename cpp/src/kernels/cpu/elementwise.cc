@@ -1,0 +1,69 @@
+// SiLU*mul, rotary embedding and the KV-cache write, compiled once per ISA level (plain loops
+// the compiler vectorises for each level's flags). The scalar references are in dispatch.cc.
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/kernels.h"
+
+namespace flashpage::cpu::FLASHPAGE_ISA {
+
+namespace {
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+}  // namespace
+
+void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* g = in + t * 2 * inter;
+    const float* u = g + inter;
+    float* o = out + t * inter;
+    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+}
+
+void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t tokens,
+            int64_t heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* c = cos_sin + int64_t(positions[t]) * head_dim;
+    const float* s = c + half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
+void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,
+                    bool cache_bf16, const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads,
+                    int64_t head_dim, int64_t block_size) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / block_size, off = slot % block_size;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t src = (t * kv_heads + h) * head_dim;
+      const int64_t dst = ((block * kv_heads + h) * block_size + off) * head_dim;
+      if (cache_bf16) {
+        auto* kc = static_cast<uint16_t*>(k_cache) + dst;
+        auto* vc = static_cast<uint16_t*>(v_cache) + dst;
+        for (int64_t i = 0; i < head_dim; ++i) {
+          kc[i] = to_bf16(key[src + i]);
+          vc[i] = to_bf16(value[src + i]);
+        }
+      } else {
+        std::memcpy(static_cast<float*>(k_cache) + dst, key + src, head_dim * sizeof(float));
+        std::memcpy(static_cast<float*>(v_cache) + dst, value + src, head_dim * sizeof(float));
+      }
+    }
+  }
+}
+
+}  // namespace flashpage::cpu::FLASHPAGE_ISA
