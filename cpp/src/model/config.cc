@@ -1,12 +1,11 @@
 #include "model/config.h"
 
 #include <cmath>
-#include <fstream>
 #include <numbers>
-#include <sstream>
 #include <stdexcept>
 
 #include "model/json.h"
+#include "model/safetensors.h"
 
 namespace flashpage::model {
 namespace {
@@ -124,11 +123,13 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
 
 ModelConfig ModelConfig::from_dir(const std::string& model_dir) {
   const std::string path = model_dir + "/config.json";
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error(path + ": cannot open (is this a Hugging Face model directory?)");
-  std::ostringstream os;
-  os << f.rdbuf();
-  return from_json_text(os.str(), path);
+  std::string text;
+  try {
+    text = read_text_file(path);
+  } catch (const std::runtime_error&) {
+    throw std::runtime_error(path + ": cannot open (is this a Hugging Face model directory?)");
+  }
+  return from_json_text(text, path);
 }
 
 std::vector<double> ModelConfig::rope_inv_freq() const {

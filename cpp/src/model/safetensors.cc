@@ -8,7 +8,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <sstream>
 #include <stdexcept>
 
 #include "model/json.h"
@@ -35,11 +34,9 @@ constexpr DTypeName kDTypes[] = {
 }
 
 std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << ']';
-  return os.str();
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
 }
 
 }  // namespace
@@ -154,13 +151,19 @@ bool exists(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0;
 }
 
-std::string read_file(const std::string& p) {
-  std::ifstream f(p, std::ios::binary);
+}  // namespace
+
+std::string read_text_file(const std::string& p) {
+  std::ifstream f(p, std::ios::binary | std::ios::ate);
   if (!f) throw std::runtime_error(p + ": cannot open");
-  std::ostringstream os;
-  os << f.rdbuf();
-  return os.str();
+  std::string text(static_cast<size_t>(f.tellg()), '\0');
+  f.seekg(0);
+  f.read(text.data(), static_cast<std::streamsize>(text.size()));
+  if (!f) throw std::runtime_error(p + ": read failed");
+  return text;
 }
+
+namespace {
 
 }  // namespace
 
@@ -170,7 +173,7 @@ WeightStore WeightStore::open(const std::string& model_dir) {
   const std::string single = model_dir + "/model.safetensors";
   const std::string index = model_dir + "/model.safetensors.index.json";
   if (exists(index)) {
-    const Json j = Json::parse(read_file(index), index);
+    const Json j = Json::parse(read_text_file(index), index);
     const Json* map = j.find("weight_map");
     if (map == nullptr) fail(index, "lacks \"weight_map\"");
     std::map<std::string, std::string> wanted;  // tensor -> shard

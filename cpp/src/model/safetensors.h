@@ -14,6 +14,9 @@ namespace flashpage::model {
 
 enum class DType { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kF8E4M3, kF8E5M2 };
 
+// The whole file as a string; throws naming the file when it cannot be read.
+std::string read_text_file(const std::string& path);
+
 const char* dtype_name(DType d);  // as safetensors writes it: "F32", "BF16", ...
 size_t dtype_size(DType d);
 

@@ -1,29 +1,28 @@
 #include "runtime/kv_cache_plan.h"
 
-#include <fstream>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 
 namespace flashpage::runtime {
 namespace {
 
+// Formatting goes through snprintf, not iostreams: iostream number formatting crashed in the
+// extension on the GPU machine's toolchain (a libstdc++ locale problem), snprintf does not.
 std::string mib(int64_t bytes) {
-  std::ostringstream os;
-  os.precision(1);
-  os << std::fixed << double(bytes) / (1 << 20) << " MiB";
-  return os.str();
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", double(bytes) / (1 << 20));
+  return buf;
 }
 
 }  // namespace
 
 std::string KvCachePlan::report() const {
-  std::ostringstream os;
-  os << "KV cache: " << mib(budget_bytes) << " budget, " << bytes_per_token << " bytes per token, "
-     << num_blocks << " blocks of " << (bytes_per_token ? bytes_per_block / bytes_per_token : 0)
-     << " tokens (" << num_blocks * (bytes_per_token ? bytes_per_block / bytes_per_token : 0)
-     << " tokens), " << seqs_at_max_len << " sequences of max_model_len=" << max_model_len
-     << " at once";
-  return os.str();
+  const int64_t block_tokens = bytes_per_token ? bytes_per_block / bytes_per_token : 0;
+  return "KV cache: " + mib(budget_bytes) + " budget, " + std::to_string(bytes_per_token) +
+         " bytes per token, " + std::to_string(num_blocks) + " blocks of " +
+         std::to_string(block_tokens) + " tokens (" + std::to_string(num_blocks * block_tokens) +
+         " tokens), " + std::to_string(seqs_at_max_len) + " sequences of max_model_len=" +
+         std::to_string(max_model_len) + " at once";
 }
 
 KvCachePlan plan_kv_cache(const KvCacheSpec& s, int64_t budget_bytes, int64_t max_model_len) {
@@ -55,12 +54,14 @@ KvCachePlan plan_kv_cache(const KvCacheSpec& s, int64_t budget_bytes, int64_t ma
 int64_t memory_budget_from_fraction(double fraction) {
   if (!(fraction > 0.0 && fraction <= 1.0))
     throw std::invalid_argument("memory fraction must be in (0, 1], got " + std::to_string(fraction));
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (f >> key >> kb >> unit)
-    if (key == "MemAvailable:") return static_cast<int64_t>(double(kb) * 1024 * fraction);
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
+    std::fclose(f);
+    if (kb >= 0) return static_cast<int64_t>(double(kb) * 1024 * fraction);
+  }
   throw std::runtime_error("/proc/meminfo: no MemAvailable line; give the KV cache a size in bytes");
 }
 
