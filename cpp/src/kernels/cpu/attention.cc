@@ -13,23 +13,6 @@ namespace {
 constexpr int64_t kMaxHeadDim = 512;
 
 template <class KV>
-inline Vec vload_kv(const KV* p) {
-  if constexpr (sizeof(KV) == 2) return vload_bf16(reinterpret_cast<const uint16_t*>(p));
-  else return vload(p);
-}
-template <class KV>
-inline float scalar_kv(const KV* p) {
-  if constexpr (sizeof(KV) == 2) {
-    const uint32_t bits = uint32_t(*reinterpret_cast<const uint16_t*>(p)) << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-  } else {
-    return *p;
-  }
-}
-
-template <class KV>
 void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = a.head_dim, bs = a.block_size;
   const int64_t group = a.num_q_heads / a.num_kv_heads;
@@ -56,9 +39,9 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
           const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + kvh) * bs + p % bs) * D;
           const KV* k = kc + row;
           Vec dv = vzero();
-          for (int64_t i = 0; i < vec_end; i += kLanes) dv = vfma(vload(qs + i), vload_kv(k + i), dv);
+          for (int64_t i = 0; i < vec_end; i += kLanes) dv = vfma(vload(qs + i), vload_as_f32(k + i), dv);
           float dot = vsum(dv);
-          for (int64_t i = vec_end; i < D; ++i) dot += qs[i] * scalar_kv(k + i);
+          for (int64_t i = vec_end; i < D; ++i) dot += qs[i] * scalar_as_f32(k + i);
           const KV* v = vc + row;
           if (dot > m) {  // new maximum: rescale what was accumulated
             const float corr = std::exp(m - dot);
@@ -71,8 +54,8 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
           const float w = std::exp(dot - m);
           l += w;
           const Vec wv = vset1(w);
-          for (int64_t i = 0; i < vec_end; i += kLanes) vstore(acc + i, vfma(wv, vload_kv(v + i), vload(acc + i)));
-          for (int64_t i = vec_end; i < D; ++i) acc[i] += w * scalar_kv(v + i);
+          for (int64_t i = 0; i < vec_end; i += kLanes) vstore(acc + i, vfma(wv, vload_as_f32(v + i), vload(acc + i)));
+          for (int64_t i = vec_end; i < D; ++i) acc[i] += w * scalar_as_f32(v + i);
         }
         float* out = a.out + (r * a.num_q_heads + h) * D;
         const float inv = l > 0.f ? 1.f / l : 0.f;

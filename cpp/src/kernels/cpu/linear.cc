@@ -10,23 +10,6 @@ namespace {
 
 constexpr int kRows = 4;  // input rows per pass over a weight row
 
-template <class W>
-inline Vec vload_w(const W* p) {
-  if constexpr (sizeof(W) == 2) return vload_bf16(reinterpret_cast<const uint16_t*>(p));
-  else return vload(p);
-}
-template <class W>
-inline float scalar_w(const W* p) {
-  if constexpr (sizeof(W) == 2) {
-    const uint32_t bits = uint32_t(*reinterpret_cast<const uint16_t*>(p)) << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-  } else {
-    return *p;
-  }
-}
-
 template <class W, int R>
 void rows_block(float* y, const float* x, const W* w, const float* bias, int64_t N, int64_t K,
                 int64_t n_begin, int64_t n_end) {
@@ -36,12 +19,12 @@ void rows_block(float* y, const float* x, const W* w, const float* bias, int64_t
     Vec acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vzero();
     for (int64_t k = 0; k < vec_end; k += kLanes) {
-      const Vec wv = vload_w(wr + k);
+      const Vec wv = vload_as_f32(wr + k);
       for (int r = 0; r < R; ++r) acc[r] = vfma(vload(x + r * K + k), wv, acc[r]);
     }
     for (int r = 0; r < R; ++r) {
       float s = vsum(acc[r]);
-      for (int64_t k = vec_end; k < K; ++k) s += x[r * K + k] * scalar_w(wr + k);
+      for (int64_t k = vec_end; k < K; ++k) s += x[r * K + k] * scalar_as_f32(wr + k);
       y[r * N + n] = s + (bias ? bias[n] : 0.f);
     }
   }

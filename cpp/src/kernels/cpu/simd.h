@@ -49,4 +49,22 @@ inline float vsum(Vec v) {
 }
 #endif
 
+// kLanes elements of an fp32 array, or of a bf16 one held as raw uint16, as fp32; and one.
+template <class T>
+inline Vec vload_as_f32(const T* p) {
+  if constexpr (sizeof(T) == 2) return vload_bf16(reinterpret_cast<const uint16_t*>(p));
+  else return vload(p);
+}
+template <class T>
+inline float scalar_as_f32(const T* p) {
+  if constexpr (sizeof(T) == 2) {
+    const uint32_t bits = uint32_t(*reinterpret_cast<const uint16_t*>(p)) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+  } else {
+    return *p;
+  }
+}
+
 }  // namespace flashpage::cpu::FLASHPAGE_ISA
