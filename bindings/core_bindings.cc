@@ -10,8 +10,6 @@ namespace flashpage::bindings {
 
 namespace {
 
-using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
 std::span<const int32_t> as_span(const IntArray& a) {
   if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D array of token ids");
   return {a.data(), static_cast<size_t>(a.shape(0))};

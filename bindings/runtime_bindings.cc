@@ -13,7 +13,10 @@ namespace flashpage::bindings {
 
 namespace {
 
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+// The kernel table of an ISA level by name; "ref" is the scalar level (the references).
+const cpu::KernelTable& table_for(const std::string& isa) {
+  return cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+}
 
 // rms_norm through the kernel table of `isa` ("ref" = the scalar reference). Returns
 // (out, residual_after) — residual is copied, not changed in place.
@@ -23,9 +26,7 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
   const int64_t rows = x.shape(0), dim = x.shape(1);
   if (weight.ndim() != 1 || weight.shape(0) != dim)
     throw std::invalid_argument("rms_norm: weight must have shape [" + std::to_string(dim) + "]");
-  // "ref" is the scalar level, whose table holds the reference kernels.
-  const auto& table =
-      cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+  const auto& table = table_for(isa);
   FloatArray out({rows, dim});
   py::object res_out = py::none();
   float* res_ptr = nullptr;
@@ -41,8 +42,6 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
   table.rms_norm(out.mutable_data(), x.data(), res_ptr, weight.data(), rows, dim, eps);
   return py::make_tuple(out, res_out);
 }
-
-using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // Paged attention with the kernels of one ISA level (or "ref"). k_cache/v_cache: float32, or
 // uint16 holding bf16 bits; [num_blocks, num_kv_heads, block_size, head_dim].
@@ -63,7 +62,7 @@ FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cac
   if (q.shape(2) != k_cache.shape(3) || q.shape(1) % k_cache.shape(1) != 0)
     throw std::invalid_argument("paged_attention: q [tokens, heads, head_dim] does not fit the caches "
                                 "(head_dim must match, heads a multiple of kv_heads)");
-  const auto& table = cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+  const auto& table = table_for(isa);
   FloatArray out({q.shape(0), q.shape(1), q.shape(2)});
   cpu::PagedAttentionArgs a{out.mutable_data(), q.data(), k_cache.data(), v_cache.data(), bf16,
                             block_tables.data(), block_tables.shape(1), query_start_loc.data(),
@@ -87,7 +86,7 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
     b = FloatArray::ensure(bias);
     if (!b || b.ndim() != 1 || b.shape(0) != N) throw std::invalid_argument("linear: bias must be [N]");
   }
-  const auto& table = cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
+  const auto& table = table_for(isa);
   FloatArray y({M, N});
   float* yp = y.mutable_data();
   const float* xp = x.data();
@@ -98,10 +97,6 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
   if (parallel) runtime::ThreadPool::global().parallel_for(N, part, 16);
   else part(0, N);
   return y;
-}
-
-const cpu::KernelTable& table_for(const std::string& isa) {
-  return cpu::kernels_for(isa == "ref" ? runtime::Isa::kScalar : runtime::parse_isa(isa));
 }
 
 }  // namespace

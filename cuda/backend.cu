@@ -4,17 +4,10 @@
 
 #include <cstdio>
 
+#include "abi.h"
 #include "runtime/cuda_abi.h"
 
-#define FLASHPAGE_EXPORT extern "C" __attribute__((visibility("default")))
-
 namespace {
-
-int fail(cudaError_t e, const char* what, char* err, size_t err_len) {
-  if (err != nullptr && err_len > 0)
-    std::snprintf(err, err_len, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-  return -1;
-}
 
 __global__ void axpy_kernel(int n, float a, const float* x, float* y) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -32,14 +25,14 @@ FLASHPAGE_EXPORT int flashpage_cuda_device_count(int* count, char* err, size_t e
     *count = 0;
     return 0;
   }
-  return e == cudaSuccess ? 0 : fail(e, "cudaGetDeviceCount", err, err_len);
+  return flashpage::cuda::report(e, "cudaGetDeviceCount", err, err_len);
 }
 
 FLASHPAGE_EXPORT int flashpage_cuda_device_name(int device, char* name, size_t name_len, char* err,
                                                 size_t err_len) {
   cudaDeviceProp prop{};
   const cudaError_t e = cudaGetDeviceProperties(&prop, device);
-  if (e != cudaSuccess) return fail(e, "cudaGetDeviceProperties", err, err_len);
+  if (e != cudaSuccess) return flashpage::cuda::report(e, "cudaGetDeviceProperties", err, err_len);
   std::snprintf(name, name_len, "%s (sm_%d%d)", prop.name, prop.major, prop.minor);
   return 0;
 }
@@ -60,5 +53,5 @@ FLASHPAGE_EXPORT int flashpage_cuda_axpy(int n, float a, const float* x, float* 
   if (e == cudaSuccess) e = cudaMemcpy(y, dy, bytes, cudaMemcpyDeviceToHost);
   cudaFree(dx);
   cudaFree(dy);
-  return e == cudaSuccess ? 0 : fail(e, "flashpage_cuda_axpy", err, err_len);
+  return flashpage::cuda::report(e, "flashpage_cuda_axpy", err, err_len);
 }

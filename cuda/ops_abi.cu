@@ -2,25 +2,14 @@
 // benchmarks. Argument checks that the kernels rely on happen here, with messages.
 #include <cstdio>
 
+#include "abi.h"
 #include "kernels/kernels.h"
-
-#define FLASHPAGE_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
 
 using flashpage::cuda::DType;
-
-int report(cudaError_t e, const char* what, char* err, size_t err_len) {
-  if (e == cudaSuccess) return 0;
-  if (err != nullptr && err_len > 0)
-    std::snprintf(err, err_len, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-  return -1;
-}
-
-int invalid(const char* msg, char* err, size_t err_len) {
-  if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", msg);
-  return -1;
-}
+using flashpage::cuda::invalid;
+using flashpage::cuda::report;
 
 bool dtype_ok(int dtype) { return dtype == 0 || dtype == 1; }
 

@@ -150,9 +150,8 @@ def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_
     seqs, q_heads, head_dim = q.shape
     kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    sms = num_sms(q.device.index or 0)
-    need = _lib().flashpage_cuda_paged_decode_workspace(seqs, q_heads, kv_heads, head_dim,
-                                                        block_size, max_context_len, sms, num_splits)
+    need = paged_decode_workspace_floats(seqs, q_heads, kv_heads, head_dim, block_size,
+                                         max_context_len, num_splits, q.device.index or 0)
     if need > 0 and (workspace is None or workspace.numel() < need):
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
     if out is None:
@@ -160,14 +159,17 @@ def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_
     _call("flashpage_cuda_paged_decode", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
           v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
           workspace.data_ptr() if need > 0 else None, seqs, q_heads, kv_heads, head_dim,
-          block_size, block_tables.shape[1], max_context_len, sms, scale, num_splits, _stream())
+          block_size, block_tables.shape[1], max_context_len, num_sms(q.device.index or 0), scale,
+          num_splits, _stream())
     return out
 
 
 def paged_decode_workspace_floats(seqs: int, q_heads: int, kv_heads: int, head_dim: int,
-                                  block_size: int, max_context_len: int, num_splits: int = 0) -> int:
+                                  block_size: int, max_context_len: int, num_splits: int = 0,
+                                  device: int = 0) -> int:
+    """Floats of workspace paged_decode needs (0 when it runs unsplit)."""
     return int(_lib().flashpage_cuda_paged_decode_workspace(
-        seqs, q_heads, kv_heads, head_dim, block_size, max_context_len, num_sms(), num_splits))
+        seqs, q_heads, kv_heads, head_dim, block_size, max_context_len, num_sms(device), num_splits))
 
 
 def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_start_loc: Any,

@@ -124,10 +124,7 @@ class JsonParser {
     Json v;
     v.type_ = Json::Type::kNumber;
     v.number_ = std::strtod(text.c_str(), nullptr);
-    if (integral && text.size() < 19) {
-      v.integral_ = true;
-      v.int_ = std::strtoll(text.c_str(), nullptr, 10);
-    } else if (integral) {
+    if (integral) {  // exact as an integer unless it overflows int64
       errno = 0;
       const long long x = std::strtoll(text.c_str(), nullptr, 10);
       if (errno == 0) {
