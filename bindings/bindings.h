@@ -4,6 +4,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <span>
+#include <stdexcept>
+#include <string>
+
+#include "flashpage/scheduler.h"
+
 namespace flashpage::bindings {
 
 // Contiguous arrays, converting dtype on the way in where needed.
@@ -13,6 +19,18 @@ using IntArray = pybind11::array_t<int32_t, pybind11::array::c_style | pybind11:
 void bind_core(pybind11::module_& m);     // BlockManager, Scheduler, StepOutput
 void bind_runtime(pybind11::module_& m);  // CPU ISA dispatch, kernels, CUDA backend
 void bind_model(pybind11::module_& m);    // config.json, safetensors
+void bind_engine(pybind11::module_& m);   // Engine
+
+inline std::span<const int32_t> as_span(const IntArray& a) {
+  if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D array of token ids");
+  return {a.data(), static_cast<size_t>(a.shape(0))};
+}
+
+inline SchedulingPolicy parse_policy(const std::string& policy) {
+  if (policy == "fcfs") return SchedulingPolicy::kFcfs;
+  if (policy == "priority") return SchedulingPolicy::kPriority;
+  throw std::invalid_argument("policy must be 'fcfs' or 'priority', got '" + policy + "'");
+}
 
 // A read-only numpy view of `n` elements at `data` whose lifetime is tied to `owner`.
 template <class T>

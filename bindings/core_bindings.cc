@@ -10,11 +10,6 @@ namespace flashpage::bindings {
 
 namespace {
 
-std::span<const int32_t> as_span(const IntArray& a) {
-  if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D array of token ids");
-  return {a.data(), static_cast<size_t>(a.shape(0))};
-}
-
 py::dict cache_stats(const BlockManagerStats& s) {
   py::dict d;
   d["num_blocks"] = s.num_blocks;
@@ -131,9 +126,7 @@ void bind_scheduler(py::module_& m) {
              c.max_num_batched_tokens = max_num_batched_tokens;
              c.max_num_seqs = max_num_seqs;
              c.max_model_len = max_model_len;
-             if (policy == "fcfs") c.policy = SchedulingPolicy::kFcfs;
-             else if (policy == "priority") c.policy = SchedulingPolicy::kPriority;
-             else throw std::invalid_argument("policy must be 'fcfs' or 'priority', got '" + policy + "'");
+             c.policy = parse_policy(policy);
              return c;
            }),
            py::arg("num_blocks"), py::arg("block_size") = 16,

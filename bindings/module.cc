@@ -20,4 +20,5 @@ PYBIND11_MODULE(_core, m) {
   flashpage::bindings::bind_core(m);
   flashpage::bindings::bind_runtime(m);
   flashpage::bindings::bind_model(m);
+  flashpage::bindings::bind_engine(m);
 }

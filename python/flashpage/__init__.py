@@ -5,6 +5,7 @@ The C++ core lives in ``flashpage._core``; this package re-exports what Python u
 
 from flashpage._core import (
     BlockManager,
+    Engine,
     BlockTable,
     RequestRejected,
     Scheduler,
@@ -12,11 +13,19 @@ from flashpage._core import (
     StepOutput,
     __version__,
 )
+from flashpage.llm import LLM
+from flashpage.outputs import CompletionOutput, RequestOutput
 from flashpage.platform import cuda_available, platform_info
+from flashpage.sampling_params import SamplingParams
 
 __all__ = [
     "BlockManager",
     "BlockTable",
+    "CompletionOutput",
+    "Engine",
+    "LLM",
+    "RequestOutput",
+    "SamplingParams",
     "RequestRejected",
     "Scheduler",
     "SchedulerConfig",

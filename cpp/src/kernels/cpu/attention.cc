@@ -27,7 +27,8 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
     const int32_t* bt = a.block_tables + s * a.block_table_stride;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t pos = ctx - (r1 - r0) + (r - r0);
-      for (int64_t h = 0; h < a.num_q_heads; ++h) {
+      const int64_t h_end = (a.kv_head_end > 0 ? a.kv_head_end : a.num_kv_heads) * group;
+      for (int64_t h = a.kv_head_begin * group; h < h_end; ++h) {
         const int64_t kvh = h / group;
         const float* q = a.q + (r * a.num_q_heads + h) * D;
         for (int64_t i = 0; i < D; ++i) {

@@ -50,6 +50,9 @@ struct PagedAttentionArgs {
   const int32_t* context_lens;
   int64_t num_q_heads, num_kv_heads, head_dim, block_size;
   float scale;
+  // Only KV heads [kv_head_begin, kv_head_end) and their query heads; end 0 means all. Lets a
+  // caller split one sequence's heads across threads.
+  int64_t kv_head_begin = 0, kv_head_end = 0;
 };
 
 

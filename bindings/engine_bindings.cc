@@ -1,0 +1,121 @@
+// flashpage._core.Engine: the C++ engine (model, scheduler, C++ sampler) for the Python layer.
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "flashpage/engine.h"
+
+namespace py = pybind11;
+
+namespace flashpage::bindings {
+
+namespace {
+
+py::dict info_dict(const ModelInfo& i) {
+  py::dict d;
+  d["model_type"] = i.model_type;
+  d["dtype"] = i.dtype;
+  d["isa"] = i.isa;
+  d["vocab_size"] = i.vocab_size;
+  d["hidden_size"] = i.hidden_size;
+  d["num_layers"] = i.num_layers;
+  d["max_model_len"] = i.max_model_len;
+  d["eos_token_ids"] = i.eos_token_ids;
+  d["bos_token_id"] = i.bos_token_id;
+  d["num_kv_blocks"] = i.num_kv_blocks;
+  d["weight_bytes_mapped"] = i.weight_bytes_mapped;
+  d["weight_bytes_owned"] = i.weight_bytes_owned;
+  d["kv_cache_report"] = i.kv_cache_report;
+  d["load_seconds"] = i.load_seconds;
+  return d;
+}
+
+py::object reason_or_none(FinishReason r) {
+  if (r == FinishReason::kNone) return py::none();
+  return py::str(finish_reason_name(r));
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::class_<Engine>(m, "Engine", "A model, its KV cache, the scheduler and the C++ sampler.")
+      .def(py::init([](const std::string& model, const std::string& dtype, const std::string& load_format,
+                       int32_t max_model_len, int32_t block_size, int32_t max_num_seqs,
+                       int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
+                       int64_t kv_cache_bytes, double kv_cache_memory_fraction, bool deterministic,
+                       uint64_t seed, bool verbose) {
+             EngineConfig c;
+             c.model = model;
+             c.dtype = dtype;
+             c.load_format = load_format;
+             c.max_model_len = max_model_len;
+             c.block_size = block_size;
+             c.max_num_seqs = max_num_seqs;
+             c.max_num_batched_tokens = max_num_batched_tokens;
+             c.enable_prefix_caching = enable_prefix_caching;
+             c.policy = parse_policy(policy);
+             c.kv_cache_bytes = kv_cache_bytes;
+             c.kv_cache_memory_fraction = kv_cache_memory_fraction;
+             c.deterministic = deterministic;
+             c.seed = seed;
+             c.verbose = verbose;
+             py::gil_scoped_release release;
+             return std::make_unique<Engine>(c);
+           }),
+           py::arg("model"), py::arg("dtype") = "auto", py::arg("load_format") = "auto",
+           py::arg("max_model_len") = 0, py::arg("block_size") = 16, py::arg("max_num_seqs") = 256,
+           py::arg("max_num_batched_tokens") = 2048, py::arg("enable_prefix_caching") = true,
+           py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
+           py::arg("kv_cache_memory_fraction") = 0.25, py::arg("deterministic") = true, py::arg("seed") = 0,
+           py::arg("verbose") = false)
+      .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
+      .def("add_request",
+           [](Engine& e, IntArray prompt, float temperature, int32_t top_k, float top_p, float min_p,
+              int64_t seed, int32_t max_tokens, int32_t min_tokens, std::vector<int32_t> stop_token_ids,
+              bool ignore_eos, int32_t priority) {
+             SamplingOptions o{temperature, top_k, top_p, min_p, seed, max_tokens, min_tokens,
+                               std::move(stop_token_ids), ignore_eos, priority};
+             return e.add_request(as_span(prompt), o);
+           },
+           py::arg("prompt"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("seed") = -1, py::arg("max_tokens") = 16, py::arg("min_tokens") = 0,
+           py::arg("stop_token_ids") = std::vector<int32_t>{}, py::arg("ignore_eos") = false,
+           py::arg("priority") = 0, "Queues a request; returns its id.")
+      .def("abort_request", &Engine::abort_request, py::arg("request_id"))
+      .def_property_readonly("has_unfinished", &Engine::has_unfinished)
+      .def("step",
+           [](Engine& e) {
+             const std::vector<TokenEvent>* ev;
+             {
+               py::gil_scoped_release release;
+               ev = &e.step();
+             }
+             const auto n = static_cast<py::ssize_t>(ev->size());
+             py::array_t<int64_t> ids(n);
+             py::array_t<int32_t> toks(n);
+             py::list reasons;
+             for (py::ssize_t i = 0; i < n; ++i) {
+               ids.mutable_at(i) = (*ev)[i].request_id;
+               toks.mutable_at(i) = (*ev)[i].token;
+               reasons.append(reason_or_none((*ev)[i].finish));
+             }
+             return py::make_tuple(ids, toks, reasons);
+           },
+           "Runs one step (schedule, forward, sample, update). Returns (request_ids, tokens, "
+           "finish_reasons) for the requests that got a token or finished.")
+      .def_property_readonly("scheduler", &Engine::scheduler, py::return_value_policy::reference_internal)
+      .def("execute",
+           [](Engine& e, const std::shared_ptr<StepOutput>& step) {
+             std::span<const float> logits;
+             {
+               py::gil_scoped_release release;
+               logits = e.execute(*step);
+             }
+             const py::ssize_t S = step->num_seqs(), V = py::ssize_t(e.info().vocab_size);
+             py::array_t<float> out({S, V});
+             if (!logits.empty()) std::copy(logits.begin(), logits.end(), out.mutable_data());
+             return out;
+           },
+           py::arg("step"), "Runs the model on a step from scheduler.schedule(); returns logits [num_seqs, vocab].");
+}
+
+}  // namespace flashpage::bindings

@@ -1,0 +1,115 @@
+// flashpage — the engine: a Hugging Face model directory in, generated token ids out.
+//
+// Owns the model executor, the scheduler (continuous batching, chunked prefill, prefix
+// caching, preemption) and a C++ sampler (greedy, temperature, top-k, top-p, min-p, per-request
+// seed). Host applications drive it with add_request() + step(), or call generate(). Not
+// thread-safe: one thread drives it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "flashpage/scheduler.h"
+
+namespace flashpage {
+
+struct EngineConfig {
+  std::string model;                // a directory with config.json and *.safetensors
+  std::string dtype = "auto";       // "auto" (the checkpoint's), "bfloat16" or "float32"
+  std::string load_format = "auto"; // "auto" (safetensors) or "dummy" (random weights)
+  int32_t max_model_len = 0;        // 0: the model's max_position_embeddings
+  int32_t block_size = 16;
+  int32_t max_num_seqs = 256;
+  int32_t max_num_batched_tokens = 2048;
+  bool enable_prefix_caching = true;
+  SchedulingPolicy policy = SchedulingPolicy::kFcfs;
+  // KV-cache budget: kv_cache_bytes if positive, else this fraction of the available memory.
+  int64_t kv_cache_bytes = 0;
+  double kv_cache_memory_fraction = 0.25;
+  // Batch-invariant kernels: a sequence's logits do not depend on what shares its batch or on
+  // how its prompt is chunked.
+  bool deterministic = true;
+  uint64_t seed = 0;  // seeds requests that bring no seed of their own
+  bool verbose = false;  // print the start-up report to stderr
+};
+
+struct SamplingOptions {
+  float temperature = 1.0f;  // 0: greedy
+  int32_t top_k = 0;         // 0 or -1: all tokens
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  int64_t seed = -1;         // -1: derived from the engine seed and the request id
+  int32_t max_tokens = 16;
+  int32_t min_tokens = 0;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  int32_t priority = 0;
+};
+
+struct ModelInfo {
+  std::string model_type;
+  std::string dtype;  // storage of weights and KV cache: "bfloat16" or "float32"
+  std::string isa;    // CPU kernels in use
+  int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;
+  int32_t max_model_len = 0;
+  std::vector<int32_t> eos_token_ids;
+  int32_t bos_token_id = -1;
+  int64_t num_kv_blocks = 0;
+  int64_t weight_bytes_mapped = 0;  // read in place from the checkpoint files
+  int64_t weight_bytes_owned = 0;   // converted or generated at load
+  std::string kv_cache_report;
+  double load_seconds = 0;
+};
+
+// One token (or a finish) of one request, from step().
+struct TokenEvent {
+  int64_t request_id;
+  int32_t token;  // -1 when the step only finished it (abort)
+  FinishReason finish;
+};
+
+struct Completion {
+  int64_t request_id;
+  std::vector<int32_t> prompt_token_ids;
+  std::vector<int32_t> token_ids;
+  FinishReason finish_reason;
+};
+
+class Engine {
+ public:
+  // Loads the model and sizes the KV cache; throws std::runtime_error naming the file, tensor
+  // or limit that is wrong.
+  explicit Engine(const EngineConfig& config);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelInfo& info() const;
+  const EngineConfig& config() const;
+
+  // Queues a request and returns its id. Throws RequestRejected (too long, empty, token ids
+  // outside the vocabulary) or std::invalid_argument (impossible sampling options).
+  int64_t add_request(std::span<const int32_t> prompt, const SamplingOptions& options = {});
+  bool abort_request(int64_t request_id);
+  bool has_unfinished() const;
+  // Runs one step: schedule, forward, sample, update. The events stay valid until the next call.
+  const std::vector<TokenEvent>& step();
+  // Adds the prompts, steps until all are done and returns them in prompt order.
+  std::vector<Completion> generate(const std::vector<std::vector<int32_t>>& prompts,
+                                   const SamplingOptions& options);
+
+  // Lower level, for a caller with its own sampler (the Python layer): plan a step, run the
+  // model on it (logits [num_seqs, vocab], valid until the next execute), then hand the sampled
+  // tokens to scheduler().update().
+  Scheduler& scheduler();
+  std::span<const float> execute(const StepOutput& step);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace flashpage

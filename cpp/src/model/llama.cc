@@ -1,0 +1,229 @@
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "runtime/thread_pool.h"
+
+namespace flashpage::model {
+namespace {
+
+runtime::ThreadPool& pool() { return runtime::ThreadPool::global(); }
+
+// Row-wise work split over the pool only when it is large enough to pay for waking it.
+template <class Fn>
+void for_rows(int64_t rows, int64_t elems_per_row, Fn&& fn) {
+  constexpr int64_t kMinParallelElems = 1 << 15;
+  if (rows < 2 || rows * elems_per_row < kMinParallelElems) {
+    fn(0, rows);
+    return;
+  }
+  pool().parallel_for(rows, fn, 1);
+}
+
+const float* or_null(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+template <class T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(const ModelConfig& config, LlamaWeights weights, const ExecutorOptions& options,
+                       const cpu::KernelTable& kernels)
+    : config_(config), weights_(std::move(weights)), options_(options), kern_(kernels) {
+  if (options_.num_blocks <= 0 || options_.block_size <= 0 || options_.max_model_len <= 0)
+    throw std::invalid_argument("LlamaModel: num_blocks, block_size and max_model_len must be positive");
+  const int64_t D = config_.head_dim;
+  layer_kv_elems_ = options_.num_blocks * config_.num_key_value_heads * options_.block_size * D;
+  const size_t elem = kv_bf16() ? 2 : 4;
+  kv_ = runtime::HostBuffer(size_t(2 * config_.num_hidden_layers * layer_kv_elems_) * elem);
+
+  // Rotary tables as Hugging Face computes them: fp32 inverse frequencies times the fp32
+  // position, then cos/sin of that fp32 angle.
+  const std::vector<double> inv = config_.rope_inv_freq();
+  const int64_t half = D / 2;
+  cos_sin_.resize(size_t(options_.max_model_len * D));
+  for (int64_t p = 0; p < options_.max_model_len; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = float(p) * float(inv[i]);
+      cos_sin_[p * D + i] = float(std::cos(double(angle)));
+      cos_sin_[p * D + half + i] = float(std::sin(double(angle)));
+    }
+}
+
+void* LlamaModel::k_cache(int64_t layer) const {
+  const size_t elem = kv_bf16() ? 2 : 4;
+  return static_cast<char*>(kv_.data()) + size_t(2 * layer * layer_kv_elems_) * elem;
+}
+
+void* LlamaModel::v_cache(int64_t layer) const {
+  const size_t elem = kv_bf16() ? 2 : 4;
+  return static_cast<char*>(kv_.data()) + size_t((2 * layer + 1) * layer_kv_elems_) * elem;
+}
+
+void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, D = c.head_dim;
+  grow(residual_, T * H);
+  grow(delta_, T * H);
+  grow(normed_, T * H);
+  grow(q_, T * c.num_attention_heads * D);
+  grow(k_, T * c.num_key_value_heads * D);
+  grow(v_, T * c.num_key_value_heads * D);
+  grow(attn_, T * c.num_attention_heads * D);
+  grow(gate_up_, T * 2 * c.intermediate_size);
+  grow(act_, T * c.intermediate_size);
+  grow(last_residual_, S * H);
+  grow(last_delta_, S * H);
+  grow(last_normed_, S * H);
+  grow(logits_, S * c.vocab_size);
+}
+
+void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs) {
+  int64_t total = 0;
+  for (const LinearJob& j : jobs) total += j.w->rows;
+  const int64_t K = jobs.begin()->w->cols;
+  auto part = [&](int64_t b, int64_t e) {
+    int64_t off = 0;
+    for (const LinearJob& j : jobs) {
+      const int64_t lo = std::max(b, off), hi = std::min(e, off + j.w->rows);
+      if (lo < hi) kern_.linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, lo - off, hi - off);
+      off += j.w->rows;
+    }
+  };
+  pool().parallel_for(total, part, 16);
+}
+
+void LlamaModel::embed(const StepOutput& st) {
+  const int64_t H = config_.hidden_size, V = config_.vocab_size;
+  const Matrix& E = weights_.embed;
+  for (int64_t t = 0; t < st.num_tokens(); ++t) {
+    const int64_t tok = st.token_ids[t];
+    if (tok < 0 || tok >= V)
+      throw std::invalid_argument("token id " + std::to_string(tok) + " is outside the vocabulary [0, " +
+                                  std::to_string(V) + ")");
+    float* dst = residual_.data() + t * H;
+    if (!E.bf16) {
+      std::memcpy(dst, static_cast<const float*>(E.data) + tok * H, size_t(H) * 4);
+      continue;
+    }
+    const uint16_t* src = static_cast<const uint16_t*>(E.data) + tok * H;
+    for (int64_t i = 0; i < H; ++i) {
+      const uint32_t bits = uint32_t(src[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    }
+  }
+}
+
+void LlamaModel::copy_blocks(const StepOutput& st) {
+  const size_t block_bytes =
+      size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim) * (kv_bf16() ? 2 : 4);
+  for (const BlockCopy& c : st.block_copies)
+    for (int64_t l = 0; l < config_.num_hidden_layers; ++l)
+      for (void* cache : {k_cache(l), v_cache(l)}) {
+        char* base = static_cast<char*>(cache);
+        std::memcpy(base + size_t(c.dst) * block_bytes, base + size_t(c.src) * block_bytes, block_bytes);
+      }
+}
+
+void LlamaModel::attention(const StepOutput& st, int64_t layer) {
+  const int64_t nkv = config_.num_key_value_heads, S = st.num_seqs();
+  cpu::PagedAttentionArgs a{attn_.data(), q_.data(), k_cache(layer), v_cache(layer), kv_bf16(),
+                            st.block_tables.data(), st.block_table_width, st.query_start_loc.data(),
+                            st.context_lens.data(), config_.num_attention_heads, nkv, config_.head_dim,
+                            options_.block_size, float(1.0 / std::sqrt(double(config_.head_dim)))};
+  // Work items are (sequence, KV head); each computes its rows with a fixed order, so the split
+  // does not change results. Split by estimated cost (query rows x context) across threads.
+  const int threads = pool().num_threads();
+  auto run_items = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      cpu::PagedAttentionArgs ai = a;
+      ai.kv_head_begin = i % nkv;
+      ai.kv_head_end = ai.kv_head_begin + 1;
+      kern_.paged_attention(ai, i / nkv, i / nkv + 1);
+    }
+  };
+  if (threads == 1 || S * nkv == 1) {
+    run_items(0, S * nkv);
+    return;
+  }
+  auto cost = [&](int64_t s) {
+    const double q = st.query_start_loc[s + 1] - st.query_start_loc[s];
+    return q * (st.context_lens[s] - q / 2 + 1);
+  };
+  double total = 0;
+  for (int64_t s = 0; s < S; ++s) total += cost(s) * double(nkv);
+  bounds_.assign(size_t(threads + 1), S * nkv);
+  bounds_[0] = 0;
+  double cum = 0;
+  for (int64_t i = 0, t = 1; i < S * nkv && t < threads; ++i) {
+    cum += cost(i / nkv);
+    while (t < threads && cum >= total * double(t) / threads) bounds_[t++] = i + 1;
+  }
+  pool().parallel_for(threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run_items(bounds_[t], bounds_[t + 1]);
+  });
+}
+
+const float* LlamaModel::forward(const StepOutput& st) {
+  const ModelConfig& c = config_;
+  const int64_t T = st.num_tokens(), S = st.num_seqs();
+  if (T == 0) return nullptr;
+  const int64_t H = c.hidden_size, D = c.head_dim, nqh = c.num_attention_heads, nkvh = c.num_key_value_heads;
+  const int64_t I = c.intermediate_size, V = c.vocab_size;
+  const float eps = float(c.rms_norm_eps);
+  for (int64_t t = 0; t < T; ++t)
+    if (st.positions[t] < 0 || st.positions[t] >= options_.max_model_len)
+      throw std::invalid_argument("position " + std::to_string(st.positions[t]) + " is beyond max_model_len=" +
+                                  std::to_string(options_.max_model_len));
+  ensure_scratch(T, S);
+  copy_blocks(st);
+  embed(st);
+  float *res = residual_.data(), *delta = delta_.data(), *normed = normed_.data();
+  float *q = q_.data(), *k = k_.data(), *v = v_.data();
+  auto norm = [&](float* out, const float* x, float* residual, const std::vector<float>& w, int64_t rows,
+                  int64_t dim) {
+    for_rows(rows, dim, [&](int64_t b, int64_t e) {
+      kern_.rms_norm(out + b * dim, x + b * dim, residual ? residual + b * dim : nullptr, w.data(), e - b, dim, eps);
+    });
+  };
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& L = weights_.layers[l];
+    if (l == 0) norm(normed, res, nullptr, L.input_norm, T, H);
+    else norm(normed, delta, res, L.input_norm, T, H);
+    run_linears(normed, T, {{q, nqh * D, &L.q, or_null(L.q_bias)}, {k, nkvh * D, &L.k, or_null(L.k_bias)},
+                            {v, nkvh * D, &L.v, or_null(L.v_bias)}});
+    if (c.qk_norm) {
+      norm(q, q, nullptr, L.q_norm, T * nqh, D);
+      norm(k, k, nullptr, L.k_norm, T * nkvh, D);
+    }
+    for_rows(T, (nqh + nkvh) * D, [&](int64_t b, int64_t e) {
+      kern_.rotary(q + b * nqh * D, st.positions.data() + b, cos_sin_.data(), e - b, nqh, D);
+      kern_.rotary(k + b * nkvh * D, st.positions.data() + b, cos_sin_.data(), e - b, nkvh, D);
+      kern_.write_kv_cache(k + b * nkvh * D, v + b * nkvh * D, k_cache(l), v_cache(l), kv_bf16(),
+                        st.slot_mapping.data() + b, e - b, nkvh, D, options_.block_size);
+    });
+    attention(st, l);
+    run_linears(attn_.data(), T, {{delta, H, &L.o, nullptr}});
+    norm(normed, delta, res, L.post_attention_norm, T, H);
+    run_linears(normed, T, {{gate_up_.data(), 2 * I, &L.gate, nullptr}, {gate_up_.data() + I, 2 * I, &L.up, nullptr}});
+    for_rows(T, I, [&](int64_t b, int64_t e) { kern_.silu_and_mul(act_.data() + b * I, gate_up_.data() + b * 2 * I, e - b, I); });
+    run_linears(act_.data(), T, {{delta, H, &L.down, nullptr}});
+  }
+  // The final norm and the LM head only for each sequence's last scheduled token.
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t idx = st.logits_indices[s];
+    std::memcpy(last_residual_.data() + s * H, res + idx * H, size_t(H) * 4);
+    std::memcpy(last_delta_.data() + s * H, delta + idx * H, size_t(H) * 4);
+  }
+  norm(last_normed_.data(), last_delta_.data(), last_residual_.data(), weights_.final_norm, S, H);
+  run_linears(last_normed_.data(), S, {{logits_.data(), V, &weights_.lm_head, nullptr}});
+  return logits_.data();
+}
+
+}  // namespace flashpage::model

@@ -1,0 +1,75 @@
+// The Llama-family forward pass on the CPU (DESIGN.md, "the data flow of one engine step"):
+// one flattened batch of prefill chunks and decodes per call, K/V written into the paged cache
+// through the slot mapping, logits only for the last position of each scheduled sequence.
+//
+// Every kernel computes each output row with a fixed reduction order that depends on nothing
+// but that row, so in deterministic mode (the default) a sequence's logits are bitwise the same
+// whatever shares its batch and however its prompt was chunked.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+#include "flashpage/scheduler.h"
+#include "kernels/cpu/kernels.h"
+#include "model/config.h"
+#include "model/weights.h"
+#include "runtime/host_buffer.h"
+
+namespace flashpage::model {
+
+struct ExecutorOptions {
+  int64_t num_blocks = 0;
+  int64_t block_size = 16;
+  int64_t max_model_len = 0;  // rotary tables cover positions below this
+  // false allows the faster blocked GEMM for prefill-sized batches, whose rounding depends on
+  // how many rows share the call (so on batch composition and chunking).
+  bool deterministic = true;
+};
+
+class LlamaModel {
+ public:
+  LlamaModel(const ModelConfig& config, LlamaWeights weights, const ExecutorOptions& options,
+             const cpu::KernelTable& kernels);
+
+  // Runs one step; returns logits [step.num_seqs(), vocab] (row s: sequence s's last scheduled
+  // token), valid until the next call. Throws std::invalid_argument for a token id outside the
+  // vocabulary or a position beyond max_model_len.
+  const float* forward(const StepOutput& step);
+
+  const ModelConfig& config() const { return config_; }
+  const LlamaWeights& weights() const { return weights_; }
+  int64_t kv_cache_bytes() const { return int64_t(kv_.size()); }
+  bool kv_bf16() const { return weights_.storage == StorageType::kBF16; }
+
+ private:
+  struct LinearJob {
+    float* y;
+    int64_t ldy;  // row stride of y
+    const Matrix* w;
+    const float* bias;
+  };
+  // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their columns.
+  void run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs);
+  void ensure_scratch(int64_t tokens, int64_t seqs);
+  void embed(const StepOutput& step);
+  void attention(const StepOutput& step, int64_t layer);
+  void copy_blocks(const StepOutput& step);
+  void* k_cache(int64_t layer) const;
+  void* v_cache(int64_t layer) const;
+
+  ModelConfig config_;
+  LlamaWeights weights_;
+  ExecutorOptions options_;
+  const cpu::KernelTable& kern_;
+  runtime::HostBuffer kv_;    // [layers][K, V][num_blocks, kv_heads, block_size, head_dim]
+  int64_t layer_kv_elems_ = 0;  // elements of one layer's K (or V) cache
+  std::vector<float> cos_sin_;  // [max_model_len, head_dim]: cos in the first half, sin after
+  // Scratch, grown to the largest step seen (no allocation in steady state).
+  std::vector<float> residual_, delta_, normed_, q_, k_, v_, attn_, gate_up_, act_;
+  std::vector<float> last_residual_, last_delta_, last_normed_, logits_;
+  std::vector<int64_t> bounds_;  // attention work split per thread
+};
+
+}  // namespace flashpage::model

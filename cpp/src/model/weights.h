@@ -1,0 +1,59 @@
+// The weights of a Llama-family model in the layout the CPU kernels read: Hugging Face's
+// [out, in] matrices, fp32 or bf16. Where the checkpoint already holds that dtype the matrices
+// point into the memory-mapped safetensors files (no copy); otherwise they are converted once.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/safetensors.h"
+#include "runtime/host_buffer.h"
+
+namespace flashpage::model {
+
+// How weights (and the KV cache) are stored; compute is fp32 either way.
+enum class StorageType { kF32, kBF16 };
+const char* storage_name(StorageType s);  // "float32" / "bfloat16"
+
+struct Matrix {
+  const void* data = nullptr;
+  bool bf16 = false;
+  int64_t rows = 0, cols = 0;  // [out, in]
+};
+
+struct LayerWeights {
+  Matrix q, k, v, o, gate, up, down;
+  std::vector<float> input_norm, post_attention_norm;
+  std::vector<float> q_norm, k_norm;          // qwen3: per-head RMSNorm weights [head_dim]
+  std::vector<float> q_bias, k_bias, v_bias;  // qwen2: q/k/v projection biases
+};
+
+struct LlamaWeights {
+  StorageType storage = StorageType::kBF16;
+  Matrix embed, lm_head;  // lm_head aliases embed when the embeddings are tied
+  std::vector<float> final_norm;
+  std::vector<LayerWeights> layers;
+  int64_t mapped_bytes = 0;  // matrix bytes read in place from the mapped files
+  int64_t owned_bytes = 0;   // matrix bytes converted or generated
+  std::shared_ptr<WeightStore> store;      // keeps the mappings alive
+  std::vector<runtime::HostBuffer> owned;  // converted or generated matrices
+};
+
+// The storage for a requested dtype: "auto" (the checkpoint's: config.json's torch_dtype, else
+// the embedding tensor's dtype; float16 is widened to float32, as the CPU kernels have no fp16
+// path), "bfloat16" or "float32". Throws std::invalid_argument for anything else.
+StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
+                            const WeightStore* store);
+
+// Loads and validates every tensor the config needs; errors name the tensor, its file and the
+// problem (missing, wrong shape, non-float dtype).
+LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<WeightStore> store,
+                                StorageType storage);
+
+// Random weights of the config's shapes (load_format="dummy"), for benchmarks of any shape.
+LlamaWeights dummy_llama_weights(const ModelConfig& config, StorageType storage, uint64_t seed);
+
+}  // namespace flashpage::model

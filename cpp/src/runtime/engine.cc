@@ -1,0 +1,203 @@
+#include "flashpage/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <random>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "kernels/cpu/kernels.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "model/safetensors.h"
+#include "model/weights.h"
+#include "runtime/kv_cache_plan.h"
+#include "runtime/sampler.h"
+
+namespace flashpage {
+
+struct Engine::Impl {
+  struct Request {
+    SamplingOptions options;
+    std::mt19937_64 rng;
+  };
+
+  EngineConfig config;
+  ModelInfo info;
+  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<Scheduler> scheduler;
+  runtime::Sampler sampler;
+  std::unordered_map<int64_t, Request> requests;
+  int64_t next_id = 1;
+  std::vector<int32_t> sampled;
+  std::vector<TokenEvent> events;
+};
+
+namespace {
+
+uint64_t mix_seed(uint64_t seed, int64_t id) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * uint64_t(id + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
+  const auto t0 = std::chrono::steady_clock::now();
+  Impl& m = *impl_;
+  m.config = config;
+  if (config.load_format != "auto" && config.load_format != "safetensors" && config.load_format != "dummy")
+    throw std::invalid_argument("load_format \"" + config.load_format + "\" is not supported (auto, safetensors, dummy)");
+  const model::ModelConfig mc = model::ModelConfig::from_dir(config.model);
+  const bool dummy = config.load_format == "dummy";
+  std::shared_ptr<model::WeightStore> store;
+  if (!dummy) store = std::make_shared<model::WeightStore>(model::WeightStore::open(config.model));
+  const model::StorageType storage = model::resolve_storage(config.dtype, mc, store.get());
+  model::LlamaWeights weights = dummy ? model::dummy_llama_weights(mc, storage, config.seed)
+                                      : model::load_llama_weights(mc, store, storage);
+
+  const int64_t max_len = config.max_model_len > 0 ? config.max_model_len : mc.max_position_embeddings;
+  if (max_len > mc.max_position_embeddings)
+    throw std::invalid_argument("max_model_len=" + std::to_string(max_len) + " exceeds the model's "
+                                "max_position_embeddings=" + std::to_string(mc.max_position_embeddings));
+  if (config.block_size <= 0 || config.max_num_seqs <= 0)
+    throw std::invalid_argument("block_size and max_num_seqs must be positive");
+  runtime::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
+                            storage == model::StorageType::kBF16 ? 2 : 4};
+  const int64_t budget = config.kv_cache_bytes > 0
+                             ? config.kv_cache_bytes
+                             : runtime::memory_budget_from_fraction(config.kv_cache_memory_fraction);
+  const runtime::KvCachePlan plan = runtime::plan_kv_cache(spec, budget, max_len);
+  // More blocks than every sequence at max_model_len can use only feed the prefix cache; cap
+  // them so a tiny model does not get millions of blocks.
+  const int64_t blocks_per_seq = (max_len + config.block_size - 1) / config.block_size;
+  const int64_t num_blocks = std::min({plan.num_blocks, 2 * int64_t(config.max_num_seqs) * blocks_per_seq,
+                                       int64_t(INT32_MAX) / config.block_size});
+
+  SchedulerConfig sc;
+  sc.max_model_len = int32_t(max_len);
+  sc.max_num_seqs = config.max_num_seqs;
+  sc.max_num_batched_tokens = std::max(config.max_num_batched_tokens, config.max_num_seqs);
+  sc.policy = config.policy;
+  sc.cache.num_blocks = int32_t(num_blocks);
+  sc.cache.block_size = config.block_size;
+  sc.cache.enable_prefix_caching = config.enable_prefix_caching;
+  m.scheduler = std::make_unique<Scheduler>(sc);
+
+  ModelInfo& info = m.info;
+  info.model_type = mc.model_type;
+  info.dtype = model::storage_name(storage);
+  info.isa = runtime::isa_name(cpu::kernels().isa);
+  info.vocab_size = mc.vocab_size;
+  info.hidden_size = mc.hidden_size;
+  info.num_layers = mc.num_hidden_layers;
+  info.max_model_len = int32_t(max_len);
+  for (int64_t e : mc.eos_token_ids) info.eos_token_ids.push_back(int32_t(e));
+  info.bos_token_id = int32_t(mc.bos_token_id);
+  info.num_kv_blocks = num_blocks;
+  info.weight_bytes_mapped = weights.mapped_bytes;
+  info.weight_bytes_owned = weights.owned_bytes;
+  info.kv_cache_report = plan.report();
+  if (num_blocks < plan.num_blocks)
+    info.kv_cache_report += "; using " + std::to_string(num_blocks) + " blocks (2 x max_num_seqs sequences of max_model_len)";
+
+  model::ExecutorOptions eo{num_blocks, config.block_size, max_len, config.deterministic};
+  m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, cpu::kernels());
+  info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (config.verbose)
+    std::fprintf(stderr, "flashpage: %s (%s, %s kernels), weights %.1f MiB mapped + %.1f MiB loaded in %.2f s\n%s\n",
+                 config.model.c_str(), info.dtype.c_str(), info.isa.c_str(), double(info.weight_bytes_mapped) / (1 << 20),
+                 double(info.weight_bytes_owned) / (1 << 20), info.load_seconds, info.kv_cache_report.c_str());
+}
+
+Engine::~Engine() = default;
+
+const ModelInfo& Engine::info() const { return impl_->info; }
+const EngineConfig& Engine::config() const { return impl_->config; }
+Scheduler& Engine::scheduler() { return *impl_->scheduler; }
+bool Engine::has_unfinished() const { return impl_->scheduler->has_unfinished(); }
+
+int64_t Engine::add_request(std::span<const int32_t> prompt, const SamplingOptions& options) {
+  Impl& m = *impl_;
+  runtime::Sampler::validate(options);
+  for (size_t i = 0; i < prompt.size(); ++i)
+    if (prompt[i] < 0 || prompt[i] >= m.info.vocab_size)
+      throw RequestRejected("prompt token id " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +
+                            " is outside the vocabulary [0, " + std::to_string(m.info.vocab_size) + ")");
+  RequestSpec spec;
+  spec.request_id = m.next_id++;
+  spec.prompt.assign(prompt.begin(), prompt.end());
+  spec.stop.max_tokens = options.max_tokens;
+  spec.stop.min_tokens = options.min_tokens;
+  spec.stop.stop_token_ids = options.stop_token_ids;
+  spec.stop.eos_token_ids = m.info.eos_token_ids;
+  spec.stop.ignore_eos = options.ignore_eos;
+  spec.priority = options.priority;
+  const int64_t id = spec.request_id;
+  m.scheduler->add_request(std::move(spec));
+  const uint64_t seed = options.seed >= 0 ? uint64_t(options.seed) : mix_seed(m.config.seed, id);
+  m.requests.emplace(id, Impl::Request{options, std::mt19937_64(seed)});
+  return id;
+}
+
+bool Engine::abort_request(int64_t request_id) {
+  impl_->requests.erase(request_id);
+  return impl_->scheduler->abort_request(request_id);
+}
+
+std::span<const float> Engine::execute(const StepOutput& step) {
+  const float* logits = impl_->model->forward(step);
+  return {logits, size_t(step.num_seqs()) * size_t(impl_->info.vocab_size)};
+}
+
+const std::vector<TokenEvent>& Engine::step() {
+  Impl& m = *impl_;
+  m.events.clear();
+  const std::shared_ptr<const StepOutput> st = m.scheduler->schedule();
+  const int32_t S = st->num_seqs();
+  if (S == 0) return m.events;
+  const float* logits = m.model->forward(*st);
+  const int64_t V = m.info.vocab_size;
+  m.sampled.assign(size_t(S), 0);
+  for (int32_t s = 0; s < S; ++s) {
+    if (!st->do_sample[s]) continue;
+    Impl::Request& r = m.requests.at(st->request_ids[s]);
+    m.sampled[s] = m.sampler.sample({logits + s * V, size_t(V)}, r.options, r.rng);
+  }
+  for (const RequestUpdate& u : m.scheduler->update(m.sampled)) {
+    m.events.push_back({u.request_id, u.token, u.finish});
+    if (u.finish != FinishReason::kNone) m.requests.erase(u.request_id);
+  }
+  return m.events;
+}
+
+std::vector<Completion> Engine::generate(const std::vector<std::vector<int32_t>>& prompts,
+                                         const SamplingOptions& options) {
+  std::vector<Completion> out;
+  std::unordered_map<int64_t, size_t> index;
+  for (const auto& p : prompts) {
+    const int64_t id = add_request(p, options);
+    index[id] = out.size();
+    out.push_back({id, p, {}, FinishReason::kNone});
+  }
+  size_t remaining = out.size();
+  while (remaining > 0 && has_unfinished()) {
+    for (const TokenEvent& e : step()) {
+      auto it = index.find(e.request_id);
+      if (it == index.end()) continue;
+      Completion& c = out[it->second];
+      if (e.token >= 0) c.token_ids.push_back(e.token);
+      if (e.finish != FinishReason::kNone) {
+        c.finish_reason = e.finish;
+        --remaining;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace flashpage

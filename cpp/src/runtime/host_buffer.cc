@@ -1,0 +1,40 @@
+#include "runtime/host_buffer.h"
+
+#include <sys/mman.h>
+
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace flashpage::runtime {
+
+HostBuffer::HostBuffer(size_t bytes) : size_(bytes) {
+  if (bytes == 0) return;
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED)
+    throw std::runtime_error("cannot allocate " + std::to_string(bytes >> 20) + " MiB of host memory");
+  data_ = p;
+}
+
+HostBuffer::~HostBuffer() { release(); }
+
+HostBuffer::HostBuffer(HostBuffer&& o) noexcept
+    : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+
+HostBuffer& HostBuffer::operator=(HostBuffer&& o) noexcept {
+  if (this != &o) {
+    release();
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+  }
+  return *this;
+}
+
+void HostBuffer::release() {
+  if (data_) munmap(data_, size_);
+  data_ = nullptr;
+  size_ = 0;
+}
+
+}  // namespace flashpage::runtime
