@@ -98,6 +98,10 @@ def test_rope_scaling_llama3_and_linear():
                                          "rope_theta": 500000.0, "rope_scaling": rs}))
     want = hf_llama3_inv_freq(500000.0, 128, 8.0, 1.0, 4.0, 8192)
     np.testing.assert_allclose(cfg["rope_inv_freq"], want, rtol=1e-12)
+    # transformers 5 writes rope_parameters, with rope_theta inside
+    v5 = _core.parse_config(json.dumps({**LLAMA, "hidden_size": 1024, "num_attention_heads": 8,
+                                        "rope_parameters": {**rs, "rope_theta": 500000.0}}))
+    np.testing.assert_allclose(v5["rope_inv_freq"], want, rtol=1e-12)
     lin = _core.parse_config(json.dumps({**LLAMA, "rope_scaling": {"type": "linear", "factor": 4.0}}))
     np.testing.assert_allclose(lin["rope_inv_freq"], 1.0 / 10000 ** (np.arange(0, 8, 2) / 8) / 4)
 
@@ -108,6 +112,7 @@ def test_rope_scaling_llama3_and_linear():
     ({"num_hidden_layers": -1}, '"num_hidden_layers" must be positive'),
     ({"num_attention_heads": 8, "num_key_value_heads": 3}, "multiple of num_key_value_heads"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, 'rope_scaling type "yarn" is not supported'),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, 'rope_parameters type "dynamic" is not'),
     ({"hidden_act": "gelu"}, 'hidden_act "gelu" is not supported'),
     ({"model_type": "mistral", "sliding_window": 128}, "sliding_window=128 is not supported"),
     ({"vocab_size": 10.5}, '"vocab_size" must be an integer'),

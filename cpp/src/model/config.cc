@@ -38,6 +38,30 @@ bool get_bool(const Json& j, const std::string& key, const std::string& source, 
   return v->as_bool(source + " field \"" + key + "\"");
 }
 
+void parse_rope(const Json& rs, const std::string& what, ModelConfig& c) {
+  rs.as_object(what);
+  c.rope_theta = get_num(rs, "rope_theta", what, c.rope_theta);
+  const Json* t = rs.find("rope_type");
+  if (t == nullptr) t = rs.find("type");
+  if (t == nullptr) throw std::runtime_error(what + " lacks \"rope_type\"");
+  c.rope_scaling.type = t->as_string(what + " rope_type");
+  if (c.rope_scaling.type == "default") {
+    c.rope_scaling.type.clear();
+  } else if (c.rope_scaling.type == "linear") {
+    c.rope_scaling.factor = get_num(rs, "factor", what, 1.0);
+  } else if (c.rope_scaling.type == "llama3") {
+    c.rope_scaling.factor = get_num(rs, "factor", what, 8.0);
+    c.rope_scaling.low_freq_factor = get_num(rs, "low_freq_factor", what, 1.0);
+    c.rope_scaling.high_freq_factor = get_num(rs, "high_freq_factor", what, 4.0);
+    c.rope_scaling.original_max_position_embeddings =
+        get_int(rs, "original_max_position_embeddings", what, 8192, false);
+  } else {
+    throw std::runtime_error(what + " type \"" + c.rope_scaling.type +
+                             "\" is not supported (supported: linear, llama3)");
+  }
+  if (!(c.rope_scaling.factor > 0)) throw std::runtime_error(what + " factor must be positive");
+}
+
 }  // namespace
 
 ModelConfig ModelConfig::from_json_text(const std::string& text, const std::string& source) {
@@ -84,29 +108,15 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
       refuse(source, "sliding_window=" + std::to_string(sw->as_int("sliding_window")) +
                          " is not supported (sliding-window attention)");
   }
-  if (const Json* rs = j.find("rope_scaling"); rs && !rs->is_null()) {
-    const std::string what = source + " rope_scaling";
-    rs->as_object(what);
-    const Json* t = rs->find("rope_type");
-    if (t == nullptr) t = rs->find("type");
-    if (t == nullptr) refuse(source, "rope_scaling lacks \"rope_type\"");
-    c.rope_scaling.type = t->as_string(what + " rope_type");
-    if (c.rope_scaling.type == "default") {
-      c.rope_scaling.type.clear();
-    } else if (c.rope_scaling.type == "linear") {
-      c.rope_scaling.factor = get_num(*rs, "factor", what, 1.0);
-    } else if (c.rope_scaling.type == "llama3") {
-      c.rope_scaling.factor = get_num(*rs, "factor", what, 8.0);
-      c.rope_scaling.low_freq_factor = get_num(*rs, "low_freq_factor", what, 1.0);
-      c.rope_scaling.high_freq_factor = get_num(*rs, "high_freq_factor", what, 4.0);
-      c.rope_scaling.original_max_position_embeddings =
-          get_int(*rs, "original_max_position_embeddings", what, 8192, false);
-    } else {
-      refuse(source, "rope_scaling type \"" + c.rope_scaling.type +
-                         "\" is not supported (supported: linear, llama3)");
-    }
-    if (!(c.rope_scaling.factor > 0)) refuse(source, "rope_scaling factor must be positive");
+  // Rotary scaling: transformers 4 writes "rope_scaling" (and "rope_theta" beside it),
+  // transformers 5 writes "rope_parameters" holding rope_theta and the scaling together.
+  const Json* rs = j.find("rope_parameters");
+  const char* rope_key = "rope_parameters";
+  if (rs == nullptr || rs->is_null()) {
+    rs = j.find("rope_scaling");
+    rope_key = "rope_scaling";
   }
+  if (rs && !rs->is_null()) parse_rope(*rs, source + " " + rope_key, c);
   if (const Json* dt = j.find("torch_dtype"); dt && dt->is_string()) c.torch_dtype = dt->as_string("torch_dtype");
   if (const Json* dt = j.find("dtype"); c.torch_dtype.empty() && dt && dt->is_string())
     c.torch_dtype = dt->as_string("dtype");
