@@ -56,3 +56,35 @@ def test_cuda_backend_is_in_the_wheel_when_nvcc_is_present():
     # No dependency on CUDA runtime libraries: cudart is static, the driver is opened at run time.
     needed = run(["readelf", "-d", str(lib)]).stdout
     assert "libcudart" not in needed and "libcuda.so" not in needed
+
+
+STORIES = ROOT.parent / "shared" / "models" / "stories260K"
+
+
+def test_host_program_embeds_the_engine_through_find_package(cpp_build: Path, tmp_path: Path):
+    """cpp/examples/ is a separate CMake project that finds the installed package
+    (find_package(flashpage)) and generates with the C++ Engine, no Python involved."""
+    prefix = tmp_path / "prefix"
+    inst = run(["cmake", "--install", str(cpp_build), "--prefix", str(prefix)])
+    assert inst.returncode == 0, inst.stdout + inst.stderr
+    assert (prefix / "include" / "flashpage" / "engine.h").is_file()
+    example = ROOT / "build" / "example"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    cfg = run(["cmake", "-S", str(ROOT / "cpp" / "examples"), "-B", str(example), *gen,
+               f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release"])
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    build = run(["cmake", "--build", str(example)])
+    assert build.returncode == 0, build.stdout[-5000:] + build.stderr[-5000:]
+    exe = example / "generate"
+    bad = run([str(exe), str(tmp_path), "1", "2"])
+    assert bad.returncode == 1 and "config.json" in bad.stderr  # a clear error, not a crash
+    if not STORIES.is_dir():
+        pytest.skip("../shared/models/stories260K is not present")
+    res = run([str(exe), str(STORIES), "--max-tokens", "24", "1", "403", "407", "261", "378"])
+    assert res.returncode == 0, res.stderr
+    tokens = [int(t) for t in res.stdout.split()]
+    from flashpage import LLM, SamplingParams
+    want = LLM(str(STORIES), kv_cache_memory_bytes=64 << 20).generate(
+        {"prompt_token_ids": [1, 403, 407, 261, 378]}, SamplingParams(temperature=0, max_tokens=24))
+    assert tokens == want[0].outputs[0].token_ids
+    assert "process_start_to_first_token=" in res.stderr
