@@ -73,8 +73,11 @@ FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cac
 }
 
 // x [M, K] . w[N, K]^T (+ bias) with one ISA level's kernel (or "ref"), split over the global
-// thread pool's threads by output column when parallel.
-FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object bias, bool parallel) {
+// thread pool's threads by output column when parallel; `packed` picks linear_packed. With
+// `out` ([M, >= col_offset + N] float32, C-contiguous) the result goes into its columns
+// [col_offset, col_offset + N) and the rest is left alone, exercising the kernels' y row stride.
+FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object bias, bool parallel,
+                  bool packed, py::object out, int64_t col_offset) {
   if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1))
     throw std::invalid_argument("linear: x must be [M, K] and w [N, K] with the same K");
   const bool bf16 = w.dtype().is(py::dtype("uint16"));
@@ -86,13 +89,25 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
     b = FloatArray::ensure(bias);
     if (!b || b.ndim() != 1 || b.shape(0) != N) throw std::invalid_argument("linear: bias must be [N]");
   }
+  FloatArray y;
+  if (out.is_none()) {
+    if (col_offset != 0) throw std::invalid_argument("linear: col_offset needs out");
+    y = FloatArray({M, N});
+  } else {
+    // A float32, C-contiguous, writable array is used as is, not copied.
+    if (!py::isinstance<FloatArray>(out)) throw std::invalid_argument("linear: out must be a C-contiguous float32 array");
+    y = py::reinterpret_borrow<FloatArray>(out);
+    if (y.ndim() != 2 || y.shape(0) != M || col_offset < 0 || y.shape(1) < col_offset + N || !y.writeable())
+      throw std::invalid_argument("linear: out must be writable [M, >= col_offset + N]");
+  }
   const auto& table = table_for(isa);
-  FloatArray y({M, N});
-  float* yp = y.mutable_data();
+  const auto kernel = packed ? table.linear_packed : table.linear;
+  float* yp = y.mutable_data() + col_offset;
+  const int64_t ldy = y.shape(1);
   const float* xp = x.data();
   const void* wp = w.data();
   const float* bp = bias.is_none() ? nullptr : b.data();
-  auto part = [&](int64_t n0, int64_t n1) { table.linear(yp, xp, wp, bf16, bp, M, N, K, n0, n1); };
+  auto part = [&](int64_t n0, int64_t n1) { kernel(yp, xp, wp, bf16, bp, M, ldy, K, n0, n1); };
   py::gil_scoped_release release;
   if (parallel) runtime::ThreadPool::global().parallel_for(N, part, 16);
   else part(0, N);
@@ -120,7 +135,10 @@ void bind_runtime(py::module_& m) {
         "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
 
   m.def("linear", &linear, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
-        py::arg("parallel") = true, "x . w^T (+ bias) with the CPU kernels of one ISA level.");
+        py::arg("parallel") = true, py::kw_only(), py::arg("packed") = false,
+        py::arg("out") = py::none(), py::arg("col_offset") = 0,
+        "x . w^T (+ bias) with the CPU kernels of one ISA level: linear (batch-invariant), or "
+        "linear_packed when packed; into out[:, col_offset:col_offset + N] if out is given.");
   m.def("num_threads", [] { return runtime::ThreadPool::global().num_threads(); });
   m.def("silu_and_mul", [](const std::string& isa, FloatArray in) {
     if (in.ndim() != 2 || in.shape(1) % 2 != 0)

@@ -80,6 +80,11 @@ void linear(float* y, const float* x, const void* w, bool w_bf16, const float* b
     }
 }
 
+void linear_packed(float* y, const float* x, const void* w, bool w_bf16, const float* bias,
+                   int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
+  linear(y, x, w, w_bf16, bias, M, N, K, n_begin, n_end);
+}
+
 void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t i = 0; i < inter; ++i) {
@@ -132,14 +137,14 @@ void write_kv_cache(const float* key, const float* value, void* k_cache, void* v
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear, &ref::silu_and_mul,
+constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear, &ref::linear_packed, &ref::silu_and_mul,
                                  &ref::rotary, &ref::write_kv_cache};
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear, &avx2::silu_and_mul,
+constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear, &avx2::linear_packed, &avx2::silu_and_mul,
                                  &avx2::rotary, &avx2::write_kv_cache};
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear, &avx512::silu_and_mul,
+constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear, &avx512::linear_packed, &avx512::silu_and_mul,
                                  &avx512::rotary, &avx512::write_kv_cache};
 #endif
 }  // namespace

@@ -16,10 +16,18 @@ namespace flashpage::cpu {
                 int64_t rows, int64_t dim, float eps);                                     \
   /* Paged attention for a flattened batch (prefill chunks and decodes), see below.    */  \
   void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);  \
-  /* y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end): a Linear layer  */  \
-  /* with Hugging Face's [out, in] weights, fp32 or bf16 (raw uint16). y is [M, N].     */  \
+  /* y[m * N + n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end): a Linear   */ \
+  /* layer with Hugging Face's [out, in] weights w [>= n_end, K], fp32 or bf16 (raw      */ \
+  /* uint16); x is [M, K]. N is only the row stride of y (>= n_end): y may point into a  */ \
+  /* wider buffer. Batch-invariant: y[m, n] is bitwise the same whatever M, the other     */ \
+  /* rows, the row's position and the [n_begin, n_end) split (see linear.cc).            */ \
   void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias,     \
               int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);            \
+  /* linear for prefill-sized M (>= 16 or so): a packed, blocked GEMM, same arguments.    */ \
+  /* Not batch-invariant, and not bitwise equal to linear (fp32 rounding differs).       */ \
+  void linear_packed(float* y, const float* x, const void* w, bool w_bf16,                 \
+                     const float* bias, int64_t M, int64_t N, int64_t K, int64_t n_begin,  \
+                     int64_t n_end);                                                       \
   /* out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [tokens, 2 * inter].           */ \
   void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter);           \
   /* Rotate-half RoPE in place on x [tokens, heads, head_dim]; cos_sin [positions,        */ \
@@ -67,6 +75,7 @@ struct KernelTable {
   decltype(&ref::rms_norm) rms_norm;
   decltype(&ref::paged_attention) paged_attention;
   decltype(&ref::linear) linear;
+  decltype(&ref::linear_packed) linear_packed;
   decltype(&ref::silu_and_mul) silu_and_mul;
   decltype(&ref::rotary) rotary;
   decltype(&ref::write_kv_cache) write_kv_cache;

@@ -21,12 +21,70 @@ inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vzero() { return _mm512_setzero_ps(); }
+// Stores lanes [0, n) of v.
+inline void vstore_first(float* p, Vec v, int n) {
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+}
 // kLanes bf16 values (raw uint16) widened to fp32.
 inline Vec vload_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+// GCC 12 warns (-Wuninitialized) on inlined intrinsics built on _mm512_undefined_ps (the
+// 512-to-256 casts, shuffle_f32x4, permute_ps); their zero-masked forms with a full mask are
+// the same instructions without that.
+template <int imm>
+inline Vec vshuf128(Vec a, Vec b) { return _mm512_maskz_shuffle_f32x4(__mmask16(0xffff), a, b, imm); }
+template <int imm>
+inline Vec vpermute(Vec a) { return _mm512_maskz_permute_ps(__mmask16(0xffff), a, imm); }
+// Lanes summed as a halving tree: lane i + lane i+8, then i + i+4, i + i+2, i + i+1 (written
+// out rather than _mm512_reduce_add_ps, whose order is the compiler's: linear's packed path
+// replays this exact tree on whole vectors, see linear.cc).
+inline float vsum(Vec v) {
+  v = _mm512_add_ps(v, vshuf128<0x4e>(v, v));
+  v = _mm512_add_ps(v, vshuf128<0xb1>(v, v));
+  v = _mm512_add_ps(v, vpermute<0x4e>(v));
+  v = _mm512_add_ps(v, vpermute<0xb1>(v));
+  return _mm512_cvtss_f32(v);
+}
+// In-place transpose of kLanes x kLanes floats held as kLanes row vectors (always inlined: as a
+// call, the rows would go through memory).
+__attribute__((always_inline)) inline void vtranspose(Vec (&r)[kLanes]) {
+  Vec t[kLanes];
+#pragma GCC unroll 16
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  auto lo = [](Vec a, Vec b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  auto hi = [](Vec a, Vec b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+#pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4a + c]: 128-bit lane l holds rows 4a..4a+3 of column 4l + c.
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    t[c] = vshuf128<0x88>(r[c], r[4 + c]);
+    t[4 + c] = vshuf128<0xdd>(r[c], r[4 + c]);
+    t[8 + c] = vshuf128<0x88>(r[8 + c], r[12 + c]);
+    t[12 + c] = vshuf128<0xdd>(r[8 + c], r[12 + c]);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    r[c] = vshuf128<0x88>(t[c], t[8 + c]);
+    r[8 + c] = vshuf128<0xdd>(t[c], t[8 + c]);
+    r[4 + c] = vshuf128<0x88>(t[4 + c], t[12 + c]);
+    r[12 + c] = vshuf128<0xdd>(t[4 + c], t[12 + c]);
+  }
+}
 #else
 using Vec = __m256;
 constexpr int kLanes = 8;
@@ -37,15 +95,49 @@ inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vzero() { return _mm256_setzero_ps(); }
+inline void vstore_first(float* p, Vec v, int n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane), v);
+}
 inline Vec vload_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
+// The same halving tree: lane i + lane i+4, then i + i+2, then i + i+1.
 inline float vsum(Vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+__attribute__((always_inline)) inline void vtranspose(Vec (&r)[kLanes]) {
+  Vec t[kLanes];
+#pragma GCC unroll 16
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  auto lo = [](Vec a, Vec b) {
+    return _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+  };
+  auto hi = [](Vec a, Vec b) {
+    return _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)));
+  };
+#pragma GCC unroll 16
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // r[4a + c]: 128-bit lane l holds rows 4a..4a+3 of column 4l + c.
+#pragma GCC unroll 16
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x20);
+    t[4 + c] = _mm256_permute2f128_ps(r[c], r[4 + c], 0x31);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < 8; ++c) r[c] = t[c];
 }
 #endif
 

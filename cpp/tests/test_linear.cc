@@ -1,0 +1,146 @@
+// The CPU Linear kernels: both paths against the scalar reference, into a y wider than N, and
+// linear's batch invariance (bitwise equal rows whatever M, the row order and the n split).
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/kernels.h"
+#include "runtime/cpu_features.h"
+#include "test_util.h"
+
+using namespace flashpage;
+
+namespace {
+
+struct Weights {
+  std::vector<float> f32;     // the values (bf16-representable when bf16)
+  std::vector<uint16_t> b16;  // their bf16 bits
+  bool bf16;
+  const void* data() const { return bf16 ? static_cast<const void*>(b16.data()) : f32.data(); }
+};
+
+Weights make_weights(int64_t N, int64_t K, bool bf16, std::mt19937& rng) {
+  std::normal_distribution<float> dist;
+  Weights w{std::vector<float>(N * K), std::vector<uint16_t>(N * K), bf16};
+  for (int64_t i = 0; i < N * K; ++i) {
+    float v = dist(rng);
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    w.b16[i] = static_cast<uint16_t>(bits >> 16);
+    if (bf16) {
+      bits &= 0xFFFF0000u;
+      std::memcpy(&v, &bits, 4);
+    }
+    w.f32[i] = v;
+  }
+  return w;
+}
+
+std::vector<float> randn(int64_t n, std::mt19937& rng) {
+  std::normal_distribution<float> dist;
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+using LinearFn = decltype(&cpu::ref::linear);
+
+// y[M, N] through fn with rows of stride `ldy` starting at column `off`, n split at `cuts`.
+std::vector<float> call(LinearFn fn, const std::vector<float>& x, const Weights& w, const float* bias,
+                        int64_t M, int64_t N, int64_t K, std::vector<int64_t> cuts = {},
+                        int64_t ldy = 0, int64_t off = 0) {
+  if (ldy == 0) ldy = N;
+  std::vector<float> y(M * ldy, -7.f);
+  cuts.insert(cuts.begin(), 0);
+  cuts.push_back(N);
+  for (size_t i = 0; i + 1 < cuts.size(); ++i)
+    fn(y.data() + off, x.data(), w.data(), w.bf16, bias, M, ldy, K, cuts[i], cuts[i + 1]);
+  return y;
+}
+
+}  // namespace
+
+TEST(linear_both_paths_match_reference) {
+  std::mt19937 rng(3);
+  for (bool bf16 : {false, true})
+    for (auto [M, N, K] : {std::array<int64_t, 3>{1, 1, 1}, {1, 70, 37}, {3, 33, 16}, {7, 45, 100},
+                           {8, 64, 64}, {13, 96, 128}, {37, 77, 301}, {70, 130, 5}}) {
+      const Weights w = make_weights(N, K, bf16, rng);
+      const auto x = randn(M * K, rng), bias = randn(N, rng);
+      for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
+        const auto want = call(cpu::ref::linear, x, w, b, M, N, K);
+        for (auto isa : runtime::supported_isas()) {
+          const auto& t = cpu::kernels_for(isa);
+          for (LinearFn fn : {t.linear, t.linear_packed}) {
+            // Into columns [5, 5 + N) of rows of N + 12, in three uneven parts.
+            const int64_t ldy = N + 12, off = 5;
+            const auto got = call(fn, x, w, b, M, N, K, {std::min<int64_t>(N, 3), N / 2}, ldy, off);
+            int64_t bad = 0;
+            for (int64_t m = 0; m < M; ++m)
+              for (int64_t j = 0; j < ldy; ++j) {
+                const float g = got[m * ldy + j];
+                if (j < off || j >= off + N) {
+                  bad += g != -7.f;  // outside the written columns: untouched
+                  continue;
+                }
+                double mag = b ? std::fabs(b[j - off]) : 0.0;
+                for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[m * K + k]) * w.f32[(j - off) * K + k]);
+                bad += !(std::fabs(g - want[m * N + j - off]) <= 1e-6 * (mag + 1) * std::sqrt(double(K)));
+              }
+            if (bad)
+              std::fprintf(stderr, "  %s %s M=%lld N=%lld K=%lld bf16=%d bias=%d: %lld wrong\n",
+                           runtime::isa_name(isa), fn == t.linear ? "linear" : "linear_packed",
+                           (long long)M, (long long)N, (long long)K, int(bf16), b != nullptr, (long long)bad);
+            CHECK_EQ(bad, 0);
+          }
+        }
+      }
+    }
+}
+
+TEST(linear_is_batch_invariant) {
+  std::mt19937 rng(11);
+  const int64_t M = 37;
+  for (bool bf16 : {false, true})
+    for (auto [N, K] : {std::array<int64_t, 2>{45, 301}, {77, 67}, {33, 5}, {50, 1040}}) {
+      const Weights w = make_weights(N, K, bf16, rng);
+      const auto x = randn(M * K, rng), bias = randn(N, rng);
+      std::vector<int64_t> perm(M);
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::vector<float> xp(M * K);
+      for (int64_t i = 0; i < M; ++i) std::copy_n(&x[perm[i] * K], K, &xp[i * K]);
+      for (auto isa : runtime::supported_isas()) {
+        const auto fn = cpu::kernels_for(isa).linear;
+        const auto full = call(fn, x, w, bias.data(), M, N, K);
+        // Other n splits, and a wider y.
+        CHECK(call(fn, x, w, bias.data(), M, N, K, {1, 17, 18, N - 3}) == full);
+        const auto wide = call(fn, x, w, bias.data(), M, N, K, {N / 3}, N + 9, 4);
+        for (int64_t m = 0; m < M; ++m)
+          CHECK(std::memcmp(&wide[m * (N + 9) + 4], &full[m * N], N * sizeof(float)) == 0);
+        // Each row alone, and runs of rows of every length up to 24 from various starts.
+        for (int64_t i = 0; i < M; ++i) {
+          const std::vector<float> xi(x.begin() + i * K, x.begin() + (i + 1) * K);
+          CHECK(std::memcmp(call(fn, xi, w, bias.data(), 1, N, K).data(), &full[i * N], N * sizeof(float)) == 0);
+        }
+        for (int64_t len = 2; len <= 24; ++len) {
+          const int64_t start = (len * 7) % (M - len + 1);
+          const std::vector<float> xs(x.begin() + start * K, x.begin() + (start + len) * K);
+          const auto ys = call(fn, xs, w, bias.data(), len, N, K, {N / 2});
+          CHECK(std::memcmp(ys.data(), &full[start * N], len * N * sizeof(float)) == 0);
+        }
+        // The rows permuted.
+        const auto yp = call(fn, xp, w, bias.data(), M, N, K);
+        for (int64_t i = 0; i < M; ++i)
+          CHECK(std::memcmp(&yp[i * N], &full[perm[i] * N], N * sizeof(float)) == 0);
+        // Without a bias: the same sums (no + 0.f that would turn -0 into +0).
+        const auto nb = call(fn, x, w, nullptr, M, N, K);
+        const auto nb1 = call(fn, std::vector<float>(x.begin(), x.begin() + K), w, nullptr, 1, N, K);
+        CHECK(std::memcmp(nb.data(), nb1.data(), N * sizeof(float)) == 0);
+      }
+    }
+}
