@@ -1,6 +1,7 @@
 // Times the CPU Linear kernels (y = x . W^T) the way the executor calls them: [0, N) split
-// across ThreadPool::global() with grain 16. Prints GFLOP/s for both paths (linear, the
-// batch-invariant default, and linear_packed) and, at M = 1, the weight bytes read per second.
+// across ThreadPool::global() with grain 16, weights not in cache. Prints GFLOP/s for both paths
+// (linear, the batch-invariant default, and linear_packed) and, at M = 1, the weight bytes read
+// per second next to the machine's plain read bandwidth.
 // Usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick]
 #include <algorithm>
 #include <chrono>
@@ -59,6 +60,39 @@ double time_call(Fn&& fn, int reps) {
   return samples[samples.size() / 2];
 }
 
+// Copies of one weight matrix, together larger than any cache: successive calls use successive
+// copies, so the weights come from memory as they do in a model (decode streams them all).
+constexpr int64_t kColdBytes = int64_t(256) << 20;
+
+template <class T>
+std::vector<std::vector<T>> copies(const std::vector<T>& w) {
+  const int64_t n = std::max<int64_t>(1, kColdBytes / static_cast<int64_t>(w.size() * sizeof(T)));
+  return std::vector<std::vector<T>>(n, w);
+}
+
+// GB/s of plainly reading the copies, split over the pool like the kernels: what M = 1 should
+// reach (the machine's bandwidth varies with whatever else runs on it).
+double read_bandwidth(const std::vector<std::vector<float>>& bufs, int reps) {
+  constexpr int64_t kBlock = 4096;  // bytes
+  const int64_t blocks = static_cast<int64_t>(bufs[0].size() * sizeof(float) / kBlock);
+  std::vector<uint64_t> sink(64);
+  size_t next = 0;
+  const double sec = time_call([&] {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(bufs[next++ % bufs.size()].data());
+    runtime::ThreadPool::global().parallel_for(blocks, [&](int64_t b, int64_t e) {
+      uint64_t acc[8] = {};  // XOR of 8-byte words: vectorises, so the loads are the limit
+      for (int64_t i = b * kBlock; i < e * kBlock; i += 64)
+        for (int j = 0; j < 8; ++j) {
+          uint64_t v;
+          std::memcpy(&v, bytes + i + 8 * j, 8);
+          acc[j] ^= v;
+        }
+      for (int j = 0; j < 8; ++j) sink[b % 64] ^= acc[j];
+    }, 16);
+  }, reps);
+  return blocks * kBlock / sec / 1e9;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -89,17 +123,24 @@ int main(int argc, char** argv) {
     for (auto& v : w32) v = dist(rng) * 0.02f;
     std::vector<uint16_t> w16(w32.size());
     std::transform(w32.begin(), w32.end(), w16.begin(), to_bf16);
+    const auto w32s = copies(w32);
+    const auto w16s = copies(w16);
+    std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(w32s, reps));
     for (int64_t M : ms) {
       std::vector<float> x(M * s.K), y(M * s.N);
       for (auto& v : x) v = dist(rng);
       for (bool bf16 : {true, false}) {
-        const void* w = bf16 ? static_cast<const void*>(w16.data()) : w32.data();
         for (bool packed : {false, true}) {
           const auto kernel = packed ? table.linear_packed : table.linear;
-          auto part = [&](int64_t n0, int64_t n1) {
-            kernel(y.data(), x.data(), w, bf16, nullptr, M, s.N, s.K, n0, n1);
-          };
-          const double sec = time_call([&] { pool.parallel_for(s.N, part, 16); }, reps);
+          size_t next = 0;
+          const double sec = time_call([&] {
+            const size_t i = next++;
+            const void* w = bf16 ? static_cast<const void*>(w16s[i % w16s.size()].data())
+                                 : w32s[i % w32s.size()].data();
+            pool.parallel_for(s.N, [&](int64_t n0, int64_t n1) {
+              kernel(y.data(), x.data(), w, bf16, nullptr, M, s.N, s.K, n0, n1);
+            }, 16);
+          }, reps);
           const double gflops = 2.0 * M * s.N * s.K / sec / 1e9;
           char extra[64] = "";
           if (M == 1)

@@ -59,8 +59,9 @@ void direct_tile(float* y, const float* x, const W* w, const float* bias, int64_
 template <class W, int R>
 void direct_rows(float* y, const float* x, const W* w, const float* bias, int64_t N, int64_t K,
                  int64_t n_begin, int64_t n_end) {
-  // AVX2 has 16 registers: R x C accumulators + C weights + 1 input must fit.
-  constexpr int C = (R == 1 || kLanes == 16) ? 4 : 2;
+  // Decode (R = 1): 8 independent FMA chains. AVX2 has 16 registers: R x C accumulators + C
+  // weights + 1 input must fit.
+  constexpr int C = R == 1 ? 8 : (kLanes == 16 ? 4 : 2);
   int64_t n = n_begin;
   for (; n + C <= n_end; n += C) direct_tile<W, R, C>(y, x, w, bias, N, K, n);
   for (; n < n_end; ++n) direct_tile<W, R, 1>(y, x, w, bias, N, K, n);
@@ -89,7 +90,7 @@ constexpr int kNr = 2 * kLanes;  // output columns per panel (two vectors)
 // the register file (32 zmm / 16 ymm).
 constexpr int kMr = kLanes == 16 ? 12 : 6;
 // At and above this M, linear and linear_packed run the packed path.
-constexpr int64_t kPackedMinRows = 8;
+constexpr int64_t kPackedMinRows = 6;
 
 // Packed k position of k: lanesplit puts the chain of lane k % kLanes in one contiguous run.
 inline int64_t packed_k(int64_t k, int64_t kv, bool lanesplit) {
@@ -127,9 +128,6 @@ void pack_panel(float* dst, const W* w, int64_t K, int64_t n0, int cols, bool la
 constexpr int64_t kChunk = 192;
 // Tiles per group: their chain states stay in L1/L2 across the pieces.
 constexpr int64_t kGroupTiles = 8;
-// Prefetch distances (floats) in the packed inputs and the panel: the hardware prefetchers do
-// not keep up with a dozen broadcast streams.
-constexpr int64_t kPrefetchX = 512, kPrefetchW = 1024;
 
 // How one pass (`tiles` tiles of kMr rows) cuts the packed k positions: `chains` runs of `chain`
 // positions (kLanes lane chains for linear, one for linear_packed), each cut into pieces of up
@@ -187,8 +185,6 @@ using Tile = Vec[kMr][2];
 // acc[r][v] += x_r[s] * w[s][v] over `steps` packed k positions.
 inline void fma_steps(Tile& acc, const float* xp, const float* wp, int64_t steps) {
   for (int64_t s = 0; s < steps; ++s, xp += kMr, wp += kNr) {
-    if constexpr (kPrefetchX > 0) _mm_prefetch(reinterpret_cast<const char*>(xp + kPrefetchX), _MM_HINT_T0);
-    if constexpr (kPrefetchW > 0) _mm_prefetch(reinterpret_cast<const char*>(wp + kPrefetchW), _MM_HINT_T0);
     const Vec w0 = vload(wp), w1 = vload(wp + kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < kMr; ++r) {
@@ -230,26 +226,12 @@ void store_output(float* y, int64_t N, Tile& acc, const float* bias, int64_t row
   }
 }
 
-// Prefetches (into L2) the weight rows of the next panel while this one is being multiplied, a
-// few lines after each tile's piece, so that packing it does not wait on memory.
-struct PanelPrefetch {
-  const char* base = nullptr;  // first row of the next panel; null: none
-  int64_t row_bytes = 0, lines = 0, next = 0, per_call = 0;
-
-  void step() {
-    for (int64_t end = std::min(lines, next + per_call); next < end; ++next) {
-      const int64_t per_row = (row_bytes + 63) / 64, row = next / per_row, col = next % per_row;
-      _mm_prefetch(base + row * row_bytes + col * 64, _MM_HINT_T1);
-    }
-  }
-};
-
 // One panel of columns against the pass's packed rows. Each output's FMA chains run piece by
 // piece, their state kept in `part` between pieces (which does not change their arithmetic);
 // then the chains are combined by vsum's halving tree, the tail is FMA'd on in k order, and the
 // bias added.
 void panel_times_rows(float* y, int64_t N, const float* xp, const float* wp, const Plan& plan,
-                      const float* bias, int64_t rows, int cols, float* part, PanelPrefetch& pf) {
+                      const float* bias, int64_t rows, int cols, float* part) {
   constexpr int64_t tile_floats = kMr * kNr;
   const int64_t chains = plan.chains, chain = plan.chain;
   for (int64_t g0 = 0; g0 < plan.tiles; g0 += kGroupTiles) {
@@ -267,7 +249,6 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const float* wp, con
           }
           fma_steps(acc, xp + plan.x_at(off, steps, t), wp + off * kNr, steps);
           store_tile(pt, acc);
-          pf.step();
         }
       }
     for (int64_t t = g0; t < g1; ++t) {
@@ -315,15 +296,7 @@ void packed(float* y, const float* x, const W* w, const float* bias, int64_t M, 
       pack_panel(wp, w, K, n0, cols, lanesplit);
       float bias_pad[kNr] = {};
       if (bias) std::copy(bias + n0, bias + n0 + cols, bias_pad);
-      PanelPrefetch pf;
-      if (n0 + kNr < n_end) {
-        pf.base = reinterpret_cast<const char*>(w + (n0 + kNr) * K);
-        pf.row_bytes = K * static_cast<int64_t>(sizeof(W));
-        pf.lines = std::min<int64_t>(kNr, n_end - n0 - kNr) * ((pf.row_bytes + 63) / 64);
-        const int64_t calls = plan.tiles * plan.chains * ((plan.chain + kChunk - 1) / kChunk);
-        pf.per_call = calls > 0 ? (pf.lines + calls - 1) / calls : 0;
-      }
-      panel_times_rows(y + m0 * N + n0, N, xp, wp, plan, bias ? bias_pad : nullptr, rows, cols, part, pf);
+      panel_times_rows(y + m0 * N + n0, N, xp, wp, plan, bias ? bias_pad : nullptr, rows, cols, part);
     }
   }
 }
