@@ -88,11 +88,13 @@ void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list
   int64_t total = 0;
   for (const LinearJob& j : jobs) total += j.w->rows;
   const int64_t K = jobs.begin()->w->cols;
+  constexpr int64_t kPackedFromRows = 16;  // below this the direct kernel is as fast
+  const auto linear = !options_.deterministic && rows >= kPackedFromRows ? kern_.linear_packed : kern_.linear;
   auto part = [&](int64_t b, int64_t e) {
     int64_t off = 0;
     for (const LinearJob& j : jobs) {
       const int64_t lo = std::max(b, off), hi = std::min(e, off + j.w->rows);
-      if (lo < hi) kern_.linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, lo - off, hi - off);
+      if (lo < hi) linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, lo - off, hi - off);
       off += j.w->rows;
     }
   };
