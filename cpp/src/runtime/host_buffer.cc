@@ -15,6 +15,8 @@ HostBuffer::HostBuffer(size_t bytes) : size_(bytes) {
   if (p == MAP_FAILED)
     throw std::runtime_error("cannot allocate " + std::to_string(bytes >> 20) + " MiB of host memory");
   data_ = p;
+  // Weights and KV blocks are streamed: 2 MiB pages cut TLB misses (a hint; may be ignored).
+  madvise(p, bytes, MADV_HUGEPAGE);
 }
 
 HostBuffer::~HostBuffer() { release(); }

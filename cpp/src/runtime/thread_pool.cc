@@ -1,6 +1,9 @@
 #include "runtime/thread_pool.h"
 
 #include <sched.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -18,6 +21,16 @@ int default_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// About a millisecond of polling: longer than the gaps between the kernels of one step, shorter
+// than anything worth keeping a core busy for.
+constexpr int kSpins = 20000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
@@ -29,6 +42,7 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
+    ++generation_;
   }
   start_cv_.notify_all();
   for (auto& t : workers_) t.join();
@@ -49,6 +63,8 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
   }
   const int64_t chunk = (n + parts - 1) / parts;
   {
+    // Under the lock, so that a worker about to sleep either sees the new generation or is
+    // counted in sleepers_ (and notified).
     std::lock_guard<std::mutex> lock(mu_);
     invoke_ = invoke;
     ctx_ = ctx;
@@ -57,21 +73,30 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
     pending_ = static_cast<int>(workers_.size());
     ++generation_;
   }
-  start_cv_.notify_all();
+  if (sleepers_ > 0) start_cv_.notify_all();
   invoke(ctx, 0, std::min(n, chunk));  // the caller takes part 0
+  for (int i = 0; i < kSpins && pending_ != 0; ++i) cpu_relax();
+  if (pending_ == 0) return;
   std::unique_lock<std::mutex> lock(mu_);
+  caller_waiting_ = true;
   done_cv_.wait(lock, [this] { return pending_ == 0; });
+  caller_waiting_ = false;
 }
 
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   while (true) {
+    for (int i = 0; i < kSpins && generation_ == seen; ++i) cpu_relax();
     Invoke invoke;
     void* ctx;
     int64_t begin, end;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (generation_ == seen) {
+        ++sleepers_;
+        start_cv_.wait(lock, [&] { return generation_ != seen; });
+        --sleepers_;
+      }
       if (stop_) return;
       seen = generation_;
       invoke = invoke_;
@@ -80,8 +105,10 @@ void ThreadPool::worker(int index) {
       end = std::min(n_, begin + chunk_);
     }
     if (begin < end) invoke(ctx, begin, end);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (--pending_ == 0) done_cv_.notify_one();
+    if (pending_.fetch_sub(1) == 1 && caller_waiting_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_cv_.notify_one();
+    }
   }
 }
 

@@ -1,8 +1,12 @@
 // A fixed pool of worker threads for data-parallel kernels. parallel_for splits [0, n) into
 // one contiguous range per thread (the caller runs one of them) and returns when all are done.
 // No allocation per call: the task is passed by reference, not copied into a std::function.
+// A decode step issues ~100 parallel_for calls a few microseconds apart, and waking a sleeping
+// thread costs tens of microseconds on a VM, so workers (and the waiting caller) spin for a
+// short while before they sleep on a condition variable.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -42,9 +46,11 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable start_cv_, done_cv_;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};        // workers waiting on start_cv_
+  std::atomic<bool> caller_waiting_{false};
+  std::atomic<bool> stop_{false};
   // The current job.
   Invoke invoke_ = nullptr;
   void* ctx_ = nullptr;
