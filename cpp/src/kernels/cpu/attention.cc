@@ -1,7 +1,14 @@
 // Paged attention over the flattened batch (see PagedAttentionArgs), compiled once per ISA
-// level. One pass over the keys with an online softmax; vectorised over the head dimension.
+// level. Keys are taken kLanes positions at a time: kLanes dot products (each a lane-split chain
+// over head_dim) are reduced by one transpose into a vector of scores, the softmax is updated
+// once per group (vectorised exp), then the values are accumulated. Up to kTile query rows of
+// one KV head (query positions x the heads of its GQA group) share each group of keys while it
+// is in L1. A row's arithmetic depends only on that row (its groups start at position 0 and
+// stop at its own position), so results do not depend on the tile or batch it runs in.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/simd.h"
@@ -11,56 +18,147 @@ namespace flashpage::cpu::FLASHPAGE_ISA {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
+constexpr int kTile = 8;
+
+#if defined(__AVX512F__)
+inline float vmax_all(Vec v) { return _mm512_reduce_max_ps(v); }
+// Lanes [n, kLanes) set to x.
+inline Vec vfill_from(Vec v, int n, float x) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(~((1u << n) - 1)), v, _mm512_set1_ps(x));
+}
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2_times(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+#else
+inline float vmax_all(Vec v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline Vec vfill_from(Vec v, int n, float x) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+  return _mm256_blendv_ps(_mm256_set1_ps(x), v, keep);
+}
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2_times(Vec y, Vec n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+#endif
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); lanes below -87 give ~1e-38, not 0.
+inline Vec vexp(Vec x) {
+  x = vmin(vmax(x, vset1(-87.33654f)), vset1(88.72283f));
+  const Vec n = vround(vmul(x, vset1(1.44269504088896341f)));
+  x = vfma(n, vset1(-0.693359375f), x);
+  x = vfma(n, vset1(2.12194440e-4f), x);
+  Vec y = vset1(1.9875691500e-4f);
+  y = vfma(y, x, vset1(1.3981999507e-3f));
+  y = vfma(y, x, vset1(8.3334519073e-3f));
+  y = vfma(y, x, vset1(4.1665795894e-2f));
+  y = vfma(y, x, vset1(1.6666665459e-1f));
+  y = vfma(y, x, vset1(5.0000001201e-1f));
+  y = vfma(vmul(y, x), x, vadd(x, vset1(1.f)));
+  return vpow2_times(y, n);
+}
+
+struct Row {
+  float* out;
+  int64_t pos;
+  float m, l;
+};
 
 template <class KV>
 void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
-  const int64_t D = a.head_dim, bs = a.block_size;
-  const int64_t group = a.num_q_heads / a.num_kv_heads;
+  const int64_t D = a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
+  const int64_t group = a.num_q_heads / nkv;
   const int64_t vec_end = D - D % kLanes;
   const KV* kc = static_cast<const KV*>(a.k_cache);
   const KV* vc = static_cast<const KV*>(a.v_cache);
-  alignas(64) float acc[kMaxHeadDim];
-  alignas(64) float qs[kMaxHeadDim];
+  alignas(64) float qs[kTile][kMaxHeadDim];
+  alignas(64) float acc[kTile][kMaxHeadDim];
+  alignas(64) float sc[kLanes];
+  Row rows[kTile];
+  const KV* keys[kLanes];
+  const KV* vals[kLanes];
   for (int64_t s = seq_begin; s < seq_end; ++s) {
-    const int64_t r0 = a.query_start_loc[s], r1 = a.query_start_loc[s + 1];
+    const int64_t r0 = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - r0;
     const int64_t ctx = a.context_lens[s];
     const int32_t* bt = a.block_tables + s * a.block_table_stride;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t pos = ctx - (r1 - r0) + (r - r0);
-      const int64_t h_end = (a.kv_head_end > 0 ? a.kv_head_end : a.num_kv_heads) * group;
-      for (int64_t h = a.kv_head_begin * group; h < h_end; ++h) {
-        const int64_t kvh = h / group;
-        const float* q = a.q + (r * a.num_q_heads + h) * D;
-        for (int64_t i = 0; i < D; ++i) {
-          qs[i] = q[i] * a.scale;
-          acc[i] = 0.f;
-        }
-        float m = -INFINITY, l = 0.f;
-        for (int64_t p = 0; p <= pos; ++p) {
-          const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + kvh) * bs + p % bs) * D;
-          const KV* k = kc + row;
-          Vec dv = vzero();
-          for (int64_t i = 0; i < vec_end; i += kLanes) dv = vfma(vload(qs + i), vload_as_f32(k + i), dv);
-          float dot = vsum(dv);
-          for (int64_t i = vec_end; i < D; ++i) dot += qs[i] * scalar_as_f32(k + i);
-          const KV* v = vc + row;
-          if (dot > m) {  // new maximum: rescale what was accumulated
-            const float corr = std::exp(m - dot);
-            l *= corr;
-            const Vec vc_ = vset1(corr);
-            for (int64_t i = 0; i < vec_end; i += kLanes) vstore(acc + i, vmul(vload(acc + i), vc_));
-            for (int64_t i = vec_end; i < D; ++i) acc[i] *= corr;
-            m = dot;
+    const int64_t kv_end = a.kv_head_end > 0 ? a.kv_head_end : nkv;
+    for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh) {
+      const int64_t n_rows = q_len * group;  // (query row, head of the group), row-major
+      for (int64_t t0 = 0; t0 < n_rows; t0 += kTile) {
+        const int nt = int(std::min<int64_t>(kTile, n_rows - t0));
+        int64_t max_pos = 0;
+        for (int i = 0; i < nt; ++i) {
+          const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
+          const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            qs[i][d] = q[d] * a.scale;
+            acc[i][d] = 0.f;
           }
-          const float w = std::exp(dot - m);
-          l += w;
-          const Vec wv = vset1(w);
-          for (int64_t i = 0; i < vec_end; i += kLanes) vstore(acc + i, vfma(wv, vload_as_f32(v + i), vload(acc + i)));
-          for (int64_t i = vec_end; i < D; ++i) acc[i] += w * scalar_as_f32(v + i);
+          rows[i] = {a.out + ((r0 + r) * a.num_q_heads + h) * D, ctx - q_len + r, -INFINITY, 0.f};
+          max_pos = std::max(max_pos, rows[i].pos);
         }
-        float* out = a.out + (r * a.num_q_heads + h) * D;
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        for (int64_t i = 0; i < D; ++i) out[i] = acc[i] * inv;
+        for (int64_t p0 = 0; p0 <= max_pos; p0 += kLanes) {
+          const int ng = int(std::min<int64_t>(kLanes, max_pos - p0 + 1));
+          for (int j = 0; j < ng; ++j) {
+            const int64_t p = p0 + j;
+            const int64_t off = ((int64_t(bt[p / bs]) * nkv + kvh) * bs + p % bs) * D;
+            keys[j] = kc + off;
+            vals[j] = vc + off;
+          }
+          for (int i = 0; i < nt; ++i) {
+            Row& R = rows[i];
+            if (R.pos < p0) continue;
+            const int nv = int(std::min<int64_t>(kLanes, R.pos - p0 + 1));
+            Vec part[kLanes];
+            for (int j = 0; j < kLanes; ++j) {
+              part[j] = vzero();
+              if (j >= nv) continue;
+              for (int64_t d = 0; d < vec_end; d += kLanes)
+                part[j] = vfma(vload(qs[i] + d), vload_as_f32(keys[j] + d), part[j]);
+            }
+            vtranspose(part);
+            Vec score = part[0];
+            for (int j = 1; j < kLanes; ++j) score = vadd(score, part[j]);
+            if (vec_end < D) {  // head_dim not a multiple of kLanes: the rest per key
+              vstore(sc, score);
+              for (int j = 0; j < nv; ++j)
+                for (int64_t d = vec_end; d < D; ++d) sc[j] += qs[i][d] * scalar_as_f32(keys[j] + d);
+              score = vload(sc);
+            }
+            score = vfill_from(score, nv, -INFINITY);
+            const float gmax = vmax_all(score);
+            if (gmax > R.m) {  // new maximum: rescale what was accumulated
+              const float corr = std::exp(R.m - gmax);
+              R.l *= corr;
+              const Vec cv = vset1(corr);
+              for (int64_t d = 0; d < vec_end; d += kLanes) vstore(acc[i] + d, vmul(vload(acc[i] + d), cv));
+              for (int64_t d = vec_end; d < D; ++d) acc[i][d] *= corr;
+              R.m = gmax;
+            }
+            const Vec pw = vfill_from(vexp(vadd(score, vset1(-R.m))), nv, 0.f);
+            R.l += vsum(pw);
+            vstore(sc, pw);
+            for (int j = 0; j < nv; ++j) {
+              const Vec w = vset1(sc[j]);
+              for (int64_t d = 0; d < vec_end; d += kLanes)
+                vstore(acc[i] + d, vfma(w, vload_as_f32(vals[j] + d), vload(acc[i] + d)));
+              for (int64_t d = vec_end; d < D; ++d) acc[i][d] += sc[j] * scalar_as_f32(vals[j] + d);
+            }
+          }
+        }
+        for (int i = 0; i < nt; ++i) {
+          const float inv = rows[i].l > 0.f ? 1.f / rows[i].l : 0.f;
+          for (int64_t d = 0; d < D; ++d) rows[i].out[d] = acc[i][d] * inv;
+        }
       }
     }
   }
