@@ -89,8 +89,9 @@ constexpr int kNr = 2 * kLanes;  // output columns per panel (two vectors)
 // Input rows per micro-tile: kMr x 2 accumulators, 2 weight vectors and a broadcast must fit in
 // the register file (32 zmm / 16 ymm).
 constexpr int kMr = kLanes == 16 ? 12 : 6;
-// At and above this M, linear and linear_packed run the packed path.
-constexpr int64_t kPackedMinRows = 6;
+// At and above this M, linear and linear_packed run the packed path (below it, packing the
+// weight panels costs more than re-reading them from L2 in the direct path: measured).
+constexpr int64_t kPackedMinRows = 16;
 
 // Packed k position of k: lanesplit puts the chain of lane k % kLanes in one contiguous run.
 inline int64_t packed_k(int64_t k, int64_t kv, bool lanesplit) {
