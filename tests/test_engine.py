@@ -122,6 +122,10 @@ def test_seeded_sampling_is_reproducible_and_batch_independent():
                          [SamplingParams(temperature=1.0, max_tokens=30), seeded,
                           SamplingParams(temperature=0.5, seed=7, max_tokens=10)])
     assert crowd[1].outputs[0].token_ids == alone
+    greedy = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=24))[0]
+    top1 = llm.generate("Once upon a time", SamplingParams(temperature=1.5, top_k=1, max_tokens=24))[0]
+    tiny_p = llm.generate("Once upon a time", SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=24))[0]
+    assert top1.outputs[0].token_ids == greedy.outputs[0].token_ids == tiny_p.outputs[0].token_ids
     unseeded = SamplingParams(temperature=1.0, max_tokens=24)
     texts = {tuple(llm.generate("Once upon a time", unseeded)[0].outputs[0].token_ids) for _ in range(4)}
     assert len(texts) > 1  # unseeded requests differ

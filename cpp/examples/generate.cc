@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   flashpage::EngineConfig config;
   config.model = argv[1];
   config.kv_cache_bytes = int64_t(1) << 30;
+  config.verbose = true;  // the start-up report: weights mapped or loaded, KV-cache sizing
   flashpage::SamplingOptions sampling;
   sampling.temperature = 0.f;
   std::vector<int32_t> prompt;

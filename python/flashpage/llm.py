@@ -22,6 +22,7 @@ class LLM:
     ``kv_cache_memory_bytes`` sizes the KV cache; without it, ``kv_cache_memory_fraction`` of
     the memory the OS reports available is used. ``deterministic`` (default) keeps every
     sequence's logits independent of what shares its batch and of prompt chunking.
+    ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class LLM:
         deterministic: bool = True,
         seed: int = 0,
         skip_tokenizer_init: bool = False,
-        verbose: bool = False,
+        verbose: bool = True,
     ) -> None:
         if not os.path.isdir(model):
             raise FileNotFoundError(f"{model}: not a directory (flashpage loads local Hugging Face model directories)")
