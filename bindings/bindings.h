@@ -26,6 +26,23 @@ inline std::span<const int32_t> as_span(const IntArray& a) {
   return {a.data(), static_cast<size_t>(a.shape(0))};
 }
 
+// (request_ids, tokens, finish_reasons) of a list of events with request_id, token and finish
+// (RequestUpdate, TokenEvent); a reason is None while the request goes on.
+template <class Event>
+pybind11::tuple events_as_arrays(const std::vector<Event>& events) {
+  const auto n = static_cast<pybind11::ssize_t>(events.size());
+  pybind11::array_t<int64_t> ids(n);
+  pybind11::array_t<int32_t> toks(n);
+  pybind11::list reasons;
+  for (pybind11::ssize_t i = 0; i < n; ++i) {
+    ids.mutable_at(i) = events[i].request_id;
+    toks.mutable_at(i) = events[i].token;
+    if (events[i].finish == FinishReason::kNone) reasons.append(pybind11::none());
+    else reasons.append(pybind11::str(finish_reason_name(events[i].finish)));
+  }
+  return pybind11::make_tuple(ids, toks, reasons);
+}
+
 inline SchedulingPolicy parse_policy(const std::string& policy) {
   if (policy == "fcfs") return SchedulingPolicy::kFcfs;
   if (policy == "priority") return SchedulingPolicy::kPriority;

@@ -174,18 +174,7 @@ void bind_scheduler(py::module_& m) {
       .def("schedule", [](Scheduler& s) { return std::const_pointer_cast<StepOutput>(s.schedule()); })
       .def("update",
            [](Scheduler& s, IntArray sampled, IntArray fork_tokens) {
-             const auto& ups = s.update(as_span(sampled), as_span(fork_tokens));
-             const auto n = static_cast<py::ssize_t>(ups.size());
-             py::array_t<int64_t> ids(n);
-             py::array_t<int32_t> toks(n);
-             py::list reasons;
-             for (py::ssize_t i = 0; i < n; ++i) {
-               ids.mutable_at(i) = ups[i].request_id;
-               toks.mutable_at(i) = ups[i].token;
-               if (ups[i].finish == FinishReason::kNone) reasons.append(py::none());
-               else reasons.append(py::str(finish_reason_name(ups[i].finish)));
-             }
-             return py::make_tuple(ids, toks, reasons);
+             return events_as_arrays(s.update(as_span(sampled), as_span(fork_tokens)));
            },
            py::arg("sampled"), py::arg("fork_tokens") = IntArray(0),
            "Feeds the sampled tokens (one per row of the last step). Returns (request_ids, "

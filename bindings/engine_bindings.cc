@@ -29,11 +29,6 @@ py::dict info_dict(const ModelInfo& i) {
   return d;
 }
 
-py::object reason_or_none(FinishReason r) {
-  if (r == FinishReason::kNone) return py::none();
-  return py::str(finish_reason_name(r));
-}
-
 }  // namespace
 
 void bind_engine(py::module_& m) {
@@ -89,16 +84,7 @@ void bind_engine(py::module_& m) {
                py::gil_scoped_release release;
                ev = &e.step();
              }
-             const auto n = static_cast<py::ssize_t>(ev->size());
-             py::array_t<int64_t> ids(n);
-             py::array_t<int32_t> toks(n);
-             py::list reasons;
-             for (py::ssize_t i = 0; i < n; ++i) {
-               ids.mutable_at(i) = (*ev)[i].request_id;
-               toks.mutable_at(i) = (*ev)[i].token;
-               reasons.append(reason_or_none((*ev)[i].finish));
-             }
-             return py::make_tuple(ids, toks, reasons);
+             return events_as_arrays(*ev);
            },
            "Runs one step (schedule, forward, sample, update). Returns (request_ids, tokens, "
            "finish_reasons) for the requests that got a token or finished.")
