@@ -183,17 +183,27 @@ void pack_rows(float* xp, const Plan& plan, int64_t t, const float* x, int64_t r
 
 using Tile = Vec[kMr][2];
 
-// acc[r][v] += x_r[s] * w[s][v] over `steps` packed k positions.
+// acc[r][v] += x_r[s] * w[s][v] over `steps` packed k positions, for rows r < MR.
+template <int MR>
 inline void fma_steps(Tile& acc, const float* xp, const float* wp, int64_t steps) {
   for (int64_t s = 0; s < steps; ++s, xp += kMr, wp += kNr) {
     const Vec w0 = vload(wp), w1 = vload(wp + kLanes);
 #pragma GCC unroll 16
-    for (int r = 0; r < kMr; ++r) {
+    for (int r = 0; r < MR; ++r) {
       const Vec xv = vset1(xp[r]);
       acc[r][0] = vfma(xv, w0, acc[r][0]);
       acc[r][1] = vfma(xv, w1, acc[r][1]);
     }
   }
+}
+
+// fma_steps for a tile holding `rows` input rows: a partly filled last tile (M = 16 is one full
+// tile and 4 rows) runs a third or two thirds of the micro-kernel. Each row's arithmetic is the
+// same whichever is used.
+inline void fma_rows(Tile& acc, const float* xp, const float* wp, int64_t steps, int64_t rows) {
+  if (rows <= kMr / 3) fma_steps<kMr / 3>(acc, xp, wp, steps);
+  else if (rows <= 2 * kMr / 3) fma_steps<2 * kMr / 3>(acc, xp, wp, steps);
+  else fma_steps<kMr>(acc, xp, wp, steps);
 }
 
 inline void load_tile(Tile& acc, const float* p) {
@@ -235,6 +245,7 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const float* wp, con
                       const float* bias, int64_t rows, int cols, float* part) {
   constexpr int64_t tile_floats = kMr * kNr;
   const int64_t chains = plan.chains, chain = plan.chain;
+  auto tile_rows = [&](int64_t t) { return std::min<int64_t>(kMr, rows - t * kMr); };
   for (int64_t g0 = 0; g0 < plan.tiles; g0 += kGroupTiles) {
     const int64_t g1 = std::min(plan.tiles, g0 + kGroupTiles);
     for (int64_t c = 0; c < chains; ++c)
@@ -248,7 +259,7 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const float* wp, con
           } else {
             load_tile(acc, pt);
           }
-          fma_steps(acc, xp + plan.x_at(off, steps, t), wp + off * kNr, steps);
+          fma_rows(acc, xp + plan.x_at(off, steps, t), wp + off * kNr, steps, tile_rows(t));
           store_tile(pt, acc);
         }
       }
@@ -262,8 +273,8 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const float* wp, con
       Tile acc;
       load_tile(acc, pt);
       const int64_t off = plan.chained(), steps = plan.K - off;
-      fma_steps(acc, xp + plan.x_at(off, steps, t), wp + off * kNr, steps);
-      store_output(y + t * kMr * N, N, acc, bias, std::min<int64_t>(kMr, rows - t * kMr), cols);
+      fma_rows(acc, xp + plan.x_at(off, steps, t), wp + off * kNr, steps, tile_rows(t));
+      store_output(y + t * kMr * N, N, acc, bias, tile_rows(t), cols);
     }
   }
 }
