@@ -60,7 +60,7 @@ void bind_engine(py::module_& m) {
            py::arg("max_model_len") = 0, py::arg("block_size") = 16, py::arg("max_num_seqs") = 256,
            py::arg("max_num_batched_tokens") = 2048, py::arg("enable_prefix_caching") = true,
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
-           py::arg("kv_cache_memory_fraction") = 0.25, py::arg("deterministic") = true, py::arg("seed") = 0,
+           py::arg("kv_cache_memory_fraction") = 0.25, py::arg("deterministic") = false, py::arg("seed") = 0,
            py::arg("verbose") = false)
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",

@@ -20,8 +20,9 @@ class LLM:
     """A model on this machine's CPU, with its KV cache, scheduler and sampler.
 
     ``kv_cache_memory_bytes`` sizes the KV cache; without it, ``kv_cache_memory_fraction`` of
-    the memory the OS reports available is used. ``deterministic`` (default) keeps every
-    sequence's logits independent of what shares its batch and of prompt chunking.
+    the memory the OS reports available is used. ``deterministic=True`` keeps every
+    sequence's logits bitwise independent of what shares its batch and of prompt chunking (it
+    costs 11-17 % of prefill and batched throughput, so it is off by default).
     ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
@@ -39,7 +40,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         kv_cache_memory_fraction: float = 0.25,
-        deterministic: bool = True,
+        deterministic: bool = False,
         seed: int = 0,
         skip_tokenizer_init: bool = False,
         verbose: bool = True,

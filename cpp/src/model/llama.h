@@ -3,7 +3,7 @@
 // through the slot mapping, logits only for the last position of each scheduled sequence.
 //
 // Every kernel computes each output row with a fixed reduction order that depends on nothing
-// but that row, so in deterministic mode (the default) a sequence's logits are bitwise the same
+// but that row, so in deterministic mode a sequence's logits are bitwise the same
 // whatever shares its batch and however its prompt was chunked.
 #pragma once
 
@@ -25,7 +25,7 @@ struct ExecutorOptions {
   int64_t max_model_len = 0;  // rotary tables cover positions below this
   // false allows the faster blocked GEMM for prefill-sized batches, whose rounding depends on
   // how many rows share the call (so on batch composition and chunking).
-  bool deterministic = true;
+  bool deterministic = false;
 };
 
 class LlamaModel {
