@@ -36,7 +36,7 @@ void bind_engine(py::module_& m) {
       .def(py::init([](const std::string& model, const std::string& dtype, const std::string& load_format,
                        int32_t max_model_len, int32_t block_size, int32_t max_num_seqs,
                        int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
-                       int64_t kv_cache_bytes, double kv_cache_memory_fraction, bool deterministic,
+                       int64_t kv_cache_bytes, double kv_cache_memory_fraction,
                        uint64_t seed, bool verbose) {
              EngineConfig c;
              c.model = model;
@@ -50,7 +50,6 @@ void bind_engine(py::module_& m) {
              c.policy = parse_policy(policy);
              c.kv_cache_bytes = kv_cache_bytes;
              c.kv_cache_memory_fraction = kv_cache_memory_fraction;
-             c.deterministic = deterministic;
              c.seed = seed;
              c.verbose = verbose;
              py::gil_scoped_release release;
@@ -60,7 +59,7 @@ void bind_engine(py::module_& m) {
            py::arg("max_model_len") = 0, py::arg("block_size") = 16, py::arg("max_num_seqs") = 256,
            py::arg("max_num_batched_tokens") = 2048, py::arg("enable_prefix_caching") = true,
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
-           py::arg("kv_cache_memory_fraction") = 0.25, py::arg("deterministic") = false, py::arg("seed") = 0,
+           py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
            py::arg("verbose") = false)
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",

@@ -73,11 +73,12 @@ FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cac
 }
 
 // x [M, K] . w[N, K]^T (+ bias) with one ISA level's kernel (or "ref"), split over the global
-// thread pool's threads by output column when parallel; `packed` picks linear_packed. With
+// thread pool's threads by panels of output columns when parallel; w is packed with the
+// level's pack_linear first, as the model does at load. With
 // `out` ([M, >= col_offset + N] float32, C-contiguous) the result goes into its columns
 // [col_offset, col_offset + N) and the rest is left alone, exercising the kernels' y row stride.
 FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object bias, bool parallel,
-                  bool packed, py::object out, int64_t col_offset) {
+                  py::object out, int64_t col_offset) {
   if (x.ndim() != 2 || w.ndim() != 2 || w.shape(1) != x.shape(1))
     throw std::invalid_argument("linear: x must be [M, K] and w [N, K] with the same K");
   const bool bf16 = w.dtype().is(py::dtype("uint16"));
@@ -101,16 +102,18 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
       throw std::invalid_argument("linear: out must be writable [M, >= col_offset + N]");
   }
   const auto& table = table_for(isa);
-  const auto kernel = packed ? table.linear_packed : table.linear;
   float* yp = y.mutable_data() + col_offset;
-  const int64_t ldy = y.shape(1);
+  const int64_t ldy = y.shape(1), panel = table.linear_panel();
   const float* xp = x.data();
-  const void* wp = w.data();
   const float* bp = bias.is_none() ? nullptr : b.data();
-  auto part = [&](int64_t n0, int64_t n1) { kernel(yp, xp, wp, bf16, bp, M, ldy, K, n0, n1); };
   py::gil_scoped_release release;
-  if (parallel) runtime::ThreadPool::global().parallel_for(N, part, 16);
-  else part(0, N);
+  const cpu::PackedLinear packed = cpu::pack_linear_weight(table, w.data(), bf16, N, K);
+  auto part = [&](int64_t p0, int64_t p1) {
+    table.linear(yp, xp, packed.data.data(), bf16, bp, M, ldy, K, p0 * panel, std::min(N, p1 * panel));
+  };
+  const int64_t panels = (N + panel - 1) / panel;
+  if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, 1);
+  else part(0, panels);
   return y;
 }
 
@@ -135,10 +138,9 @@ void bind_runtime(py::module_& m) {
         "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
 
   m.def("linear", &linear, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
-        py::arg("parallel") = true, py::kw_only(), py::arg("packed") = false,
-        py::arg("out") = py::none(), py::arg("col_offset") = 0,
-        "x . w^T (+ bias) with the CPU kernels of one ISA level: linear (batch-invariant), or "
-        "linear_packed when packed; into out[:, col_offset:col_offset + N] if out is given.");
+        py::arg("parallel") = true, py::kw_only(), py::arg("out") = py::none(), py::arg("col_offset") = 0,
+        "x . w^T (+ bias) with the CPU kernels of one ISA level (w packed first, as at load); "
+        "into out[:, col_offset:col_offset + N] if out is given.");
   m.def("num_threads", [] { return runtime::ThreadPool::global().num_threads(); });
   m.def("silu_and_mul", [](const std::string& isa, FloatArray in) {
     if (in.ndim() != 2 || in.shape(1) % 2 != 0)

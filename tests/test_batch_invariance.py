@@ -1,4 +1,4 @@
-"""Deterministic mode: a sequence's logits are bitwise identical whatever shares its batch, however
+"""Batch invariance (always on): a sequence's logits are bitwise identical whatever shares its batch, however
 its prompt is chunked, whether its prefix came from the cache, and whether it was preempted and
 recomputed. On random-weight checkpoints (transformers writes them) and on stories260K."""
 
@@ -21,7 +21,7 @@ def ckpt(request, tmp_path_factory):
 
 
 def engine(path: str, **kw) -> _core.Engine:
-    return _core.Engine(path, dtype="float32", deterministic=True,
+    return _core.Engine(path, dtype="float32",
                         **{"kv_cache_bytes": 16 << 20, "max_num_seqs": 32, **kw})
 
 
@@ -84,7 +84,7 @@ def test_sixteen_prompts_together_equal_each_alone():
              "A little bird", "Mom said", "In the park", "There was a big tree", "Ben and Mia",
              "The cat was sad", "She found a box", "It was raining", "The boy ran", "A fish", "Sam"]
     sp = SamplingParams(temperature=0.0, max_tokens=48)
-    llm = LLM(STORIES, kv_cache_memory_bytes=64 << 20, deterministic=True)
+    llm = LLM(STORIES, kv_cache_memory_bytes=64 << 20)
     together = [o.outputs[0].token_ids for o in llm.generate(texts, sp)]
     alone = [llm.generate(t, sp)[0].outputs[0].token_ids for t in texts]
     assert together == alone

@@ -1,5 +1,5 @@
-"""CPU Linear layers (fp32 and bf16 weights) on every ISA level against numpy: linear (the
-batch-invariant default) and linear_packed (the packed GEMM for prefill-sized M)."""
+"""CPU Linear layers (fp32 and bf16 weights) on every ISA level against numpy, the weights
+packed into each level's panel layout first as the model does at load."""
 
 import numpy as np
 import pytest
@@ -36,26 +36,24 @@ def _check(got, x, wf, bias, K):
 def test_linear_matches_numpy(M, N, K, bf16):
     x, wk, wf, bias = _case(M, N, K, bf16, M * 1000 + N)
     for isa in ISAS:
-        for packed in (False, True):
-            for b in (None, bias):
-                got = _core.linear(isa, x, wk, b, True, packed=packed)
-                _check(got, x, wf, b, K)
-            _check(_core.linear(isa, x, wk, bias, False, packed=packed), x, wf, bias, K)
+        for b in (None, bias):
+            got = _core.linear(isa, x, wk, b, True)
+            _check(got, x, wf, b, K)
+        _check(_core.linear(isa, x, wk, bias, False), x, wf, bias, K)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_linear_into_wider_output(packed):
+def test_linear_into_wider_output():
     """y with a row stride larger than N: only columns [off, off + N) are written."""
     M, N, K, off, width = 21, 45, 67, 7, 64
     x, wk, wf, bias = _case(M, N, K, True, 5)
     for isa in ISAS:
         out = np.full((M, width), -3.0, np.float32)
-        got = _core.linear(isa, x, wk, bias, True, packed=packed, out=out, col_offset=off)
+        got = _core.linear(isa, x, wk, bias, True, out=out, col_offset=off)
         assert got is out or np.shares_memory(got, out)
         _check(out[:, off:off + N], x, wf, bias, K)
         assert np.all(out[:, :off] == -3.0) and np.all(out[:, off + N:] == -3.0)
-        if not packed:  # batch invariance also covers where the columns land
-            assert np.array_equal(out[:, off:off + N], _core.linear(isa, x, wk, bias, True))
+        # batch invariance also covers where the columns land
+        assert np.array_equal(out[:, off:off + N], _core.linear(isa, x, wk, bias, True))
 
 
 @pytest.mark.parametrize("bf16", [False, True])

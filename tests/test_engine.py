@@ -115,7 +115,7 @@ def test_dummy_load_format_from_a_config_only_directory(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K is not present")
 def test_seeded_sampling_is_reproducible_and_batch_independent():
-    llm = LLM(STORIES, kv_cache_memory_bytes=64 << 20, deterministic=True)
+    llm = LLM(STORIES, kv_cache_memory_bytes=64 << 20)
     seeded = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234, max_tokens=24)
     alone = llm.generate("Once upon a time", seeded)[0].outputs[0].token_ids
     crowd = llm.generate(["The dog", "Once upon a time", "A fish"],

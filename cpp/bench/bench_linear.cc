@@ -1,8 +1,7 @@
-// Times the CPU Linear kernels (y = x . W^T) the way the executor calls them: [0, N) split
-// across ThreadPool::global() with grain 16, weights not in cache. Prints GFLOP/s for both paths
-// (linear, the batch-invariant default, and linear_packed) and, at M = 1, the weight bytes read
-// per second next to the machine's plain read bandwidth.
-// Usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick]
+// Times the CPU Linear kernel (y = x . W^T) the way the executor calls it: weights packed at
+// "load", the panels split across ThreadPool::global(), weights not in cache. Prints GFLOP/s
+// and, at M = 1, the weight bytes read per second next to the machine's plain read bandwidth.
+// Usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -70,6 +69,14 @@ std::vector<std::vector<T>> copies(const std::vector<T>& w) {
   return std::vector<std::vector<T>>(n, w);
 }
 
+// The same, packed for table t.
+std::vector<cpu::PackedLinear> packed_copies(const cpu::KernelTable& t, const void* w, bool bf16, int64_t N, int64_t K) {
+  const int64_t n = std::max<int64_t>(1, kColdBytes / (N * K * (bf16 ? 2 : 4)));
+  std::vector<cpu::PackedLinear> out;
+  for (int64_t i = 0; i < n; ++i) out.push_back(cpu::pack_linear_weight(t, w, bf16, N, K));
+  return out;
+}
+
 // GB/s of plainly reading the copies, split over the pool like the kernels: what M = 1 should
 // reach (the machine's bandwidth varies with whatever else runs on it).
 double read_bandwidth(const std::vector<std::vector<float>>& bufs, int reps) {
@@ -106,15 +113,26 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     else if (a == "--m" && i + 1 < argc) ms = parse_list(argv[++i]);
     else if (a == "--quick") shapes.resize(1);
+    else if (a == "--shapes" && i + 1 < argc) {  // NxK,NxK,...
+      shapes.clear();
+      for (const char* q = argv[++i]; *q;) {
+        char* end;
+        const int64_t n = std::strtoll(q, &end, 10);
+        const int64_t k = *end == 'x' ? std::strtoll(end + 1, &end, 10) : 0;
+        if (n <= 0 || k <= 0) break;
+        shapes.push_back({n, k});
+        q = *end == ',' ? end + 1 : end;
+      }
+    }
     else {
-      std::fprintf(stderr, "usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick]\n");
+      std::fprintf(stderr, "usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]\n");
       return 2;
     }
   }
   const cpu::KernelTable& table = cpu::kernels_for(isa);
   auto& pool = runtime::ThreadPool::global();
   std::printf("isa %s, %d threads, median of %d\n", runtime::isa_name(isa), pool.num_threads(), reps);
-  std::printf("%5s %5s %5s %5s  %-14s %10s %10s\n", "M", "N", "K", "w", "path", "ms", "GFLOP/s");
+  std::printf("%5s %5s %5s %5s %10s %10s\n", "M", "N", "K", "w", "ms", "GFLOP/s");
 
   std::mt19937 rng(1);
   std::normal_distribution<float> dist;
@@ -123,33 +141,26 @@ int main(int argc, char** argv) {
     for (auto& v : w32) v = dist(rng) * 0.02f;
     std::vector<uint16_t> w16(w32.size());
     std::transform(w32.begin(), w32.end(), w16.begin(), to_bf16);
-    const auto w32s = copies(w32);
-    const auto w16s = copies(w16);
-    std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(w32s, reps));
-    for (int64_t M : ms) {
-      std::vector<float> x(M * s.K), y(M * s.N);
-      for (auto& v : x) v = dist(rng);
-      for (bool bf16 : {true, false}) {
-        for (bool packed : {false, true}) {
-          const auto kernel = packed ? table.linear_packed : table.linear;
-          size_t next = 0;
-          const double sec = time_call([&] {
-            const size_t i = next++;
-            const void* w = bf16 ? static_cast<const void*>(w16s[i % w16s.size()].data())
-                                 : w32s[i % w32s.size()].data();
-            pool.parallel_for(s.N, [&](int64_t n0, int64_t n1) {
-              kernel(y.data(), x.data(), w, bf16, nullptr, M, s.N, s.K, n0, n1);
-            }, 16);
-          }, reps);
-          const double gflops = 2.0 * M * s.N * s.K / sec / 1e9;
-          char extra[64] = "";
-          if (M == 1)
-            std::snprintf(extra, sizeof extra, "  %.1f GB/s", s.N * s.K * (bf16 ? 2.0 : 4.0) / sec / 1e9);
-          std::printf("%5lld %5lld %5lld %5s  %-14s %10.3f %10.1f%s\n", static_cast<long long>(M),
-                      static_cast<long long>(s.N), static_cast<long long>(s.K), bf16 ? "bf16" : "fp32",
-                      packed ? "linear_packed" : "linear", sec * 1e3, gflops, extra);
-          std::fflush(stdout);
-        }
+    std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(copies(w32), reps));
+    for (bool bf16 : {true, false}) {
+      const auto ws = packed_copies(table, bf16 ? static_cast<const void*>(w16.data()) : w32.data(), bf16, s.N, s.K);
+      const int64_t panel = table.linear_panel(), panels = (s.N + panel - 1) / panel;
+      for (int64_t M : ms) {
+        std::vector<float> x(M * s.K), y(M * s.N);
+        for (auto& v : x) v = dist(rng);
+        size_t next = 0;
+        const double sec = time_call([&] {
+          const void* w = ws[next++ % ws.size()].data.data();
+          pool.parallel_for(panels, [&](int64_t p0, int64_t p1) {
+            table.linear(y.data(), x.data(), w, bf16, nullptr, M, s.N, s.K, p0 * panel, std::min(s.N, p1 * panel));
+          }, 1);
+        }, reps);
+        const double gflops = 2.0 * M * s.N * s.K / sec / 1e9;
+        char extra[64] = "";
+        if (M == 1) std::snprintf(extra, sizeof extra, "  %.1f GB/s", s.N * s.K * (bf16 ? 2.0 : 4.0) / sec / 1e9);
+        std::printf("%5lld %5lld %5lld %5s %10.3f %10.1f%s\n", static_cast<long long>(M), static_cast<long long>(s.N),
+                    static_cast<long long>(s.K), bf16 ? "bf16" : "fp32", sec * 1e3, gflops, extra);
+        std::fflush(stdout);
       }
     }
   }

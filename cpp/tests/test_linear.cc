@@ -1,5 +1,6 @@
-// The CPU Linear kernels: both paths against the scalar reference, into a y wider than N, and
-// linear's batch invariance (bitwise equal rows whatever M, the row order and the n split).
+// The CPU Linear kernels (weights packed into each level's panel layout first): against the
+// scalar reference, into a y wider than N, and batch invariance (bitwise equal rows whatever M,
+// the row order and the n split).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -47,24 +48,27 @@ std::vector<float> randn(int64_t n, std::mt19937& rng) {
   return v;
 }
 
-using LinearFn = decltype(&cpu::ref::linear);
-
-// y[M, N] through fn with rows of stride `ldy` starting at column `off`, n split at `cuts`.
-std::vector<float> call(LinearFn fn, const std::vector<float>& x, const Weights& w, const float* bias,
-                        int64_t M, int64_t N, int64_t K, std::vector<int64_t> cuts = {},
-                        int64_t ldy = 0, int64_t off = 0) {
+// y[M, N] through table t with rows of stride `ldy` starting at column `off`, n split at `cuts`
+// (rounded down to the table's panel width, as callers must).
+std::vector<float> call(const cpu::KernelTable& t, const std::vector<float>& x, const Weights& w, const float* bias,
+                        int64_t M, int64_t N, int64_t K, std::vector<int64_t> cuts = {}, int64_t ldy = 0,
+                        int64_t off = 0) {
   if (ldy == 0) ldy = N;
+  const cpu::PackedLinear p = cpu::pack_linear_weight(t, w.data(), w.bf16, N, K);
   std::vector<float> y(M * ldy, -7.f);
+  for (auto& c : cuts) c -= c % t.linear_panel();
   cuts.insert(cuts.begin(), 0);
   cuts.push_back(N);
   for (size_t i = 0; i + 1 < cuts.size(); ++i)
-    fn(y.data() + off, x.data(), w.data(), w.bf16, bias, M, ldy, K, cuts[i], cuts[i + 1]);
+    t.linear(y.data() + off, x.data(), p.data.data(), w.bf16, bias, M, ldy, K, cuts[i], std::max(cuts[i], cuts[i + 1]));
   return y;
 }
 
+const cpu::KernelTable& ref_table() { return cpu::kernels_for(runtime::Isa::kScalar); }
+
 }  // namespace
 
-TEST(linear_both_paths_match_reference) {
+TEST(linear_matches_reference) {
   std::mt19937 rng(3);
   for (bool bf16 : {false, true})
     for (auto [M, N, K] : {std::array<int64_t, 3>{1, 1, 1}, {1, 70, 37}, {3, 33, 16}, {7, 45, 100},
@@ -72,13 +76,13 @@ TEST(linear_both_paths_match_reference) {
       const Weights w = make_weights(N, K, bf16, rng);
       const auto x = randn(M * K, rng), bias = randn(N, rng);
       for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
-        const auto want = call(cpu::ref::linear, x, w, b, M, N, K);
+        const auto want = call(ref_table(), x, w, b, M, N, K);
         for (auto isa : runtime::supported_isas()) {
           const auto& t = cpu::kernels_for(isa);
-          for (LinearFn fn : {t.linear, t.linear_packed}) {
+          {
             // Into columns [5, 5 + N) of rows of N + 12, in three uneven parts.
             const int64_t ldy = N + 12, off = 5;
-            const auto got = call(fn, x, w, b, M, N, K, {std::min<int64_t>(N, 3), N / 2}, ldy, off);
+            const auto got = call(t, x, w, b, M, N, K, {std::min<int64_t>(N, 3), N / 2}, ldy, off);
             int64_t bad = 0;
             for (int64_t m = 0; m < M; ++m)
               for (int64_t j = 0; j < ldy; ++j) {
@@ -92,8 +96,7 @@ TEST(linear_both_paths_match_reference) {
                 bad += !(std::fabs(g - want[m * N + j - off]) <= 1e-6 * (mag + 1) * std::sqrt(double(K)));
               }
             if (bad)
-              std::fprintf(stderr, "  %s %s M=%lld N=%lld K=%lld bf16=%d bias=%d: %lld wrong\n",
-                           runtime::isa_name(isa), fn == t.linear ? "linear" : "linear_packed",
+              std::fprintf(stderr, "  %s M=%lld N=%lld K=%lld bf16=%d bias=%d: %lld wrong\n", runtime::isa_name(isa),
                            (long long)M, (long long)N, (long long)K, int(bf16), b != nullptr, (long long)bad);
             CHECK_EQ(bad, 0);
           }
@@ -115,7 +118,7 @@ TEST(linear_is_batch_invariant) {
       std::vector<float> xp(M * K);
       for (int64_t i = 0; i < M; ++i) std::copy_n(&x[perm[i] * K], K, &xp[i * K]);
       for (auto isa : runtime::supported_isas()) {
-        const auto fn = cpu::kernels_for(isa).linear;
+        const auto& fn = cpu::kernels_for(isa);
         const auto full = call(fn, x, w, bias.data(), M, N, K);
         // Other n splits, and a wider y.
         CHECK(call(fn, x, w, bias.data(), M, N, K, {1, 17, 18, N - 3}) == full);
@@ -153,17 +156,15 @@ TEST(linear_invariant_across_packing_passes) {
   for (bool bf16 : {false, true}) {
     const Weights w = make_weights(N, K, bf16, rng);
     const auto x = randn(M * K, rng), bias = randn(N, rng);
-    const auto want = call(cpu::ref::linear, x, w, bias.data(), M, N, K);
+    const auto want = call(ref_table(), x, w, bias.data(), M, N, K);
     for (auto isa : runtime::supported_isas()) {
       const auto& t = cpu::kernels_for(isa);
-      const auto full = call(t.linear, x, w, bias.data(), M, N, K, {N / 2});
-      const auto packed = call(t.linear_packed, x, w, bias.data(), M, N, K, {N / 2});
+      const auto full = call(t, x, w, bias.data(), M, N, K, {N / 2});
       int64_t differ = 0, far = 0;
       for (int64_t i = 0; i < M; ++i) {
         const std::vector<float> xi(x.begin() + i * K, x.begin() + (i + 1) * K);
-        differ += std::memcmp(call(t.linear, xi, w, bias.data(), 1, N, K).data(), &full[i * N], N * sizeof(float)) != 0;
-        for (int64_t n = 0; n < N; ++n)
-          for (float got : {full[i * N + n], packed[i * N + n]}) far += !(std::fabs(got - want[i * N + n]) <= 2e-3f);
+        differ += std::memcmp(call(t, xi, w, bias.data(), 1, N, K).data(), &full[i * N], N * sizeof(float)) != 0;
+        for (int64_t n = 0; n < N; ++n) far += !(std::fabs(full[i * N + n] - want[i * N + n]) <= 2e-3f);
       }
       CHECK_EQ(differ, 0);
       CHECK_EQ(far, 0);

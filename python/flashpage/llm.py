@@ -20,9 +20,8 @@ class LLM:
     """A model on this machine's CPU, with its KV cache, scheduler and sampler.
 
     ``kv_cache_memory_bytes`` sizes the KV cache; without it, ``kv_cache_memory_fraction`` of
-    the memory the OS reports available is used. ``deterministic=True`` keeps every
-    sequence's logits bitwise independent of what shares its batch and of prompt chunking (it
-    costs 11-17 % of prefill and batched throughput, so it is off by default).
+    the memory the OS reports available is used. A sequence's logits are always bitwise
+    independent of what shares its batch and of how its prompt is chunked (batch invariance).
     ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
@@ -40,7 +39,6 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         kv_cache_memory_fraction: float = 0.25,
-        deterministic: bool = False,
         seed: int = 0,
         skip_tokenizer_init: bool = False,
         verbose: bool = True,
@@ -52,7 +50,7 @@ class LLM:
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             kv_cache_bytes=kv_cache_memory_bytes or 0, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            deterministic=deterministic, seed=seed, verbose=verbose)
+            seed=seed, verbose=verbose)
         self.model_info: dict = self.llm_engine.info
         self.tokenizer: Tokenizer | None = None
         tok_path = tokenizer or model

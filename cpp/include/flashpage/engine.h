@@ -29,10 +29,6 @@ struct EngineConfig {
   // KV-cache budget: kv_cache_bytes if positive, else this fraction of the available memory.
   int64_t kv_cache_bytes = 0;
   double kv_cache_memory_fraction = 0.25;
-  // Batch-invariant kernels: a sequence's logits do not depend on what shares its batch or on
-  // how its prompt is chunked. Off by default: it costs 11-17 % of prefill and batched-decode
-  // throughput (measured; README).
-  bool deterministic = false;
   uint64_t seed = 0;  // seeds requests that bring no seed of their own
   bool verbose = false;  // print the start-up report to stderr
 };
@@ -59,8 +55,8 @@ struct ModelInfo {
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;
   int64_t num_kv_blocks = 0;
-  int64_t weight_bytes_mapped = 0;  // read in place from the checkpoint files
-  int64_t weight_bytes_owned = 0;   // converted or generated at load
+  int64_t weight_bytes_mapped = 0;  // read in place from the checkpoint files (the embeddings)
+  int64_t weight_bytes_owned = 0;   // packed, converted or generated at load
   std::string kv_cache_report;
   double load_seconds = 0;
 };

@@ -36,6 +36,7 @@ void grow(std::vector<T>& v, int64_t n) {
 LlamaModel::LlamaModel(const ModelConfig& config, LlamaWeights weights, const ExecutorOptions& options,
                        const cpu::KernelTable& kernels)
     : config_(config), weights_(std::move(weights)), options_(options), kern_(kernels) {
+  pack_linears(weights_, kern_);
   if (options_.num_blocks <= 0 || options_.block_size <= 0 || options_.max_model_len <= 0)
     throw std::invalid_argument("LlamaModel: num_blocks, block_size and max_model_len must be positive");
   const int64_t D = config_.head_dim;
@@ -85,20 +86,23 @@ void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
 }
 
 void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs) {
+  // Threads split the jobs' panels (the kernels' unit of columns), counted across all jobs.
+  const int64_t panel = kern_.linear_panel();
+  auto panels = [&](const LinearJob& j) { return (j.w->rows + panel - 1) / panel; };
   int64_t total = 0;
-  for (const LinearJob& j : jobs) total += j.w->rows;
+  for (const LinearJob& j : jobs) total += panels(j);
   const int64_t K = jobs.begin()->w->cols;
-  constexpr int64_t kPackedFromRows = 16;  // below this the direct kernel is as fast
-  const auto linear = !options_.deterministic && rows >= kPackedFromRows ? kern_.linear_packed : kern_.linear;
   auto part = [&](int64_t b, int64_t e) {
     int64_t off = 0;
     for (const LinearJob& j : jobs) {
-      const int64_t lo = std::max(b, off), hi = std::min(e, off + j.w->rows);
-      if (lo < hi) linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, lo - off, hi - off);
-      off += j.w->rows;
+      const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j));
+      if (lo < hi)
+        kern_.linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, (lo - off) * panel,
+                     std::min(j.w->rows, (hi - off) * panel));
+      off += panels(j);
     }
   };
-  pool().parallel_for(total, part, 16);
+  pool().parallel_for(total, part, 1);
 }
 
 void LlamaModel::embed(const StepOutput& st) {

@@ -3,8 +3,8 @@
 // through the slot mapping, logits only for the last position of each scheduled sequence.
 //
 // Every kernel computes each output row with a fixed reduction order that depends on nothing
-// but that row, so in deterministic mode a sequence's logits are bitwise the same
-// whatever shares its batch and however its prompt was chunked.
+// but that row, so a sequence's logits are bitwise the same whatever shares its batch and
+// however its prompt was chunked (batch invariance, always on: it costs nothing here).
 #pragma once
 
 #include <cstdint>
@@ -23,9 +23,6 @@ struct ExecutorOptions {
   int64_t num_blocks = 0;
   int64_t block_size = 16;
   int64_t max_model_len = 0;  // rotary tables cover positions below this
-  // false allows the faster blocked GEMM for prefill-sized batches, whose rounding depends on
-  // how many rows share the call (so on batch composition and chunking).
-  bool deterministic = false;
 };
 
 class LlamaModel {
@@ -50,7 +47,7 @@ class LlamaModel {
     const Matrix* w;
     const float* bias;
   };
-  // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their columns.
+  // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their panels.
   void run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs);
   void ensure_scratch(int64_t tokens, int64_t seqs);
   void embed(const StepOutput& step);

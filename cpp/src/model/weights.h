@@ -1,6 +1,8 @@
-// The weights of a Llama-family model in the layout the CPU kernels read: Hugging Face's
-// [out, in] matrices, fp32 or bf16. Where the checkpoint already holds that dtype the matrices
-// point into the memory-mapped safetensors files (no copy); otherwise they are converted once.
+// The weights of a Llama-family model. As loaded: Hugging Face's [out, in] matrices, fp32 or
+// bf16; where the checkpoint already holds that dtype they point into the memory-mapped
+// safetensors files (no copy), otherwise they are converted once. The executor then repacks the
+// Linear layers' matrices into its kernels' panel layout (pack_linears); the embedding table
+// stays as loaded (rows are gathered from it).
 #pragma once
 
 #include <cstdint>
@@ -8,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/kernels.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "runtime/host_buffer.h"
@@ -22,6 +25,7 @@ struct Matrix {
   const void* data = nullptr;
   bool bf16 = false;
   int64_t rows = 0, cols = 0;  // [out, in]
+  bool packed = false;         // in a kernel table's pack_linear layout
 };
 
 struct LayerWeights {
@@ -36,8 +40,9 @@ struct LlamaWeights {
   Matrix embed, lm_head;  // lm_head aliases embed when the embeddings are tied
   std::vector<float> final_norm;
   std::vector<LayerWeights> layers;
-  int64_t mapped_bytes = 0;  // matrix bytes read in place from the mapped files
-  int64_t owned_bytes = 0;   // matrix bytes converted or generated
+  int64_t mapped_bytes = 0;  // matrix bytes read in place from the mapped files (once packed:
+                             // the embedding table only)
+  int64_t owned_bytes = 0;   // matrix bytes converted, generated or packed
   std::shared_ptr<WeightStore> store;      // keeps the mappings alive
   std::vector<runtime::HostBuffer> owned;  // converted or generated matrices
 };
@@ -52,6 +57,11 @@ StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
 // problem (missing, wrong shape, non-float dtype).
 LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<WeightStore> store,
                                 StorageType storage);
+
+// Repacks every Linear matrix (attention and MLP projections, the LM head) with the kernel
+// table that will multiply by them, releasing the converted or generated originals. A tied LM
+// head becomes a packed copy of the embedding table.
+void pack_linears(LlamaWeights& weights, const cpu::KernelTable& kernels);
 
 // Random weights of the config's shapes (load_format="dummy"), for benchmarks of any shape.
 LlamaWeights dummy_llama_weights(const ModelConfig& config, StorageType storage, uint64_t seed);

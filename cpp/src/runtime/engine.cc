@@ -99,14 +99,14 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   for (int64_t e : mc.eos_token_ids) info.eos_token_ids.push_back(int32_t(e));
   info.bos_token_id = int32_t(mc.bos_token_id);
   info.num_kv_blocks = num_blocks;
-  info.weight_bytes_mapped = weights.mapped_bytes;
-  info.weight_bytes_owned = weights.owned_bytes;
   info.kv_cache_report = plan.report();
   if (num_blocks < plan.num_blocks)
     info.kv_cache_report += "; using " + std::to_string(num_blocks) + " blocks (2 x max_num_seqs sequences of max_model_len)";
 
-  model::ExecutorOptions eo{num_blocks, config.block_size, max_len, config.deterministic};
+  model::ExecutorOptions eo{num_blocks, config.block_size, max_len};
   m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, cpu::kernels());
+  info.weight_bytes_mapped = m.model->weights().mapped_bytes;
+  info.weight_bytes_owned = m.model->weights().owned_bytes;
   info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (config.verbose)
     std::fprintf(stderr, "flashpage: %s (%s, %s kernels), weights %.1f MiB mapped + %.1f MiB loaded in %.2f s\n%s\n",

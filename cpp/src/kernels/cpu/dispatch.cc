@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/cpu/kernels.h"
+#include "runtime/thread_pool.h"
 
 namespace flashpage::cpu {
 
@@ -70,6 +71,16 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
   }
 }
 
+// The reference keeps Hugging Face's [N, K] rows: a panel of one column.
+int64_t linear_panel() { return 1; }
+
+void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
+  (void)N;
+  const size_t elem = w_bf16 ? 2 : 4;
+  std::memcpy(static_cast<char*>(dst) + size_t(n_begin * K) * elem,
+              static_cast<const char*>(w) + size_t(n_begin * K) * elem, size_t((n_end - n_begin) * K) * elem);
+}
+
 void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias, int64_t M,
             int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
   for (int64_t m = 0; m < M; ++m)
@@ -78,11 +89,6 @@ void linear(float* y, const float* x, const void* w, bool w_bf16, const float* b
       for (int64_t k = 0; k < K; ++k) acc += double(x[m * K + k]) * element(w, w_bf16, n * K + k);
       y[m * N + n] = float(acc);
     }
-}
-
-void linear_packed(float* y, const float* x, const void* w, bool w_bf16, const float* bias,
-                   int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
-  linear(y, x, w, w_bf16, bias, M, N, K, n_begin, n_end);
 }
 
 void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
@@ -137,17 +143,27 @@ void write_kv_cache(const float* key, const float* value, void* k_cache, void* v
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear, &ref::linear_packed, &ref::silu_and_mul,
+constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear_panel, &ref::pack_linear, &ref::linear, &ref::silu_and_mul,
                                  &ref::rotary, &ref::write_kv_cache};
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear, &avx2::linear_packed, &avx2::silu_and_mul,
+constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear_panel, &avx2::pack_linear, &avx2::linear, &avx2::silu_and_mul,
                                  &avx2::rotary, &avx2::write_kv_cache};
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear, &avx512::linear_packed, &avx512::silu_and_mul,
+constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear_panel, &avx512::pack_linear, &avx512::linear, &avx512::silu_and_mul,
                                  &avx512::rotary, &avx512::write_kv_cache};
 #endif
 }  // namespace
+
+PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K) {
+  const int64_t panel = t.linear_panel();
+  PackedLinear p{runtime::HostBuffer(size_t(packed_linear_elems(panel, N, K)) * (w_bf16 ? 2 : 4)), w_bf16, N, K};
+  const int64_t panels = (N + panel - 1) / panel;
+  runtime::ThreadPool::global().parallel_for(panels, [&](int64_t b, int64_t e) {
+    t.pack_linear(p.data.data(), w, w_bf16, N, K, b * panel, std::min(N, e * panel));
+  }, std::max<int64_t>(1, (int64_t(1) << 18) / (panel * K + 1)));
+  return p;
+}
 
 const KernelTable& kernels_for(runtime::Isa isa) {
   for (runtime::Isa s : runtime::supported_isas()) {

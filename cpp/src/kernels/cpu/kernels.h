@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "runtime/cpu_features.h"
+#include "runtime/host_buffer.h"
 
 namespace flashpage::cpu {
 
@@ -16,18 +17,21 @@ namespace flashpage::cpu {
                 int64_t rows, int64_t dim, float eps);                                     \
   /* Paged attention for a flattened batch (prefill chunks and decodes), see below.    */  \
   void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);  \
-  /* y[m * N + n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end): a Linear   */ \
-  /* layer with Hugging Face's [out, in] weights w [>= n_end, K], fp32 or bf16 (raw      */ \
-  /* uint16); x is [M, K]. N is only the row stride of y (>= n_end): y may point into a  */ \
-  /* wider buffer. Batch-invariant: y[m, n] is bitwise the same whatever M, the other     */ \
-  /* rows, the row's position and the [n_begin, n_end) split (see linear.cc).            */ \
+  /* Output columns per panel of this level's packed Linear weights (1: plain rows).     */ \
+  int64_t linear_panel();                                                                  \
+  /* A Linear weight w [N, K] (Hugging Face's [out, in], fp32 or bf16 as raw uint16) in   */ \
+  /* this level's layout, written once at load: the panels covering columns [n_begin,     */ \
+  /* n_end) (n_begin a multiple of linear_panel()) into dst, which holds                  */ \
+  /* packed_linear_elems(linear_panel(), N, K) elements of w's type. See linear.cc.       */ \
+  void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K,            \
+                   int64_t n_begin, int64_t n_end);                                        \
+  /* y[m * N + n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end), with w as     */ \
+  /* pack_linear of the same level wrote it; n_begin a multiple of linear_panel(); x is     */ \
+  /* [M, K]. N is only the row stride of y (>= n_end): y may point into a wider buffer.    */ \
+  /* Batch-invariant: y[m, n] is bitwise the same whatever M, the other rows, the row's    */ \
+  /* position and the split of columns (see linear.cc).                                   */ \
   void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias,     \
               int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);            \
-  /* linear for prefill-sized M (>= 16 or so): a packed, blocked GEMM, same arguments.    */ \
-  /* Not batch-invariant, and not bitwise equal to linear (fp32 rounding differs).       */ \
-  void linear_packed(float* y, const float* x, const void* w, bool w_bf16,                 \
-                     const float* bias, int64_t M, int64_t N, int64_t K, int64_t n_begin,  \
-                     int64_t n_end);                                                       \
   /* out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [tokens, 2 * inter].           */ \
   void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter);           \
   /* Rotate-half RoPE in place on x [tokens, heads, head_dim]; cos_sin [positions,        */ \
@@ -74,12 +78,25 @@ struct KernelTable {
   runtime::Isa isa;
   decltype(&ref::rms_norm) rms_norm;
   decltype(&ref::paged_attention) paged_attention;
+  decltype(&ref::linear_panel) linear_panel;
+  decltype(&ref::pack_linear) pack_linear;
   decltype(&ref::linear) linear;
-  decltype(&ref::linear_packed) linear_packed;
   decltype(&ref::silu_and_mul) silu_and_mul;
   decltype(&ref::rotary) rotary;
   decltype(&ref::write_kv_cache) write_kv_cache;
 };
+
+// Elements of a packed Linear weight [N, K] with panels of `panel` columns (the last padded).
+inline int64_t packed_linear_elems(int64_t panel, int64_t N, int64_t K) { return (N + panel - 1) / panel * panel * K; }
+
+// A Linear weight packed by one kernel table (owning; use it only with that table's linear).
+struct PackedLinear {
+  runtime::HostBuffer data;
+  bool bf16 = false;
+  int64_t N = 0, K = 0;
+};
+// Packs w [N, K] with table t, split across the global thread pool.
+PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();

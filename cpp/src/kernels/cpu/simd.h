@@ -147,6 +147,23 @@ inline Vec vload_as_f32(const T* p) {
   if constexpr (sizeof(T) == 2) return vload_bf16(reinterpret_cast<const uint16_t*>(p));
   else return vload(p);
 }
+// Stores kLanes fp32 values as T; for bf16 by truncation, exact for values that are
+// bf16-representable (which is all this is used for: weights widened from bf16).
+template <class T>
+inline void vstore_as(T* p, Vec v) {
+  if constexpr (sizeof(T) == 2) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+#else
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
+  } else {
+    vstore(p, v);
+  }
+}
 template <class T>
 inline float scalar_as_f32(const T* p) {
   if constexpr (sizeof(T) == 2) {
