@@ -98,9 +98,11 @@ void pack_rows(float* xp, const Plan& plan, int64_t t, const float* x, int64_t r
 using Tile = Vec[kMr][2];
 
 // acc[r][v] += x_r[s] * w[s][v] over `steps` k steps, for rows r < MR.
-template <int MR, class W>
-inline void fma_steps(Tile& acc, const float* xp, const W* wp, int64_t steps) {
+// With `ahead` set, also prefetches one weight row per step from there (the next piece).
+template <int MR, class W, class A>
+inline void fma_steps(Tile& acc, const float* xp, const W* wp, int64_t steps, const A* ahead) {
   for (int64_t s = 0; s < steps; ++s, xp += kMr, wp += kNr) {
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * kNr), _MM_HINT_T0);
     const Vec w0 = vload_as_f32(wp), w1 = vload_as_f32(wp + kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
@@ -111,13 +113,13 @@ inline void fma_steps(Tile& acc, const float* xp, const W* wp, int64_t steps) {
   }
 }
 
-template <class W>
-inline void fma_tile(Tile& acc, const float* xp, const W* wp, int64_t steps, int width) {
-  if (width == 1) fma_steps<1>(acc, xp, wp, steps);
-  else if (width == 2) fma_steps<2>(acc, xp, wp, steps);
-  else if (width == kMr / 3) fma_steps<kMr / 3>(acc, xp, wp, steps);
-  else if (width == 2 * kMr / 3) fma_steps<2 * kMr / 3>(acc, xp, wp, steps);
-  else fma_steps<kMr>(acc, xp, wp, steps);
+template <class W, class A>
+inline void fma_tile(Tile& acc, const float* xp, const W* wp, int64_t steps, int width, const A* ahead) {
+  if (width == 1) fma_steps<1>(acc, xp, wp, steps, ahead);
+  else if (width == 2) fma_steps<2>(acc, xp, wp, steps, ahead);
+  else if (width == kMr / 3) fma_steps<kMr / 3>(acc, xp, wp, steps, ahead);
+  else if (width == 2 * kMr / 3) fma_steps<2 * kMr / 3>(acc, xp, wp, steps, ahead);
+  else fma_steps<kMr>(acc, xp, wp, steps, ahead);
 }
 
 // Adds the bias (padded to kNr, or null) and stores rows x cols of the tile into y (row stride N).
@@ -160,8 +162,11 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const W* wp, const P
         for (int r = 0; r < width; ++r)
           for (int v = 0; v < 2; ++v) acc[r][v] = off == 0 ? vzero() : vload(st + r * kNr + v * kLanes);
         const float* xt = xp + plan.x_at(off, steps, t);
-        if (widen) fma_tile(acc, xt, wide, steps, width);
-        else fma_tile(acc, xt, piece, steps, width);
+        // The first tile of the first group fetches the next piece (or panel: they follow in
+        // memory) while it computes, so the weight stream overlaps the FMAs.
+        const W* ahead = t == 0 ? piece + steps * kNr : nullptr;
+        if (widen) fma_tile(acc, xt, wide, steps, width, ahead);
+        else fma_tile(acc, xt, piece, steps, width, ahead);
         if (off + steps < plan.K) {
           for (int r = 0; r < width; ++r)
             for (int v = 0; v < 2; ++v) vstore(st + r * kNr + v * kLanes, acc[r][v]);
@@ -175,8 +180,8 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const W* wp, const P
 
 // Up to 4 rows straight from x, P panels side by side: P sequential weight streams and
 // P x MR x 2 independent chains per thread keep enough loads in flight for one decode row (a
-// single panel stream per core reached ~75 % of what several do). Each output's chain is the
-// same as in panel_times_rows.
+// single panel stream per core reached ~75 % of what several do; 6 were no better, and software
+// prefetching on top made it slower). Each output's chain is the same as in panel_times_rows.
 template <int MR, int P, class W>
 void rows_times_panels(float* y, int64_t N, const float* x, const W* wp, const float* bias, int64_t K,
                        int64_t n0, int64_t n_end) {
