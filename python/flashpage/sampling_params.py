@@ -1,49 +1,100 @@
-"""SamplingParams with vLLM's names and defaults (the subset the engine implements so far)."""
+"""SamplingParams with vLLM's names, defaults and validation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5  # as vLLM: temperatures below this sample greedily
+
+# A logits processor, as vLLM's: (output token ids, logits row) -> logits row, or with the
+# prompt's ids first: (prompt ids, output ids, logits row) -> logits row.
+LogitsProcessor = Callable[..., Any]
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None, *, lo_open: bool = False) -> None:
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {left}{lo if lo is not None else '-inf'}, "
+                         f"{hi if hi is not None else 'inf'}], got {value}")
 
 
 @dataclass
 class SamplingParams:
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logits_processors: list[LogitsProcessor] | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(f"n must be 1 for now (parallel sampling comes with the full sampler), got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.logits_processors = list(self.logits_processors or [])
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n}")
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_range("repetition_penalty", self.repetition_penalty, 0.0, None, lo_open=True)
+        _check_range("temperature", self.temperature, 0.0, None)
+        _check_range("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or an integer >= 1, got {self.top_k}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
+        if any(not callable(p) for p in self.logits_processors):
+            raise ValueError("logits_processors must be callables")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
     def engine_kwargs(self, max_new_tokens: int) -> dict:
-        """Keyword arguments of the core's Engine.add_request."""
+        """Keyword arguments of the core's Engine.add_request (its C++ sampler)."""
+        # Until the engine runs the batched Python sampler (flashpage.sampler), refuse what the
+        # C++ sampler would otherwise silently ignore.
+        unsupported = [name for name, on in [
+            ("n > 1", self.n != 1), ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0), ("repetition_penalty", self.repetition_penalty != 1),
+            ("stop", bool(self.stop)), ("logprobs", self.logprobs is not None),
+            ("prompt_logprobs", self.prompt_logprobs is not None), ("logits_processors", bool(self.logits_processors)),
+        ] if on]
+        if unsupported:
+            raise NotImplementedError(f"LLM.generate does not support {', '.join(unsupported)} yet")
         return dict(
             temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
             min_p=float(self.min_p), seed=-1 if self.seed is None else int(self.seed),
