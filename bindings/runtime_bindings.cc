@@ -103,17 +103,12 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
   }
   const auto& table = table_for(isa);
   float* yp = y.mutable_data() + col_offset;
-  const int64_t ldy = y.shape(1), panel = table.linear_panel();
+  const int64_t ldy = y.shape(1);
   const float* xp = x.data();
   const float* bp = bias.is_none() ? nullptr : b.data();
   py::gil_scoped_release release;
   const cpu::PackedLinear packed = cpu::pack_linear_weight(table, w.data(), bf16, N, K);
-  auto part = [&](int64_t p0, int64_t p1) {
-    table.linear(yp, xp, packed.data.data(), bf16, bp, M, ldy, K, p0 * panel, std::min(N, p1 * panel));
-  };
-  const int64_t panels = (N + panel - 1) / panel;
-  if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, 1);
-  else part(0, panels);
+  cpu::run_linear(table, packed, yp, ldy, xp, bp, M, parallel);
   return y;
 }
 

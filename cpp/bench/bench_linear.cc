@@ -144,16 +144,12 @@ int main(int argc, char** argv) {
     std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(copies(w32), reps));
     for (bool bf16 : {true, false}) {
       const auto ws = packed_copies(table, bf16 ? static_cast<const void*>(w16.data()) : w32.data(), bf16, s.N, s.K);
-      const int64_t panel = table.linear_panel(), panels = (s.N + panel - 1) / panel;
       for (int64_t M : ms) {
         std::vector<float> x(M * s.K), y(M * s.N);
         for (auto& v : x) v = dist(rng);
         size_t next = 0;
         const double sec = time_call([&] {
-          const void* w = ws[next++ % ws.size()].data.data();
-          pool.parallel_for(panels, [&](int64_t p0, int64_t p1) {
-            table.linear(y.data(), x.data(), w, bf16, nullptr, M, s.N, s.K, p0 * panel, std::min(s.N, p1 * panel));
-          }, 1);
+          cpu::run_linear(table, ws[next++ % ws.size()], y.data(), s.N, x.data(), nullptr, M);
         }, reps);
         const double gflops = 2.0 * M * s.N * s.K / sec / 1e9;
         char extra[64] = "";

@@ -12,6 +12,7 @@ draws its noise from its own generator and gets the same tokens whatever else is
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,11 +66,22 @@ def _exponential(shape: tuple[int, int], generators: Sequence[torch.Generator | 
                  device: torch.device) -> torch.Tensor:
     """Exp(1) noise; row i from generators[i] when it has one (its own stream), the rest from
     the default generator in one call."""
-    q = torch.empty(shape, dtype=torch.float32, device=device).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None:
-            q[i].exponential_(generator=g)
+    q = torch.empty(shape, dtype=torch.float32, device=device)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        q[unseeded] = torch.empty((len(unseeded), shape[1]), dtype=torch.float32, device=device).exponential_()
+    for i in seeded:
+        q[i].exponential_(generator=generators[i])
     return q
+
+
+def _takes_prompt(proc) -> bool:
+    """vLLM's two processor signatures: (prompt ids, output ids, logits) or (output ids, logits)."""
+    try:
+        return len(inspect.signature(proc).parameters) == 3
+    except (TypeError, ValueError):  # no introspectable signature: the two-argument form
+        return False
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -86,9 +98,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     output_tokens = output_tokens if output_tokens is not None else [[]] * B
     for i, p in enumerate(params):
         for proc in p.logits_processors or ():
-            try:
+            if _takes_prompt(proc):
                 logits[i] = proc(prompt_tokens[i], output_tokens[i], logits[i])
-            except TypeError:
+            else:
                 logits[i] = proc(output_tokens[i], logits[i])
     apply_penalties(logits, prompt_tokens, output_tokens, params)
 
@@ -96,12 +108,14 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    out.tokens[:] = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        rows = torch.nonzero(~greedy).flatten()
-        sub = [params[int(i)] for i in rows]
-        out.tokens[rows] = _sample_rows(logits[rows], sub, [generators[int(i)] for i in rows])
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if len(greedy) == B:
+        out.tokens[:] = logits.argmax(dim=-1)
+    elif greedy:
+        out.tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if drawn:
+        out.tokens[drawn] = _sample_rows(logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn])
 
     if logprobs is not None:
         out.logprobs = logprobs.gather(1, out.tokens[:, None]).squeeze(1)
@@ -148,7 +162,10 @@ def _sample_truncated(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     pos = torch.arange(cand, device=logits.device)[None, :]
     values = values.masked_fill(pos >= k[:, None], float("-inf"))
     # Probabilities of the candidates within the row's distribution after top-k.
-    lse = torch.where(k < V, torch.logsumexp(values, dim=-1), torch.logsumexp(logits, dim=-1))
+    lse = torch.logsumexp(values, dim=-1)
+    whole = [i for i, kk in enumerate(top_k) if kk >= V]  # top-p alone: the full row's normaliser
+    if whole:
+        lse[whole] = torch.logsumexp(logits[whole], dim=-1)
     probs = torch.exp(values - lse[:, None])
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the candidates ranked higher
     p = torch.tensor(top_p, device=logits.device)

@@ -88,7 +88,7 @@ void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
 void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs) {
   // Threads split the jobs' panels (the kernels' unit of columns), counted across all jobs.
   const int64_t panel = kern_.linear_panel();
-  auto panels = [&](const LinearJob& j) { return (j.w->rows + panel - 1) / panel; };
+  auto panels = [&](const LinearJob& j) { return cpu::linear_panels(panel, j.w->rows); };
   int64_t total = 0;
   for (const LinearJob& j : jobs) total += panels(j);
   const int64_t K = jobs.begin()->w->cols;

@@ -86,8 +86,10 @@ struct KernelTable {
   decltype(&ref::write_kv_cache) write_kv_cache;
 };
 
-// Elements of a packed Linear weight [N, K] with panels of `panel` columns (the last padded).
-inline int64_t packed_linear_elems(int64_t panel, int64_t N, int64_t K) { return (N + panel - 1) / panel * panel * K; }
+// Panels of `panel` columns covering N output columns (the last padded), and the elements of a
+// packed Linear weight [N, K].
+inline int64_t linear_panels(int64_t panel, int64_t N) { return (N + panel - 1) / panel; }
+inline int64_t packed_linear_elems(int64_t panel, int64_t N, int64_t K) { return linear_panels(panel, N) * panel * K; }
 
 // A Linear weight packed by one kernel table (owning; use it only with that table's linear).
 struct PackedLinear {
@@ -97,6 +99,10 @@ struct PackedLinear {
 };
 // Packs w [N, K] with table t, split across the global thread pool.
 PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K);
+// y[m * ldy + n] = x[m, :] . w[n, :] (+ bias[n]) for all N columns of w (packed by t), its panels
+// split across the global thread pool when parallel.
+void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const float* x,
+                const float* bias, int64_t M, bool parallel = true);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();

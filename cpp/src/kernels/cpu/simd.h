@@ -38,8 +38,8 @@ inline Vec vshuf128(Vec a, Vec b) { return _mm512_maskz_shuffle_f32x4(__mmask16(
 template <int imm>
 inline Vec vpermute(Vec a) { return _mm512_maskz_permute_ps(__mmask16(0xffff), a, imm); }
 // Lanes summed as a halving tree: lane i + lane i+8, then i + i+4, i + i+2, i + i+1 (written
-// out rather than _mm512_reduce_add_ps, whose order is the compiler's: linear's packed path
-// replays this exact tree on whole vectors, see linear.cc).
+// out rather than _mm512_reduce_add_ps, whose order is the compiler's: a fixed order keeps the
+// kernels that use it batch-invariant).
 inline float vsum(Vec v) {
   v = _mm512_add_ps(v, vshuf128<0x4e>(v, v));
   v = _mm512_add_ps(v, vshuf128<0xb1>(v, v));
