@@ -53,8 +53,12 @@ def test_support_and_distribution_match_softmax(kw, monkeypatch):
     params = SamplingParams(**kw)
     want = _expected(row, params)
     n = 20000
-    for cand in (S.TOP_P_CANDIDATES, 4):  # 4: forces the full-sort fallback for wide nuclei
+    # The candidate path; too few candidates (rejection sampling over whole rows); and no
+    # rejection rounds either (the full-sort fallback).
+    for cand, rounds in ((S.FIRST_CANDIDATES, S.REJECTION_ROUNDS), (4, S.REJECTION_ROUNDS), (4, 0)):
+        monkeypatch.setattr(S, "FIRST_CANDIDATES", cand)
         monkeypatch.setattr(S, "TOP_P_CANDIDATES", cand)
+        monkeypatch.setattr(S, "REJECTION_ROUNDS", rounds)
         got = torch.bincount(_draw(row, params, n), minlength=V).double() / n
         assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
         # Each token's frequency within 5 standard errors of its probability.
@@ -62,6 +66,39 @@ def test_support_and_distribution_match_softmax(kw, monkeypatch):
         assert torch.all((got - want).abs() <= 5 * sigma + 1e-9), (kw, cand, (got - want).abs().max())
         # Every token of the support with a non-negligible probability was drawn.
         assert torch.all(got[want > 0.002] > 0)
+
+
+@pytest.mark.parametrize("v", [4096, 4099, 50_000])
+def test_chunked_argmax_and_topk_match_torch(v):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(6, v, generator=g)
+    x[1] = torch.randint(0, 5, (v,), generator=g).float()  # many ties: the first maximum wins
+    x[2, : v // 2] = -math.inf
+    x[3, -1] = 100.0  # the maximum in the last (possibly padded) chunk
+    assert torch.equal(S.argmax_rows(x), x.argmax(-1))
+    for k in (1, 5, 50, 300):
+        values, ids = S.topk_rows(x, k)
+        assert torch.equal(values, torch.topk(x, k, -1).values)
+        assert torch.equal(x.gather(1, ids), values) and bool((ids < v).all())
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=0.9), dict(top_p=0.3), dict(temperature=0.9), dict(top_k=40, top_p=0.8),
+                                dict(min_p=0.05, top_p=0.95)])
+def test_distribution_on_a_large_vocabulary(kw, monkeypatch):
+    """The chunked paths (vocabulary not a multiple of the chunk): candidates, then rejection
+    sampling over whole rows when the candidates are too few."""
+    v, n = 1031, 8000
+    g = torch.Generator().manual_seed(5)
+    row = torch.randn(v, generator=g) * 2.5
+    params = SamplingParams(**kw)
+    want = _expected(row, params)
+    for cand in (S.FIRST_CANDIDATES, 2):
+        monkeypatch.setattr(S, "FIRST_CANDIDATES", cand)
+        monkeypatch.setattr(S, "TOP_P_CANDIDATES", cand)
+        got = torch.bincount(_draw(row, params, n), minlength=v).double() / n
+        assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
+        sigma = torch.sqrt(want * (1 - want) / n)
+        assert torch.all((got - want).abs() <= 5 * sigma + 1e-9), (kw, cand, (got - want).abs().max())
 
 
 def test_greedy_is_argmax_and_ignores_seed():

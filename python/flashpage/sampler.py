@@ -1,18 +1,31 @@
 """The batched sampler, in torch, on the device the logits live on.
 
 One step samples every scheduled sequence at once: penalties, temperature, min-p, top-k and
-top-p are whole-batch tensor operations, with a greedy fast path. Top-k/top-p never sort a whole
-vocabulary row: they work on the row's `torch.topk` candidates (the largest top_k, or
-`TOP_P_CANDIDATES` for top-p alone), which hold the whole nucleus whenever the candidates' mass
-reaches top_p; only rows whose nucleus is wider fall back to a full sort.
+top-p are whole-batch tensor operations, with a greedy fast path. Nothing sorts a vocabulary
+row, and few operations touch all of it (on a CPU a pass over a batch of 32 x 128k logits costs
+about 2 ms):
 
-Drawing uses the exponential-race trick, argmax(p / E) with E ~ Exp(1), so each seeded request
-draws its noise from its own generator and gets the same tokens whatever else is in the batch.
+- Row maxima, argmax and top-k go through chunk maxima: the rows viewed as [n, CHUNK] chunks,
+  one `amax` pass, then top-k over the chunk maxima picks the k chunks that hold the k largest
+  values, and a top-k over just those finishes the job. torch.topk over the whole row is 8x
+  slower on a CPU.
+- Top-k/top-p work on each row's largest candidates (its top_k, or for top-p alone 64, and for
+  top_p < 0.5 then TOP_P_CANDIDATES), which hold the whole nucleus whenever their mass reaches
+  top_p.
+- Rows without truncation, and top-p rows whose nucleus is wider than the candidates, draw by
+  inverse CDF over chunk sums of the full row; for top-p the draw is accepted when it falls in
+  the nucleus (the mass of the strictly more probable tokens is below top_p), else redrawn:
+  rejection sampling, exact, and the nucleus holds at least top_p of the mass.
+
+Each draw is one uniform per row, from the request's own generator when it has a seed, so a
+seeded request gets the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +33,12 @@ import torch
 
 from flashpage.sampling_params import SamplingParams
 
-TOP_P_CANDIDATES = 1024  # candidates per row for top-p without top-k
+CHUNK = 64  # values per chunk for the chunk-maxima passes
+TOP_P_CANDIDATES = 1024  # the wider candidate set for top-p alone
+FIRST_CANDIDATES = 64  # tried first: most nuclei of a trained model are this narrow
+REJECTION_ROUNDS = 16  # then the rare row left falls back to a full sort
+
+TokenIds = Sequence[int] | torch.Tensor
 
 
 @dataclass
@@ -31,49 +49,97 @@ class SamplerOutput:
     top_ids: torch.Tensor | None = None  # [B, k]
 
 
-def _column(values: Sequence[float], logits: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=logits.device)
+def _column(values: Sequence[float], like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=like.device)
 
 
-def apply_penalties(logits: torch.Tensor, prompt_tokens: Sequence[Sequence[int]],
-                    output_tokens: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> None:
+def _chunked(x: torch.Tensor, c: int, fill: float = -math.inf) -> torch.Tensor:
+    """[B, V] as [B, ceil(V / c), c]: a view when c divides V, else a copy padded with fill."""
+    B, V = x.shape
+    if V % c:
+        x = torch.nn.functional.pad(x, (0, c - V % c), value=fill)
+    return x.unflatten(1, (-1, c))
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) (the first maximum) through chunk maxima."""
+    B, V = x.shape
+    if V < 8 * CHUNK:
+        return x.argmax(-1)
+    xc = _chunked(x, CHUNK)
+    best = xc.amax(-1).argmax(-1)  # the first chunk holding the maximum
+    rows = torch.arange(B, device=x.device)
+    return best * CHUNK + xc[rows, best].argmax(-1)
+
+
+def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, -1) (sorted, largest first) through chunk maxima: the k-th largest chunk
+    maximum bounds the k-th largest value from below, so the k chunks with the largest maxima
+    hold the k largest values (equal values may come from other positions)."""
+    B, V = x.shape
+    c = next((c for c in (CHUNK, 32, 16, 8) if k * c * 4 <= V), None)
+    if c is None:
+        return torch.topk(x, k, dim=-1)
+    xc = _chunked(x, c)
+    n = xc.shape[1]
+    cid = torch.topk(xc.amax(-1), k, dim=-1, sorted=False).indices  # [B, k]
+    rows = torch.arange(B, device=x.device)[:, None] * n
+    cand = xc.reshape(B * n, c).index_select(0, (cid + rows).flatten()).view(B, k * c)
+    values, pos = torch.topk(cand, k, dim=-1)
+    ids = cid.gather(1, pos // c) * c + pos % c
+    return values, ids.clamp_(max=V - 1)  # padding (-inf) only ever fills rows short of values
+
+
+def _flat_ids(seqs: Sequence[TokenIds], rows: Sequence[int], V: int,
+              device: torch.device) -> torch.Tensor:
+    """The token ids of seqs[i] for i in rows as indices into the flattened [B, V] logits
+    (repeats kept)."""
+    parts = [torch.as_tensor(seqs[i], dtype=torch.int64, device=device) for i in rows]
+    if not parts:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    lengths = torch.tensor([len(t) for t in parts], device=device)
+    offsets = torch.tensor(rows, dtype=torch.int64, device=device) * V
+    return torch.cat(parts) + torch.repeat_interleave(offsets, lengths)
+
+
+def apply_penalties(logits: torch.Tensor, prompt_tokens: Sequence[TokenIds],
+                    output_tokens: Sequence[TokenIds], params: Sequence[SamplingParams]) -> None:
     """In place, as vLLM: repetition (tokens of prompt or output: positive logits divided by it,
-    negative multiplied), then frequency (times the output count) and presence (once if the
-    output has it) subtracted."""
+    negative multiplied), then presence (subtracted once if the output has the token) and
+    frequency (times its count in the output). Touches only the logits of the tokens seen.
+
+    No deduplication: a token seen twice is written twice with the same value (computed from
+    the logits before the write), which is idempotent; only frequency accumulates."""
     B, V = logits.shape
-    rep = [p.repetition_penalty for p in params]
-    freq = [p.frequency_penalty for p in params]
-    pres = [p.presence_penalty for p in params]
-    if all(r == 1 for r in rep) and not any(freq) and not any(pres):
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1]
+    add_rows = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+    if not rep_rows and not add_rows:
         return
-    counts = torch.zeros(B, V, dtype=torch.float32, device=logits.device)
-    seen = torch.zeros(B, V, dtype=torch.bool, device=logits.device)
-    for i in range(B):  # building the count tensors: O(tokens), not O(vocab)
-        if output_tokens[i]:
-            ids = torch.as_tensor(output_tokens[i], dtype=torch.int64, device=logits.device)
-            counts[i].index_add_(0, ids, torch.ones(len(ids), device=logits.device))
-        if prompt_tokens[i]:
-            seen[i, torch.as_tensor(prompt_tokens[i], dtype=torch.int64, device=logits.device)] = True
-    seen |= counts > 0
-    r = _column(rep, logits)[:, None]
-    penalised = torch.where(logits > 0, logits / r, logits * r)
-    logits.copy_(torch.where(seen, penalised, logits))
-    logits -= _column(freq, logits)[:, None] * counts
-    logits -= _column(pres, logits)[:, None] * (counts > 0).float()
+    flat = logits.view(-1)
+    dev = logits.device
+    if rep_rows:
+        seen = torch.cat([_flat_ids(prompt_tokens, rep_rows, V, dev), _flat_ids(output_tokens, rep_rows, V, dev)])
+        r = _column([p.repetition_penalty for p in params], logits)[seen // V]
+        x = flat[seen]
+        flat[seen] = torch.where(x > 0, x / r, x * r)
+    if add_rows:
+        out = _flat_ids(output_tokens, add_rows, V, dev)
+        row = out // V
+        flat[out] = flat[out] - _column([p.presence_penalty for p in params], logits)[row]
+        flat.index_add_(0, out, -_column([p.frequency_penalty for p in params], logits)[row])
 
 
-def _exponential(shape: tuple[int, int], generators: Sequence[torch.Generator | None],
-                 device: torch.device) -> torch.Tensor:
-    """Exp(1) noise; row i from generators[i] when it has one (its own stream), the rest from
-    the default generator in one call."""
-    q = torch.empty(shape, dtype=torch.float32, device=device)
-    seeded = [i for i, g in enumerate(generators) if g is not None]
-    if len(seeded) < len(generators):
-        unseeded = [i for i, g in enumerate(generators) if g is None]
-        q[unseeded] = torch.empty((len(unseeded), shape[1]), dtype=torch.float32, device=device).exponential_()
-    for i in seeded:
-        q[i].exponential_(generator=generators[i])
-    return q
+def _uniform(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) draw per row: row i from generators[i] when it has one, the rest from the
+    default generator in one call."""
+    u = torch.empty(len(generators), dtype=torch.float64, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, dtype=torch.float64, generator=g, device=device)[0]
+    return u
 
 
 def _takes_prompt(proc) -> bool:
@@ -84,14 +150,19 @@ def _takes_prompt(proc) -> bool:
         return False
 
 
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None,
-           prompt_tokens: Sequence[Sequence[int]] | None = None,
-           output_tokens: Sequence[Sequence[int]] | None = None) -> SamplerOutput:
-    """Samples one token per row of logits [B, V] (float32) under params[i]. logits is modified
-    in place (penalties, processors). Log-probabilities, when any request asks for them, are
-    those of the model's distribution (log_softmax of the logits after processors and
-    penalties, before temperature and truncation)."""
+           prompt_tokens: Sequence[TokenIds] | None = None,
+           output_tokens: Sequence[TokenIds] | None = None) -> SamplerOutput:
+    """Samples one token per row of logits [B, V] (float32, contiguous) under params[i].
+    logits is overwritten (penalties, processors, then the sampling works in place).
+    Log-probabilities, when any request asks for them, are those of the model's distribution
+    (log_softmax of the logits after processors and penalties, before temperature and
+    truncation)."""
     B, V = logits.shape
     generators = generators if generators is not None else [None] * B
     prompt_tokens = prompt_tokens if prompt_tokens is not None else [[]] * B
@@ -106,84 +177,176 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     out = SamplerOutput(tokens=torch.empty(B, dtype=torch.int64, device=logits.device))
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
-    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # before sampling overwrites
     greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
-    if len(greedy) == B:
-        out.tokens[:] = logits.argmax(dim=-1)
-    elif greedy:
-        out.tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if greedy:
+        out.tokens[greedy] = argmax_rows(_rows(logits, greedy))
     if drawn:
-        out.tokens[drawn] = _sample_rows(logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn])
-
+        out.tokens[drawn] = _sample_rows(_rows(logits, drawn), [params[i] for i in drawn],
+                                         [generators[i] for i in drawn])
     if logprobs is not None:
         out.logprobs = logprobs.gather(1, out.tokens[:, None]).squeeze(1)
-        k = max(want_logprobs)
+        k = min(max(want_logprobs), V)
         if k > 0:
-            out.top_logprobs, out.top_ids = torch.topk(logprobs, min(k, V), dim=-1)
+            out.top_logprobs, out.top_ids = topk_rows(logprobs, k)
     return out
 
 
-def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams],
                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    B, V = logits.shape
-    logits = logits / _column([p.temperature for p in params], logits)[:, None]
-    min_p = _column([p.min_p for p in params], logits)
-    if bool((min_p > 0).any()):  # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
-        cut = logits.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp_min(1e-30))[:, None]
-        logits = logits.masked_fill((logits < cut) & (min_p[:, None] > 0), float("-inf"))
+    """Temperature, then min-p (relative to the most probable token), then top-k, then top-p
+    (renormalised after top-k), as vLLM orders them. Overwrites x."""
+    B, V = x.shape
+    dev = x.device
+    temp = _column([p.temperature for p in params], x)
+    # p < min_p * p_max  <=>  (logit - max_logit) / temperature < log(min_p)
+    log_min_p = _column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], x)
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     top_p = [p.top_p for p in params]
-    truncated = [k < V or tp < 1 for k, tp in zip(top_k, top_p)]
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    u = _uniform(generators, dev)
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
 
-    full = [i for i in range(B) if not truncated[i]]
-    if full:
-        idx = torch.tensor(full, device=logits.device)
-        probs = torch.softmax(logits[idx], dim=-1)
-        q = _exponential(tuple(probs.shape), [generators[i] for i in full], logits.device)
-        tokens[idx] = (probs / q).argmax(dim=-1)
-    part = [i for i in range(B) if truncated[i]]
-    if part:
-        tokens[torch.tensor(part, device=logits.device)] = _sample_truncated(
-            logits[part], [top_k[i] for i in part], [top_p[i] for i in part], [generators[i] for i in part])
-    return tokens
-
-
-def _sample_truncated(logits: torch.Tensor, top_k: list[int], top_p: list[float],
-                      generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Top-k then top-p (renormalised after top-k, as vLLM) over each row's candidates."""
-    B, V = logits.shape
-    cand = min(V, max(max(k for k in top_k if k < V) if any(k < V for k in top_k) else 0,
-                      TOP_P_CANDIDATES if any(k == V and p < 1 for k, p in zip(top_k, top_p)) else 0))
-    values, ids = torch.topk(logits, cand, dim=-1)  # sorted, largest first
-    k = torch.tensor(top_k, device=logits.device)
-    pos = torch.arange(cand, device=logits.device)[None, :]
-    values = values.masked_fill(pos >= k[:, None], float("-inf"))
-    # Probabilities of the candidates within the row's distribution after top-k.
-    lse = torch.logsumexp(values, dim=-1)
-    whole = [i for i, kk in enumerate(top_k) if kk >= V]  # top-p alone: the full row's normaliser
+    ranked = [i for i in range(B) if top_k[i] < V]
+    if ranked:
+        r = torch.tensor(ranked, device=dev)
+        tokens[r] = _sample_top_k(_rows(x, ranked), [top_k[i] for i in ranked], temp[r], log_min_p[r],
+                                  [top_p[i] for i in ranked], u[r])
+    whole = [i for i in range(B) if top_k[i] == V]
     if whole:
-        lse[whole] = torch.logsumexp(logits[whole], dim=-1)
-    probs = torch.exp(values - lse[:, None])
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of the candidates ranked higher
-    p = torch.tensor(top_p, device=logits.device)
-    # The nucleus: the smallest prefix reaching top_p (the first always; all for top_p = 1).
-    keep = (before < p[:, None]) | (p[:, None] >= 1)
-    covered = (probs.sum(dim=-1) >= p) | (k <= cand)
-    probs = probs.masked_fill(~keep, 0.0)
-    q = _exponential((B, cand), generators, logits.device)
-    tokens = ids.gather(1, (probs / q).argmax(dim=-1, keepdim=True)).squeeze(1)
-    for i in torch.nonzero(~covered).flatten().tolist():  # nucleus wider than the candidates
-        tokens[i] = _sample_sorted(logits[i], top_p[i], generators[i])
+        w = torch.tensor(whole, device=dev)
+        tokens[w] = _sample_whole(_rows(x, whole), temp[w], log_min_p[w], [top_p[i] for i in whole],
+                                  [generators[i] for i in whole], u[w])
     return tokens
 
 
-def _sample_sorted(row: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    probs = torch.softmax(row, dim=-1)
-    sorted_probs, order = torch.sort(probs, descending=True)
-    before = torch.cumsum(sorted_probs, dim=0) - sorted_probs
+def _sample_top_k(x: torch.Tensor, top_k: list[int], temp: torch.Tensor, log_min_p: torch.Tensor,
+                  top_p: list[float], u: torch.Tensor) -> torch.Tensor:
+    """Rows with top-k: everything happens on the row's top_k largest logits."""
+    kmax = max(top_k)
+    raw, ids = topk_rows(x, kmax)  # temperature keeps the order: scale only the candidates
+    values = raw / temp[:, None]
+    top = values[:, :1]  # the row's maximum
+    k = torch.tensor(top_k, device=x.device)
+    pos = torch.arange(kmax, device=x.device)[None, :]
+    values = values.masked_fill((pos >= k[:, None]) | (values - top < log_min_p[:, None]), -math.inf)
+    e = torch.exp(values - top)
+    return _draw_candidates(e, ids, e.sum(-1), top_p, u)[0]
+
+
+def _draw_candidates(e: torch.Tensor, ids: torch.Tensor, total: torch.Tensor, top_p: list[float],
+                     u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws by inverse CDF among candidates e [b, c] (unnormalised probabilities, largest
+    first, of tokens ids) within the nucleus of each row's distribution, whose mass is total.
+    Returns the tokens and whether the candidates held the whole nucleus (where not, the row
+    must be drawn another way)."""
+    c = e.shape[1]
+    p = torch.tensor(top_p, dtype=torch.float32, device=e.device)
+    cum = torch.cumsum(e, -1)
+    keep = (cum - e < p[:, None] * total[:, None]) | (p[:, None] >= 1)  # the mass ranked higher < top_p
+    covered = cum[:, -1] >= p * total
+    e = e * keep
+    cdf = torch.cumsum(e, -1)
+    target = (u * cdf[:, -1].double()).to(torch.float32)[:, None]
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=c - 1)
+    pick = torch.minimum(pick, keep.sum(-1, keepdim=True) - 1)  # rounding at the very top of the cdf
+    return ids.gather(1, pick).squeeze(1), covered
+
+
+def _sample_whole(x: torch.Tensor, temp: torch.Tensor, log_min_p: torch.Tensor, top_p: list[float],
+                  generators: Sequence[torch.Generator | None], u: torch.Tensor) -> torch.Tensor:
+    """Rows without top-k: their whole probabilities, computed in place in x; top-p rows tried
+    on their largest candidates first, the rest drawn from the whole row."""
+    B, V = x.shape
+    dev = x.device
+    probs = x.sub_(x.amax(-1, keepdim=True)).div_(temp[:, None])
+    if bool(torch.isfinite(log_min_p).any()):
+        probs.masked_fill_(probs < log_min_p[:, None], -math.inf)
+    probs.exp_()  # unnormalised: the most probable token has 1
+    chunks = _chunked(probs, CHUNK, fill=0.0)  # padding has no mass: never drawn
+    sums = chunks.sum(-1)
+    total = sums.sum(-1)
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    pending = [i for i in range(B) if top_p[i] < 1]
+    left = [i for i in range(B) if top_p[i] >= 1]
+    for cand, wider in ((FIRST_CANDIDATES, False), (TOP_P_CANDIDATES, True)):
+        if wider:  # rejection sampling takes >= 2 draws per token below top_p = 0.5: try more
+            left += [i for i in pending if top_p[i] >= 0.5]
+            pending = [i for i in pending if top_p[i] < 0.5]
+        if not pending:
+            break
+        idx = torch.tensor(pending, device=dev)
+        e, ids = topk_rows(_rows(probs, pending), min(cand, V))
+        got, covered = _draw_candidates(e, ids, total[idx], [top_p[i] for i in pending], u[idx])
+        tokens[idx] = got
+        pending = [i for i, ok in zip(pending, covered.tolist()) if not ok]
+    left += pending  # a nucleus wider than the candidates
+    if left:
+        idx = torch.tensor(left, device=dev)
+        tokens[idx] = _draw_rejection(_rows(probs, left), _rows(chunks, left), _rows(sums, left), total[idx],
+                                      [top_p[i] for i in left], [generators[i] for i in left], u[idx])
+    return tokens
+
+
+def _draw_rejection(probs: torch.Tensor, chunks: torch.Tensor, sums: torch.Tensor, total: torch.Tensor,
+                    top_p: list[float], generators: Sequence[torch.Generator | None],
+                    u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF over whole rows (chunk sums, then within the chunk); for top_p < 1 a draw is
+    kept only if it lies in the nucleus (the mass of the strictly more probable tokens is below
+    top_p), else redrawn: rejection sampling, exact."""
+    B, V = probs.shape
+    dev = probs.device
+    csum = torch.cumsum(sums.double(), -1)
+    p = torch.tensor(top_p, dtype=torch.float64, device=dev)
+    tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    rows = torch.arange(B, device=dev)
+    for r in range(REJECTION_ROUNDS + 1):
+        if r > 0:
+            u = _uniform([generators[i] for i in rows.tolist()], dev)
+        target = u * csum[rows, -1]
+        ch = torch.searchsorted(csum[rows], target[:, None], right=True).clamp_(max=chunks.shape[1] - 1).squeeze(1)
+        rest = (target - (csum[rows, ch] - sums[rows, ch].double())).to(torch.float32)
+        within = chunks[rows, ch]  # [b, CHUNK]
+        off = torch.searchsorted(torch.cumsum(within, -1), rest[:, None], right=True).squeeze(1)
+        # Rounding can land past the chunk's last nonzero value: take the last one drawable.
+        last = (within > 0).cumsum(-1).argmax(-1)
+        tok = ch * CHUNK + torch.minimum(off, last)
+        tokens[rows] = tok
+        nucleus = p[rows] < 1
+        if not bool(nucleus.any()):
+            return tokens
+        pr = _rows(probs, rows.tolist())
+        before = _mass_above(pr, pr.gather(1, tok[:, None]))
+        rows = rows[nucleus & (before >= p[rows] * total[rows])]
+        if len(rows) == 0:
+            return tokens
+    for i in rows.tolist():  # still rejected after many rounds (a tiny top_p on a flat row)
+        tokens[i] = _sample_sorted(probs[i], top_p[i], generators[i])
+    return tokens
+
+
+_scratch = threading.local()
+
+
+def _mass_above(probs: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """sum of probs[i, j] over probs[i, j] > level[i], with reused buffers: a fresh
+    [B, V] temporary per call costs more in page faults than the arithmetic on a CPU."""
+    key = (probs.device, probs.shape)
+    bufs = getattr(_scratch, "mass_above", None)
+    if bufs is None or bufs[0] != key:
+        bufs = (key, torch.empty(probs.shape, dtype=torch.bool, device=probs.device),
+                torch.empty(probs.shape, dtype=probs.dtype, device=probs.device))
+        _scratch.mass_above = bufs
+    _, above, masked = bufs
+    torch.gt(probs, level, out=above)
+    return torch.mul(probs, above, out=masked).sum(-1).double()
+
+
+def _sample_sorted(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    sorted_probs, order = torch.sort(probs / probs.sum(), descending=True)
+    before = torch.cumsum(sorted_probs, 0) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-    q = torch.empty_like(sorted_probs).exponential_(generator=generator)
-    return order[(sorted_probs / q).argmax()]
+    cdf = torch.cumsum(sorted_probs.double(), 0)
+    u = torch.rand(1, dtype=torch.float64, generator=generator, device=probs.device)
+    pick = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=int((sorted_probs > 0).sum()) - 1)
+    return order[pick[0]]
