@@ -100,7 +100,21 @@ void bind_engine(py::module_& m) {
              if (!logits.empty()) std::copy(logits.begin(), logits.end(), out.mutable_data());
              return out;
            },
-           py::arg("step"), "Runs the model on a step from scheduler.schedule(); returns logits [num_seqs, vocab].");
+           py::arg("step"), "Runs the model on a step from scheduler.schedule(); returns logits [num_seqs, vocab].")
+      .def("execute_into",
+           [](Engine& e, const std::shared_ptr<StepOutput>& step, py::array out, IntArray logits_indices) {
+             // Checked, not converted: a converted copy would swallow the logits.
+             if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
+               throw py::type_error("Engine.execute_into: out must be a writeable, C-contiguous float32 array");
+             std::span<float> dst(static_cast<float*>(out.mutable_data()), size_t(out.size()));
+             const auto idx = as_span(logits_indices);
+             py::gil_scoped_release release;
+             e.execute(*step, dst, idx);
+           },
+           py::arg("step"), py::arg("out"), py::arg("logits_indices") = IntArray(0),
+           "Runs the model on a step, writing logits into out (float32, C-contiguous, at least "
+           "[rows, vocab]): for the tokens at logits_indices (into the step's token arrays), or "
+           "each sequence's last token when it is empty. Returns nothing; reuse out across steps.");
 }
 
 }  // namespace flashpage::bindings

@@ -146,9 +146,12 @@ def test_logprobs_are_log_softmax():
               SamplingParams(temperature=1.0)]
     out = S.sample(logits.clone(), params)
     ref = torch.log_softmax(logits, -1)
-    assert torch.allclose(out.logprobs, ref.gather(1, out.tokens[:, None]).squeeze(1))
-    assert torch.allclose(out.top_logprobs, torch.topk(ref, 5, -1).values)
-    assert torch.equal(out.top_ids[0], torch.topk(ref[0], 5).indices)
+    chosen = ref.gather(1, out.tokens[:, None])
+    assert torch.allclose(out.logprobs.logprobs, chosen.squeeze(1))
+    assert torch.equal(out.logprobs.ranks, (ref > chosen).sum(-1) + 1)
+    assert out.logprobs.ranks[0] == 1  # greedy: the most probable
+    assert torch.allclose(out.logprobs.top_logprobs, torch.topk(ref, 5, -1).values)
+    assert torch.equal(out.logprobs.top_ids[0], torch.topk(ref[0], 5).indices)
 
 
 def test_logits_processors_run_before_sampling():

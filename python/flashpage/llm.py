@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from flashpage import _core
-from flashpage.outputs import CompletionOutput, RequestOutput
+from flashpage.engine import LLMEngine, PromptType
+from flashpage.outputs import RequestOutput
 from flashpage.sampling_params import SamplingParams
 from flashpage.tokenizer import Tokenizer
-
-PromptType = str | dict[str, Any] | Sequence[int]
 
 
 class LLM:
@@ -45,34 +43,22 @@ class LLM:
     ) -> None:
         if not os.path.isdir(model):
             raise FileNotFoundError(f"{model}: not a directory (flashpage loads local Hugging Face model directories)")
-        self.llm_engine = _core.Engine(
+        self.core = _core.Engine(
             model, dtype=dtype, load_format=load_format, max_model_len=max_model_len or 0,
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             kv_cache_bytes=kv_cache_memory_bytes or 0, kv_cache_memory_fraction=kv_cache_memory_fraction,
             seed=seed, verbose=verbose)
-        self.model_info: dict = self.llm_engine.info
+        self.model_info: dict = self.core.info
         self.tokenizer: Tokenizer | None = None
         tok_path = tokenizer or model
         if not skip_tokenizer_init and (tokenizer or os.path.isfile(os.path.join(model, "tokenizer.json"))):
             self.tokenizer = Tokenizer(tok_path)
+        self.llm_engine = LLMEngine(self.core, self.tokenizer, seed=seed)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.tokenizer
-
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; pass {'prompt_token_ids': [...]} instead")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return self._prompt_ids(str(prompt["prompt"]))
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        return None, [int(t) for t in prompt]
 
     def generate(
         self,
@@ -80,7 +66,8 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
-        use_tqdm: bool = False,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generates completions for every prompt, batched; outputs come in prompt order."""
         if prompt_token_ids is not None:
@@ -98,44 +85,80 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(items):
             raise ValueError(f"got {len(params)} SamplingParams for {len(items)} prompts")
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
+        return self._run(items, params, priority, use_tqdm)
 
-        max_len = int(self.model_info["max_model_len"])
-        pending: dict[int, tuple[int, RequestOutput, SamplingParams]] = {}
-        results: list[RequestOutput] = []
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates replies to one conversation ([{"role": ..., "content": ...}, ...]) or a
+        list of them, rendered with the model's chat template (or chat_template)."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts: list[PromptType] = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(
+                list(conv), chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tools=tools, **(chat_template_kwargs or {}))
+            # The template writes the special tokens (BOS included): add none when encoding.
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, items: list[PromptType], params: list[SamplingParams], priority: Sequence[int] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids: list[str] = []
         try:
             for i, (item, sp) in enumerate(zip(items, params)):
-                text, ids = self._prompt_ids(item)
-                core_id = self.llm_engine.add_request(
-                    np.asarray(ids, dtype=np.int32), **sp.engine_kwargs(max(1, max_len - len(ids))))
-                out = RequestOutput(str(self._next_id), text, ids,
-                                    [CompletionOutput(index=0, text="", token_ids=[])])
+                rid = str(self._next_id)
                 self._next_id += 1
-                pending[core_id] = (i, out, sp)
-                results.append(out)
-            while pending:
-                ids_, tokens, reasons = self.llm_engine.step()
-                for rid, tok, reason in zip(ids_.tolist(), tokens.tolist(), reasons):
-                    entry = pending.get(rid)
-                    if entry is None:
-                        continue
-                    _, out, sp = entry
-                    comp = out.outputs[0]
-                    if tok >= 0:
-                        comp.token_ids.append(tok)
-                    if reason is not None:
-                        self._finish(out, sp, reason)
-                        del pending[rid]
+                engine.add_request(rid, item, sp, priority=priority[i] if priority else 0)
+                ids.append(rid)
+            done: dict[str, RequestOutput] = {}
+            bar = _progress(len(ids)) if use_tqdm else None
+            while len(done) < len(ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(out)
+            if bar is not None:
+                bar.close()
         except BaseException:
-            for rid in pending:  # leave the engine clean for the next call
-                self.llm_engine.abort_request(rid)
+            for rid in ids:  # leave the engine clean for the next call
+                engine.abort_request(rid)
             raise
-        return results
+        return [done[rid] for rid in ids]
 
-    def _finish(self, out: RequestOutput, sp: SamplingParams, reason: str) -> None:
-        comp = out.outputs[0]
-        comp.finish_reason = reason
-        if reason == "stop" and comp.token_ids and comp.token_ids[-1] in (sp.stop_token_ids or []):
-            comp.stop_reason = comp.token_ids[-1]
-        if self.tokenizer is not None:
-            comp.text = self.tokenizer.decode(comp.token_ids, skip_special_tokens=sp.skip_special_tokens)
-        out.finished = True
+
+class _progress:
+    """vLLM's progress bar: prompts done, with input and output tokens per second."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True,
+                        postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        self.start = time.perf_counter()
+        self.prompt_tokens = self.output_tokens = 0
+
+    def update(self, out: RequestOutput) -> None:
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.postfix = (f"est. speed input: {self.prompt_tokens / elapsed:.2f} toks/s, "
+                            f"output: {self.output_tokens / elapsed:.2f} toks/s")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

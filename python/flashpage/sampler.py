@@ -42,11 +42,27 @@ TokenIds = Sequence[int] | torch.Tensor
 
 
 @dataclass
+class TokenLogprobs:
+    logprobs: torch.Tensor  # [B] the chosen tokens' log-probabilities
+    ranks: torch.Tensor  # [B] their ranks (1: the most probable)
+    top_logprobs: torch.Tensor | None = None  # [B, k], largest first
+    top_ids: torch.Tensor | None = None  # [B, k]
+
+
+@dataclass
 class SamplerOutput:
     tokens: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor | None = None  # [B] the sampled tokens' log-probabilities
-    top_logprobs: torch.Tensor | None = None  # [B, k]
-    top_ids: torch.Tensor | None = None  # [B, k]
+    logprobs: TokenLogprobs | None = None  # when any request asked for them
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenLogprobs:
+    """log_softmax of logits [B, V] at tokens [B], their ranks, and the top k of each row."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
+    out = TokenLogprobs(chosen.squeeze(1), (logprobs > chosen).sum(-1) + 1)
+    if k > 0:
+        out.top_logprobs, out.top_ids = topk_rows(logprobs, min(k, logits.shape[1]))
+    return out
 
 
 def _column(values: Sequence[float], like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -130,15 +146,18 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: Sequence[TokenIds],
 
 
 def _uniform(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
-    """One U[0, 1) draw per row: row i from generators[i] when it has one, the rest from the
-    default generator in one call."""
+    """One U[0, 1) draw per row from generators[i] (None: torch's default generator); rows
+    sharing a generator draw in one call, in row order."""
     u = torch.empty(len(generators), dtype=torch.float64, device=device)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, device=device)
+    groups: dict[int, list[int]] = {}
     for i, g in enumerate(generators):
-        if g is not None:
-            u[i] = torch.rand(1, dtype=torch.float64, generator=g, device=device)[0]
+        groups.setdefault(id(g), []).append(i)
+    for rows in groups.values():
+        g = generators[rows[0]]
+        draws = torch.rand(len(rows), dtype=torch.float64, generator=g, device=device)
+        if len(rows) == len(generators):
+            return draws
+        u[rows] = draws
     return u
 
 
@@ -157,12 +176,14 @@ def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None,
            prompt_tokens: Sequence[TokenIds] | None = None,
-           output_tokens: Sequence[TokenIds] | None = None) -> SamplerOutput:
+           output_tokens: Sequence[TokenIds] | None = None,
+           default_generator: torch.Generator | None = None) -> SamplerOutput:
     """Samples one token per row of logits [B, V] (float32, contiguous) under params[i].
     logits is overwritten (penalties, processors, then the sampling works in place).
     Log-probabilities, when any request asks for them, are those of the model's distribution
     (log_softmax of the logits after processors and penalties, before temperature and
-    truncation)."""
+    truncation). Rows without a generator of their own draw from default_generator (torch's
+    global one when None)."""
     B, V = logits.shape
     generators = generators if generators is not None else [None] * B
     prompt_tokens = prompt_tokens if prompt_tokens is not None else [[]] * B
@@ -177,24 +198,23 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
 
     out = SamplerOutput(tokens=torch.empty(B, dtype=torch.int64, device=logits.device))
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
-    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # before sampling overwrites
+    # Sampling overwrites the logits: keep what log-probabilities need.
+    kept = logits.clone() if want_logprobs and any(not p.greedy for p in params) else logits
     greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if greedy:
         out.tokens[greedy] = argmax_rows(_rows(logits, greedy))
     if drawn:
         out.tokens[drawn] = _sample_rows(_rows(logits, drawn), [params[i] for i in drawn],
-                                         [generators[i] for i in drawn])
-    if logprobs is not None:
-        out.logprobs = logprobs.gather(1, out.tokens[:, None]).squeeze(1)
-        k = min(max(want_logprobs), V)
-        if k > 0:
-            out.top_logprobs, out.top_ids = topk_rows(logprobs, k)
+                                         [generators[i] for i in drawn], default_generator)
+    if want_logprobs:
+        out.logprobs = token_logprobs(kept, out.tokens, max(want_logprobs))
     return out
 
 
 def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+                 generators: Sequence[torch.Generator | None],
+                 default_generator: torch.Generator | None = None) -> torch.Tensor:
     """Temperature, then min-p (relative to the most probable token), then top-k, then top-p
     (renormalised after top-k), as vLLM orders them. Overwrites x."""
     B, V = x.shape
@@ -204,6 +224,7 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams],
     log_min_p = _column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], x)
     top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
     top_p = [p.top_p for p in params]
+    generators = [g if g is not None else default_generator for g in generators]
     u = _uniform(generators, dev)
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
 

@@ -82,22 +82,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
-
-    def engine_kwargs(self, max_new_tokens: int) -> dict:
-        """Keyword arguments of the core's Engine.add_request (its C++ sampler)."""
-        # Until the engine runs the batched Python sampler (flashpage.sampler), refuse what the
-        # C++ sampler would otherwise silently ignore.
-        unsupported = [name for name, on in [
-            ("n > 1", self.n != 1), ("presence_penalty", self.presence_penalty != 0),
-            ("frequency_penalty", self.frequency_penalty != 0), ("repetition_penalty", self.repetition_penalty != 1),
-            ("stop", bool(self.stop)), ("logprobs", self.logprobs is not None),
-            ("prompt_logprobs", self.prompt_logprobs is not None), ("logits_processors", bool(self.logits_processors)),
-        ] if on]
-        if unsupported:
-            raise NotImplementedError(f"LLM.generate does not support {', '.join(unsupported)} yet")
-        return dict(
-            temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
-            min_p=float(self.min_p), seed=-1 if self.seed is None else int(self.seed),
-            max_tokens=int(max_new_tokens if self.max_tokens is None else self.max_tokens),
-            min_tokens=int(self.min_tokens), stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=bool(self.ignore_eos))

@@ -82,7 +82,6 @@ void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
   grow(last_residual_, S * H);
   grow(last_delta_, S * H);
   grow(last_normed_, S * H);
-  grow(logits_, S * c.vocab_size);
 }
 
 void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs) {
@@ -177,9 +176,22 @@ void LlamaModel::attention(const StepOutput& st, int64_t layer) {
 }
 
 const float* LlamaModel::forward(const StepOutput& st) {
+  if (st.num_tokens() == 0) return nullptr;
+  grow(logits_, int64_t(st.num_seqs()) * config_.vocab_size);
+  forward(st, {}, logits_.data());
+  return logits_.data();
+}
+
+void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices, float* out) {
   const ModelConfig& c = config_;
-  const int64_t T = st.num_tokens(), S = st.num_seqs();
-  if (T == 0) return nullptr;
+  const int64_t T = st.num_tokens();
+  if (T == 0) return;
+  if (indices.empty()) indices = st.logits_indices;
+  const int64_t S = int64_t(indices.size());
+  for (int32_t i : indices)
+    if (i < 0 || i >= T)
+      throw std::invalid_argument("logits index " + std::to_string(i) + " is outside the step's " +
+                                  std::to_string(T) + " tokens");
   const int64_t H = c.hidden_size, D = c.head_dim, nqh = c.num_attention_heads, nkvh = c.num_key_value_heads;
   const int64_t I = c.intermediate_size, V = c.vocab_size;
   const float eps = float(c.rms_norm_eps);
@@ -221,15 +233,14 @@ const float* LlamaModel::forward(const StepOutput& st) {
     for_rows(T, I, [&](int64_t b, int64_t e) { kern_.silu_and_mul(act_.data() + b * I, gate_up_.data() + b * 2 * I, e - b, I); });
     run_linears(act_.data(), T, {{delta, H, &L.down, nullptr}});
   }
-  // The final norm and the LM head only for each sequence's last scheduled token.
+  // The final norm and the LM head only for the tokens asked for (each sequence's last).
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t idx = st.logits_indices[s];
+    const int64_t idx = indices[s];
     std::memcpy(last_residual_.data() + s * H, res + idx * H, size_t(H) * 4);
     std::memcpy(last_delta_.data() + s * H, delta + idx * H, size_t(H) * 4);
   }
   norm(last_normed_.data(), last_delta_.data(), last_residual_.data(), weights_.final_norm, S, H);
-  run_linears(last_normed_.data(), S, {{logits_.data(), V, &weights_.lm_head, nullptr}});
-  return logits_.data();
+  run_linears(last_normed_.data(), S, {{out, V, &weights_.lm_head, nullptr}});
 }
 
 }  // namespace flashpage::model

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
 #include <vector>
 
 #include "flashpage/scheduler.h"
@@ -34,6 +35,9 @@ class LlamaModel {
   // token), valid until the next call. Throws std::invalid_argument for a token id outside the
   // vocabulary or a position beyond max_model_len.
   const float* forward(const StepOutput& step);
+  // The same, with logits for the tokens at `indices` (into the step's token arrays; empty: each
+  // sequence's last token) written to `out` [indices.size() (or num_seqs), vocab].
+  void forward(const StepOutput& step, std::span<const int32_t> indices, float* out);
 
   const ModelConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }

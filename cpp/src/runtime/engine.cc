@@ -154,6 +154,16 @@ std::span<const float> Engine::execute(const StepOutput& step) {
   return {logits, size_t(step.num_seqs()) * size_t(impl_->info.vocab_size)};
 }
 
+void Engine::execute(const StepOutput& step, std::span<float> out, std::span<const int32_t> logits_indices) {
+  const size_t rows = logits_indices.empty() ? size_t(step.num_seqs()) : logits_indices.size();
+  const size_t need = rows * size_t(impl_->info.vocab_size);
+  if (out.size() < need)
+    throw std::invalid_argument("Engine::execute: the logits buffer holds " + std::to_string(out.size()) +
+                                " floats; " + std::to_string(rows) + " rows of the vocabulary need " +
+                                std::to_string(need));
+  impl_->model->forward(step, logits_indices, out.data());
+}
+
 const std::vector<TokenEvent>& Engine::step() {
   Impl& m = *impl_;
   m.events.clear();
