@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flashpage import LLM, SamplingParams, _core
-from model_fixtures import (STORIES, SMOLLM_DIR, VARIANTS, hf_greedy, hf_model, make_checkpoint,
+from model_fixtures import (STORIES, VARIANTS, hf_greedy, hf_model, make_checkpoint,
                             run_greedy, transformers_or_skip)
 
 PROMPT = [1, 17, 233, 5, 99, 42, 7, 180, 64, 3, 250, 11, 12, 13, 301, 8, 77, 78, 79, 2, 150, 151,
@@ -90,20 +90,6 @@ def test_stories260k_text_matches_the_known_continuation():
     [out] = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=28))
     assert out.outputs[0].text.startswith(", there was a little girl named Lily. She loved to play outside in the park.")
     assert out.prompt == "Once upon a time" and out.prompt_token_ids[0] == 1  # BOS from tokenizer.json
-
-
-@pytest.fixture(scope="session")
-def smollm_dir(tmp_path_factory):
-    if not os.path.isdir(SMOLLM_DIR):
-        pytest.skip("../shared/models/smollm2-135m-instruct is not present")
-    transformers_or_skip()
-    pytest.importorskip("gguf")
-    import subprocess
-    import sys
-    out = str(tmp_path_factory.mktemp("smollm2"))
-    subprocess.run([sys.executable, os.path.join(SMOLLM_DIR, "materialize.py"), out], check=True,
-                   capture_output=True)
-    return out
 
 
 def test_smollm2_greedy_matches_transformers(smollm_dir):

@@ -130,11 +130,13 @@ class LLMEngine:
         if params.n == 1:
             req.forked = True
 
-    def abort_request(self, request_id: str) -> bool:
-        """Ends a request (finish_reason "abort") and frees its KV blocks; False if unknown."""
+    def abort_request(self, request_id: str, error: BaseException | None = None) -> bool:
+        """Ends a request (finish_reason "abort") and frees its KV blocks; False if unknown.
+        `error`: what ended it, kept in its RequestOutput."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        req.output.error = error
         for seq in req.seqs:
             self.scheduler.abort_request(seq.core_id)
             self._seqs.pop(seq.core_id, None)
@@ -159,8 +161,20 @@ class LLMEngine:
         S = st.num_seqs
         if S == 0:
             return []
-        core_ids = np.asarray(st.request_ids).tolist()
-        seqs = [self._seqs[i] for i in core_ids]
+        seqs = [self._seqs[i] for i in np.asarray(st.request_ids).tolist()]
+        forked: list[int] = []
+        try:
+            sampled, fork_tokens, lp, by_seq, failed = self._forward_and_sample(st, seqs, forked)
+        except BaseException as e:
+            # Leave the scheduler consistent: end every request of this step, then close it.
+            for seq in seqs:
+                self.abort_request(seq.request.request_id, error=e)
+            self.scheduler.update(np.zeros(S, dtype=np.int32), np.zeros(len(forked), dtype=np.int32))
+            raise
+        return self._process_updates(sampled, fork_tokens, lp, by_seq, failed)
+
+    def _forward_and_sample(self, st, seqs: list[_Sequence], forked: list[int]):
+        S = len(seqs)
         qsl = np.asarray(st.query_start_loc)
         computed = np.asarray(st.num_computed)
         do_sample = np.asarray(st.do_sample).astype(bool)
@@ -199,6 +213,7 @@ class LLMEngine:
                     forks.append(child)
         tokens: list[int] = []
         lp: TokenLogprobs | None = None
+        failed: dict[str, BaseException] = {}
         if plan:
             picked = [r for r, _ in plan]
             x = logits if picked == list(range(rows)) else logits[torch.tensor(picked)]
@@ -207,6 +222,8 @@ class LLMEngine:
                          default_generator=self._generator)
             tokens = res.tokens.tolist()
             lp = res.logprobs
+            for j, err in res.errors.items():
+                failed[plan[j][1].request.request_id] = err
         sampled = np.zeros(S, dtype=np.int32)
         by_seq: dict[int, int] = {}  # core id -> index into plan
         for j, (_, q) in enumerate(plan):
@@ -217,42 +234,55 @@ class LLMEngine:
         for child in forks:
             self.scheduler.fork_request(child.request.seqs[0].core_id, child.core_id)
             self._seqs[child.core_id] = child
+            forked.append(child.core_id)
             fork_tokens.append(tokens[by_seq[child.core_id]])
+        return sampled, fork_tokens, lp, by_seq, failed
 
+    def _process_updates(self, sampled: np.ndarray, fork_tokens: list[int], lp: TokenLogprobs | None,
+                         by_seq: dict[int, int], failed: dict[str, BaseException]) -> list[RequestOutput]:
         changed: dict[str, _Request] = {}
         ids, toks, reasons = self.scheduler.update(sampled, np.asarray(fork_tokens, dtype=np.int32))
         for cid, tok, reason in zip(ids.tolist(), toks.tolist(), reasons):
             seq = self._seqs.get(cid)
-            if seq is None:
+            if seq is None or seq.request.request_id in failed:
                 continue
             changed[seq.request.request_id] = seq.request
             stop = None
             if tok >= 0:
-                stop = self._append(seq, tok, lp, by_seq.get(cid))
+                # A stop id or eos ends the sequence: its text is left out unless asked for (as vLLM).
+                text = reason != "stop" or seq.params.include_stop_str_in_output
+                stop = self._append(seq, tok, lp, by_seq.get(cid), text)
             if reason is None and stop is not None:
                 self.scheduler.finish_request(cid, "stop")
                 reason = "stop"
             if reason is not None:
                 self._finish(seq, reason, stop)
+        for rid, err in failed.items():  # a request's own processor raised: end it, alone
+            req = self._requests.get(rid)
+            if req is not None:
+                self.abort_request(rid, error=err)
+                changed[rid] = req
         outputs = []
         for req in changed.values():
             if all(q.finished for q in req.seqs):
                 req.output.finished = True
-                del self._requests[req.request_id]
+                self._requests.pop(req.request_id, None)
             outputs.append(req.output)
         return outputs
 
     # ---- per token ---------------------------------------------------------------------
 
-    def _append(self, seq: _Sequence, token: int, lp: TokenLogprobs | None, j: int | None) -> str | None:
-        """Adds a sampled token to the sequence's output; returns a stop string it completed."""
+    def _append(self, seq: _Sequence, token: int, lp: TokenLogprobs | None, j: int | None,
+                text: bool = True) -> str | None:
+        """Adds a sampled token to the sequence's output (and to its text unless text=False);
+        returns a stop string it completed."""
         out, params = seq.output, seq.params
         out.token_ids.append(token)
         if out.logprobs is not None and lp is not None and j is not None:
             entry = self._logprob_entry(lp, j, token, params.logprobs or 0)
             out.logprobs.append(entry)
             out.cumulative_logprob = (out.cumulative_logprob or 0.0) + entry[token].logprob
-        if seq.detok is None:
+        if seq.detok is None or not text:
             return None
         delta = seq.detok.add(token)
         return self._show(seq, len(delta))

@@ -128,6 +128,8 @@ class LLM:
             bar = _progress(len(ids)) if use_tqdm else None
             while len(done) < len(ids) and engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.error is not None:  # the request's own code failed (a logits processor)
+                        raise out.error
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

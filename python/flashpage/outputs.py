@@ -39,3 +39,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     prompt_logprobs: PromptLogprobs | None = None
+    # Set when the request was ended by its own fault (a logits processor raised): the
+    # outputs are finished with finish_reason "abort".
+    error: BaseException | None = field(default=None, repr=False)

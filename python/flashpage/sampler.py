@@ -27,7 +27,7 @@ import inspect
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,9 @@ class TokenLogprobs:
 class SamplerOutput:
     tokens: torch.Tensor  # [B] int64
     logprobs: TokenLogprobs | None = None  # when any request asked for them
+    # Rows whose logits processor raised: the error (the row was sampled without it). The
+    # caller ends those requests; the rest of the batch is unaffected.
+    errors: dict[int, Exception] = field(default_factory=dict)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenLogprobs:
@@ -188,15 +191,18 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     generators = generators if generators is not None else [None] * B
     prompt_tokens = prompt_tokens if prompt_tokens is not None else [[]] * B
     output_tokens = output_tokens if output_tokens is not None else [[]] * B
+    out = SamplerOutput(tokens=torch.empty(B, dtype=torch.int64, device=logits.device))
     for i, p in enumerate(params):
-        for proc in p.logits_processors or ():
-            if _takes_prompt(proc):
-                logits[i] = proc(prompt_tokens[i], output_tokens[i], logits[i])
-            else:
-                logits[i] = proc(output_tokens[i], logits[i])
+        if p.logits_processors:
+            try:
+                row = logits[i].clone()
+                for proc in p.logits_processors:
+                    row = proc(prompt_tokens[i], output_tokens[i], row) if _takes_prompt(proc) else proc(output_tokens[i], row)
+                logits[i] = row
+            except Exception as e:  # noqa: BLE001 - the request's own code: isolate it
+                out.errors[i] = e
     apply_penalties(logits, prompt_tokens, output_tokens, params)
 
-    out = SamplerOutput(tokens=torch.empty(B, dtype=torch.int64, device=logits.device))
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     # Sampling overwrites the logits: keep what log-probabilities need.
     kept = logits.clone() if want_logprobs and any(not p.greedy for p in params) else logits
