@@ -13,10 +13,22 @@ from flashpage._core import (
     StepOutput,
     __version__,
 )
-from flashpage.llm import LLM
 from flashpage.outputs import CompletionOutput, RequestOutput
 from flashpage.platform import cuda_available, platform_info
 from flashpage.sampling_params import SamplingParams
+
+# LLM and LLMEngine import torch (the sampler): loaded on first use, so that `import flashpage`
+# (the CLI, the scheduler) stays fast.
+_LAZY = {"LLM": "flashpage.llm", "LLMEngine": "flashpage.engine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flashpage' has no attribute {name!r}")
+
 
 __all__ = [
     "BlockManager",
@@ -24,6 +36,7 @@ __all__ = [
     "CompletionOutput",
     "Engine",
     "LLM",
+    "LLMEngine",
     "RequestOutput",
     "SamplingParams",
     "RequestRejected",

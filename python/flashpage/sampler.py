@@ -23,6 +23,7 @@ seeded request gets the same tokens whatever else is in the batch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import threading
@@ -176,6 +177,24 @@ def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x if len(rows) == x.shape[0] else x[torch.tensor(rows, device=x.device)]
 
 
+SMALL_ON_CPU = 1 << 20  # logits below this many values are sampled on one CPU thread
+
+
+@contextlib.contextmanager
+def _cpu_threads_for(logits: torch.Tensor):
+    """On the CPU, a small batch is sampled on one thread: torch's thread pool costs more to
+    wake than it saves there, and its threads keep spinning into the model's next step."""
+    if logits.device.type != "cpu" or logits.numel() >= SMALL_ON_CPU or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None] | None = None,
            prompt_tokens: Sequence[TokenIds] | None = None,
@@ -187,6 +206,14 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     (log_softmax of the logits after processors and penalties, before temperature and
     truncation). Rows without a generator of their own draw from default_generator (torch's
     global one when None)."""
+    with _cpu_threads_for(logits):
+        return _sample(logits, params, generators, prompt_tokens, output_tokens, default_generator)
+
+
+def _sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+            generators: Sequence[torch.Generator | None] | None,
+            prompt_tokens: Sequence[TokenIds] | None, output_tokens: Sequence[TokenIds] | None,
+            default_generator: torch.Generator | None) -> SamplerOutput:
     B, V = logits.shape
     generators = generators if generators is not None else [None] * B
     prompt_tokens = prompt_tokens if prompt_tokens is not None else [[]] * B

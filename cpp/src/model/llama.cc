@@ -241,6 +241,7 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
   }
   norm(last_normed_.data(), last_delta_.data(), last_residual_.data(), weights_.final_norm, S, H);
   run_linears(last_normed_.data(), S, {{out, V, &weights_.lm_head, nullptr}});
+  pool().rest();  // the sampler runs next, maybe on torch's threads: do not poll beside it
 }
 
 }  // namespace flashpage::model

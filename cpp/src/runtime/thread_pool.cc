@@ -71,6 +71,7 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
     n_ = n;
     chunk_ = chunk;
     pending_ = static_cast<int>(workers_.size());
+    resting_ = false;
     ++generation_;
   }
   if (sleepers_ > 0) start_cv_.notify_all();
@@ -86,7 +87,7 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   while (true) {
-    for (int i = 0; i < kSpins && generation_ == seen; ++i) cpu_relax();
+    for (int i = 0; i < kSpins && generation_ == seen && !resting_; ++i) cpu_relax();
     Invoke invoke;
     void* ctx;
     int64_t begin, end;

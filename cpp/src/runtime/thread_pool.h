@@ -35,6 +35,11 @@ class ThreadPool {
     run(n, grain, call, const_cast<void*>(static_cast<const void*>(&fn)));
   }
 
+  // Workers stop polling and sleep until the next parallel_for: call it when the pool goes
+  // unused for a while (after a model step, while Python samples with torch's own threads,
+  // which polling workers would slow down).
+  void rest() { resting_ = true; }
+
   // The process-wide pool.
   static ThreadPool& global();
 
@@ -50,6 +55,7 @@ class ThreadPool {
   std::atomic<int> pending_{0};
   std::atomic<int> sleepers_{0};        // workers waiting on start_cv_
   std::atomic<bool> caller_waiting_{false};
+  std::atomic<bool> resting_{false};
   std::atomic<bool> stop_{false};
   // The current job.
   Invoke invoke_ = nullptr;

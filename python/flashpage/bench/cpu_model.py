@@ -138,7 +138,7 @@ class VllmShapedEngine:
                            max_num_batched_tokens=MAX_MODEL_LEN, **extra)
         self.sampling_params = mod.SamplingParams
         self.sampling_extra = {"detokenize": False} if is_vllm else {}
-        self.generate_extra = {"use_tqdm": False} if is_vllm else {}
+        self.generate_extra = {"use_tqdm": False}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
         params = self.sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
