@@ -46,6 +46,16 @@ def _expected(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return p / p.sum()
 
 
+def _assert_draws_match(row: torch.Tensor, params: SamplingParams, want: torch.Tensor, n: int, label) -> torch.Tensor:
+    """n draws: only tokens of the support, each token's frequency within 5 standard errors of
+    its probability. Returns the frequencies."""
+    got = torch.bincount(_draw(row, params, n), minlength=len(row)).double() / n
+    assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
+    sigma = torch.sqrt(want * (1 - want) / n)
+    assert torch.all((got - want).abs() <= 5 * sigma + 1e-9), (label, (got - want).abs().max())
+    return got
+
+
 @pytest.mark.parametrize("kw", [dict(top_k=5), dict(top_p=0.6), dict(top_k=10, top_p=0.8), dict(min_p=0.2),
                                 dict(temperature=0.7), dict(temperature=1.3, top_k=3, min_p=0.05)])
 def test_support_and_distribution_match_softmax(kw, monkeypatch):
@@ -59,11 +69,7 @@ def test_support_and_distribution_match_softmax(kw, monkeypatch):
         monkeypatch.setattr(S, "FIRST_CANDIDATES", cand)
         monkeypatch.setattr(S, "TOP_P_CANDIDATES", cand)
         monkeypatch.setattr(S, "REJECTION_ROUNDS", rounds)
-        got = torch.bincount(_draw(row, params, n), minlength=V).double() / n
-        assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
-        # Each token's frequency within 5 standard errors of its probability.
-        sigma = torch.sqrt(want * (1 - want) / n)
-        assert torch.all((got - want).abs() <= 5 * sigma + 1e-9), (kw, cand, (got - want).abs().max())
+        got = _assert_draws_match(row, params, want, n, (kw, cand, rounds))
         # Every token of the support with a non-negligible probability was drawn.
         assert torch.all(got[want > 0.002] > 0)
 
@@ -95,10 +101,7 @@ def test_distribution_on_a_large_vocabulary(kw, monkeypatch):
     for cand in (S.FIRST_CANDIDATES, 2):
         monkeypatch.setattr(S, "FIRST_CANDIDATES", cand)
         monkeypatch.setattr(S, "TOP_P_CANDIDATES", cand)
-        got = torch.bincount(_draw(row, params, n), minlength=v).double() / n
-        assert set(torch.nonzero(got).flatten().tolist()) <= set(torch.nonzero(want).flatten().tolist())
-        sigma = torch.sqrt(want * (1 - want) / n)
-        assert torch.all((got - want).abs() <= 5 * sigma + 1e-9), (kw, cand, (got - want).abs().max())
+        _assert_draws_match(row, params, want, n, (kw, cand))
 
 
 def test_greedy_is_argmax_and_ignores_seed():

@@ -342,7 +342,7 @@ class LLMEngine:
                 continue
             rows = torch.tensor([r for r, _ in targets])
             ids = torch.tensor([req.prompt_ids[p] for _, p in targets])
-            lp = token_logprobs(logits[rows], ids, req.params.prompt_logprobs)
+            lp = token_logprobs(torch.log_softmax(logits[rows], -1), ids, req.params.prompt_logprobs)
             for j, (_, p) in enumerate(targets):
                 req.output.prompt_logprobs.append(
                     self._logprob_entry(lp, j, req.prompt_ids[p], req.params.prompt_logprobs))

@@ -59,13 +59,16 @@ class SamplerOutput:
     errors: dict[int, Exception] = field(default_factory=dict)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenLogprobs:
-    """log_softmax of logits [B, V] at tokens [B], their ranks, and the top k of each row."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> TokenLogprobs:
+    """From log-probabilities [B, V] (log_softmax of the logits): those of tokens [B], their
+    ranks, and the top k of each row."""
     chosen = logprobs.gather(1, tokens[:, None])
-    out = TokenLogprobs(chosen.squeeze(1), (logprobs > chosen).sum(-1) + 1)
+    # Counted in float (sign of the positive part): summing a bool mask is 4x slower on a CPU.
+    _, diff = _scratch(logprobs)
+    ranks = torch.sub(logprobs, chosen, out=diff).clamp_(min=0).sign_().sum(-1).long() + 1
+    out = TokenLogprobs(chosen.squeeze(1), ranks)
     if k > 0:
-        out.top_logprobs, out.top_ids = topk_rows(logprobs, min(k, logits.shape[1]))
+        out.top_logprobs, out.top_ids = topk_rows(logprobs, min(k, logprobs.shape[1]))
     return out
 
 
@@ -231,8 +234,8 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     apply_penalties(logits, prompt_tokens, output_tokens, params)
 
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
-    # Sampling overwrites the logits: keep what log-probabilities need.
-    kept = logits.clone() if want_logprobs and any(not p.greedy for p in params) else logits
+    # Before sampling, which overwrites the logits.
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     greedy = [i for i, p in enumerate(params) if p.greedy]
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if greedy:
@@ -240,8 +243,8 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     if drawn:
         out.tokens[drawn] = _sample_rows(_rows(logits, drawn), [params[i] for i in drawn],
                                          [generators[i] for i in drawn], default_generator)
-    if want_logprobs:
-        out.logprobs = token_logprobs(kept, out.tokens, max(want_logprobs))
+    if logprobs is not None:
+        out.logprobs = token_logprobs(logprobs, out.tokens, max(want_logprobs))
     return out
 
 
@@ -379,19 +382,23 @@ def _draw_rejection(probs: torch.Tensor, chunks: torch.Tensor, sums: torch.Tenso
     return tokens
 
 
-_scratch = threading.local()
+_scratch_bufs = threading.local()
+
+
+def _scratch(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bool and a float buffer shaped like `like`, reused from call to call (per thread): a
+    fresh [B, V] temporary costs more in page faults than the arithmetic on a CPU."""
+    key = (like.device, like.shape, like.dtype)
+    bufs = getattr(_scratch_bufs, "bufs", None)
+    if bufs is None or bufs[0] != key:
+        bufs = (key, torch.empty(like.shape, dtype=torch.bool, device=like.device), torch.empty_like(like))
+        _scratch_bufs.bufs = bufs
+    return bufs[1], bufs[2]
 
 
 def _mass_above(probs: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """sum of probs[i, j] over probs[i, j] > level[i], with reused buffers: a fresh
-    [B, V] temporary per call costs more in page faults than the arithmetic on a CPU."""
-    key = (probs.device, probs.shape)
-    bufs = getattr(_scratch, "mass_above", None)
-    if bufs is None or bufs[0] != key:
-        bufs = (key, torch.empty(probs.shape, dtype=torch.bool, device=probs.device),
-                torch.empty(probs.shape, dtype=probs.dtype, device=probs.device))
-        _scratch.mass_above = bufs
-    _, above, masked = bufs
+    """sum of probs[i, j] over probs[i, j] > level[i]."""
+    above, masked = _scratch(probs)
     torch.gt(probs, level, out=above)
     return torch.mul(probs, above, out=masked).sum(-1).double()
 
