@@ -1,4 +1,13 @@
-"""The ``flashpage`` command: ``flashpage info``, ``flashpage bench scheduler``."""
+"""The ``flashpage`` command.
+
+  flashpage serve MODEL [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] [engine options]
+      the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+      /health, /metrics) and the gRPC API (flashpage.v1) over one engine
+  flashpage generate MODEL PROMPT [--max-tokens 64] [--temperature 0] [--chat]
+      one completion, printed as it is generated
+  flashpage info                 version, CPU ISA in use, CUDA backend status
+  flashpage bench scheduler      the scheduler benchmark shipped with the wheel
+"""
 
 from __future__ import annotations
 
@@ -31,9 +40,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([os.fspath(binary), *args.rest])
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flashpage.serving.server import serve
+
+    return serve(args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flashpage.llm import LLM
+    from flashpage.sampling_params import SamplingParams
+    from flashpage.serving.server import build_llm
+
+    args.verbose = False
+    llm: LLM = build_llm(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed_sampling)
+    prompt = args.prompt
+    if args.chat:
+        if llm.tokenizer is None:
+            raise SystemExit("flashpage generate --chat: the model has no tokenizer")
+        prompt = {"prompt_token_ids": llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=True)}
+    engine = llm.llm_engine
+    engine.add_request("cli", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                print(out.outputs[0].text, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flashpage", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from flashpage.serving.server import add_engine_args, add_serve_args
+
+    parser = argparse.ArgumentParser(prog="flashpage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,info,bench}")
+    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI API) and gRPC",
+                           description="Serve a model: OpenAI-compatible HTTP on --port, gRPC on --grpc-port.")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    gen = sub.add_parser("generate", help="generate one completion and print it")
+    gen.add_argument("model", help="a local Hugging Face model directory")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed-sampling", type=int, default=None, help="seed of this request's sampling")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
     sub.add_parser("info", help="version, CPU ISA in use, CUDA backend status").set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="run a benchmark binary shipped with the wheel")
     bench.add_argument("what", choices=["scheduler"])

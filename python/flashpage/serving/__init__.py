@@ -1,0 +1,1 @@
+"""Serving: the async engine, the OpenAI-compatible HTTP server, the gRPC server, metrics."""

@@ -1,0 +1,264 @@
+"""AsyncLLMEngine: the engine loop in a thread of its own, requests as asyncio streams.
+
+One background thread owns the LLMEngine (which is not thread-safe): it applies the requests
+and aborts that callers queue, steps while there is work, and hands each request's new tokens
+and text to that request's asyncio queue. The model runs without the GIL (the core releases
+it), so event loops serving HTTP and gRPC keep running meanwhile.
+
+- Each `generate()` is an async iterator of deltas: RequestOutputs whose CompletionOutputs hold
+  only what is new since the previous one (text, token ids, logprobs), the last one with the
+  finish reason. Leaving the iteration early (a client that went away, a cancelled task)
+  aborts the request and frees its KV blocks.
+- Isolation: a request the engine refuses (bad parameters, a prompt too long) or that fails on
+  its own (a raising logits processor) ends with its exception raised from its own iterator;
+  the loop and the other requests go on.
+- Backpressure: with `max_waiting_requests` requests waiting, generate() raises
+  EngineOverloaded at once instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from flashpage.engine import LLMEngine, PromptType
+from flashpage.serving.metrics import Metrics
+from flashpage.outputs import CompletionOutput, RequestOutput
+from flashpage.sampling_params import SamplingParams
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests are waiting; retry later (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is draining or stopped (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+_DONE = object()  # end of a request's stream
+
+
+@dataclass(eq=False)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival: float
+    first_token: float | None = None
+    sent_tokens: list[int] = field(default_factory=list)  # per sequence: token ids delivered
+    sent_chars: list[int] = field(default_factory=list)  # per sequence: characters delivered
+    sent_prompt_logprobs: bool = False
+    finished: bool = False
+
+    def push(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, *, model_name: str = "flashpage",
+                 max_waiting_requests: int = 1024, metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics or Metrics(model_name)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._pending = 0  # generate() calls whose request the engine thread has not taken yet
+        self._waiting = 0  # the scheduler's waiting requests after the last step
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._draining = False
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="flashpage-engine", daemon=True)
+        self._thread.start()
+
+    # ---- callers (any thread / event loop) -------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return not self._stopped.is_set() and not self._draining
+
+    def num_unfinished(self) -> int:
+        return len(self._streams) + self._pending
+
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Streams the request's deltas; raises its error (ValueError for a refused request)."""
+        if self._draining or self._stopped.is_set():
+            raise EngineUnavailable("the engine is shutting down" if self._error is None
+                                    else f"the engine stopped: {self._error}")
+        with self._lock:
+            if self._waiting + self._pending >= self.max_waiting_requests:
+                self.metrics.requests_rejected.inc()
+                raise EngineOverloaded(f"{self._waiting + self._pending} requests are waiting "
+                                       f"(max_waiting_requests={self.max_waiting_requests}); retry later")
+            self._pending += 1
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
+        self._commands.put(("add", rid, prompt, params or SamplingParams(), priority, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:  # the caller stopped listening: free the request's blocks
+                self._commands.put(("abort", rid))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float | None = 30.0, drain: bool = True) -> None:
+        """Refuses new requests; with drain, lets running ones finish (up to timeout), then
+        stops the loop and ends whatever is left with EngineUnavailable."""
+        self._draining = True
+        self._commands.put(("stop", drain))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._commands.put(("stop", False))
+            self._thread.join()
+
+    # ---- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        draining = False
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(timeout=0.5) if idle and not draining else self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    if cmd[0] == "stop":
+                        draining = True
+                        if not cmd[1]:
+                            return
+                    else:
+                        self._apply(cmd)
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if draining and not self.engine.has_unfinished_requests():
+                    return
+                if self.engine.has_unfinished_requests():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # noqa: BLE001 - the step's requests were ended with it
+                        self._fail_dropped(e)
+                        continue
+                    self._deliver(outputs)
+                    stats = self.engine.scheduler.stats()
+                    self._waiting = stats["num_waiting"]
+                    self.metrics.observe_scheduler(stats)
+        except BaseException as e:  # a fault of the engine itself: every request ends with it
+            self._error = e
+        finally:
+            self._stopped.set()
+            end = EngineUnavailable("the engine stopped" + (f": {self._error}" if self._error else ""))
+            for rid, stream in list(self._streams.items()):
+                self.engine.abort_request(rid)
+                stream.push(end)
+            self._streams.clear()
+            while True:  # requests queued but never taken
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    cmd[5].push(end)
+
+    def _fail_dropped(self, error: Exception) -> None:
+        """After a failed step: the requests the engine ended hear the error; the rest go on."""
+        for rid in [r for r in self._streams if r not in self.engine._requests]:
+            self.metrics.finished("error")
+            self._streams.pop(rid).push(error)
+
+    def _apply(self, cmd: tuple) -> None:
+        if cmd[0] == "abort":
+            stream = self._streams.pop(cmd[1], None)
+            if self.engine.abort_request(cmd[1]) and stream is not None:
+                self.metrics.finished("abort")
+            return
+        _, rid, prompt, params, priority, stream = cmd
+        with self._lock:
+            self._pending -= 1
+        try:
+            self.engine.add_request(rid, prompt, params, priority=priority)
+        except Exception as e:  # refused: only this request hears of it
+            self.metrics.requests_rejected.inc()
+            stream.push(e)
+            return
+        self._streams[rid] = stream
+        req = self.engine._requests[rid]
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        stream.sent_tokens = [0] * params.n
+        stream.sent_chars = [0] * params.n
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            delta = self._delta(out, stream)
+            new_tokens = sum(len(c.token_ids) for c in delta.outputs)
+            self.metrics.generation_tokens.inc(new_tokens)
+            if new_tokens and stream.first_token is None:
+                stream.first_token = now
+                self.metrics.time_to_first_token.observe(now - stream.arrival)
+            if out.error is not None:
+                del self._streams[out.request_id]
+                self.metrics.finished("error")
+                stream.push(out.error)
+                continue
+            stream.push(delta)
+            if out.finished:
+                del self._streams[out.request_id]
+                self._observe_finish(out, stream, now)
+                stream.push(_DONE)
+
+    def _observe_finish(self, out: RequestOutput, stream: _Stream, now: float) -> None:
+        self.metrics.e2e_latency.observe(now - stream.arrival)
+        n = max(len(c.token_ids) for c in out.outputs) if out.outputs else 0
+        if stream.first_token is not None and n > 1:
+            self.metrics.time_per_output_token.observe((now - stream.first_token) / (n - 1))
+        for c in out.outputs:
+            self.metrics.finished(c.finish_reason or "abort")
+
+    @staticmethod
+    def _delta(out: RequestOutput, stream: _Stream) -> RequestOutput:
+        """What is new in out since the stream's last delta (out is cumulative and mutated in
+        place by the engine, so the delta copies what it carries)."""
+        comps = []
+        for c in out.outputs:
+            i = c.index
+            t0, c0 = stream.sent_tokens[i], stream.sent_chars[i]
+            text = c.text[c0:] if len(c.text) > c0 else ""
+            comps.append(CompletionOutput(
+                index=i, text=text, token_ids=list(c.token_ids[t0:]), cumulative_logprob=c.cumulative_logprob,
+                logprobs=list(c.logprobs[t0:]) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            stream.sent_tokens[i] = len(c.token_ids)
+            stream.sent_chars[i] = max(c0, len(c.text))
+        delta = RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, comps, out.finished)
+        prompt_done = out.finished or any(c.token_ids for c in out.outputs)
+        if out.prompt_logprobs is not None and prompt_done and not stream.sent_prompt_logprobs:
+            delta.prompt_logprobs = list(out.prompt_logprobs)
+            stream.sent_prompt_logprobs = True
+        return delta
