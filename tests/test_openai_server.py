@@ -226,3 +226,33 @@ def test_draining_refuses_new_requests(server):
         assert r.status_code == 503 and json.loads(r.text)["error"]["code"] == "unavailable"
     finally:
         servers.engine._draining = False
+
+
+def test_flashpage_serve_command(tmp_path):
+    """`flashpage serve` as users run it: up, answers, and stops cleanly on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+    port, grpc_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flashpage.cli", "serve", STORIES, "--port", str(port),
+                             "--grpc-port", str(grpc_port), "--kv-cache-memory-bytes", str(16 << 20),
+                             "--served-model-name", "stories"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "stories", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(", there was")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"http://127.0.0.1:{port}" in out and f"grpc 127.0.0.1:{grpc_port}" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -63,10 +63,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             [{"role": "user", "content": args.prompt}], tokenize=True)}
     engine = llm.llm_engine
     engine.add_request("cli", prompt, params)
+    shown = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
-            if out.finished:
-                print(out.outputs[0].text, flush=True)
+            text = out.outputs[0].text
+            print(text[shown:], end="\n" if out.finished else "", flush=True)
+            shown = len(text)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of flashpage.v1 (from flashpage.proto beside them)."""
