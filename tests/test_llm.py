@@ -264,3 +264,23 @@ def test_a_failing_logits_processor_ends_only_its_own_request(llm):
     assert good.error is None and good.outputs[0].finish_reason == "length"
     assert GREEDY_TEXT.startswith(good.outputs[0].text)
     assert engine.scheduler.stats()["used_blocks"] == 0
+
+
+def test_a_detokenization_error_ends_only_its_own_request(llm):
+    engine = llm.llm_engine
+    engine.add_request("bad-text", "The cat", SamplingParams(temperature=0, max_tokens=20))
+    engine.add_request("fine", "Once upon a time", SamplingParams(temperature=0, max_tokens=20))
+    detok = engine._requests["bad-text"].seqs[0].detok
+
+    def broken(token):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a tokenizer that fails")
+    detok.add = broken
+    final = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+    assert isinstance(final["bad-text"].error, UnicodeDecodeError)
+    assert final["bad-text"].outputs[0].finish_reason == "abort"
+    assert GREEDY_TEXT.startswith(final["fine"].outputs[0].text) and final["fine"].error is None
+    assert engine.scheduler.stats()["used_blocks"] == 0

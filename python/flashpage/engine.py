@@ -247,17 +247,11 @@ class LLMEngine:
             if seq is None or seq.request.request_id in failed:
                 continue
             changed[seq.request.request_id] = seq.request
-            stop = None
-            if tok >= 0:
-                # A stop id or eos ends the sequence: its text is left out unless asked for (as vLLM).
-                text = reason != "stop" or seq.params.include_stop_str_in_output
-                stop = self._append(seq, tok, lp, by_seq.get(cid), text)
-            if reason is None and stop is not None:
-                self.scheduler.finish_request(cid, "stop")
-                reason = "stop"
-            if reason is not None:
-                self._finish(seq, reason, stop)
-        for rid, err in failed.items():  # a request's own processor raised: end it, alone
+            try:
+                self._apply_update(seq, cid, tok, reason, lp, by_seq.get(cid))
+            except Exception as e:  # noqa: BLE001 - this request's text (a tokenizer error): end it alone
+                failed[seq.request.request_id] = e
+        for rid, err in failed.items():  # a request's own fault (processor, detokenization): end it alone
             req = self._requests.get(rid)
             if req is not None:
                 self.abort_request(rid, error=err)
@@ -271,6 +265,19 @@ class LLMEngine:
         return outputs
 
     # ---- per token ---------------------------------------------------------------------
+
+    def _apply_update(self, seq: _Sequence, cid: int, tok: int, reason: str | None, lp: TokenLogprobs | None,
+                      j: int | None) -> None:
+        stop = None
+        if tok >= 0:
+            # A stop id or eos ends the sequence: its text is left out unless asked for (as vLLM).
+            text = reason != "stop" or seq.params.include_stop_str_in_output
+            stop = self._append(seq, tok, lp, j, text)
+        if reason is None and stop is not None:
+            self.scheduler.finish_request(cid, "stop")
+            reason = "stop"
+        if reason is not None:
+            self._finish(seq, reason, stop)
 
     def _append(self, seq: _Sequence, token: int, lp: TokenLogprobs | None, j: int | None,
                 text: bool = True) -> str | None:
