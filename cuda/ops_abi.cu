@@ -162,3 +162,18 @@ FLASHPAGE_EXPORT int flashpage_cuda_paged_prefill(
   return report(flashpage::cuda::paged_prefill(p, static_cast<cudaStream_t>(stream)),
                 "paged_prefill", err, err_len);
 }
+
+FLASHPAGE_EXPORT int flashpage_cuda_w4a16_gemm(int dtype, const void* x, const uint8_t* qweight,
+                                               const void* scales, const uint8_t* zeros, void* out, int M,
+                                               int N, int K, int group_size, void* stream, char* err,
+                                               size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w4a16_gemm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::w4a16_supported(K, group_size)) {
+    if (err != nullptr && err_len > 0)
+      std::snprintf(err, err_len, "w4a16_gemm: K=%d and group_size=%d must be multiples of 32, K of group_size",
+                    K, group_size);
+    return -1;
+  }
+  const flashpage::cuda::W4A16Params p{static_cast<DType>(dtype), x, qweight, scales, zeros, out, M, N, K, group_size};
+  return report(flashpage::cuda::w4a16_gemm(p, static_cast<cudaStream_t>(stream)), "w4a16_gemm", err, err_len);
+}

@@ -212,3 +212,39 @@ def test_rotary_embedding_rotate_half(dtype, head_dim):
     torch.cuda.synchronize()
     assert rel_err(q, want[0]) < TOL[dtype]
     assert rel_err(k, want[1]) < TOL[dtype]
+
+
+W4A16_CASES = [
+    # (M, N, K, group size, symmetric)
+    (1, 4096, 4096, 128, True),
+    (1, 8, 128, 32, False),
+    (3, 384, 1024, 128, False),
+    (16, 1000, 2048, 64, True),
+    (33, 256, 512, 128, False),  # beyond one 16-row tile, a partial last tile
+    (7, 130, 14336, 128, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,G,sym", W4A16_CASES)
+def test_w4a16_gemm_matches_dequantize_then_matmul(dtype, M, N, K, G, sym):
+    from flashpage.quantization import quantize_w4a16, reference_w4a16
+    g = torch.Generator().manual_seed(M * 7 + N)
+    w = torch.randn(N, K, generator=g) * 0.05
+    qw = quantize_w4a16(w, G, symmetric=sym, scale_dtype=dtype)
+    x = torch.randn(M, K, generator=g).to(dtype).cuda()
+    zeros = qw.qzeros.cuda() if qw.qzeros is not None else None
+    out = cuda_ops.w4a16_gemm(x, qw.qweight.cuda(), qw.scales.cuda(), zeros, G)
+    ref = reference_w4a16(x.float(), qw)
+    assert out.shape == (M, N) and rel_err(out, ref) < TOL[dtype]
+
+
+def test_w4a16_gemm_refuses_bad_shapes():
+    x = torch.randn(2, 100, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        cuda_ops.w4a16_gemm(x, torch.zeros(8, 50, dtype=torch.uint8, device="cuda"),
+                            torch.ones(8, 1, dtype=torch.float16, device="cuda"), None, 100)
+    with pytest.raises(ValueError, match="do not fit"):
+        cuda_ops.w4a16_gemm(torch.randn(2, 128, device="cuda", dtype=torch.float16),
+                            torch.zeros(8, 32, dtype=torch.uint8, device="cuda"),
+                            torch.ones(8, 1, dtype=torch.float16, device="cuda"), None, 128)

@@ -82,4 +82,20 @@ struct PagedPrefillParams {
 cudaError_t paged_prefill(const PagedPrefillParams& p, cudaStream_t stream);
 bool paged_prefill_supported(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
 
+struct W4A16Params {
+  DType dtype;              // of x, scales and out
+  const void* x;            // [M, K]
+  const uint8_t* qweight;   // [N, K / 2]: canonical int4, low nibble = even k
+  const void* scales;       // [N, K / group_size]
+  const uint8_t* zeros;     // [N, K / group_size], or nullptr: symmetric (zero point 8)
+  void* out;                // [M, N]
+  int M, N, K, group_size;
+};
+
+// y = x . dequant(W)^T for 4-bit weights with per-group scales (and zeros): the CUDA-core
+// kernel for decode-sized M (any M works, in tiles of 16 rows).
+cudaError_t w4a16_gemm(const W4A16Params& p, cudaStream_t stream);
+// K and group_size multiples of 32, K a multiple of group_size.
+bool w4a16_supported(int K, int group_size);
+
 }  // namespace flashpage::cuda

@@ -34,6 +34,7 @@ def _lib() -> ctypes.CDLL:
         "flashpage_cuda_paged_decode": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, f, i, p, p, sz],
         "flashpage_cuda_paged_decode_workspace": [i, i, i, i, i, i, i, i],
         "flashpage_cuda_paged_prefill": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, p, p, sz],
+        "flashpage_cuda_w4a16_gemm": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -196,4 +197,27 @@ def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_s
           v_cache.data_ptr(), block_tables.data_ptr(), query_start_loc.data_ptr(),
           context_lens.data_ptr(), out.data_ptr(), seqs, q_heads, k_cache.shape[1], head_dim,
           k_cache.shape[2], block_tables.shape[1], max_query_len, scale, _stream())
+    return out
+
+
+def w4a16_gemm(x: Any, qweight: Any, scales: Any, zeros: Any | None, group_size: int) -> Any:
+    """y [M, N] = x [M, K] . dequant(W)^T for the canonical int4 layout (flashpage.quantization):
+    qweight uint8 [N, K / 2], scales [N, K / group_size] in x's dtype, zeros uint8 or None."""
+    import torch
+
+    _check(x, "x", dim=2)
+    _check(qweight, "qweight", dtype=torch.uint8, dim=2)
+    _check(scales, "scales", dtype=x.dtype, dim=2)
+    M, K = x.shape
+    N = qweight.shape[0]
+    if qweight.shape[1] * 2 != K or scales.shape != (N, K // group_size):
+        raise ValueError(f"qweight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit x {tuple(x.shape)} "
+                         f"with group_size {group_size}")
+    if zeros is not None:
+        _check(zeros, "zeros", dtype=torch.uint8, dim=2)
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_w4a16_gemm", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+          zeros.data_ptr() if zeros is not None else None, out.data_ptr(), M, N, K, group_size, _stream())
     return out
