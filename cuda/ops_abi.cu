@@ -177,3 +177,20 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_gemm(int dtype, const void* x, const u
   const flashpage::cuda::W4A16Params p{static_cast<DType>(dtype), x, qweight, scales, zeros, out, M, N, K, group_size};
   return report(flashpage::cuda::w4a16_gemm(p, static_cast<cudaStream_t>(stream)), "w4a16_gemm", err, err_len);
 }
+
+FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_int8(int dtype, const void* x, int8_t* xq, float* scales,
+                                                            int M, int K, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("quantize_per_token_int8: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  return report(flashpage::cuda::quantize_per_token_int8(static_cast<DType>(dtype), x, xq, scales, M, K,
+                                                         static_cast<cudaStream_t>(stream)),
+                "quantize_per_token_int8", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_w8a8_gemm(int dtype, const int8_t* xq, const float* x_scales, const int8_t* wq,
+                                              const float* w_scales, void* out, int M, int N, int K, void* stream,
+                                              char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w8a8_gemm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (K % 16 != 0) return invalid("w8a8_gemm: K must be a multiple of 16", err, err_len);
+  const flashpage::cuda::W8A8Params p{static_cast<DType>(dtype), xq, x_scales, wq, w_scales, out, M, N, K};
+  return report(flashpage::cuda::w8a8_gemm(p, static_cast<cudaStream_t>(stream)), "w8a8_gemm", err, err_len);
+}

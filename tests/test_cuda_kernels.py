@@ -248,3 +248,18 @@ def test_w4a16_gemm_refuses_bad_shapes():
         cuda_ops.w4a16_gemm(torch.randn(2, 128, device="cuda", dtype=torch.float16),
                             torch.zeros(8, 32, dtype=torch.uint8, device="cuda"),
                             torch.ones(8, 1, dtype=torch.float16, device="cuda"), None, 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 130, 512), (16, 1000, 2048), (40, 64, 14336)])
+def test_w8a8_gemm_matches_the_int8_reference(dtype, M, N, K):
+    from flashpage.quantization import quantize_per_token_int8, quantize_w8a8, reference_w8a8
+    g = torch.Generator().manual_seed(M + N)
+    w = torch.randn(N, K, generator=g) * 0.05
+    qweight, w_scales = quantize_w8a8(w)
+    x = torch.randn(M, K, generator=g).to(dtype).cuda()
+    xq, xs = cuda_ops.quantize_per_token_int8(x)
+    ref_q, ref_s = quantize_per_token_int8(x.float())
+    assert torch.allclose(xs, ref_s, rtol=1e-6) and (xq.int() - ref_q.int()).abs().max() <= 1
+    out = cuda_ops.w8a8_gemm(x, qweight.cuda(), w_scales.cuda())
+    assert out.shape == (M, N) and rel_err(out, reference_w8a8(x.float(), qweight.cuda(), w_scales.cuda())) < TOL[dtype]

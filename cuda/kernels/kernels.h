@@ -98,4 +98,22 @@ cudaError_t w4a16_gemm(const W4A16Params& p, cudaStream_t stream);
 // K and group_size multiples of 32, K a multiple of group_size.
 bool w4a16_supported(int K, int group_size);
 
+// x [M, K] -> xq int8 [M, K] and scales float32 [M]: symmetric per row, scale = amax / 127,
+// rounding half to even (as torch.round).
+cudaError_t quantize_per_token_int8(DType dtype, const void* x, int8_t* xq, float* scales, int M, int K,
+                                    cudaStream_t stream);
+
+struct W8A8Params {
+  DType dtype;              // of out
+  const int8_t* xq;         // [M, K], from quantize_per_token_int8
+  const float* x_scales;    // [M]
+  const int8_t* wq;         // [N, K]: canonical int8, rows = output channels
+  const float* w_scales;    // [N]
+  void* out;                // [M, N]
+  int M, N, K;              // K % 16 == 0
+};
+
+// y = (xq . wq^T) * x_scale * w_scale, the dot products exact in int32 (CUDA-core __dp4a).
+cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream);
+
 }  // namespace flashpage::cuda

@@ -35,6 +35,8 @@ def _lib() -> ctypes.CDLL:
         "flashpage_cuda_paged_decode_workspace": [i, i, i, i, i, i, i, i],
         "flashpage_cuda_paged_prefill": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, p, p, sz],
         "flashpage_cuda_w4a16_gemm": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
+        "flashpage_cuda_quantize_per_token_int8": [i, p, p, p, i, i, p, p, sz],
+        "flashpage_cuda_w8a8_gemm": [i, p, p, p, p, p, i, i, i, p, p, sz],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
@@ -220,4 +222,35 @@ def w4a16_gemm(x: Any, qweight: Any, scales: Any, zeros: Any | None, group_size:
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_w4a16_gemm", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
           zeros.data_ptr() if zeros is not None else None, out.data_ptr(), M, N, K, group_size, _stream())
+    return out
+
+
+def quantize_per_token_int8(x: Any) -> tuple[Any, Any]:
+    """x [M, K] fp16/bf16 -> (int8 [M, K], float32 scales [M]), symmetric per row."""
+    import torch
+
+    _check(x, "x", dim=2)
+    xq = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _call("flashpage_cuda_quantize_per_token_int8", _dtype_code(x), x.data_ptr(), xq.data_ptr(), scales.data_ptr(),
+          x.shape[0], x.shape[1], _stream())
+    return xq, scales
+
+
+def w8a8_gemm(x: Any, qweight: Any, w_scales: Any) -> Any:
+    """y [M, N] in x's dtype: x quantized per token, times int8 weights [N, K] with per-channel
+    float32 scales [N] (the canonical w8a8-int8 layout)."""
+    import torch
+
+    _check(qweight, "qweight", dtype=torch.int8, dim=2)
+    _check(w_scales, "w_scales", dtype=torch.float32, dim=1)
+    if qweight.shape[1] != x.shape[1] or w_scales.shape[0] != qweight.shape[0]:
+        raise ValueError(f"qweight {tuple(qweight.shape)} / w_scales {tuple(w_scales.shape)} do not fit x "
+                         f"{tuple(x.shape)}")
+    xq, x_scales = quantize_per_token_int8(x)
+    M, K = x.shape
+    N = qweight.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_w8a8_gemm", _dtype_code(x), xq.data_ptr(), x_scales.data_ptr(), qweight.data_ptr(),
+          w_scales.data_ptr(), out.data_ptr(), M, N, K, _stream())
     return out

@@ -1,0 +1,118 @@
+// W8A8-INT8: activations quantized per token (symmetric int8, scale = amax / 127), weights int8
+// per output channel (the canonical layout: qweight int8 [N, K], scales float32 [N]);
+// y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], the sum exact in int32.
+//
+// The GEMM is the CUDA-core baseline for decode-sized M: one warp streams one weight row, 16
+// int8 per lane per step (one 16-byte load) against the M activation rows, four __dp4a each;
+// larger M runs in tiles of 16 rows. Needs K % 16 == 0.
+#include "kernels/common.cuh"
+#include "kernels/kernels.h"
+
+namespace flashpage::cuda {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+
+template <typename T>
+__global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ xq, float* __restrict__ scales,
+                                     int K) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+  float amax = 0.f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(to_float(xr[k])));
+  __shared__ float warp_max[32];
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    if (threadIdx.x == 0) warp_max[0] = amax;
+  }
+  __syncthreads();
+  const float scale = fmaxf(warp_max[0], 1e-8f) / 127.f;
+  if (threadIdx.x == 0) scales[row] = scale;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const float q = rintf(to_float(xr[k]) / scale);  // round half to even, as torch.round
+    xq[row * K + k] = static_cast<int8_t>(fminf(fmaxf(q, -127.f), 127.f));
+  }
+}
+
+template <typename T, int kRows>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    w8a8_rows_kernel(const int8_t* __restrict__ xq, const float* __restrict__ x_scales,
+                     const int8_t* __restrict__ wq, const float* __restrict__ w_scales, T* __restrict__ out, int M,
+                     int N, int K) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = blockIdx.x * kWarpsPerBlock + warp;
+  const int m0 = blockIdx.y * kRows;
+  if (n >= N) return;
+  const int rows = min(kRows, M - m0);
+  const int8_t* wrow = wq + int64_t(n) * K;
+  int acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0;
+  for (int k0 = lane * 16; k0 < K; k0 += 32 * 16) {
+    const int4 w = *reinterpret_cast<const int4*>(wrow + k0);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (r >= rows) break;
+      const int4 a = *reinterpret_cast<const int4*>(xq + int64_t(m0 + r) * K + k0);
+      acc[r] = __dp4a(a.x, w.x, acc[r]);
+      acc[r] = __dp4a(a.y, w.y, acc[r]);
+      acc[r] = __dp4a(a.z, w.z, acc[r]);
+      acc[r] = __dp4a(a.w, w.w, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+  }
+  if (lane == 0) {
+    const float ws = w_scales[n];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < rows) out[int64_t(m0 + r) * N + n] = from_float<T>(float(acc[r]) * x_scales[m0 + r] * ws);
+  }
+}
+
+template <typename T, int kRows>
+cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
+  const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
+  w8a8_rows_kernel<T, kRows><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p.xq, p.x_scales, p.wq, p.w_scales,
+                                                                      static_cast<T*>(p.out), p.M, p.N, p.K);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_rows(const W8A8Params& p, cudaStream_t stream) {
+  if (p.M <= 1) return launch<T, 1>(p, stream);
+  if (p.M <= 4) return launch<T, 4>(p, stream);
+  if (p.M <= 8) return launch<T, 8>(p, stream);
+  return launch<T, 16>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t quantize_per_token_int8(DType dtype, const void* x, int8_t* xq, float* scales, int M, int K,
+                                    cudaStream_t stream) {
+  if (M < 0 || K <= 0) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  if (dtype == DType::kFloat16)
+    quantize_rows_kernel<__half><<<M, 256, 0, stream>>>(static_cast<const __half*>(x), xq, scales, K);
+  else
+    quantize_rows_kernel<__nv_bfloat16><<<M, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), xq, scales, K);
+  return cudaGetLastError();
+}
+
+cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream) {
+  if (p.K <= 0 || p.K % 16 != 0 || p.M < 0 || p.N < 0) return cudaErrorInvalidValue;
+  if (p.M == 0 || p.N == 0) return cudaSuccess;
+  return p.dtype == DType::kFloat16 ? dispatch_rows<__half>(p, stream) : dispatch_rows<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace flashpage::cuda
