@@ -45,9 +45,16 @@ __device__ __forceinline__ void store8(T* p, const float (&in)[8]) {
   *reinterpret_cast<uint4*>(p) = u.raw;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
+template <typename V>
+__device__ __forceinline__ V warp_sum(V x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
@@ -62,6 +69,30 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   x = warp_sum(x);
   __syncthreads();
   return x;
+}
+
+// Maximum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  x = warp_max(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  const int nwarps = (blockDim.x + 31) / 32;
+  x = lane < nwarps ? scratch[lane] : -INFINITY;
+  x = warp_max(x);
+  __syncthreads();
+  return x;
+}
+
+// The decode-sized GEMMs' row tiles: calls f.template operator()<R>() with the smallest R of
+// 1, 2, 4, 8, 16 that covers M rows (16 beyond: the kernel loops over tiles).
+template <typename F>
+inline cudaError_t with_row_tile(int M, F&& f) {
+  if (M <= 1) return f.template operator()<1>();
+  if (M <= 2) return f.template operator()<2>();
+  if (M <= 4) return f.template operator()<4>();
+  if (M <= 8) return f.template operator()<8>();
+  return f.template operator()<16>();
 }
 
 }  // namespace flashpage::cuda

@@ -60,32 +60,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-  }
+  for (int r = 0; r < kRows; ++r) acc[r] = warp_sum(acc[r]);
   if (lane == 0)
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
       if (r < rows) out[int64_t(m0 + r) * N + n] = from_float<T>(acc[r]);
 }
 
-template <typename T, int kRows>
-cudaError_t launch(const W4A16Params& p, cudaStream_t stream) {
-  const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
-  w4a16_rows_kernel<T, kRows><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
-      static_cast<const T*>(p.x), p.qweight, static_cast<const T*>(p.scales), p.zeros, static_cast<T*>(p.out),
-      p.M, p.N, p.K, p.group_size);
-  return cudaGetLastError();
-}
-
 template <typename T>
-cudaError_t dispatch_rows(const W4A16Params& p, cudaStream_t stream) {
-  if (p.M <= 1) return launch<T, 1>(p, stream);
-  if (p.M <= 2) return launch<T, 2>(p, stream);
-  if (p.M <= 4) return launch<T, 4>(p, stream);
-  if (p.M <= 8) return launch<T, 8>(p, stream);
-  return launch<T, 16>(p, stream);
+cudaError_t launch(const W4A16Params& p, cudaStream_t stream) {
+  return with_row_tile(p.M, [&]<int kRows>() {
+    const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
+    w4a16_rows_kernel<T, kRows><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
+        static_cast<const T*>(p.x), p.qweight, static_cast<const T*>(p.scales), p.zeros, static_cast<T*>(p.out),
+        p.M, p.N, p.K, p.group_size);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace
@@ -97,7 +87,7 @@ bool w4a16_supported(int K, int group_size) {
 cudaError_t w4a16_gemm(const W4A16Params& p, cudaStream_t stream) {
   if (!w4a16_supported(p.K, p.group_size) || p.M < 0 || p.N < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  return p.dtype == DType::kFloat16 ? dispatch_rows<__half>(p, stream) : dispatch_rows<__nv_bfloat16>(p, stream);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace flashpage::cuda

@@ -21,19 +21,8 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
   const T* xr = x + row * K;
   float amax = 0.f;
   for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(to_float(xr[k])));
-  __shared__ float warp_max[32];
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    amax = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0.f;
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    if (threadIdx.x == 0) warp_max[0] = amax;
-  }
-  __syncthreads();
-  const float scale = fmaxf(warp_max[0], 1e-8f) / 127.f;
+  __shared__ float scratch[32];
+  const float scale = fmaxf(block_max(amax, scratch), 1e-8f) / 127.f;
   if (threadIdx.x == 0) scales[row] = scale;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     const float q = rintf(to_float(xr[k]) / scale);  // round half to even, as torch.round
@@ -68,10 +57,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
   }
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
-  }
+  for (int r = 0; r < kRows; ++r) acc[r] = warp_sum(acc[r]);
   if (lane == 0) {
     const float ws = w_scales[n];
 #pragma unroll
@@ -80,20 +66,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-template <typename T, int kRows>
-cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
-  const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
-  w8a8_rows_kernel<T, kRows><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p.xq, p.x_scales, p.wq, p.w_scales,
-                                                                      static_cast<T*>(p.out), p.M, p.N, p.K);
-  return cudaGetLastError();
-}
-
 template <typename T>
-cudaError_t dispatch_rows(const W8A8Params& p, cudaStream_t stream) {
-  if (p.M <= 1) return launch<T, 1>(p, stream);
-  if (p.M <= 4) return launch<T, 4>(p, stream);
-  if (p.M <= 8) return launch<T, 8>(p, stream);
-  return launch<T, 16>(p, stream);
+cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
+  return with_row_tile(p.M, [&]<int kRows>() {
+    const dim3 grid((p.N + kWarpsPerBlock - 1) / kWarpsPerBlock, (p.M + kRows - 1) / kRows);
+    w8a8_rows_kernel<T, kRows><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p.xq, p.x_scales, p.wq, p.w_scales,
+                                                                        static_cast<T*>(p.out), p.M, p.N, p.K);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace
@@ -112,7 +92,7 @@ cudaError_t quantize_per_token_int8(DType dtype, const void* x, int8_t* xq, floa
 cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream) {
   if (p.K <= 0 || p.K % 16 != 0 || p.M < 0 || p.N < 0) return cudaErrorInvalidValue;
   if (p.M == 0 || p.N == 0) return cudaSuccess;
-  return p.dtype == DType::kFloat16 ? dispatch_rows<__half>(p, stream) : dispatch_rows<__nv_bfloat16>(p, stream);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace flashpage::cuda
