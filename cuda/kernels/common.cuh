@@ -58,30 +58,27 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+// Reduction over the block with a warp reduction `warp_op` (warp_sum, warp_max) whose
+// identity is `identity`; every thread gets the result. `scratch` holds 32 floats.
+template <typename WarpOp>
+__device__ __forceinline__ float block_reduce(float x, float* scratch, WarpOp warp_op, float identity) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_sum(x);
+  x = warp_op(x);
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   const int nwarps = (blockDim.x + 31) / 32;
-  x = lane < nwarps ? scratch[lane] : 0.f;
-  x = warp_sum(x);
+  x = lane < nwarps ? scratch[lane] : identity;
+  x = warp_op(x);
   __syncthreads();
   return x;
 }
 
-// Maximum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  return block_reduce(x, scratch, [](float v) { return warp_sum(v); }, 0.f);
+}
+
 __device__ __forceinline__ float block_max(float x, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_max(x);
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  const int nwarps = (blockDim.x + 31) / 32;
-  x = lane < nwarps ? scratch[lane] : -INFINITY;
-  x = warp_max(x);
-  __syncthreads();
-  return x;
+  return block_reduce(x, scratch, [](float v) { return warp_max(v); }, -INFINITY);
 }
 
 // The decode-sized GEMMs' row tiles: calls f.template operator()<R>() with the smallest R of
