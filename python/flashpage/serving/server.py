@@ -7,8 +7,10 @@ import argparse
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flashpage.serving.async_engine import AsyncLLMEngine
+if TYPE_CHECKING:  # the CLI imports this module for its flags: keep torch out until serving starts
+    from flashpage.serving.async_engine import AsyncLLMEngine
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +77,7 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     """Builds the engine and starts the servers in background threads; returns once HTTP is up."""
     import uvicorn
 
+    from flashpage.serving.async_engine import AsyncLLMEngine
     from flashpage.serving.openai_server import build_app
 
     llm = llm if llm is not None else build_llm(args)
