@@ -44,7 +44,7 @@ class _Request:
     params: SamplingParams
     output: RequestOutput
     seqs: list[_Sequence] = field(default_factory=list)
-    forked: bool = False
+    forked: bool = False  # its n > 1 sequences exist in the core (true from the start for n = 1)
     hold: int = 0  # characters of text held back while a stop string may be completing
 
 
@@ -100,7 +100,7 @@ class LLMEngine:
         if params.stop and not detokenize:
             raise ValueError("stop strings need detokenization (a tokenizer and detokenize=True)")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
-        req = _Request(request_id, ids, params, RequestOutput(request_id, text, ids))
+        req = _Request(request_id, ids, params, RequestOutput(request_id, text, ids), forked=params.n == 1)
         if params.stop and not params.include_stop_str_in_output:
             req.hold = max(len(s) for s in params.stop) - 1
         if params.prompt_logprobs is not None:
@@ -127,8 +127,6 @@ class LLMEngine:
             cache_key=cache_key)
         self._requests[request_id] = req
         self._seqs[first.core_id] = first
-        if params.n == 1:
-            req.forked = True
 
     def abort_request(self, request_id: str, error: BaseException | None = None) -> bool:
         """Ends a request (finish_reason "abort") and frees its KV blocks; False if unknown.

@@ -52,7 +52,6 @@ class _Stream:
     sent_tokens: list[int] = field(default_factory=list)  # per sequence: token ids delivered
     sent_chars: list[int] = field(default_factory=list)  # per sequence: characters delivered
     sent_prompt_logprobs: bool = False
-    finished: bool = False
 
     def push(self, item: object) -> None:
         try:

@@ -182,7 +182,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         n = body.n
 
         def choice(k: int, c) -> dict:
-            return {"index": k * n + c.index, "text": c.text, "logprobs": _completion_logprobs(c, tokenizer),
+            return {"index": k * n + c.index, "text": c.text, "logprobs": _completion_logprobs(c),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
         if body.stream:
@@ -253,7 +253,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                             if c.text or c.finish_reason or c.token_ids:
                                 yield _sse({**head, "choices": [{
                                     "index": c.index, "delta": {"content": c.text} if c.text else {},
-                                    "logprobs": _chat_logprobs(c, tokenizer) if want_lp else None,
+                                    "logprobs": _chat_logprobs(c) if want_lp else None,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
                 finally:
                     await gen.aclose()  # a client that went away: abort the request now
@@ -266,7 +266,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         final = await _collect(gen, usage)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": _chat_logprobs(c, tokenizer) if want_lp else None,
+                             "logprobs": _chat_logprobs(c) if want_lp else None,
                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                             for c in final.outputs],
                 "usage": usage.dict()}
@@ -290,7 +290,6 @@ class _Usage:
 
 async def _collect(gen: AsyncIterator[RequestOutput], usage: _Usage) -> RequestOutput:
     """Joins a request's deltas into its final output."""
-    final: RequestOutput | None = None
     try:
         final = await _join(gen, usage)
     finally:
@@ -319,29 +318,30 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _token_text(tokenizer: Tokenizer | None, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False) if tokenizer else str(token)
+def _token_text(token: int, lp) -> str:
+    """The token's text as the engine decoded it for its Logprob (its id without a tokenizer)."""
+    return lp.decoded_token if lp.decoded_token is not None else str(token)
 
 
-def _completion_logprobs(c, tokenizer: Tokenizer | None) -> dict | None:
+def _completion_logprobs(c) -> dict | None:
     if c.logprobs is None:
         return None
     tokens, lps, tops = [], [], []
     for tok, entry in zip(c.token_ids, c.logprobs):
-        tokens.append(_token_text(tokenizer, tok))
+        tokens.append(_token_text(tok, entry[tok]))
         lps.append(entry[tok].logprob)
-        tops.append({_token_text(tokenizer, t): lp.logprob for t, lp in entry.items() if t != tok or len(entry) == 1})
+        tops.append({_token_text(t, lp): lp.logprob for t, lp in entry.items() if t != tok or len(entry) == 1})
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
 
 
-def _chat_logprobs(c, tokenizer: Tokenizer | None) -> dict | None:
+def _chat_logprobs(c) -> dict | None:
     if c.logprobs is None:
         return None
     content = []
     for tok, entry in zip(c.token_ids, c.logprobs):
-        text = _token_text(tokenizer, tok)
+        text = _token_text(tok, entry[tok])
         top = sorted(((lp.rank or 0, t, lp) for t, lp in entry.items() if t != tok or lp.rank == 1))
         content.append({"token": text, "logprob": entry[tok].logprob, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": _token_text(tokenizer, t), "logprob": lp.logprob,
-                                          "bytes": list(_token_text(tokenizer, t).encode())} for _, t, lp in top]})
+                        "top_logprobs": [{"token": _token_text(t, lp), "logprob": lp.logprob,
+                                          "bytes": list(_token_text(t, lp).encode())} for _, t, lp in top]})
     return {"content": content}
