@@ -3,11 +3,13 @@
 #include <cstdio>
 
 #include "abi.h"
+#include "gemm.h"
 #include "kernels/kernels.h"
 
 namespace {
 
 using flashpage::cuda::DType;
+using flashpage::cuda::GemmInput;
 using flashpage::cuda::invalid;
 using flashpage::cuda::report;
 
@@ -193,4 +195,96 @@ FLASHPAGE_EXPORT int flashpage_cuda_w8a8_gemm(int dtype, const int8_t* xq, const
   if (K % 16 != 0) return invalid("w8a8_gemm: K must be a multiple of 16", err, err_len);
   const flashpage::cuda::W8A8Params p{static_cast<DType>(dtype), xq, x_scales, wq, w_scales, out, M, N, K};
   return report(flashpage::cuda::w8a8_gemm(p, static_cast<cudaStream_t>(stream)), "w8a8_gemm", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_fp8(int dtype, const void* x, void* xq, float* scales, int M,
+                                                           int K, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("quantize_per_token_fp8: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  return report(flashpage::cuda::quantize_per_token_fp8(static_cast<DType>(dtype), x, xq, scales, M, K,
+                                                        static_cast<cudaStream_t>(stream)),
+                "quantize_per_token_fp8", err, err_len);
+}
+
+// 1 when cuBLASLt (dense and FP8 GEMMs) can be loaded; else 0 and why.
+FLASHPAGE_EXPORT int flashpage_cuda_blaslt_available(char* why, size_t why_len) {
+  return flashpage::cuda::lt_available(why, why_len) ? 1 : 0;
+}
+
+// Dense out [M, N] = x [M, K] . w [N, K]^T in fp16/bf16 (cuBLASLt).
+FLASHPAGE_EXPORT int flashpage_cuda_gemm(int dtype, const void* x, const void* w, void* out, int M, int N, int K,
+                                         void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("gemm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  const flashpage::cuda::LtGemmParams p{static_cast<GemmInput>(dtype), static_cast<DType>(dtype), x, w, out,
+                                        nullptr, nullptr, M, N, K, N};
+  return flashpage::cuda::lt_gemm(p, static_cast<cudaStream_t>(stream), err, err_len);
+}
+
+FLASHPAGE_EXPORT int64_t flashpage_cuda_fp8_linear_workspace(int M, int K) {
+  return flashpage::cuda::fp8_linear_workspace(M, K);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_fp8_linear(int dtype, const void* x, const void* w_fp8, const float* w_scales,
+                                               void* out, int M, int N, int K, int fast_accum, void* workspace,
+                                               int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("fp8_linear: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (K % 16 != 0) return invalid("fp8_linear: K must be a multiple of 16", err, err_len);
+  return flashpage::cuda::fp8_linear(static_cast<DType>(dtype), x, w_fp8, w_scales, out, M, N, K, fast_accum != 0,
+                                     workspace, workspace_bytes, static_cast<cudaStream_t>(stream), err, err_len);
+}
+
+namespace {
+
+int w4a16_shape_error(const char* fn, int N, int K, int group_size, char* err, size_t err_len) {
+  if (err != nullptr && err_len > 0)
+    std::snprintf(err, err_len,
+                  "%s: N=%d must be a multiple of 16, K=%d of 64 and of group_size=%d, group_size of 64", fn, N, K,
+                  group_size);
+  return -1;
+}
+
+}  // namespace
+
+FLASHPAGE_EXPORT int flashpage_cuda_w4a16_repack(int dtype, const uint8_t* qweight, const void* scales,
+                                                 const uint8_t* zeros, uint32_t* packed, void* scales_t,
+                                                 uint8_t* zeros_t, int N, int K, int group_size, void* stream,
+                                                 char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w4a16_repack: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::w4a16_mma_supported(N, K, group_size))
+    return w4a16_shape_error("w4a16_repack", N, K, group_size, err, err_len);
+  return report(flashpage::cuda::w4a16_repack(static_cast<DType>(dtype), qweight, scales, zeros, packed, scales_t,
+                                              zeros_t, N, K, group_size, static_cast<cudaStream_t>(stream)),
+                "w4a16_repack", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_w4a16_dequantize(int dtype, const uint32_t* packed, const void* scales_t,
+                                                     const uint8_t* zeros_t, void* out, int N, int K,
+                                                     int group_size, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w4a16_dequantize: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::w4a16_mma_supported(N, K, group_size))
+    return w4a16_shape_error("w4a16_dequantize", N, K, group_size, err, err_len);
+  return report(flashpage::cuda::w4a16_dequantize(static_cast<DType>(dtype), packed, scales_t, zeros_t, out, N, K,
+                                                  group_size, 0, N, static_cast<cudaStream_t>(stream)),
+                "w4a16_dequantize", err, err_len);
+}
+
+FLASHPAGE_EXPORT int flashpage_cuda_w4a16_num_configs() { return flashpage::cuda::w4a16_mma_num_configs(); }
+
+FLASHPAGE_EXPORT int64_t flashpage_cuda_w4a16_linear_workspace(int M, int N, int K, int config) {
+  return flashpage::cuda::w4a16_linear_workspace(M, N, K, config);
+}
+
+// config: -1 chooses by M; -2 forces dequantize + dense GEMM; 0.. a tensor-core configuration.
+FLASHPAGE_EXPORT int flashpage_cuda_w4a16_linear(int dtype, const void* x, const uint32_t* packed,
+                                                 const void* scales_t, const uint8_t* zeros_t, void* out, int M,
+                                                 int N, int K, int group_size, int config, void* workspace,
+                                                 int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w4a16_linear: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (!flashpage::cuda::w4a16_mma_supported(N, K, group_size))
+    return w4a16_shape_error("w4a16_linear", N, K, group_size, err, err_len);
+  if (config < flashpage::cuda::kW4A16ForceDense || config >= flashpage::cuda::w4a16_mma_num_configs())
+    return invalid("w4a16_linear: config must be -2, -1 or a configuration index", err, err_len);
+  flashpage::cuda::W4A16MmaParams p{static_cast<DType>(dtype), x, packed, scales_t, zeros_t, out, M, N, K,
+                                    group_size, config};
+  return flashpage::cuda::w4a16_linear(p, workspace, workspace_bytes, static_cast<cudaStream_t>(stream), err,
+                                       err_len);
 }

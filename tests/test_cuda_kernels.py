@@ -263,3 +263,136 @@ def test_w8a8_gemm_matches_the_int8_reference(dtype, M, N, K):
     assert torch.allclose(xs, ref_s, rtol=1e-6) and (xq.int() - ref_q.int()).abs().max() <= 1
     out = cuda_ops.w8a8_gemm(x, qweight.cuda(), w_scales.cuda())
     assert out.shape == (M, N) and rel_err(out, reference_w8a8(x.float(), qweight.cuda(), w_scales.cuda())) < TOL[dtype]
+
+
+# --- the tensor-core W4A16 kernel, cuBLASLt dense and FP8 GEMMs -----------------------------------
+
+def _w4a16(N, K, G, sym, dtype, seed):
+    from flashpage.quantization import quantize_w4a16
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_w4a16(torch.randn(N, K, generator=g) * 0.05, G, symmetric=sym, scale_dtype=dtype)
+    dev = cuda_ops.w4a16_repack(qw.qweight.cuda(), qw.scales.cuda(),
+                                qw.qzeros.cuda() if qw.qzeros is not None else None, G)
+    return qw, dev
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_w4a16_repack_matches_the_reference_layout(sym):
+    from flashpage.quantization import repack_w4a16_mma
+    qw, dev = _w4a16(48, 384, 128, sym, torch.bfloat16, 1)
+    ref = repack_w4a16_mma(qw)
+    assert torch.equal(dev.packed.cpu(), ref.packed) and torch.equal(dev.scales_t.cpu(), ref.scales_t)
+    assert (dev.zeros_t is None) == sym and (sym or torch.equal(dev.zeros_t.cpu(), ref.zeros_t))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a16_dequantize_matches_the_reference(dtype):
+    from flashpage.quantization import dequantize_w4a16
+    qw, dev = _w4a16(64, 256, 64, False, dtype, 2)
+    assert torch.allclose(cuda_ops.w4a16_dequantize(dev).float().cpu(), dequantize_w4a16(qw).to(dtype).float())
+
+
+W4A16_MMA_CASES = [  # (M, N, K, group_size, symmetric)
+    (1, 4096, 4096, 128, True),
+    (1, 16, 64, 64, False),
+    (3, 48, 4096, 4096, False),  # channel-wise scales
+    (8, 1040, 512, 128, True),
+    (9, 64, 1024, 64, False),
+    (16, 256, 14336, 128, True),
+    (17, 128, 256, 128, False),
+    (33, 4096, 256, 128, True),
+    (64, 192, 512, 128, False),
+    (100, 512, 512, 256, True),
+    (256, 1024, 1024, 128, False),
+    (600, 272, 512, 128, True),  # dequantize + cuBLASLt
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,G,sym", W4A16_MMA_CASES)
+def test_w4a16_linear_matches_dequantize_then_matmul(dtype, M, N, K, G, sym):
+    from flashpage.quantization import reference_w4a16
+    qw, dev = _w4a16(N, K, G, sym, dtype, M + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype).cuda()
+    out = cuda_ops.w4a16_linear(x, dev)
+    assert out.shape == (M, N) and rel_err(out, reference_w4a16(x.float(), qw)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", [-2, *range(6)])
+def test_w4a16_linear_every_configuration(config):
+    from flashpage.quantization import reference_w4a16
+    assert cuda_ops.w4a16_num_configs() == 6
+    qw, dev = _w4a16(208, 640, 128, False, torch.bfloat16, 3)
+    for M in (1, 37, 70):
+        x = torch.randn(M, 640, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).cuda()
+        assert rel_err(cuda_ops.w4a16_linear(x, dev, config=config), reference_w4a16(x.float(), qw)) < 2e-2
+
+
+def test_w4a16_linear_refuses_what_it_cannot_run():
+    qw, dev = _w4a16(32, 128, 64, True, torch.float16, 4)
+    with pytest.raises(ValueError, match="K=128"):
+        cuda_ops.w4a16_linear(torch.randn(2, 64, device="cuda", dtype=torch.float16), dev)
+    with pytest.raises(ValueError, match="scales must be"):
+        cuda_ops.w4a16_linear(torch.randn(2, 128, device="cuda", dtype=torch.bfloat16), dev)
+    with pytest.raises(RuntimeError, match="config"):
+        cuda_ops.w4a16_linear(torch.randn(2, 128, device="cuda", dtype=torch.float16), dev, config=99)
+    from flashpage.quantization import quantize_w4a16
+    odd = quantize_w4a16(torch.randn(40, 128), 64)
+    with pytest.raises(RuntimeError, match="N=40 must be a multiple of 16"):
+        cuda_ops.w4a16_repack(odd.qweight.cuda(), odd.scales.cuda(), None, 64)
+
+
+def _need_blaslt():
+    ok, why = cuda_ops.blaslt_available()
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (7, 100, 72), (256, 1024, 512), (1000, 384, 4096)])
+def test_dense_gemm_matches_torch(dtype, M, N, K):
+    _need_blaslt()
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dtype).cuda()
+    w = (torch.randn(N, K, generator=g) * 0.05).to(dtype).cuda()
+    assert rel_err(cuda_ops.gemm(x, w), x.float() @ w.float().T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_fp8_quantization_matches_the_reference(dtype):
+    from flashpage.quantization import quantize_per_token_fp8
+    x = (torch.randn(9, 4096, generator=torch.Generator().manual_seed(9)) * 4).to(dtype).cuda()
+    xq, s = cuda_ops.quantize_per_token_fp8(x)
+    ref_q, ref_s = quantize_per_token_fp8(x.float())
+    assert torch.allclose(s, ref_s, rtol=1e-6)
+    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 needs sm_89+")
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (16, 256, 1024), (1024, 512, 2048), (33, 4096, 14336)])
+def test_fp8_linear_matches_the_reference(per_channel, M, N, K):
+    from flashpage.quantization import quantize_fp8, reference_fp8
+    _need_blaslt()
+    g = torch.Generator().manual_seed(M + N)
+    w = torch.randn(N, K, generator=g) * 0.05
+    qweight, w_scales = quantize_fp8(w, per_channel)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16).cuda()
+    ref = reference_fp8(x.float(), qweight.cuda(), w_scales.cuda())
+    for fast in (False, True):
+        out = cuda_ops.fp8_linear(x, qweight.cuda(), w_scales.cuda(), fast_accum=fast)
+        assert out.shape == (M, N) and rel_err(out, ref) < 2e-2
+
+
+def test_fp8_linear_refuses_bad_arguments():
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        cuda_ops.fp8_linear(x, torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16),
+                            torch.ones(1, device="cuda"))
+    with pytest.raises(ValueError, match="1 or N=16"):
+        cuda_ops.fp8_linear(x, torch.zeros(16, 64, device="cuda").to(torch.float8_e4m3fn),
+                            torch.ones(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cuda_ops.fp8_linear(torch.randn(2, 40, device="cuda", dtype=torch.bfloat16),
+                            torch.zeros(16, 40, device="cuda").to(torch.float8_e4m3fn), torch.ones(1, device="cuda"))

@@ -115,3 +115,81 @@ def test_references():
         qf, sf = Q.quantize_fp8(w, per_channel)
         assert qf.dtype == torch.float8_e4m3fn and sf.numel() == (N if per_channel else 1)
         assert (Q.reference_fp8(x, qf, sf) - exact).abs().max() < 0.08 * exact.abs().max()
+
+
+def test_per_token_fp8_activations():
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(6)) * 3
+    xq, s = Q.quantize_per_token_fp8(x)
+    assert xq.dtype == torch.float8_e4m3fn and torch.allclose(xq.float().abs().amax(1), torch.full((5,), 448.0))
+    assert (xq.float() * s[:, None] - x).abs().max() < 0.07 * x.abs().max()
+
+
+# --- the CUDA tensor-core W4A16 layout, checked on the CPU --------------------------------------
+# The kernel (cuda/kernels/w4a16_mma.cu) feeds mma.sync.m16n8k16 with, per lane l (g = l // 4,
+# t = l % 4), PTX's fragments: A register i holds W rows g + 8 (i % 2), logical k 2t + 8 (i // 2)
+# + {0, 1} (low, high half), from nibbles i and i + 4 of the lane's word j; B register s holds
+# x[token g] at logical k 2t + 8 s + {0, 1}, which the kernel loads from physical column
+# 16 t + 4 j + 2 s + {0, 1} of the 64-block; C register c is (row g + 8 (c // 2), token 2t + c % 2).
+# Emulating exactly that on the repacked words must give x . dequant(W)^T.
+
+def _emulate_mma_kernel(x, w: Q.W4A16Mma):
+    N, Kw = w.shape
+    M = x.shape[0]
+    words = w.packed.to(torch.int64) & 0xFFFFFFFF  # [tiles, kblocks, 32, 4]
+    out = torch.zeros(M, N)
+    lanes = torch.arange(32)
+    g_, t_ = lanes // 4, lanes % 4
+    for tile in range(N // 16):
+        for kb in range(Kw // 64):
+            s_ = w.scales_t[kb * 64 // w.group_size].float()
+            z_ = w.zeros_t[kb * 64 // w.group_size].float() if w.zeros_t is not None else torch.full((N,), 8.0)
+            for j in range(4):
+                A = torch.full((16, 16), float("nan"))
+                B = torch.full((16, M), float("nan"))
+                for lane in range(32):
+                    g, t = int(g_[lane]), int(t_[lane])
+                    word = int(words[tile, kb, lane, j])
+                    for i in range(4):
+                        for h in range(2):
+                            q = (word >> (4 * (i + 4 * h))) & 0xF
+                            row = g + 8 * (i % 2)
+                            n = tile * 16 + row
+                            A[row, 2 * t + 8 * (i // 2) + h] = (q - z_[n]) * s_[n]
+                    for s in range(2):
+                        for h in range(2):
+                            B[2 * t + 8 * s + h] = x[:, kb * 64 + 16 * t + 4 * j + 2 * s + h]
+                assert not A.isnan().any() and not B.isnan().any(), "a fragment element is never written"
+                out[:, tile * 16:(tile + 1) * 16] += (A @ B).T
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mma_layout_feeds_the_fragments_the_kernel_expects(symmetric):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(32, 128, generator=g) * 0.05
+    qw = Q.quantize_w4a16(w, 64, symmetric=symmetric, scale_dtype=torch.float16)
+    x = torch.randn(3, 128, generator=g)
+    packed = Q.repack_w4a16_mma(qw)
+    assert packed.packed.shape == (2, 2, 32, 4) and packed.packed.dtype == torch.int32
+    assert torch.allclose(_emulate_mma_kernel(x, packed), Q.reference_w4a16(x, qw), atol=1e-5)
+
+
+def test_mma_nibbles_cover_each_block_once():
+    row, col = Q.mma_nibble_positions()
+    flat = (row * 64 + col).flatten()
+    assert sorted(flat.tolist()) == list(range(16 * 64))
+
+
+def test_half_float_magic_turns_a_nibble_into_bias_plus_q():
+    # (nibble | magic) read as a 16-bit float is bias + nibble: the kernel's conversion-free dequant.
+    q = torch.arange(16, dtype=torch.int32)
+    assert torch.equal((q | 0x6400).to(torch.int16).view(torch.float16).float(), 1024.0 + q)
+    assert torch.equal((q | 0x4300).to(torch.int16).view(torch.bfloat16).float(), 128.0 + q)
+
+
+def test_mma_repack_refuses_shapes_the_kernel_cannot_take():
+    qw = Q.quantize_w4a16(torch.randn(40, 128), 64)
+    with pytest.raises(ValueError, match="N=40"):
+        Q.repack_w4a16_mma(qw)
+    with pytest.raises(ValueError, match="group_size=32"):
+        Q.repack_w4a16_mma(Q.quantize_w4a16(torch.randn(16, 128), 32))

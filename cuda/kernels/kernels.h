@@ -98,10 +98,40 @@ cudaError_t w4a16_gemm(const W4A16Params& p, cudaStream_t stream);
 // K and group_size multiples of 32, K a multiple of group_size.
 bool w4a16_supported(int K, int group_size);
 
+// The tensor-core W4A16 kernel (w4a16_mma.cu) on weights repacked into its layout.
+struct W4A16MmaParams {
+  DType dtype;              // of x, scales and out
+  const void* x;            // [M, K]
+  const uint32_t* packed;   // [N / 16, K / 64, 32, 4] from w4a16_repack
+  const void* scales_t;     // [K / group_size, N]
+  const uint8_t* zeros_t;   // [K / group_size, N], or nullptr: symmetric (zero point 8)
+  void* out;                // [M, N]
+  int M, N, K, group_size;
+  int config = -1;          // -1: chosen by M; else an index below w4a16_mma_num_configs() (tuning)
+};
+
+// N % 16 == 0, K % 64 == 0, group_size % 64 == 0 and K % group_size == 0.
+bool w4a16_mma_supported(int N, int K, int group_size);
+int w4a16_mma_num_configs();
+int w4a16_mma_config(int M);  // the configuration w4a16_mma_gemm uses for M rows
+// Canonical (qweight uint8 [N, K / 2], scales [N, G], zeros uint8 [N, G] or nullptr) -> the
+// kernel's layout (packed, scales_t [G, N], zeros_t [G, N]). Run once at load.
+cudaError_t w4a16_repack(DType dtype, const uint8_t* qweight, const void* scales, const uint8_t* zeros,
+                         uint32_t* packed, void* scales_t, uint8_t* zeros_t, int N, int K, int group_size,
+                         cudaStream_t stream);
+cudaError_t w4a16_mma_gemm(const W4A16MmaParams& p, cudaStream_t stream);
+// Rows [row_begin, row_begin + rows) of the repacked weights -> dense out [rows, K] in dtype, for
+// large M (then a dense GEMM). row_begin and rows are multiples of 16.
+cudaError_t w4a16_dequantize(DType dtype, const uint32_t* packed, const void* scales_t, const uint8_t* zeros_t,
+                             void* out, int N, int K, int group_size, int row_begin, int rows, cudaStream_t stream);
+
 // x [M, K] -> xq int8 [M, K] and scales float32 [M]: symmetric per row, scale = amax / 127,
 // rounding half to even (as torch.round).
 cudaError_t quantize_per_token_int8(DType dtype, const void* x, int8_t* xq, float* scales, int M, int K,
                                     cudaStream_t stream);
+// The same into fp8 e4m3 (xq: [M, K] bytes): scale = amax / 448, round to nearest even, saturating.
+cudaError_t quantize_per_token_fp8(DType dtype, const void* x, void* xq, float* scales, int M, int K,
+                                   cudaStream_t stream);
 
 struct W8A8Params {
   DType dtype;              // of out

@@ -1,4 +1,4 @@
-// W8A8-INT8: activations quantized per token (symmetric int8, scale = amax / 127), weights int8
+// W8A8-INT8: activations quantized per token (quantize.cu: symmetric int8, scale = amax / 127), weights int8
 // per output channel (the canonical layout: qweight int8 [N, K], scales float32 [N]);
 // y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], the sum exact in int32.
 //
@@ -13,22 +13,6 @@ namespace flashpage::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-
-template <typename T>
-__global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ xq, float* __restrict__ scales,
-                                     int K) {
-  const int64_t row = blockIdx.x;
-  const T* xr = x + row * K;
-  float amax = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(to_float(xr[k])));
-  __shared__ float scratch[32];
-  const float scale = fmaxf(block_max(amax, scratch), 1e-8f) / 127.f;
-  if (threadIdx.x == 0) scales[row] = scale;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
-    const float q = rintf(to_float(xr[k]) / scale);  // round half to even, as torch.round
-    xq[row * K + k] = static_cast<int8_t>(fminf(fmaxf(q, -127.f), 127.f));
-  }
-}
 
 template <typename T, int kRows>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
@@ -77,17 +61,6 @@ cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-cudaError_t quantize_per_token_int8(DType dtype, const void* x, int8_t* xq, float* scales, int M, int K,
-                                    cudaStream_t stream) {
-  if (M < 0 || K <= 0) return cudaErrorInvalidValue;
-  if (M == 0) return cudaSuccess;
-  if (dtype == DType::kFloat16)
-    quantize_rows_kernel<__half><<<M, 256, 0, stream>>>(static_cast<const __half*>(x), xq, scales, K);
-  else
-    quantize_rows_kernel<__nv_bfloat16><<<M, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), xq, scales, K);
-  return cudaGetLastError();
-}
 
 cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream) {
   if (p.K <= 0 || p.K % 16 != 0 || p.M < 0 || p.N < 0) return cudaErrorInvalidValue;

@@ -37,11 +37,23 @@ def _lib() -> ctypes.CDLL:
         "flashpage_cuda_w4a16_gemm": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
         "flashpage_cuda_quantize_per_token_int8": [i, p, p, p, i, i, p, p, sz],
         "flashpage_cuda_w8a8_gemm": [i, p, p, p, p, p, i, i, i, p, p, sz],
+        "flashpage_cuda_quantize_per_token_fp8": [i, p, p, p, i, i, p, p, sz],
+        "flashpage_cuda_gemm": [i, p, p, p, i, i, i, p, p, sz],
+        "flashpage_cuda_fp8_linear_workspace": [i, i],
+        "flashpage_cuda_fp8_linear": [i, p, p, p, p, i, i, i, i, p, i64, p, p, sz],
+        "flashpage_cuda_w4a16_repack": [i, p, p, p, p, p, p, i, i, i, p, p, sz],
+        "flashpage_cuda_w4a16_dequantize": [i, p, p, p, p, i, i, i, p, p, sz],
+        "flashpage_cuda_w4a16_linear_workspace": [i, i, i, i],
+        "flashpage_cuda_w4a16_linear": [i, p, p, p, p, p, i, i, i, i, i, p, i64, p, p, sz],
     }
     for name, args in sigs.items():
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = i64 if name.endswith("_workspace") else i
+    lib.flashpage_cuda_blaslt_available.argtypes = [p, sz]
+    lib.flashpage_cuda_blaslt_available.restype = i
+    lib.flashpage_cuda_w4a16_num_configs.argtypes = []
+    lib.flashpage_cuda_w4a16_num_configs.restype = i
     return lib
 
 
@@ -253,4 +265,144 @@ def w8a8_gemm(x: Any, qweight: Any, w_scales: Any) -> Any:
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_w8a8_gemm", _dtype_code(x), xq.data_ptr(), x_scales.data_ptr(), qweight.data_ptr(),
           w_scales.data_ptr(), out.data_ptr(), M, N, K, _stream())
+    return out
+
+
+def blaslt_available() -> tuple[bool, str]:
+    """Whether cuBLASLt (the dense and FP8 GEMMs) can be loaded, and if not why."""
+    why = ctypes.create_string_buffer(_ERR_LEN)
+    ok = _lib().flashpage_cuda_blaslt_available(why, _ERR_LEN) == 1
+    return ok, why.value.decode()
+
+
+def _check_weight(w: Any, x: Any, name: str) -> None:
+    _check(w, name, dim=2)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"{name} {tuple(w.shape)} does not fit x {tuple(x.shape)}: both need K={x.shape[1]} columns")
+
+
+def gemm(x: Any, w: Any) -> Any:
+    """Dense y [M, N] = x [M, K] . w [N, K]^T in fp16/bf16 through cuBLASLt."""
+    import torch
+
+    _check(x, "x", dim=2)
+    _check_weight(w, x, "w")
+    if w.dtype != x.dtype:
+        raise ValueError(f"w must be {x.dtype}, got {w.dtype}")
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_gemm", _dtype_code(x), x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], w.shape[0],
+          x.shape[1], _stream())
+    return out
+
+
+def quantize_per_token_fp8(x: Any) -> tuple[Any, Any]:
+    """x [M, K] fp16/bf16 -> (float8_e4m3fn [M, K], float32 scales [M]), scale = amax / 448 per row."""
+    import torch
+
+    _check(x, "x", dim=2)
+    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _call("flashpage_cuda_quantize_per_token_fp8", _dtype_code(x), x.data_ptr(), xq.data_ptr(), scales.data_ptr(),
+          x.shape[0], x.shape[1], _stream())
+    return xq, scales
+
+
+def fp8_linear(x: Any, qweight: Any, w_scales: Any, fast_accum: bool = False, workspace: Any | None = None) -> Any:
+    """FP8 W8A8: x [M, K] quantized per token to e4m3, times qweight float8_e4m3fn [N, K] with
+    float32 scales [N] (per channel) or [1] (per tensor), through cuBLASLt; y in x's dtype."""
+    import torch
+
+    _check(x, "x", dim=2)
+    _check_weight(qweight, x, "qweight")
+    if qweight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"qweight must be torch.float8_e4m3fn, got {qweight.dtype}")
+    _check(w_scales, "w_scales", dtype=torch.float32, dim=1)
+    M, K = x.shape
+    N = qweight.shape[0]
+    if w_scales.shape[0] not in (1, N):
+        raise ValueError(f"w_scales must have 1 or N={N} entries, got {w_scales.shape[0]}")
+    if w_scales.shape[0] == 1:  # cuBLASLt takes one scale vector form: expand (a loader does it once)
+        w_scales = w_scales.expand(N).contiguous()
+    need = int(_lib().flashpage_cuda_fp8_linear_workspace(M, K))
+    if workspace is None or workspace.numel() < need:
+        workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_fp8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
+          out.data_ptr(), M, N, K, int(fast_accum), workspace.data_ptr(), workspace.numel(), _stream())
+    return out
+
+
+def w4a16_repack(qweight: Any, scales: Any, zeros: Any | None, group_size: int) -> Any:
+    """The canonical int4 layout (qweight uint8 [N, K / 2], scales [N, G], zeros uint8 [N, G] or
+    None) -> flashpage.quantization.W4A16Mma on the GPU, the tensor-core kernel's layout."""
+    import torch
+
+    from flashpage.quantization import W4A16Mma
+
+    _check(qweight, "qweight", dtype=torch.uint8, dim=2)
+    _check(scales, "scales", dim=2)
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if K % group_size or scales.shape != (N, K // group_size):
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit qweight {tuple(qweight.shape)} with group_size "
+                         f"{group_size}")
+    if zeros is not None:
+        _check(zeros, "zeros", dtype=torch.uint8, dim=2)
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    dev = qweight.device
+    packed = torch.empty((N // 16, K // 64, 32, 4), dtype=torch.int32, device=dev) if N % 16 == 0 and K % 64 == 0 \
+        else torch.empty(0, dtype=torch.int32, device=dev)
+    scales_t = torch.empty((K // group_size, N), dtype=scales.dtype, device=dev)
+    zeros_t = torch.empty((K // group_size, N), dtype=torch.uint8, device=dev) if zeros is not None else None
+    _call("flashpage_cuda_w4a16_repack", _dtype_code(scales), qweight.data_ptr(), scales.data_ptr(),
+          zeros.data_ptr() if zeros is not None else None, packed.data_ptr(), scales_t.data_ptr(),
+          zeros_t.data_ptr() if zeros_t is not None else None, N, K, group_size, _stream())
+    return W4A16Mma(packed, scales_t, zeros_t, group_size)
+
+
+def _check_packed(w: Any) -> tuple[int, int]:
+    import torch
+
+    _check(w.packed, "packed", dtype=torch.int32, dim=4)
+    _check(w.scales_t, "scales_t", dim=2)
+    if w.zeros_t is not None:
+        _check(w.zeros_t, "zeros_t", dtype=torch.uint8, dim=2)
+    return w.shape
+
+
+def w4a16_dequantize(w: Any) -> Any:
+    """The dense weight [N, K] of a W4A16Mma, in its scales' dtype, as the kernel rounds it."""
+    import torch
+
+    N, K = _check_packed(w)
+    out = torch.empty((N, K), dtype=w.scales_t.dtype, device=w.packed.device)
+    _call("flashpage_cuda_w4a16_dequantize", _dtype_code(w.scales_t), w.packed.data_ptr(), w.scales_t.data_ptr(),
+          w.zeros_t.data_ptr() if w.zeros_t is not None else None, out.data_ptr(), N, K, w.group_size, _stream())
+    return out
+
+
+def w4a16_num_configs() -> int:
+    return int(_lib().flashpage_cuda_w4a16_num_configs())
+
+
+def w4a16_linear(x: Any, w: Any, config: int = -1, workspace: Any | None = None) -> Any:
+    """y [M, N] = x [M, K] . dequant(W)^T for a W4A16Mma (from w4a16_repack): the tensor-core
+    kernel, or for large M dequantize + cuBLASLt. config -1 chooses by M, -2 forces the dense path,
+    0.. picks a tensor-core configuration (tuning)."""
+    import torch
+
+    _check(x, "x", dim=2)
+    N, K = _check_packed(w)
+    if x.shape[1] != K:
+        raise ValueError(f"x {tuple(x.shape)} does not fit the weight's K={K}")
+    if w.scales_t.dtype != x.dtype:
+        raise ValueError(f"scales must be {x.dtype}, got {w.scales_t.dtype}")
+    M = x.shape[0]
+    need = int(_lib().flashpage_cuda_w4a16_linear_workspace(M, N, K, config))
+    if need > 0 and (workspace is None or workspace.numel() < need):
+        workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _call("flashpage_cuda_w4a16_linear", _dtype_code(x), x.data_ptr(), w.packed.data_ptr(), w.scales_t.data_ptr(),
+          w.zeros_t.data_ptr() if w.zeros_t is not None else None, out.data_ptr(), M, N, K, w.group_size, config,
+          workspace.data_ptr() if need > 0 else None, workspace.numel() if need > 0 else 0, _stream())
     return out

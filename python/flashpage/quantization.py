@@ -14,7 +14,8 @@ The format (config.json: "quantization_config": {"quant_method": "flashpage", "f
 - "fp8": `name.qweight` float8_e4m3fn [N, K], `name.scales` float32 [1] (per tensor) or [N].
 
 Rows are output channels, as nn.Linear keeps them, so one row is one contiguous stream; every
-backend repacks at load into its kernel's layout.
+backend repacks at load into its kernel's layout (`repack_w4a16_mma` is the reference of the
+CUDA tensor-core kernel's).
 """
 
 from __future__ import annotations
@@ -80,6 +81,49 @@ def dequantize_w4a16(w: W4A16) -> torch.Tensor:
     z = w.qzeros.float() if w.qzeros is not None else torch.full(w.scales.shape, 8.0, device=q.device)
     g = q.reshape(N, K // w.group_size, w.group_size)
     return ((g - z[..., None]) * w.scales.float()[..., None]).reshape(N, K)
+
+
+@dataclass
+class W4A16Mma:
+    """W4A16 in the CUDA tensor-core kernel's layout (cuda/kernels/w4a16_mma.cu)."""
+    packed: torch.Tensor  # int32 [N / 16, K / 64, 32, 4]
+    scales_t: torch.Tensor  # [K / group_size, N]
+    zeros_t: torch.Tensor | None  # uint8 [K / group_size, N]
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scales_t.shape[1], self.packed.shape[1] * 64
+
+
+MMA_TILE_N, MMA_BLOCK_K = 16, 64
+
+
+def mma_nibble_positions(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) in W of every nibble of the mma layout, each [N/16 = 1, K/64 = 1, 32, 4, 8]
+    for one 16 x 64 block: lane l, word j, nibble i hold row l // 4 + 8 (i & 1) and column
+    16 (l % 4) + 4 j + 2 ((i >> 1) & 1) + (i >> 2)."""
+    lane = torch.arange(32, device=device).view(32, 1, 1)
+    j = torch.arange(4, device=device).view(1, 4, 1)
+    i = torch.arange(8, device=device).view(1, 1, 8)
+    row = lane // 4 + 8 * (i & 1) + 0 * j
+    col = 16 * (lane % 4) + 4 * j + 2 * ((i >> 1) & 1) + (i >> 2)
+    return row, col
+
+
+def repack_w4a16_mma(w: W4A16) -> W4A16Mma:
+    """The canonical format -> the tensor-core kernel's layout (the reference of w4a16_repack)."""
+    N, K = w.shape
+    if N % MMA_TILE_N or K % MMA_BLOCK_K or w.group_size % MMA_BLOCK_K:
+        raise ValueError(f"repack_w4a16_mma: N={N} must be a multiple of 16, K={K} and group_size={w.group_size} "
+                         "of 64")
+    q = unpack_int4(w.qweight).view(N // 16, 16, K // 64, 64).permute(0, 2, 1, 3)  # [tiles, kblocks, 16, 64]
+    row, col = mma_nibble_positions(q.device)
+    nib = q[:, :, row, col].to(torch.int64)  # [tiles, kblocks, 32, 4, 8]
+    words = (nib << (4 * torch.arange(8, device=q.device))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    zeros = w.qzeros.T.contiguous() if w.qzeros is not None else None
+    return W4A16Mma(words.contiguous(), w.scales.T.contiguous(), zeros, w.group_size)
 
 
 def _unpack_int32(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -162,6 +206,16 @@ def reference_w8a8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tenso
     return acc * x_scales[:, None] * w_scales[None, :]
 
 
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (float8_e4m3fn [M, K], float32 scales [M]): scale = amax / 448 per row."""
+    finfo = torch.finfo(torch.float8_e4m3fn)
+    scale = x.float().abs().amax(1).clamp_min(1e-8) / finfo.max
+    return (x.float() / scale[:, None]).clamp(finfo.min, finfo.max).to(torch.float8_e4m3fn), scale
+
+
 def reference_fp8(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """FP8 W8A8: per-token fp8 activations times fp8 weights with a per-tensor or per-channel
+    scale, in float32."""
     s = w_scales if w_scales.numel() > 1 else w_scales.expand(qweight.shape[0])
-    return x.float() @ (qweight.float() * s[:, None]).T
+    xq, x_scales = quantize_per_token_fp8(x)
+    return (xq.float() @ qweight.float().T) * x_scales[:, None] * s[None, :]

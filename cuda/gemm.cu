@@ -1,0 +1,78 @@
+// See gemm.h.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "abi.h"
+
+namespace flashpage::cuda {
+
+namespace {
+
+constexpr int64_t kDequantChunkBytes = int64_t(64) << 20;  // bounds the dense weight chunk
+
+bool dense_path(int M, int config) { return config == kW4A16ForceDense || (config == -1 && M >= kW4A16DenseFromM); }
+
+// Rows of W dequantized at a time: a multiple of 16, at most kDequantChunkBytes of 16-bit values.
+int chunk_rows(int N, int K) {
+  const int64_t rows = std::max<int64_t>(16, kDequantChunkBytes / (int64_t(K) * 2) / 16 * 16);
+  return int(std::min<int64_t>(N, rows));
+}
+
+int too_small(const char* what, int64_t need, int64_t have, char* err, size_t err_len) {
+  if (err != nullptr && err_len > 0)
+    std::snprintf(err, err_len, "%s: the workspace has %lld bytes, this call needs %lld", what,
+                  static_cast<long long>(have), static_cast<long long>(need));
+  return -1;
+}
+
+}  // namespace
+
+int64_t w4a16_linear_workspace(int M, int N, int K, int config) {
+  if (!dense_path(M, config) || N <= 0 || K <= 0) return 0;
+  return int64_t(chunk_rows(N, K)) * K * 2;
+}
+
+int w4a16_linear(const W4A16MmaParams& p, void* workspace, int64_t workspace_bytes, cudaStream_t stream,
+                 char* err, size_t err_len) {
+  if (!dense_path(p.M, p.config))
+    return report(w4a16_mma_gemm(p, stream), "w4a16_mma_gemm", err, err_len);
+  const int64_t need = w4a16_linear_workspace(p.M, p.N, p.K, p.config);
+  if (workspace == nullptr || workspace_bytes < need) return too_small("w4a16_linear", need, workspace_bytes, err, err_len);
+  const int rows = chunk_rows(p.N, p.K);
+  const GemmInput input = p.dtype == DType::kBFloat16 ? GemmInput::kBFloat16 : GemmInput::kFloat16;
+  for (int n0 = 0; n0 < p.N; n0 += rows) {
+    const int nc = std::min(rows, p.N - n0);
+    const int rc = report(w4a16_dequantize(p.dtype, p.packed, p.scales_t, p.zeros_t, workspace, p.N, p.K,
+                                           p.group_size, n0, nc, stream),
+                          "w4a16_dequantize", err, err_len);
+    if (rc != 0) return rc;
+    // The chunk is columns n0 .. n0 + nc of out: the same rows, ldo = N.
+    const LtGemmParams g{input, p.dtype, p.x, workspace, static_cast<char*>(p.out) + int64_t(n0) * 2, nullptr,
+                         nullptr, p.M, nc, p.K, p.N};
+    if (lt_gemm(g, stream, err, err_len) != 0) return -1;
+  }
+  return 0;
+}
+
+int64_t fp8_linear_workspace(int M, int K) {
+  return M <= 0 || K <= 0 ? 0 : (int64_t(M) * K + 255) / 256 * 256 + int64_t(M) * 4;
+}
+
+int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_scales, void* out, int M, int N,
+               int K, bool fast_accum, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err,
+               size_t err_len) {
+  if (M == 0 || N == 0) return 0;
+  const int64_t need = fp8_linear_workspace(M, K);
+  if (workspace == nullptr || workspace_bytes < need) return too_small("fp8_linear", need, workspace_bytes, err, err_len);
+  auto* xq = static_cast<char*>(workspace);
+  auto* x_scales = reinterpret_cast<float*>(xq + (int64_t(M) * K + 255) / 256 * 256);
+  const int rc = report(quantize_per_token_fp8(dtype, x, xq, x_scales, M, K, stream), "quantize_per_token_fp8",
+                        err, err_len);
+  if (rc != 0) return rc;
+  LtGemmParams g{GemmInput::kFp8E4M3, dtype, xq, w_fp8, out, x_scales, w_scales, M, N, K, N, fast_accum};
+  return lt_gemm(g, stream, err, err_len);
+}
+
+}  // namespace flashpage::cuda
