@@ -29,6 +29,8 @@ def _want(q, zeros, scales):
 def _gptq_pack(q, zeros, stored_offset=1):
     """AutoGPTQ's QuantLinear.pack, in numpy: qweight [K/8, N] (input rows i*8..i*8+7 in one
     word, row j at bits 4j), qzeros [K/G, N/8] holding zero - 1."""
+    N, K = q.shape
+    G = K // zeros.shape[1]
     iq = q.T.numpy().astype(np.uint32)  # [K, N]
     qweight = np.zeros((K // 8, N), dtype=np.uint32)
     for row in range(K // 8):

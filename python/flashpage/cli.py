@@ -5,6 +5,8 @@
       /health, /metrics) and the gRPC API (flashpage.v1) over one engine
   flashpage generate MODEL PROMPT [--max-tokens 64] [--temperature 0] [--chat]
       one completion, printed as it is generated
+  flashpage quantize SRC DST [--format w4a16|w8a8-int8|fp8] [--group-size 128] [--asymmetric]
+      a checkpoint in flashpage's quantized format (from a float, GPTQ or AWQ checkpoint)
   flashpage info                 version, CPU ISA in use, CUDA backend status
   flashpage bench scheduler      the scheduler benchmark shipped with the wheel
 """
@@ -72,12 +74,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from flashpage.convert import quantize_checkpoint
+
+    try:
+        qconfig = quantize_checkpoint(args.src, args.dst, args.format, args.group_size, not args.asymmetric)
+    except (ValueError, OSError) as e:
+        print(f"flashpage quantize: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(qconfig))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from flashpage.serving.server import add_engine_args, add_serve_args
 
     parser = argparse.ArgumentParser(prog="flashpage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,info,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,quantize,info,bench}")
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI API) and gRPC",
                            description="Serve a model: OpenAI-compatible HTTP on --port, gRPC on --grpc-port.")
     add_serve_args(serve)
@@ -92,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+    quant = sub.add_parser("quantize", help="write a checkpoint in flashpage's quantized format",
+                           description="Quantize a float checkpoint round-to-nearest, or convert a GPTQ/AWQ one.")
+    quant.add_argument("src", help="a Hugging Face model directory (float, GPTQ or AWQ)")
+    quant.add_argument("dst", help="the directory to write")
+    quant.add_argument("--format", default="w4a16", choices=["w4a16", "w8a8-int8", "fp8"])
+    quant.add_argument("--group-size", type=int, default=128, help="w4a16: input features per scale")
+    quant.add_argument("--asymmetric", action="store_true", help="w4a16: zero points per group")
+    quant.set_defaults(func=cmd_quantize)
     sub.add_parser("info", help="version, CPU ISA in use, CUDA backend status").set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="run a benchmark binary shipped with the wheel")
     bench.add_argument("what", choices=["scheduler"])

@@ -1,0 +1,154 @@
+"""Checkpoints in the canonical quantized format: quantized from a float checkpoint, converted
+from GPTQ and AWQ checkpoints (packed here as AutoGPTQ/AutoAWQ pack them), read back with their
+shapes checked; the CLI; and the C++ loader's refusal of quantized checkpoints by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from flashpage import _core  # noqa: E402
+from flashpage import quantization as Q  # noqa: E402
+from flashpage.convert import LINEARS, quantize_checkpoint, read_linear, read_tensors  # noqa: E402
+from model_fixtures import make_checkpoint  # noqa: E402
+from test_quantization import _awq_pack, _gptq_pack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("float")
+    make_checkpoint("llama_gqa", str(d), dtype="bfloat16")
+    (d / "tokenizer.json").write_text("{}")  # stands for the files copied as they are
+    return d
+
+
+def _linear_names(tensors):
+    return [n for n in tensors if any(n.endswith(f"{s}.weight") for s in LINEARS)]
+
+
+@pytest.mark.parametrize("fmt,symmetric", [("w4a16", True), ("w4a16", False), ("w8a8-int8", True), ("fp8", True)])
+def test_float_checkpoint_quantizes_every_decoder_linear(float_ckpt, tmp_path, fmt, symmetric):
+    qconfig = quantize_checkpoint(float_ckpt, tmp_path, fmt, group_size=16, symmetric=symmetric)
+    assert qconfig["format"] == fmt and qconfig["quant_method"] == "flashpage"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == qconfig and (tmp_path / "tokenizer.json").is_file()
+    src, out = read_tensors(float_ckpt), read_tensors(tmp_path)
+    linears = _linear_names(src)
+    assert len(linears) == 2 * 7
+    for name in src:
+        if name not in linears:
+            assert torch.equal(out[name], src[name]), name  # embeddings, norms: untouched
+    for name in linears:
+        prefix = name[: -len(".weight")]
+        w = src[name].float()
+        got = read_linear(out, prefix, qconfig)
+        if fmt == "w4a16":
+            assert (got.qzeros is None) == symmetric
+            deq = Q.dequantize_w4a16(got)
+            step = got.scales.float().repeat_interleave(16, dim=1)
+            assert torch.all((deq - w).abs() <= step * (0.51 if symmetric else 1.01) + 1e-6), name  # zero rounding
+        else:
+            qweight, scales = got
+            assert (qweight.float() * scales[:, None] - w).abs().max() < 0.07 * w.abs().max(), name
+
+
+def _write_4bit(float_ckpt, dst, method, sym):
+    """float_ckpt's Linears quantized round-to-nearest and packed the way AutoGPTQ/AutoAWQ do."""
+    tensors = read_tensors(float_ckpt)
+    out, want = {}, {}
+    for name, t in tensors.items():
+        if name not in _linear_names(tensors):
+            out[name] = t
+            continue
+        prefix = name[: -len(".weight")]
+        qw = Q.quantize_w4a16(t.float(), 16, symmetric=sym, scale_dtype=torch.float16)
+        q = Q.unpack_int4(qw.qweight)
+        zeros = qw.qzeros.long() if qw.qzeros is not None else torch.full(qw.scales.shape, 8)
+        if method == "gptq":
+            out[f"{prefix}.qweight"], out[f"{prefix}.qzeros"] = _gptq_pack(q, zeros)
+            out[f"{prefix}.g_idx"] = torch.arange(q.shape[1], dtype=torch.int32) // 16
+        else:
+            out[f"{prefix}.qweight"], out[f"{prefix}.qzeros"] = _awq_pack(q, zeros)
+        out[f"{prefix}.scales"] = qw.scales.T.contiguous()
+        want[prefix] = qw
+    dst.mkdir()
+    safetensors_torch.save_file(out, dst / "model.safetensors")
+    config = json.loads((float_ckpt / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 16, "sym": sym,
+                                     "desc_act": False, "version": "gemm"}
+    (dst / "config.json").write_text(json.dumps(config))
+    return want
+
+
+@pytest.mark.parametrize("method,sym", [("gptq", True), ("gptq", False), ("awq", False)])
+def test_gptq_and_awq_checkpoints_convert_without_requantizing(float_ckpt, tmp_path, method, sym):
+    want = _write_4bit(float_ckpt, tmp_path / "src", method, sym)
+    qconfig = quantize_checkpoint(tmp_path / "src", tmp_path / "dst")
+    assert qconfig == {"quant_method": "flashpage", "format": "w4a16", "group_size": 16,
+                       "symmetric": sym and method == "gptq"}
+    out = read_tensors(tmp_path / "dst")
+    assert not any(n.endswith(".g_idx") for n in out)
+    for prefix, qw in want.items():
+        got = read_linear(out, prefix, qconfig)
+        assert torch.equal(got.qweight, qw.qweight), prefix
+        assert torch.equal(Q.dequantize_w4a16(got), Q.dequantize_w4a16(qw)), prefix
+
+
+def test_conversion_refusals_name_the_problem(float_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        quantize_checkpoint(float_ckpt, tmp_path / "a", "int3")
+    with pytest.raises(ValueError, match="mlp.down_proj.weight: K=144 is not a multiple of group_size=128"):
+        quantize_checkpoint(float_ckpt, tmp_path / "b", "w4a16", group_size=128)
+    _write_4bit(float_ckpt, tmp_path / "g", "gptq", True)
+    cfg_path = tmp_path / "g" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for patch, message in [({"bits": 8}, "bits=8 is not supported"),
+                           ({"quant_method": "bitsandbytes"}, "'bitsandbytes' cannot be converted"),
+                           ({"quant_method": "flashpage"}, "already in flashpage's format")]:
+        cfg_path.write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **patch}}))
+        with pytest.raises(ValueError, match=message):
+            quantize_checkpoint(tmp_path / "g", tmp_path / "out")
+    # act-order: a g_idx that is not k // group_size
+    cfg_path.write_text(json.dumps(cfg))
+    tensors = read_tensors(tmp_path / "g")
+    name = next(n for n in tensors if n.endswith("q_proj.g_idx"))
+    tensors[name] = tensors[name].flip(0).contiguous()
+    safetensors_torch.save_file(tensors, tmp_path / "g" / "model.safetensors")
+    with pytest.raises(ValueError, match="q_proj: GPTQ with act-order"):
+        quantize_checkpoint(tmp_path / "g", tmp_path / "out")
+
+
+def test_read_linear_checks_shapes_and_dtypes(float_ckpt, tmp_path):
+    qconfig = quantize_checkpoint(float_ckpt, tmp_path, "w4a16", group_size=16, symmetric=False)
+    tensors = read_tensors(tmp_path)
+    prefix = "model.layers.0.mlp.up_proj"
+    bad = dict(tensors)
+    bad[f"{prefix}.scales"] = tensors[f"{prefix}.scales"][:, :-1]
+    with pytest.raises(ValueError, match=f"{prefix}.scales has shape"):
+        read_linear(bad, prefix, qconfig)
+    bad = {k: v for k, v in tensors.items() if k != f"{prefix}.qzeros"}
+    with pytest.raises(ValueError, match=f"{prefix}.qzeros is missing"):
+        read_linear(bad, prefix, qconfig)
+    bad = dict(tensors)
+    bad[f"{prefix}.qweight"] = tensors[f"{prefix}.qweight"].to(torch.int8)
+    with pytest.raises(ValueError, match="must be a 2-D torch.uint8"):
+        read_linear(bad, prefix, qconfig)
+
+
+def test_cli_quantize_and_the_engine_refusing_quantized_checkpoints(float_ckpt, tmp_path):
+    dst = tmp_path / "q"
+    run = subprocess.run([sys.executable, "-m", "flashpage.cli", "quantize", str(float_ckpt), str(dst), "--format",
+                          "w4a16", "--group-size", "16"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["group_size"] == 16
+    bad = subprocess.run([sys.executable, "-m", "flashpage.cli", "quantize", str(float_ckpt), str(tmp_path / "x"),
+                          "--group-size", "100"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a multiple of group_size=100" in bad.stderr
+    with pytest.raises(RuntimeError, match='quant_method "flashpage" \\(format "w4a16"\\) is not supported yet'):
+        _core.load_config(str(dst))
