@@ -35,7 +35,7 @@ struct HeuristicResult {
 };
 
 constexpr Status kSuccess = 0;
-constexpr int kCompute32F = 68;  // CUBLAS_COMPUTE_32F
+constexpr int kCompute32F = 68, kCompute32I = 72;  // CUBLAS_COMPUTE_32F, _32I
 constexpr int kOpN = 0, kOpT = 1;
 // cublasLtMatmulDescAttributes_t
 constexpr int kDescTransA = 3, kDescTransB = 4, kDescAScalePointer = 17, kDescBScalePointer = 18,
@@ -109,7 +109,8 @@ const Api& api() {
 
 #if __has_include(<cublasLt.h>)
 #include <cublasLt.h>
-static_assert(lt::kCompute32F == CUBLAS_COMPUTE_32F && lt::kOpT == CUBLAS_OP_T);
+static_assert(lt::kCompute32F == CUBLAS_COMPUTE_32F && lt::kCompute32I == CUBLAS_COMPUTE_32I &&
+              lt::kOpT == CUBLAS_OP_T);
 static_assert(lt::kDescTransA == CUBLASLT_MATMUL_DESC_TRANSA && lt::kDescTransB == CUBLASLT_MATMUL_DESC_TRANSB);
 static_assert(lt::kDescAScalePointer == CUBLASLT_MATMUL_DESC_A_SCALE_POINTER &&
               lt::kDescBScalePointer == CUBLASLT_MATMUL_DESC_B_SCALE_POINTER);
@@ -179,6 +180,7 @@ cudaDataType_t input_type(flashpage::cuda::GemmInput t) {
   switch (t) {
     case flashpage::cuda::GemmInput::kFloat16: return CUDA_R_16F;
     case flashpage::cuda::GemmInput::kBFloat16: return CUDA_R_16BF;
+    case flashpage::cuda::GemmInput::kInt8: return CUDA_R_8I;
     default: return CUDA_R_8F_E4M3;
   }
 }
@@ -197,10 +199,11 @@ namespace {
 // transposed ("T"), B = x ("N") -- the TN form FP8 needs on Hopper).
 int make_plan(const LtGemmParams& p, lt::Handle handle, Plan& plan, char* err, size_t err_len) {
   const lt::Api& api = lt::api();
-  const bool fp8 = p.input == GemmInput::kFp8E4M3;
+  const bool fp8 = p.input == GemmInput::kFp8E4M3, int8 = p.input == GemmInput::kInt8;
   const cudaDataType_t in = input_type(p.input);
-  const cudaDataType_t out = p.out_dtype == DType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
-  LT_CHECK(api.desc_create(&plan.desc, lt::kCompute32F, CUDA_R_32F), "MatmulDescCreate");
+  const cudaDataType_t out = int8 ? CUDA_R_32I : p.out_dtype == DType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+  LT_CHECK(api.desc_create(&plan.desc, int8 ? lt::kCompute32I : lt::kCompute32F, int8 ? CUDA_R_32I : CUDA_R_32F),
+           "MatmulDescCreate");
   const int32_t ta = lt::kOpT, tb = lt::kOpN;
   LT_CHECK(api.desc_set(plan.desc, lt::kDescTransA, &ta, sizeof ta), "set TRANSA");
   LT_CHECK(api.desc_set(plan.desc, lt::kDescTransB, &tb, sizeof tb), "set TRANSB");
@@ -229,7 +232,8 @@ int make_plan(const LtGemmParams& p, lt::Handle handle, Plan& plan, char* err, s
     if (err != nullptr && err_len > 0)
       std::snprintf(err, err_len,
                     "cuBLASLt has no algorithm for a %s GEMM of M=%d N=%d K=%d on this device (%s)%s",
-                    fp8 ? "fp8 e4m3 (per-token x per-channel scales)" : "16-bit", p.M, p.N, p.K,
+                    fp8 ? "fp8 e4m3 (per-token x per-channel scales)" : int8 ? "int8" : "16-bit", p.M, p.N,
+                    p.K,
                     s != lt::kSuccess ? api.status_name(s) : "none returned",
                     fp8 ? "; FP8 needs sm_89+ and outer-vector scales need cuBLAS 12.9+" : "");
     return -1;
@@ -248,6 +252,7 @@ int lt_gemm(const LtGemmParams& p, cudaStream_t stream, char* err, size_t err_le
   const bool fp8 = p.input == GemmInput::kFp8E4M3;
   if (fp8 && (p.K % 16 != 0 || p.x_scales == nullptr || p.w_scales == nullptr))
     return fail(err, err_len, "lt_gemm: fp8 needs K % 16 == 0 and both scale vectors");
+  if (p.input == GemmInput::kInt8 && p.K % 4 != 0) return fail(err, err_len, "lt_gemm: int8 needs K % 4 == 0");
   if (p.M == 0 || p.N == 0) return 0;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return fail(err, err_len, "lt_gemm: cudaGetDevice failed");
@@ -278,8 +283,12 @@ int lt_gemm(const LtGemmParams& p, cudaStream_t stream, char* err, size_t err_le
     LT_CHECK(api.desc_set(plan.desc, lt::kDescAScalePointer, &p.w_scales, sizeof(void*)), "set A_SCALE_POINTER");
     LT_CHECK(api.desc_set(plan.desc, lt::kDescBScalePointer, &p.x_scales, sizeof(void*)), "set B_SCALE_POINTER");
   }
-  const float alpha = 1.f, beta = 0.f;
-  LT_CHECK(api.matmul(handle, plan.desc, &alpha, p.w, plan.a, p.x, plan.b, &beta, p.out, plan.d, p.out, plan.d,
+  const float alpha = 1.f, beta = 0.f;  // int8: alpha and beta are int32 1 and 0
+  const int32_t ialpha = 1, ibeta = 0;
+  const bool int8 = p.input == GemmInput::kInt8;
+  const void* a_ptr = int8 ? static_cast<const void*>(&ialpha) : &alpha;
+  const void* b_ptr = int8 ? static_cast<const void*>(&ibeta) : &beta;
+  LT_CHECK(api.matmul(handle, plan.desc, a_ptr, p.w, plan.a, p.x, plan.b, b_ptr, p.out, plan.d, p.out, plan.d,
                       &plan.algo, workspace, kWorkspaceBytes, stream),
            "Matmul");
   return 0;

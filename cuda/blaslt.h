@@ -1,5 +1,5 @@
-// cuBLASLt, loaded at run time: the dense bf16/fp16 GEMM and the FP8 (e4m3) W8A8 GEMM with
-// per-token x per-channel scales. The library is dlopen'ed on first use (it is torch's and the
+// cuBLASLt, loaded at run time: the dense bf16/fp16 GEMM, the FP8 (e4m3) W8A8 GEMM with
+// per-token x per-channel scales, and the int8 GEMM with int32 sums. The library is dlopen'ed on first use (it is torch's and the
 // CUDA toolkit's; already in the process when torch with CUDA is), so libflashpage_cuda loads
 // without it and only these GEMMs report its absence. FLASHPAGE_CUBLASLT may name the file.
 #pragma once
@@ -13,11 +13,11 @@
 
 namespace flashpage::cuda {
 
-enum class GemmInput : int { kFloat16 = 0, kBFloat16 = 1, kFp8E4M3 = 2 };
+enum class GemmInput : int { kFloat16 = 0, kBFloat16 = 1, kFp8E4M3 = 2, kInt8 = 3 };
 
 struct LtGemmParams {
   GemmInput input;          // the type of x and w
-  DType out_dtype;          // of out (fp16 or bf16)
+  DType out_dtype;          // of out (fp16 or bf16); int8 inputs give exact int32 sums instead
   const void* x;            // [M, K] row-major
   const void* w;            // [N, K] row-major: nn.Linear's weight
   void* out;                // [M, ldo] row-major; columns 0..N-1 are written

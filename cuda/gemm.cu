@@ -11,6 +11,9 @@ namespace flashpage::cuda {
 namespace {
 
 constexpr int64_t kDequantChunkBytes = int64_t(64) << 20;  // bounds the dense weight chunk
+constexpr int64_t kInt32ChunkBytes = int64_t(64) << 20;    // bounds W8A8's int32 output chunk
+
+int64_t align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 bool dense_path(int M, int config) { return config == kW4A16ForceDense || (config == -1 && M >= kW4A16DenseFromM); }
 
@@ -56,9 +59,7 @@ int w4a16_linear(const W4A16MmaParams& p, void* workspace, int64_t workspace_byt
   return 0;
 }
 
-int64_t fp8_linear_workspace(int M, int K) {
-  return M <= 0 || K <= 0 ? 0 : (int64_t(M) * K + 255) / 256 * 256 + int64_t(M) * 4;
-}
+int64_t fp8_linear_workspace(int M, int K) { return M <= 0 || K <= 0 ? 0 : align256(int64_t(M) * K) + int64_t(M) * 4; }
 
 int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_scales, void* out, int M, int N,
                int K, bool fast_accum, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err,
@@ -67,12 +68,56 @@ int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_sca
   const int64_t need = fp8_linear_workspace(M, K);
   if (workspace == nullptr || workspace_bytes < need) return too_small("fp8_linear", need, workspace_bytes, err, err_len);
   auto* xq = static_cast<char*>(workspace);
-  auto* x_scales = reinterpret_cast<float*>(xq + (int64_t(M) * K + 255) / 256 * 256);
+  auto* x_scales = reinterpret_cast<float*>(xq + align256(int64_t(M) * K));
   const int rc = report(quantize_per_token_fp8(dtype, x, xq, x_scales, M, K, stream), "quantize_per_token_fp8",
                         err, err_len);
   if (rc != 0) return rc;
   LtGemmParams g{GemmInput::kFp8E4M3, dtype, xq, w_fp8, out, x_scales, w_scales, M, N, K, N, fast_accum};
   return lt_gemm(g, stream, err, err_len);
+}
+
+namespace {
+
+bool int8_tensor_cores(int M, int mode) { return mode == 1 || (mode == -1 && M > kW8A8DenseFromM); }
+
+int int32_chunk_rows(int M, int N) {
+  return int(std::clamp<int64_t>(kInt32ChunkBytes / (int64_t(N) * 4), 1, std::max(M, 1)));
+}
+
+}  // namespace
+
+int64_t w8a8_linear_workspace(int M, int N, int K, int mode) {
+  if (M <= 0 || N <= 0 || K <= 0) return 0;
+  const int64_t quantized = align256(int64_t(M) * K) + align256(int64_t(M) * 4);
+  return quantized + (int8_tensor_cores(M, mode) ? int64_t(int32_chunk_rows(M, N)) * N * 4 : 0);
+}
+
+int w8a8_linear(DType dtype, const void* x, const int8_t* wq, const float* w_scales, void* out, int M, int N, int K,
+                int mode, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err, size_t err_len) {
+  if (M == 0 || N == 0) return 0;
+  const int64_t need = w8a8_linear_workspace(M, N, K, mode);
+  if (workspace == nullptr || workspace_bytes < need) return too_small("w8a8_linear", need, workspace_bytes, err, err_len);
+  auto* xq = static_cast<int8_t*>(workspace);
+  auto* x_scales = reinterpret_cast<float*>(reinterpret_cast<char*>(xq) + align256(int64_t(M) * K));
+  int rc = report(quantize_per_token_int8(dtype, x, xq, x_scales, M, K, stream), "quantize_per_token_int8", err,
+                  err_len);
+  if (rc != 0) return rc;
+  if (!int8_tensor_cores(M, mode)) {
+    const W8A8Params p{dtype, xq, x_scales, wq, w_scales, out, M, N, K};
+    return report(w8a8_gemm(p, stream), "w8a8_gemm", err, err_len);
+  }
+  auto* acc = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(x_scales) + align256(int64_t(M) * 4));
+  const int rows = int32_chunk_rows(M, N);
+  for (int m0 = 0; m0 < M; m0 += rows) {
+    const int mc = std::min(rows, M - m0);
+    const LtGemmParams g{GemmInput::kInt8, dtype, xq + int64_t(m0) * K, wq, acc, nullptr, nullptr, mc, N, K, N};
+    if (lt_gemm(g, stream, err, err_len) != 0) return -1;
+    rc = report(w8a8_scale_output(dtype, acc, x_scales + m0, w_scales, static_cast<char*>(out) + int64_t(m0) * N * 2,
+                                  mc, N, stream),
+                "w8a8_scale_output", err, err_len);
+    if (rc != 0) return rc;
+  }
+  return 0;
 }
 
 }  // namespace flashpage::cuda

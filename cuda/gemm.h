@@ -33,4 +33,15 @@ int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_sca
                int K, bool fast_accum, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err,
                size_t err_len);
 
+// Up to this many rows (mode -1) W8A8-INT8 runs the __dp4a kernel; beyond, cuBLASLt's int8
+// tensor-core GEMM into int32 row chunks of the workspace, then the scale epilogue.
+constexpr int kW8A8DenseFromM = 32;
+
+// Bytes of workspace w8a8_linear needs: quantized activations, their scales, the int32 chunk.
+int64_t w8a8_linear_workspace(int M, int N, int K, int mode);
+// y [M, N] (dtype) = int8(x per token) . wq [N, K]^T * x_scale[m] * w_scales[n]; mode -1 chooses by
+// M, 0 forces the __dp4a kernel, 1 cuBLASLt.
+int w8a8_linear(DType dtype, const void* x, const int8_t* wq, const float* w_scales, void* out, int M, int N, int K,
+                int mode, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err, size_t err_len);
+
 }  // namespace flashpage::cuda

@@ -188,15 +188,6 @@ FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_int8(int dtype, const voi
                 "quantize_per_token_int8", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_w8a8_gemm(int dtype, const int8_t* xq, const float* x_scales, const int8_t* wq,
-                                              const float* w_scales, void* out, int M, int N, int K, void* stream,
-                                              char* err, size_t err_len) {
-  if (!dtype_ok(dtype)) return invalid("w8a8_gemm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
-  if (K % 16 != 0) return invalid("w8a8_gemm: K must be a multiple of 16", err, err_len);
-  const flashpage::cuda::W8A8Params p{static_cast<DType>(dtype), xq, x_scales, wq, w_scales, out, M, N, K};
-  return report(flashpage::cuda::w8a8_gemm(p, static_cast<cudaStream_t>(stream)), "w8a8_gemm", err, err_len);
-}
-
 FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_fp8(int dtype, const void* x, void* xq, float* scales, int M,
                                                            int K, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("quantize_per_token_fp8: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
@@ -287,4 +278,19 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_linear(int dtype, const void* x, const
                                     group_size, config};
   return flashpage::cuda::w4a16_linear(p, workspace, workspace_bytes, static_cast<cudaStream_t>(stream), err,
                                        err_len);
+}
+
+FLASHPAGE_EXPORT int64_t flashpage_cuda_w8a8_linear_workspace(int M, int N, int K, int mode) {
+  return flashpage::cuda::w8a8_linear_workspace(M, N, K, mode);
+}
+
+// mode: -1 chooses by M, 0 the __dp4a kernel, 1 cuBLASLt's int8 tensor cores.
+FLASHPAGE_EXPORT int flashpage_cuda_w8a8_linear(int dtype, const void* x, const int8_t* wq, const float* w_scales,
+                                                void* out, int M, int N, int K, int mode, void* workspace,
+                                                int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
+  if (!dtype_ok(dtype)) return invalid("w8a8_linear: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
+  if (K % 16 != 0) return invalid("w8a8_linear: K must be a multiple of 16", err, err_len);
+  if (mode < -1 || mode > 1) return invalid("w8a8_linear: mode must be -1, 0 or 1", err, err_len);
+  return flashpage::cuda::w8a8_linear(static_cast<DType>(dtype), x, wq, w_scales, out, M, N, K, mode, workspace,
+                                      workspace_bytes, static_cast<cudaStream_t>(stream), err, err_len);
 }

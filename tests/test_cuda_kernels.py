@@ -22,6 +22,12 @@ DTYPES = [torch.float16, torch.bfloat16]
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+def _need_blaslt():
+    ok, why = cuda_ops.blaslt_available()
+    if not ok:
+        pytest.skip(why)
+
+
 def rel_err(out, ref) -> float:
     out, ref = out.float(), ref.float()
     assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
@@ -251,9 +257,13 @@ def test_w4a16_gemm_refuses_bad_shapes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 130, 512), (16, 1000, 2048), (40, 64, 14336)])
-def test_w8a8_gemm_matches_the_int8_reference(dtype, M, N, K):
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (5, 130, 512), (16, 1000, 2048), (40, 64, 14336),
+                                   (300, 520, 1024)])
+@pytest.mark.parametrize("mode", [-1, 0, 1])
+def test_w8a8_gemm_matches_the_int8_reference(dtype, M, N, K, mode):
     from flashpage.quantization import quantize_per_token_int8, quantize_w8a8, reference_w8a8
+    if mode == 1:
+        _need_blaslt()
     g = torch.Generator().manual_seed(M + N)
     w = torch.randn(N, K, generator=g) * 0.05
     qweight, w_scales = quantize_w8a8(w)
@@ -261,7 +271,7 @@ def test_w8a8_gemm_matches_the_int8_reference(dtype, M, N, K):
     xq, xs = cuda_ops.quantize_per_token_int8(x)
     ref_q, ref_s = quantize_per_token_int8(x.float())
     assert torch.allclose(xs, ref_s, rtol=1e-6) and (xq.int() - ref_q.int()).abs().max() <= 1
-    out = cuda_ops.w8a8_gemm(x, qweight.cuda(), w_scales.cuda())
+    out = cuda_ops.w8a8_gemm(x, qweight.cuda(), w_scales.cuda(), mode=mode)
     assert out.shape == (M, N) and rel_err(out, reference_w8a8(x.float(), qweight.cuda(), w_scales.cuda())) < TOL[dtype]
 
 
@@ -340,12 +350,6 @@ def test_w4a16_linear_refuses_what_it_cannot_run():
     odd = quantize_w4a16(torch.randn(40, 128), 64)
     with pytest.raises(RuntimeError, match="N=40 must be a multiple of 16"):
         cuda_ops.w4a16_repack(odd.qweight.cuda(), odd.scales.cuda(), None, 64)
-
-
-def _need_blaslt():
-    ok, why = cuda_ops.blaslt_available()
-    if not ok:
-        pytest.skip(why)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -145,5 +145,8 @@ struct W8A8Params {
 
 // y = (xq . wq^T) * x_scale * w_scale, the dot products exact in int32 (CUDA-core __dp4a).
 cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream);
+// out [M, N] in dtype = acc (int32 [M, N]) * x_scales[m] * w_scales[n].
+cudaError_t w8a8_scale_output(DType dtype, const int32_t* acc, const float* x_scales, const float* w_scales, void* out,
+                              int M, int N, cudaStream_t stream);
 
 }  // namespace flashpage::cuda

@@ -2,9 +2,11 @@
 // per output channel (the canonical layout: qweight int8 [N, K], scales float32 [N]);
 // y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n], the sum exact in int32.
 //
-// The GEMM is the CUDA-core baseline for decode-sized M: one warp streams one weight row, 16
+// This GEMM is the CUDA-core kernel for decode-sized M: one warp streams one weight row, 16
 // int8 per lane per step (one 16-byte load) against the M activation rows, four __dp4a each;
 // larger M runs in tiles of 16 rows. Needs K % 16 == 0.
+#include <algorithm>
+
 #include "kernels/common.cuh"
 #include "kernels/kernels.h"
 
@@ -50,6 +52,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
+// out[m, n] = acc[m, n] * x_scales[m] * w_scales[n]: the epilogue of the tensor-core int8 GEMM.
+template <typename T>
+__global__ void scale_int32_kernel(const int32_t* __restrict__ acc, const float* __restrict__ x_scales,
+                                   const float* __restrict__ w_scales, T* __restrict__ out, int N) {
+  const int64_t m = blockIdx.y;
+  const float xs = x_scales[m];
+  for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < N; n += gridDim.x * blockDim.x)
+    out[m * N + n] = from_float<T>(float(acc[m * N + n]) * xs * w_scales[n]);
+}
+
 template <typename T>
 cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
   return with_row_tile(p.M, [&]<int kRows>() {
@@ -61,6 +73,17 @@ cudaError_t launch(const W8A8Params& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+cudaError_t w8a8_scale_output(DType dtype, const int32_t* acc, const float* x_scales, const float* w_scales, void* out,
+                              int M, int N, cudaStream_t stream) {
+  if (M < 0 || N < 0) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  const dim3 grid(unsigned(std::min((N + 255) / 256, 64)), unsigned(M));
+  FLASHPAGE_DISPATCH_DTYPE(dtype, T,
+                           scale_int32_kernel<T><<<grid, 256, 0, stream>>>(acc, x_scales, w_scales,
+                                                                            static_cast<T*>(out), N));
+  return cudaGetLastError();
+}
 
 cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream) {
   if (p.K <= 0 || p.K % 16 != 0 || p.M < 0 || p.N < 0) return cudaErrorInvalidValue;

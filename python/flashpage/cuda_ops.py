@@ -36,7 +36,8 @@ def _lib() -> ctypes.CDLL:
         "flashpage_cuda_paged_prefill": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, p, p, sz],
         "flashpage_cuda_w4a16_gemm": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
         "flashpage_cuda_quantize_per_token_int8": [i, p, p, p, i, i, p, p, sz],
-        "flashpage_cuda_w8a8_gemm": [i, p, p, p, p, p, i, i, i, p, p, sz],
+        "flashpage_cuda_w8a8_linear_workspace": [i, i, i, i],
+        "flashpage_cuda_w8a8_linear": [i, p, p, p, p, i, i, i, i, p, i64, p, p, sz],
         "flashpage_cuda_quantize_per_token_fp8": [i, p, p, p, i, i, p, p, sz],
         "flashpage_cuda_gemm": [i, p, p, p, i, i, i, p, p, sz],
         "flashpage_cuda_fp8_linear_workspace": [i, i],
@@ -249,22 +250,26 @@ def quantize_per_token_int8(x: Any) -> tuple[Any, Any]:
     return xq, scales
 
 
-def w8a8_gemm(x: Any, qweight: Any, w_scales: Any) -> Any:
-    """y [M, N] in x's dtype: x quantized per token, times int8 weights [N, K] with per-channel
-    float32 scales [N] (the canonical w8a8-int8 layout)."""
+def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: Any | None = None) -> Any:
+    """y [M, N] in x's dtype: x quantized per token to int8, times int8 weights [N, K] with
+    per-channel float32 scales [N] (the canonical w8a8-int8 layout). mode -1 chooses by M, 0 forces
+    the __dp4a kernel, 1 cuBLASLt's int8 tensor cores."""
     import torch
 
+    _check(x, "x", dim=2)
     _check(qweight, "qweight", dtype=torch.int8, dim=2)
     _check(w_scales, "w_scales", dtype=torch.float32, dim=1)
     if qweight.shape[1] != x.shape[1] or w_scales.shape[0] != qweight.shape[0]:
         raise ValueError(f"qweight {tuple(qweight.shape)} / w_scales {tuple(w_scales.shape)} do not fit x "
                          f"{tuple(x.shape)}")
-    xq, x_scales = quantize_per_token_int8(x)
     M, K = x.shape
     N = qweight.shape[0]
+    need = int(_lib().flashpage_cuda_w8a8_linear_workspace(M, N, K, mode))
+    if workspace is None or workspace.numel() < need:
+        workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_w8a8_gemm", _dtype_code(x), xq.data_ptr(), x_scales.data_ptr(), qweight.data_ptr(),
-          w_scales.data_ptr(), out.data_ptr(), M, N, K, _stream())
+    _call("flashpage_cuda_w8a8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
+          out.data_ptr(), M, N, K, mode, workspace.data_ptr(), workspace.numel(), _stream())
     return out
 
 
