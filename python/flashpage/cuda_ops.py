@@ -215,39 +215,54 @@ def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_s
     return out
 
 
+def _check_w4a16(qweight: Any, scales: Any, zeros: Any | None, group_size: int) -> tuple[int, int]:
+    """The canonical int4 tensors' shapes agree; returns (N, K)."""
+    import torch
+
+    _check(qweight, "qweight", dtype=torch.uint8, dim=2)
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if group_size <= 0 or K % group_size or scales.shape != (N, K // group_size):
+        raise ValueError(f"scales {tuple(scales.shape)} do not fit qweight {tuple(qweight.shape)} with group_size "
+                         f"{group_size}")
+    if zeros is not None:
+        _check(zeros, "zeros", dtype=torch.uint8, dim=2)
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    return N, K
+
+
 def w4a16_gemm(x: Any, qweight: Any, scales: Any, zeros: Any | None, group_size: int) -> Any:
     """y [M, N] = x [M, K] . dequant(W)^T for the canonical int4 layout (flashpage.quantization):
     qweight uint8 [N, K / 2], scales [N, K / group_size] in x's dtype, zeros uint8 or None."""
     import torch
 
     _check(x, "x", dim=2)
-    _check(qweight, "qweight", dtype=torch.uint8, dim=2)
     _check(scales, "scales", dtype=x.dtype, dim=2)
-    M, K = x.shape
-    N = qweight.shape[0]
-    if qweight.shape[1] * 2 != K or scales.shape != (N, K // group_size):
-        raise ValueError(f"qweight {tuple(qweight.shape)} / scales {tuple(scales.shape)} do not fit x {tuple(x.shape)} "
-                         f"with group_size {group_size}")
-    if zeros is not None:
-        _check(zeros, "zeros", dtype=torch.uint8, dim=2)
-        if zeros.shape != scales.shape:
-            raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    N, K = _check_w4a16(qweight, scales, zeros, group_size)
+    if x.shape[1] != K:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not fit x {tuple(x.shape)}")
+    M = x.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_w4a16_gemm", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
           zeros.data_ptr() if zeros is not None else None, out.data_ptr(), M, N, K, group_size, _stream())
     return out
 
 
+def _quantize_per_token(x: Any, dtype: Any, fn: str) -> tuple[Any, Any]:
+    import torch
+
+    _check(x, "x", dim=2)
+    xq = torch.empty(x.shape, dtype=dtype, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _call(fn, _dtype_code(x), x.data_ptr(), xq.data_ptr(), scales.data_ptr(), x.shape[0], x.shape[1], _stream())
+    return xq, scales
+
+
 def quantize_per_token_int8(x: Any) -> tuple[Any, Any]:
     """x [M, K] fp16/bf16 -> (int8 [M, K], float32 scales [M]), symmetric per row."""
     import torch
 
-    _check(x, "x", dim=2)
-    xq = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    _call("flashpage_cuda_quantize_per_token_int8", _dtype_code(x), x.data_ptr(), xq.data_ptr(), scales.data_ptr(),
-          x.shape[0], x.shape[1], _stream())
-    return xq, scales
+    return _quantize_per_token(x, torch.int8, "flashpage_cuda_quantize_per_token_int8")
 
 
 def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: Any | None = None) -> Any:
@@ -304,12 +319,7 @@ def quantize_per_token_fp8(x: Any) -> tuple[Any, Any]:
     """x [M, K] fp16/bf16 -> (float8_e4m3fn [M, K], float32 scales [M]), scale = amax / 448 per row."""
     import torch
 
-    _check(x, "x", dim=2)
-    xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    _call("flashpage_cuda_quantize_per_token_fp8", _dtype_code(x), x.data_ptr(), xq.data_ptr(), scales.data_ptr(),
-          x.shape[0], x.shape[1], _stream())
-    return xq, scales
+    return _quantize_per_token(x, torch.float8_e4m3fn, "flashpage_cuda_quantize_per_token_fp8")
 
 
 def fp8_linear(x: Any, qweight: Any, w_scales: Any, fast_accum: bool = False, workspace: Any | None = None) -> Any:
@@ -344,16 +354,8 @@ def w4a16_repack(qweight: Any, scales: Any, zeros: Any | None, group_size: int) 
 
     from flashpage.quantization import W4A16Mma
 
-    _check(qweight, "qweight", dtype=torch.uint8, dim=2)
     _check(scales, "scales", dim=2)
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    if K % group_size or scales.shape != (N, K // group_size):
-        raise ValueError(f"scales {tuple(scales.shape)} do not fit qweight {tuple(qweight.shape)} with group_size "
-                         f"{group_size}")
-    if zeros is not None:
-        _check(zeros, "zeros", dtype=torch.uint8, dim=2)
-        if zeros.shape != scales.shape:
-            raise ValueError(f"zeros {tuple(zeros.shape)} must match scales {tuple(scales.shape)}")
+    N, K = _check_w4a16(qweight, scales, zeros, group_size)
     dev = qweight.device
     packed = torch.empty((N // 16, K // 64, 32, 4), dtype=torch.int32, device=dev) if N % 16 == 0 and K % 64 == 0 \
         else torch.empty(0, dtype=torch.int32, device=dev)
