@@ -146,7 +146,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
     config["quantization_config"] = qconfig
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.startswith("model") \
+        if f.is_file() and f.name != "config.json" and not f.name.startswith(("model", ".")) \
                 and not f.name.endswith(".safetensors"):
             shutil.copy2(f, dst / f.name)
     return qconfig
