@@ -12,6 +12,7 @@
 #include <string>
 #include <tuple>
 
+#include "abi.h"
 #include "blaslt.h"
 
 namespace flashpage::cuda {
@@ -159,11 +160,6 @@ State& state() {
   return s;
 }
 
-int fail(char* err, size_t err_len, const std::string& msg) {
-  if (err != nullptr && err_len > 0) std::snprintf(err, err_len, "%s", msg.c_str());
-  return -1;
-}
-
 int lt_fail(lt::Status s, const char* what, char* err, size_t err_len) {
   if (err != nullptr && err_len > 0)
     std::snprintf(err, err_len, "cuBLASLt %s failed: %s (%d)", what, lt::api().status_name(s), s);
@@ -246,16 +242,16 @@ int make_plan(const LtGemmParams& p, lt::Handle handle, Plan& plan, char* err, s
 
 int lt_gemm(const LtGemmParams& p, cudaStream_t stream, char* err, size_t err_len) {
   const lt::Api& api = lt::api();
-  if (api.lib == nullptr) return fail(err, err_len, api.error);
+  if (api.lib == nullptr) return invalid(api.error.c_str(), err, err_len);
   if (p.M < 0 || p.N < 0 || p.K <= 0 || p.ldo < p.N)
-    return fail(err, err_len, "lt_gemm: bad shape (M, N >= 0, K > 0, ldo >= N)");
-  const bool fp8 = p.input == GemmInput::kFp8E4M3;
+    return invalid("lt_gemm: bad shape (M, N >= 0, K > 0, ldo >= N)", err, err_len);
+  const bool fp8 = p.input == GemmInput::kFp8E4M3, int8 = p.input == GemmInput::kInt8;
   if (fp8 && (p.K % 16 != 0 || p.x_scales == nullptr || p.w_scales == nullptr))
-    return fail(err, err_len, "lt_gemm: fp8 needs K % 16 == 0 and both scale vectors");
-  if (p.input == GemmInput::kInt8 && p.K % 4 != 0) return fail(err, err_len, "lt_gemm: int8 needs K % 4 == 0");
+    return invalid("lt_gemm: fp8 needs K % 16 == 0 and both scale vectors", err, err_len);
+  if (int8 && p.K % 4 != 0) return invalid("lt_gemm: int8 needs K % 4 == 0", err, err_len);
   if (p.M == 0 || p.N == 0) return 0;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return fail(err, err_len, "lt_gemm: cudaGetDevice failed");
+  if (cudaGetDevice(&device) != cudaSuccess) return invalid("lt_gemm: cudaGetDevice failed", err, err_len);
 
   State& st = state();
   std::lock_guard<std::mutex> lock(st.mu);  // plans' scale pointers and the workspaces are shared
@@ -266,7 +262,7 @@ int lt_gemm(const LtGemmParams& p, cudaStream_t stream, char* err, size_t err_le
     const cudaError_t e = cudaMalloc(&workspace, kWorkspaceBytes);
     if (e != cudaSuccess) {
       workspace = nullptr;
-      return fail(err, err_len, std::string("cuBLASLt workspace: cudaMalloc failed (") + cudaGetErrorString(e) + ")");
+      return report(e, "cuBLASLt workspace: cudaMalloc", err, err_len);
     }
   }
   const PlanKey key{device, int(p.input), int(p.out_dtype), p.M, p.N, p.K, p.ldo, fp8 && p.fast_accum};
@@ -285,7 +281,6 @@ int lt_gemm(const LtGemmParams& p, cudaStream_t stream, char* err, size_t err_le
   }
   const float alpha = 1.f, beta = 0.f;  // int8: alpha and beta are int32 1 and 0
   const int32_t ialpha = 1, ibeta = 0;
-  const bool int8 = p.input == GemmInput::kInt8;
   const void* a_ptr = int8 ? static_cast<const void*>(&ialpha) : &alpha;
   const void* b_ptr = int8 ? static_cast<const void*>(&ibeta) : &beta;
   LT_CHECK(api.matmul(handle, plan.desc, a_ptr, p.w, plan.a, p.x, plan.b, b_ptr, p.out, plan.d, p.out, plan.d,

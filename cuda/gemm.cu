@@ -15,6 +15,13 @@ constexpr int64_t kInt32ChunkBytes = int64_t(64) << 20;    // bounds W8A8's int3
 
 int64_t align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// The W8A8 GEMMs' workspace starts with the activations quantized per token: M x K bytes, then
+// M float scales, each 256-byte aligned.
+int64_t quantized_bytes(int M, int K) { return align256(int64_t(M) * K) + align256(int64_t(M) * 4); }
+float* quantized_scales(void* workspace, int M, int K) {
+  return reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(int64_t(M) * K));
+}
+
 bool dense_path(int M, int config) { return config == kW4A16ForceDense || (config == -1 && M >= kW4A16DenseFromM); }
 
 // Rows of W dequantized at a time: a multiple of 16, at most kDequantChunkBytes of 16-bit values.
@@ -59,7 +66,7 @@ int w4a16_linear(const W4A16MmaParams& p, void* workspace, int64_t workspace_byt
   return 0;
 }
 
-int64_t fp8_linear_workspace(int M, int K) { return M <= 0 || K <= 0 ? 0 : align256(int64_t(M) * K) + int64_t(M) * 4; }
+int64_t fp8_linear_workspace(int M, int K) { return M <= 0 || K <= 0 ? 0 : quantized_bytes(M, K); }
 
 int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_scales, void* out, int M, int N,
                int K, bool fast_accum, void* workspace, int64_t workspace_bytes, cudaStream_t stream, char* err,
@@ -67,8 +74,8 @@ int fp8_linear(DType dtype, const void* x, const void* w_fp8, const float* w_sca
   if (M == 0 || N == 0) return 0;
   const int64_t need = fp8_linear_workspace(M, K);
   if (workspace == nullptr || workspace_bytes < need) return too_small("fp8_linear", need, workspace_bytes, err, err_len);
-  auto* xq = static_cast<char*>(workspace);
-  auto* x_scales = reinterpret_cast<float*>(xq + align256(int64_t(M) * K));
+  void* xq = workspace;
+  float* x_scales = quantized_scales(workspace, M, K);
   const int rc = report(quantize_per_token_fp8(dtype, x, xq, x_scales, M, K, stream), "quantize_per_token_fp8",
                         err, err_len);
   if (rc != 0) return rc;
@@ -88,8 +95,7 @@ int int32_chunk_rows(int M, int N) {
 
 int64_t w8a8_linear_workspace(int M, int N, int K, int mode) {
   if (M <= 0 || N <= 0 || K <= 0) return 0;
-  const int64_t quantized = align256(int64_t(M) * K) + align256(int64_t(M) * 4);
-  return quantized + (int8_tensor_cores(M, mode) ? int64_t(int32_chunk_rows(M, N)) * N * 4 : 0);
+  return quantized_bytes(M, K) + (int8_tensor_cores(M, mode) ? int64_t(int32_chunk_rows(M, N)) * N * 4 : 0);
 }
 
 int w8a8_linear(DType dtype, const void* x, const int8_t* wq, const float* w_scales, void* out, int M, int N, int K,
@@ -98,7 +104,7 @@ int w8a8_linear(DType dtype, const void* x, const int8_t* wq, const float* w_sca
   const int64_t need = w8a8_linear_workspace(M, N, K, mode);
   if (workspace == nullptr || workspace_bytes < need) return too_small("w8a8_linear", need, workspace_bytes, err, err_len);
   auto* xq = static_cast<int8_t*>(workspace);
-  auto* x_scales = reinterpret_cast<float*>(reinterpret_cast<char*>(xq) + align256(int64_t(M) * K));
+  float* x_scales = quantized_scales(workspace, M, K);
   int rc = report(quantize_per_token_int8(dtype, x, xq, x_scales, M, K, stream), "quantize_per_token_int8", err,
                   err_len);
   if (rc != 0) return rc;
@@ -106,7 +112,7 @@ int w8a8_linear(DType dtype, const void* x, const int8_t* wq, const float* w_sca
     const W8A8Params p{dtype, xq, x_scales, wq, w_scales, out, M, N, K};
     return report(w8a8_gemm(p, stream), "w8a8_gemm", err, err_len);
   }
-  auto* acc = reinterpret_cast<int32_t*>(reinterpret_cast<char*>(x_scales) + align256(int64_t(M) * 4));
+  auto* acc = reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + quantized_bytes(M, K));
   const int rows = int32_chunk_rows(M, N);
   for (int m0 = 0; m0 < M; m0 += rows) {
     const int mc = std::min(rows, M - m0);

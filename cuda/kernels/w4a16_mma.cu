@@ -255,22 +255,31 @@ cudaError_t launch_indexed(int config, const Operands& op, cudaStream_t stream) 
   }
 }
 
-// Canonical -> kernel layout: one thread per packed word (see the header comment).
+// Where packed word `word` (its index in the whole layout) puts its nibbles in W: nibble i at
+// row(i), col(i) (see the header comment).
+struct WordPosition {
+  int64_t row0;
+  int k0;
+  __device__ WordPosition(int64_t word, int kblocks) {
+    const int j = word % 4, lane = (word / 4) % 32, kb = (word / 128) % kblocks;
+    row0 = word / (128 * int64_t(kblocks)) * kTileN + lane / 4;
+    k0 = kb * kBlockK + 16 * (lane % 4) + 4 * j;
+  }
+  __device__ int64_t row(int i) const { return row0 + 8 * (i & 1); }
+  __device__ int col(int i) const { return k0 + 2 * ((i >> 1) & 1) + (i >> 2); }
+};
+
+// Canonical -> kernel layout: one thread per packed word.
 __global__ void repack_kernel(const uint8_t* __restrict__ qweight, uint32_t* __restrict__ packed, int N, int K) {
   const int64_t word = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int kblocks = K / kBlockK;
   if (word >= int64_t(N / kTileN) * kblocks * 128) return;
-  const int j = word % 4, lane = (word / 4) % 32;
-  const int kb = (word / 128) % kblocks;
-  const int64_t tile = word / (128 * int64_t(kblocks));
-  const int64_t row0 = tile * kTileN + lane / 4;
-  const int p = kb * kBlockK + 16 * (lane % 4) + 4 * j;
+  const WordPosition at(word, kblocks);
   uint32_t v = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int64_t row = row0 + 8 * (i & 1);
-    const int k = p + 2 * ((i >> 1) & 1) + (i >> 2);
-    const uint32_t q = (qweight[row * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xFu;
+    const int k = at.col(i);
+    const uint32_t q = (qweight[at.row(i) * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xFu;
     v |= q << (4 * i);
   }
   packed[word] = v;
@@ -290,23 +299,19 @@ template <typename T>
 __global__ void dequantize_kernel(const uint32_t* __restrict__ packed, const T* __restrict__ scales_t,
                                   const uint8_t* __restrict__ zeros_t, T* __restrict__ out, int N, int K,
                                   int group_size, int row_begin, int rows) {
-  const int64_t word = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // within the row range
   const int kblocks = K / kBlockK;
-  if (word >= int64_t(rows / kTileN) * kblocks * 128) return;
-  const int j = word % 4, lane = (word / 4) % 32;
-  const int kb = (word / 128) % kblocks;
-  const int64_t tile = row_begin / kTileN + word / (128 * int64_t(kblocks));
-  const int64_t row0 = tile * kTileN + lane / 4;
-  const int p = kb * kBlockK + 16 * (lane % 4) + 4 * j;
-  const int64_t g = p / group_size;
-  const uint32_t v = packed[tile * kblocks * 128 + word % (128 * int64_t(kblocks))];
+  const int64_t local = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // within the row range
+  if (local >= int64_t(rows / kTileN) * kblocks * 128) return;
+  const int64_t word = int64_t(row_begin / kTileN) * kblocks * 128 + local;
+  const WordPosition at(word, kblocks);
+  const int64_t g = at.k0 / group_size;
+  const uint32_t v = packed[word];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const int64_t row = row0 + 8 * (i & 1);
-    const int k = p + 2 * ((i >> 1) & 1) + (i >> 2);
+    const int64_t row = at.row(i);
     const float z = zeros_t != nullptr ? float(zeros_t[g * N + row]) : 8.f;
     const float q = float((v >> (4 * i)) & 0xFu);
-    out[(row - row_begin) * K + k] = from_float<T>((q - z) * to_float(scales_t[g * N + row]));
+    out[(row - row_begin) * K + at.col(i)] = from_float<T>((q - z) * to_float(scales_t[g * N + row]));
   }
 }
 

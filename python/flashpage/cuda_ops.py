@@ -89,6 +89,20 @@ def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+def _workspace(workspace: Any | None, need: int, device: Any) -> Any | None:
+    """A uint8 workspace of at least `need` bytes: the caller's if big enough, else a new one
+    (None when nothing is needed and none was given)."""
+    import torch
+
+    if need > 0 and (workspace is None or workspace.numel() < need):
+        return torch.empty(need, dtype=torch.uint8, device=device)
+    return workspace
+
+
+def _bytes_of(workspace: Any | None) -> tuple[int | None, int]:
+    return (None, 0) if workspace is None else (workspace.data_ptr(), workspace.numel())
+
+
 @functools.cache
 def num_sms(device: int = 0) -> int:
     n = ctypes.c_int(0)
@@ -279,12 +293,10 @@ def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: An
                          f"{tuple(x.shape)}")
     M, K = x.shape
     N = qweight.shape[0]
-    need = int(_lib().flashpage_cuda_w8a8_linear_workspace(M, N, K, mode))
-    if workspace is None or workspace.numel() < need:
-        workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
+    workspace = _workspace(workspace, int(_lib().flashpage_cuda_w8a8_linear_workspace(M, N, K, mode)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_w8a8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
-          out.data_ptr(), M, N, K, mode, workspace.data_ptr(), workspace.numel(), _stream())
+          out.data_ptr(), M, N, K, mode, *_bytes_of(workspace), _stream())
     return out
 
 
@@ -338,12 +350,10 @@ def fp8_linear(x: Any, qweight: Any, w_scales: Any, fast_accum: bool = False, wo
         raise ValueError(f"w_scales must have 1 or N={N} entries, got {w_scales.shape[0]}")
     if w_scales.shape[0] == 1:  # cuBLASLt takes one scale vector form: expand (a loader does it once)
         w_scales = w_scales.expand(N).contiguous()
-    need = int(_lib().flashpage_cuda_fp8_linear_workspace(M, K))
-    if workspace is None or workspace.numel() < need:
-        workspace = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
+    workspace = _workspace(workspace, int(_lib().flashpage_cuda_fp8_linear_workspace(M, K)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_fp8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
-          out.data_ptr(), M, N, K, int(fast_accum), workspace.data_ptr(), workspace.numel(), _stream())
+          out.data_ptr(), M, N, K, int(fast_accum), *_bytes_of(workspace), _stream())
     return out
 
 
@@ -405,11 +415,9 @@ def w4a16_linear(x: Any, w: Any, config: int = -1, workspace: Any | None = None)
     if w.scales_t.dtype != x.dtype:
         raise ValueError(f"scales must be {x.dtype}, got {w.scales_t.dtype}")
     M = x.shape[0]
-    need = int(_lib().flashpage_cuda_w4a16_linear_workspace(M, N, K, config))
-    if need > 0 and (workspace is None or workspace.numel() < need):
-        workspace = torch.empty(need, dtype=torch.uint8, device=x.device)
+    workspace = _workspace(workspace, int(_lib().flashpage_cuda_w4a16_linear_workspace(M, N, K, config)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _call("flashpage_cuda_w4a16_linear", _dtype_code(x), x.data_ptr(), w.packed.data_ptr(), w.scales_t.data_ptr(),
           w.zeros_t.data_ptr() if w.zeros_t is not None else None, out.data_ptr(), M, N, K, w.group_size, config,
-          workspace.data_ptr() if need > 0 else None, workspace.numel() if need > 0 else 0, _stream())
+          *_bytes_of(workspace), _stream())
     return out
