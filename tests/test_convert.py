@@ -58,8 +58,9 @@ def test_float_checkpoint_quantizes_every_decoder_linear(float_ckpt, tmp_path, f
             assert (qweight.float() * scales[:, None] - w).abs().max() < 0.07 * w.abs().max(), name
 
 
-def _write_4bit(float_ckpt, dst, method, sym):
-    """float_ckpt's Linears quantized round-to-nearest and packed the way AutoGPTQ/AutoAWQ do."""
+def _write_4bit(float_ckpt, dst, method, sym, group=16):
+    """float_ckpt's Linears quantized round-to-nearest and packed the way AutoGPTQ/AutoAWQ do
+    (group -1: channel-wise, GPTQ's way of saying one group per row)."""
     tensors = read_tensors(float_ckpt)
     out, want = {}, {}
     for name, t in tensors.items():
@@ -67,12 +68,13 @@ def _write_4bit(float_ckpt, dst, method, sym):
             out[name] = t
             continue
         prefix = name[: -len(".weight")]
-        qw = Q.quantize_w4a16(t.float(), 16, symmetric=sym, scale_dtype=torch.float16)
+        qw = Q.quantize_w4a16(t.float(), t.shape[1] if group == -1 else group, symmetric=sym,
+                              scale_dtype=torch.float16)
         q = Q.unpack_int4(qw.qweight)
         zeros = qw.qzeros.long() if qw.qzeros is not None else torch.full(qw.scales.shape, 8)
         if method == "gptq":
             out[f"{prefix}.qweight"], out[f"{prefix}.qzeros"] = _gptq_pack(q, zeros)
-            out[f"{prefix}.g_idx"] = torch.arange(q.shape[1], dtype=torch.int32) // 16
+            out[f"{prefix}.g_idx"] = torch.arange(q.shape[1], dtype=torch.int32) // qw.group_size
         else:
             out[f"{prefix}.qweight"], out[f"{prefix}.qzeros"] = _awq_pack(q, zeros)
         out[f"{prefix}.scales"] = qw.scales.T.contiguous()
@@ -80,7 +82,7 @@ def _write_4bit(float_ckpt, dst, method, sym):
     dst.mkdir()
     safetensors_torch.save_file(out, dst / "model.safetensors")
     config = json.loads((float_ckpt / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 16, "sym": sym,
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group, "sym": sym,
                                      "desc_act": False, "version": "gemm"}
     (dst / "config.json").write_text(json.dumps(config))
     return want
@@ -98,6 +100,17 @@ def test_gptq_and_awq_checkpoints_convert_without_requantizing(float_ckpt, tmp_p
         got = read_linear(out, prefix, qconfig)
         assert torch.equal(got.qweight, qw.qweight), prefix
         assert torch.equal(Q.dequantize_w4a16(got), Q.dequantize_w4a16(qw)), prefix
+
+
+def test_channelwise_gptq_keeps_one_group_per_row_in_every_layer(float_ckpt, tmp_path):
+    # K differs between layers (64 for q_proj, 144 for down_proj): the config says -1, not one K
+    want = _write_4bit(float_ckpt, tmp_path / "src", "gptq", True, group=-1)
+    qconfig = quantize_checkpoint(tmp_path / "src", tmp_path / "dst")
+    assert qconfig["group_size"] == -1
+    out = read_tensors(tmp_path / "dst")
+    for prefix, qw in want.items():
+        got = read_linear(out, prefix, qconfig)
+        assert got.group_size == qw.group_size and torch.equal(Q.dequantize_w4a16(got), Q.dequantize_w4a16(qw))
 
 
 def test_conversion_refusals_name_the_problem(float_ckpt, tmp_path):

@@ -74,13 +74,13 @@ def _from_4bit(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[di
         raise ValueError(f"quantization_config: AWQ version {qc.get('version')!r} is not supported (only 'gemm')")
     out: dict[str, torch.Tensor] = {}
     symmetric = True
-    group_size = 0
+    configured = qc.get("group_size", 128)
+    channelwise = configured in (-1, None)  # GPTQ's -1: one group per row, whatever K the layer has
     for name in [n for n in tensors if n.endswith(".qweight")]:
         prefix = name[: -len(".qweight")]
         qweight, qzeros, scales = tensors[name], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
         K = qweight.shape[0] * 8 if method == "gptq" else qweight.shape[0]
-        group_size = qc.get("group_size", 128)
-        group_size = K if group_size in (-1, None) else group_size
+        group_size = K if channelwise else configured
         try:
             if method == "gptq":
                 fmt = qc.get("checkpoint_format", "gptq")
@@ -104,7 +104,7 @@ def _from_4bit(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[di
     if not symmetric:  # a mixed checkpoint: every quantized layer carries zeros
         for prefix in quantized:
             out.setdefault(f"{prefix}.qzeros", torch.full(out[f"{prefix}.scales"].shape, 8, dtype=torch.uint8))
-    return out, group_size, symmetric
+    return out, -1 if channelwise else configured, symmetric
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", group_size: int = 128,
@@ -172,6 +172,7 @@ def read_linear(tensors: dict[str, torch.Tensor], prefix: str, qconfig: dict[str
         return qweight, scales
     group_size = int(qconfig.get("group_size", 0))
     K = qweight.shape[1] * 2
+    group_size = K if group_size == -1 else group_size  # channel-wise
     if group_size <= 0 or K % group_size or scales.shape != (N, K // group_size):
         raise ValueError(f"{prefix}.scales has shape {tuple(scales.shape)}; with K={K} and group_size={group_size} "
                          f"it must be ({N}, {K // max(group_size, 1)})")

@@ -6,7 +6,7 @@ The format (config.json: "quantization_config": {"quant_method": "flashpage", "f
 "group_size": ..., "symmetric": ...}); for a Linear `name` with weight [N, K] (out, in):
 
 - "w4a16": `name.qweight` uint8 [N, K / 2], element (n, k) in byte k // 2, the low nibble for
-  even k; `name.scales` fp16/bf16 [N, K / group_size]; `name.qzeros` uint8 [N, K / group_size]
+  even k; `name.scales` fp16/bf16 [N, K / group_size] (group_size -1: one group per row); `name.qzeros` uint8 [N, K / group_size]
   (0..15, or 16: GPTQ's original format stores zero - 1 in a nibble, so a stored 15 means 16)
   when not symmetric. w[n, k] = (q - z) * s, with z = 8 when symmetric.
 - "w8a8-int8": `name.qweight` int8 [N, K], `name.scales` float32 [N] (per output channel);
