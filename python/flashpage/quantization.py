@@ -100,8 +100,8 @@ MMA_TILE_N, MMA_BLOCK_K = 16, 64
 
 
 def mma_nibble_positions(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, column) in W of every nibble of the mma layout, each [N/16 = 1, K/64 = 1, 32, 4, 8]
-    for one 16 x 64 block: lane l, word j, nibble i hold row l // 4 + 8 (i & 1) and column
+    """(row, column) in its 16 x 64 block of every nibble of the mma layout, each [32, 4, 8]:
+    lane l, word j, nibble i hold row l // 4 + 8 (i & 1) and column
     16 (l % 4) + 4 j + 2 ((i >> 1) & 1) + (i >> 2)."""
     lane = torch.arange(32, device=device).view(32, 1, 1)
     j = torch.arange(4, device=device).view(1, 4, 1)
