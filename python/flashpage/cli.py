@@ -9,6 +9,8 @@
       a checkpoint in flashpage's quantized format (from a float, GPTQ or AWQ checkpoint)
   flashpage info                 version, CPU ISA in use, CUDA backend status
   flashpage bench scheduler      the scheduler benchmark shipped with the wheel
+  flashpage bench serve [--base-url URL] [--request-rate 1,2,inf] [--plot out.png] ...
+      a serving load generator for any OpenAI-compatible server (flashpage, vLLM)
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def cmd_info(_: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "serve":  # Python, not a shipped binary
+        from flashpage.bench.serve import main as bench_serve
+
+        return bench_serve(args.rest)
     binary = bench_binary(f"bench_{args.what}")
     return subprocess.call([os.fspath(binary), *args.rest])
 
@@ -115,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--asymmetric", action="store_true", help="w4a16: zero points per group")
     quant.set_defaults(func=cmd_quantize)
     sub.add_parser("info", help="version, CPU ISA in use, CUDA backend status").set_defaults(func=cmd_info)
-    bench = sub.add_parser("bench", help="run a benchmark binary shipped with the wheel")
-    bench.add_argument("what", choices=["scheduler"])
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the binary")
+    bench = sub.add_parser("bench", help="run a benchmark: the scheduler binary, or the serving load generator")
+    bench.add_argument("what", choices=["scheduler", "serve"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark (--help for its own)")
     bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))

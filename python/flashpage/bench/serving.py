@@ -21,11 +21,7 @@ import time
 from types import SimpleNamespace
 
 from flashpage.bench.cpu_model import DEFAULT_CACHE, MAX_MODEL_LEN, SHAPES, write_hf_config
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+from flashpage.bench.stats import percentile
 
 
 async def _client(http, url: str, prompt: list[int], max_tokens: int) -> tuple[float, list[float]]:
@@ -102,8 +98,8 @@ def main() -> None:
     print(f"{a.shape}, {a.clients} clients x {a.max_tokens} tokens, medians of {a.repeats}:")
     print(f"  offline LLM.generate     {off:8.1f} tok/s")
     print(f"  HTTP streaming clients   {srv:8.1f} tok/s  ({srv / off:.2f}x offline)")
-    print(f"  time to first token      p50 {statistics.median(ttft) * 1e3:7.1f} ms   p99 {_percentile(ttft, 0.99) * 1e3:7.1f} ms")
-    print(f"  time between tokens      p50 {statistics.median(gaps) * 1e3:7.1f} ms   p99 {_percentile(gaps, 0.99) * 1e3:7.1f} ms")
+    print(f"  time to first token      p50 {statistics.median(ttft) * 1e3:7.1f} ms   p99 {percentile(ttft, 99) * 1e3:7.1f} ms")
+    print(f"  time between tokens      p50 {statistics.median(gaps) * 1e3:7.1f} ms   p99 {percentile(gaps, 99) * 1e3:7.1f} ms")
 
 
 if __name__ == "__main__":
