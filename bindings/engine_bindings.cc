@@ -14,6 +14,7 @@ py::dict info_dict(const ModelInfo& i) {
   py::dict d;
   d["model_type"] = i.model_type;
   d["dtype"] = i.dtype;
+  d["compute_dtype"] = i.compute_dtype;
   d["isa"] = i.isa;
   d["vocab_size"] = i.vocab_size;
   d["hidden_size"] = i.hidden_size;
@@ -37,7 +38,7 @@ void bind_engine(py::module_& m) {
                        int32_t max_model_len, int32_t block_size, int32_t max_num_seqs,
                        int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
                        int64_t kv_cache_bytes, double kv_cache_memory_fraction,
-                       uint64_t seed, bool verbose) {
+                       uint64_t seed, bool verbose, const std::string& compute_dtype) {
              EngineConfig c;
              c.model = model;
              c.dtype = dtype;
@@ -52,6 +53,7 @@ void bind_engine(py::module_& m) {
              c.kv_cache_memory_fraction = kv_cache_memory_fraction;
              c.seed = seed;
              c.verbose = verbose;
+             c.compute_dtype = compute_dtype;
              py::gil_scoped_release release;
              return std::make_unique<Engine>(c);
            }),
@@ -60,7 +62,7 @@ void bind_engine(py::module_& m) {
            py::arg("max_num_batched_tokens") = 2048, py::arg("enable_prefix_caching") = true,
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
            py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
-           py::arg("verbose") = false)
+           py::arg("verbose") = false, py::arg("compute_dtype") = "auto")
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",
            [](Engine& e, IntArray prompt, float temperature, int32_t top_k, float top_p, float min_p,

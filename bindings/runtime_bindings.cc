@@ -108,7 +108,8 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
   const float* bp = bias.is_none() ? nullptr : b.data();
   py::gil_scoped_release release;
   const cpu::PackedLinear packed = cpu::pack_linear_weight(table, w.data(), bf16, N, K);
-  cpu::run_linear(table, packed, yp, ldy, xp, bp, M, parallel);
+  runtime::AlignedVector<uint16_t> buf;
+  cpu::run_linear(table, packed, yp, ldy, cpu::linear_input_for(table, bf16, xp, M, K, buf), bp, M, parallel);
   return y;
 }
 
@@ -118,6 +119,19 @@ void bind_runtime(py::module_& m) {
   m.def("cpu_isa", [] { return std::string(runtime::isa_name(runtime::active_isa())); },
         "The CPU ISA level the kernels run with (FLASHPAGE_ISA may lower it).");
   m.def("cpu_best_isa", [] { return std::string(runtime::isa_name(runtime::best_isa())); });
+  m.def("cpu_features", [] {
+    const runtime::CpuFeatures& f = runtime::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2 && f.fma && f.f16c && f.os_avx;
+    d["avx512"] = f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl && f.os_avx512;
+    d["avx512_bf16"] = f.avx512_bf16 && f.os_avx512;
+    d["avx512_vnni"] = f.avx512_vnni && f.os_avx512;
+    d["avx_vnni"] = f.avx_vnni && f.os_avx;
+    d["amx_bf16"] = f.amx_bf16 && f.os_amx;
+    d["amx_int8"] = f.amx_int8 && f.os_amx;
+    if (!f.amx_denied.empty()) d["amx_unusable"] = f.amx_denied;
+    return d;
+  }, "What the CPU has and the OS lets this process use (CPUID, XCR0, Linux's AMX permission).");
   m.def("cpu_supported_isas", [] {
     std::vector<std::string> names;
     for (auto isa : runtime::supported_isas()) names.emplace_back(runtime::isa_name(isa));

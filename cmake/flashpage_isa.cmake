@@ -1,13 +1,18 @@
 # CPU ISA levels. The whole core assumes AVX2 + FMA + F16C (every x86-64 server of the last
-# decade); kernels are additionally compiled for AVX-512 and chosen at run time. Never
+# decade); kernels are additionally compiled for AVX-512, AVX512-BF16 and AMX (the levels of
+# runtime/cpu_features.h) and the best one is chosen at run time. Never
 # -march=native: the wheel must run on other machines than the one that built it.
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   set(FLASHPAGE_X86 ON)
   set(FLASHPAGE_BASELINE_FLAGS -mavx2 -mfma -mf16c)
-  set(FLASHPAGE_ISA_LEVELS avx2 avx512)
+  set(FLASHPAGE_ISA_LEVELS avx2 avx512 avx512_bf16 amx)
   set(FLASHPAGE_ISA_FLAGS_avx2 -mavx2 -mfma -mf16c)
   set(FLASHPAGE_ISA_FLAGS_avx512 -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512dq -mavx512vl
     -Wno-maybe-uninitialized)  # GCC 12 false positive in _mm512_reduce_add_ps
+  # bf16 dot products (vdpbf16ps) and the int8 ones the quantized kernels use.
+  set(FLASHPAGE_ISA_FLAGS_avx512_bf16 ${FLASHPAGE_ISA_FLAGS_avx512} -mavx512bf16 -mavx512vnni)
+  # The tile unit (Sapphire Rapids and later); the vector code is the avx512_bf16 level's.
+  set(FLASHPAGE_ISA_FLAGS_amx ${FLASHPAGE_ISA_FLAGS_avx512_bf16} -mamx-tile -mamx-bf16 -mamx-int8)
 else()
   set(FLASHPAGE_X86 OFF)
   set(FLASHPAGE_BASELINE_FLAGS "")
@@ -16,9 +21,14 @@ else()
 endif()
 
 # Compiles each source once per ISA level into `target`, with FLASHPAGE_ISA set to the level's
-# name so the source defines its entry points in namespace flashpage::cpu::<level>.
+# name so the source defines its entry points in namespace flashpage::cpu::<level>. With
+# `LEVELS a b ...`, only for those of the build's levels.
 function(flashpage_add_isa_kernels target)
+  cmake_parse_arguments(ARG "" "" "LEVELS" ${ARGN})
   foreach(level IN LISTS FLASHPAGE_ISA_LEVELS)
+    if(ARG_LEVELS AND NOT level IN_LIST ARG_LEVELS)
+      continue()
+    endif()
     set(objlib ${target}_isa_${level})
     if(NOT TARGET ${objlib})
       add_library(${objlib} OBJECT)
@@ -29,6 +39,6 @@ function(flashpage_add_isa_kernels target)
       target_sources(${target} PRIVATE $<TARGET_OBJECTS:${objlib}>)
       target_compile_definitions(${target} PRIVATE FLASHPAGE_HAS_ISA_${level}=1)
     endif()
-    target_sources(${objlib} PRIVATE ${ARGN})
+    target_sources(${objlib} PRIVATE ${ARG_UNPARSED_ARGUMENTS})
   endforeach()
 endfunction()

@@ -1,5 +1,9 @@
 """CPU Linear layers (fp32 and bf16 weights) on every ISA level against numpy, the weights
-packed into each level's panel layout first as the model does at load."""
+packed into each level's panel layout first as the model does at load. Every level is a
+parameter: the ones this CPU lacks are reported as skipped, by name.
+
+On the levels with bf16 dot products (avx512_bf16, amx), bf16 weights compute in bf16: the
+inputs are rounded to bf16 first, so the reference multiplies the rounded inputs."""
 
 import numpy as np
 import pytest
@@ -7,8 +11,18 @@ import pytest
 from flashpage import _core
 from test_cpu_attention import from_bf16_bits, to_bf16_bits
 
-ISAS = ["ref", *_core.cpu_supported_isas()]
-VECTOR_ISAS = _core.cpu_supported_isas()
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
+BF16_DOT = {"avx512_bf16", "amx"}
+
+
+def isa_param(isas=ALL_ISAS):
+    """One parameter per level, skipped (and so listed by pytest -ra) where this CPU or build lacks it."""
+    have = set(_core.cpu_supported_isas())
+    return [pytest.param(i, marks=pytest.mark.skipif(i not in have, reason=f"this CPU has no {i}")) for i in isas]
+
+
+def rounded(x: np.ndarray) -> np.ndarray:
+    return from_bf16_bits(to_bf16_bits(x))
 
 
 def _case(M, N, K, bf16, seed):
@@ -21,7 +35,9 @@ def _case(M, N, K, bf16, seed):
     return x, wk, wf, bias
 
 
-def _check(got, x, wf, bias, K):
+def _check(got, x, wf, bias, K, isa="scalar", bf16=False):
+    if bf16 and isa in BF16_DOT:
+        x = rounded(x)
     want = x.astype(np.float64) @ wf.astype(np.float64).T
     if bias is not None:
         want = want + bias
@@ -30,50 +46,50 @@ def _check(got, x, wf, bias, K):
     assert np.all(np.abs(got - want) <= 2e-6 * np.sqrt(K) * mag), np.max(np.abs(got - want) / mag)
 
 
+@pytest.mark.parametrize("isa", isa_param())
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 7, 8, 12, 13, 16, 17, 33, 37, 64, 70])
 @pytest.mark.parametrize("N,K", [(1, 1), (33, 16), (70, 37), (130, 301)])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_linear_matches_numpy(M, N, K, bf16):
+def test_linear_matches_numpy(isa, M, N, K, bf16):
     x, wk, wf, bias = _case(M, N, K, bf16, M * 1000 + N)
-    for isa in ISAS:
-        for b in (None, bias):
-            got = _core.linear(isa, x, wk, b, True)
-            _check(got, x, wf, b, K)
-        _check(_core.linear(isa, x, wk, bias, False), x, wf, bias, K)
+    for b in (None, bias):
+        got = _core.linear(isa, x, wk, b, True)
+        _check(got, x, wf, b, K, isa, bf16)
+    _check(_core.linear(isa, x, wk, bias, False), x, wf, bias, K, isa, bf16)
 
 
-def test_linear_into_wider_output():
+@pytest.mark.parametrize("isa", isa_param())
+def test_linear_into_wider_output(isa):
     """y with a row stride larger than N: only columns [off, off + N) are written."""
     M, N, K, off, width = 21, 45, 67, 7, 64
     x, wk, wf, bias = _case(M, N, K, True, 5)
-    for isa in ISAS:
-        out = np.full((M, width), -3.0, np.float32)
-        got = _core.linear(isa, x, wk, bias, True, out=out, col_offset=off)
-        assert got is out or np.shares_memory(got, out)
-        _check(out[:, off:off + N], x, wf, bias, K)
-        assert np.all(out[:, :off] == -3.0) and np.all(out[:, off + N:] == -3.0)
-        # batch invariance also covers where the columns land
-        assert np.array_equal(out[:, off:off + N], _core.linear(isa, x, wk, bias, True))
+    out = np.full((M, width), -3.0, np.float32)
+    got = _core.linear(isa, x, wk, bias, True, out=out, col_offset=off)
+    assert got is out or np.shares_memory(got, out)
+    _check(out[:, off:off + N], x, wf, bias, K, isa, True)
+    assert np.all(out[:, :off] == -3.0) and np.all(out[:, off + N:] == -3.0)
+    # batch invariance also covers where the columns land
+    assert np.array_equal(out[:, off:off + N], _core.linear(isa, x, wk, bias, True))
 
 
+@pytest.mark.parametrize("isa", isa_param(ALL_ISAS[1:]))
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("N,K", [(45, 301), (77, 67), (33, 5), (50, 1040)])
-def test_linear_is_batch_invariant(bf16, N, K):
+def test_linear_is_batch_invariant(isa, bf16, N, K):
     """Row i of linear(x) is bitwise the same whatever M, the other rows, their order and how
     the output columns are split across threads."""
     M = 37
     x, wk, _, bias = _case(M, N, K, bf16, N * 7 + K)
     perm = np.random.default_rng(K).permutation(M)
-    for isa in VECTOR_ISAS:
-        for b in (None, bias):
-            full = _core.linear(isa, x, wk, b, True)
-            assert np.array_equal(full, _core.linear(isa, x, wk, b, False))
-            for i in range(M):
-                assert np.array_equal(_core.linear(isa, x[i:i + 1], wk, b, True)[0], full[i]), (isa, i)
-            assert np.array_equal(_core.linear(isa, x[perm], wk, b, True), full[perm])
-            for start, length in [(0, 2), (3, 5), (10, 8), (1, 12), (20, 17)]:
-                part = _core.linear(isa, x[start:start + length], wk, b, True)
-                assert np.array_equal(part, full[start:start + length]), (isa, start, length)
+    for b in (None, bias):
+        full = _core.linear(isa, x, wk, b, True)
+        assert np.array_equal(full, _core.linear(isa, x, wk, b, False))
+        for i in range(M):
+            assert np.array_equal(_core.linear(isa, x[i:i + 1], wk, b, True)[0], full[i]), (isa, i)
+        assert np.array_equal(_core.linear(isa, x[perm], wk, b, True), full[perm])
+        for start, length in [(0, 2), (3, 5), (10, 8), (1, 12), (20, 17)]:
+            part = _core.linear(isa, x[start:start + length], wk, b, True)
+            assert np.array_equal(part, full[start:start + length]), (isa, start, length)
 
 
 def test_linear_rejects_bad_shapes():

@@ -140,3 +140,27 @@ def test_engine_generate_and_abort_leave_no_blocks(ckpt):
     while e.has_unfinished:
         e.step()
     assert e.scheduler.stats()["used_blocks"] == 0
+
+
+def test_compute_dtype_option(tmp_path):
+    """bf16 weights compute in bf16 where the CPU has bf16 dot products, unless float32 is asked
+    for; float32 weights always compute in float32; impossible choices are refused by name."""
+    (tmp_path / "config.json").write_text(json.dumps(TINY_110M_LIKE))
+    bf16_dot = _core.cpu_best_isa() in ("avx512_bf16", "amx") and _core.cpu_isa() == _core.cpu_best_isa()
+    auto = LLM(str(tmp_path), load_format="dummy", kv_cache_memory_bytes=8 << 20, verbose=False)
+    assert auto.model_info["compute_dtype"] == ("bfloat16" if bf16_dot else "float32")
+    fp32 = LLM(str(tmp_path), load_format="dummy", compute_dtype="float32", kv_cache_memory_bytes=8 << 20,
+               verbose=False)
+    assert fp32.model_info["compute_dtype"] == "float32"
+    assert fp32.model_info["isa"] in ("avx2", "avx512", "scalar")
+    wide = LLM(str(tmp_path), load_format="dummy", dtype="float32", kv_cache_memory_bytes=8 << 20, verbose=False)
+    assert wide.model_info["compute_dtype"] == "float32"
+    with pytest.raises(ValueError, match="needs bf16 weights"):
+        LLM(str(tmp_path), load_format="dummy", dtype="float32", compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        LLM(str(tmp_path), load_format="dummy", compute_dtype="int3")
+    if bf16_dot:
+        # Both give sensible greedy text of the same length; bf16 arithmetic may pick other tokens.
+        sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for llm in (auto, fp32):
+            assert len(llm.generate({"prompt_token_ids": [1, 2, 3]}, sp)[0].outputs[0].token_ids) == 4

@@ -1,6 +1,7 @@
 """The build's platform layer: run-time ISA dispatch of the CPU kernels, the CUDA backend's
 optional loading, the CLI and the shipped benchmark binary."""
 
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,26 @@ def test_isa_dispatch_reports_supported_levels():
     assert isas[0] == "scalar"
     assert _core.cpu_best_isa() == isas[-1]
     assert _core.cpu_isa() in isas
+    # The levels follow the features CPUID and the OS grant (each level includes the ones below).
+    f = _core.cpu_features()
+    order = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
+    assert isas == order[:len(isas)]
+    assert ("avx512" in isas) == f["avx512"]
+    assert ("avx512_bf16" in isas) == (f["avx512"] and f["avx512_bf16"])
+    assert ("amx" in isas) == (f["avx512"] and f["avx512_bf16"] and f["amx_bf16"])
+
+
+def test_flashpage_isa_forces_a_lower_level():
+    best = _core.cpu_best_isa()
+    for isa in _core.cpu_supported_isas():
+        out = subprocess.run([sys.executable, "-c", "from flashpage import _core; print(_core.cpu_isa())"],
+                             env={**os.environ, "FLASHPAGE_ISA": isa}, check=True, capture_output=True,
+                             text=True).stdout.strip()
+        assert out == isa
+    higher = subprocess.run([sys.executable, "-c", "from flashpage import _core; print(_core.cpu_isa())"],
+                            env={**os.environ, "FLASHPAGE_ISA": "amx"}, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    assert higher == best  # never above what the CPU has
 
 
 @pytest.mark.parametrize("dim", [1, 7, 64, 100, 576, 2048])

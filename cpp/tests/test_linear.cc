@@ -48,19 +48,32 @@ std::vector<float> randn(int64_t n, std::mt19937& rng) {
   return v;
 }
 
+// x rounded to bf16 (what the levels with bf16 dot products multiply).
+std::vector<float> rounded(const std::vector<float>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const uint32_t bits = uint32_t(cpu::bf16_round(x[i])) << 16;
+    std::memcpy(&out[i], &bits, 4);
+  }
+  return out;
+}
+
 // y[M, N] through table t with rows of stride `ldy` starting at column `off`, n split at `cuts`
-// (rounded down to the table's panel width, as callers must).
+// (rounded down to the table's panel width, as callers must). x goes in as the table takes it
+// (rounded to bf16 by linear_input on the bf16 levels).
 std::vector<float> call(const cpu::KernelTable& t, const std::vector<float>& x, const Weights& w, const float* bias,
                         int64_t M, int64_t N, int64_t K, std::vector<int64_t> cuts = {}, int64_t ldy = 0,
                         int64_t off = 0) {
   if (ldy == 0) ldy = N;
   const cpu::PackedLinear p = cpu::pack_linear_weight(t, w.data(), w.bf16, N, K);
+  runtime::AlignedVector<uint16_t> x16;
+  const void* input = cpu::linear_input_for(t, w.bf16, x.data(), M, K, x16);
   std::vector<float> y(M * ldy, -7.f);
   for (auto& c : cuts) c -= c % t.linear_panel();
   cuts.insert(cuts.begin(), 0);
   cuts.push_back(N);
   for (size_t i = 0; i + 1 < cuts.size(); ++i)
-    t.linear(y.data() + off, x.data(), p.data.data(), w.bf16, bias, M, ldy, K, cuts[i], std::max(cuts[i], cuts[i + 1]));
+    t.linear(y.data() + off, input, p.data.data(), w.bf16, bias, M, ldy, K, cuts[i], std::max(cuts[i], cuts[i + 1]));
   return y;
 }
 
@@ -75,10 +88,14 @@ TEST(linear_matches_reference) {
                            {8, 64, 64}, {13, 96, 128}, {37, 77, 301}, {70, 130, 5}}) {
       const Weights w = make_weights(N, K, bf16, rng);
       const auto x = randn(M * K, rng), bias = randn(N, rng);
+      const auto x16 = rounded(x);
       for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
-        const auto want = call(ref_table(), x, w, b, M, N, K);
+        const auto want32 = call(ref_table(), x, w, b, M, N, K), want16 = call(ref_table(), x16, w, b, M, N, K);
         for (auto isa : runtime::supported_isas()) {
           const auto& t = cpu::kernels_for(isa);
+          const bool in16 = cpu::takes_bf16_input(t, bf16);
+          const auto& want = in16 ? want16 : want32;
+          const auto& xs = in16 ? x16 : x;
           {
             // Into columns [5, 5 + N) of rows of N + 12, in three uneven parts.
             const int64_t ldy = N + 12, off = 5;
@@ -92,7 +109,7 @@ TEST(linear_matches_reference) {
                   continue;
                 }
                 double mag = b ? std::fabs(b[j - off]) : 0.0;
-                for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(x[m * K + k]) * w.f32[(j - off) * K + k]);
+                for (int64_t k = 0; k < K; ++k) mag += std::fabs(double(xs[m * K + k]) * w.f32[(j - off) * K + k]);
                 bad += !(std::fabs(g - want[m * N + j - off]) <= 1e-6 * (mag + 1) * std::sqrt(double(K)));
               }
             if (bad)
@@ -156,9 +173,11 @@ TEST(linear_invariant_across_packing_passes) {
   for (bool bf16 : {false, true}) {
     const Weights w = make_weights(N, K, bf16, rng);
     const auto x = randn(M * K, rng), bias = randn(N, rng);
-    const auto want = call(ref_table(), x, w, bias.data(), M, N, K);
+    const auto want32 = call(ref_table(), x, w, bias.data(), M, N, K);
+    const auto want16 = call(ref_table(), rounded(x), w, bias.data(), M, N, K);
     for (auto isa : runtime::supported_isas()) {
       const auto& t = cpu::kernels_for(isa);
+      const auto& want = cpu::takes_bf16_input(t, bf16) ? want16 : want32;
       const auto full = call(t, x, w, bias.data(), M, N, K, {N / 2});
       int64_t differ = 0, far = 0;
       for (int64_t i = 0; i < M; ++i) {

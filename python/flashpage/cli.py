@@ -22,14 +22,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-BIN_DIR = Path(__file__).resolve().parent / "bin"
-
-
 def bench_binary(name: str) -> Path:
-    path = BIN_DIR / name
-    if not path.is_file():
-        raise SystemExit(f"flashpage: benchmark binary {path} is missing (is the wheel complete?)")
-    return path
+    # Every directory of the package: an editable install keeps the built binaries apart from
+    # the sources.
+    import flashpage
+
+    paths = [Path(p) / "bin" / name for p in flashpage.__path__]
+    for path in paths:
+        if path.is_file():
+            return path
+    raise SystemExit(f"flashpage: benchmark binary {paths[0]} is missing (is the wheel complete?)")
 
 
 def cmd_info(_: argparse.Namespace) -> int:

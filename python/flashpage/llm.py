@@ -20,7 +20,9 @@ class LLM:
     ``kv_cache_memory_bytes`` sizes the KV cache; without it, ``kv_cache_memory_fraction`` of
     the memory the OS reports available is used. A sequence's logits are always bitwise
     independent of what shares its batch and of how its prompt is chunked (batch invariance).
-    ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
+    ``compute_dtype``: "auto" computes a bf16 checkpoint in bf16 (bf16 products, fp32 sums; what
+    transformers and vLLM do) where the CPU has bf16 dot products (AVX512-BF16, AMX), "float32"
+    keeps fp32 arithmetic (bf16 weights widened). ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class LLM:
         tokenizer: str | None = None,
         *,
         dtype: str = "auto",
+        compute_dtype: str = "auto",
         load_format: str = "auto",
         max_model_len: int | None = None,
         block_size: int = 16,
@@ -48,7 +51,7 @@ class LLM:
             block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
             kv_cache_bytes=kv_cache_memory_bytes or 0, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            seed=seed, verbose=verbose)
+            seed=seed, verbose=verbose, compute_dtype=compute_dtype)
         self.model_info: dict = self.core.info
         self.tokenizer: Tokenizer | None = None
         tok_path = tokenizer or model

@@ -18,5 +18,6 @@ def platform_info() -> dict[str, Any]:
         "cpu_isa": _core.cpu_isa(),
         "cpu_best_isa": _core.cpu_best_isa(),
         "cpu_supported_isas": _core.cpu_supported_isas(),
+        "cpu_features": _core.cpu_features(),
         "cuda": _core.cuda_info(),
     }

@@ -19,6 +19,10 @@ namespace flashpage {
 struct EngineConfig {
   std::string model;                // a directory with config.json and *.safetensors
   std::string dtype = "auto";       // "auto" (the checkpoint's), "bfloat16" or "float32"
+  // Arithmetic of the CPU kernels: "auto" (bf16 weights compute in bf16 — bf16 products, fp32
+  // sums — where the CPU has bf16 dot products, AVX512-BF16 or AMX; else fp32), "float32"
+  // (always fp32: bf16 weights widened) or "bfloat16" (refused where the CPU cannot).
+  std::string compute_dtype = "auto";
   std::string load_format = "auto"; // "auto" (safetensors) or "dummy" (random weights)
   int32_t max_model_len = 0;        // 0: the model's max_position_embeddings
   int32_t block_size = 16;
@@ -48,8 +52,9 @@ struct SamplingOptions {
 
 struct ModelInfo {
   std::string model_type;
-  std::string dtype;  // storage of weights and KV cache: "bfloat16" or "float32"
-  std::string isa;    // CPU kernels in use
+  std::string dtype;          // storage of weights and KV cache: "bfloat16" or "float32"
+  std::string compute_dtype;  // inputs of the Linear and attention kernels: "bfloat16" or "float32"
+  std::string isa;            // CPU kernels in use
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;
   int32_t max_model_len = 0;
   std::vector<int32_t> eos_token_ids;

@@ -26,8 +26,8 @@ void for_rows(int64_t rows, int64_t elems_per_row, Fn&& fn) {
 
 const float* or_null(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
 
-template <class T>
-void grow(std::vector<T>& v, int64_t n) {
+template <class Vec>
+void grow(Vec& v, int64_t n) {
   if (int64_t(v.size()) < n) v.resize(size_t(n));
 }
 
@@ -91,12 +91,13 @@ void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list
   int64_t total = 0;
   for (const LinearJob& j : jobs) total += panels(j);
   const int64_t K = jobs.begin()->w->cols;
+  const void* input = cpu::linear_input_for(kern_, jobs.begin()->w->bf16, x, rows, K, x16_);  // once for all jobs
   auto part = [&](int64_t b, int64_t e) {
     int64_t off = 0;
     for (const LinearJob& j : jobs) {
       const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j));
       if (lo < hi)
-        kern_.linear(j.y, x, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, (lo - off) * panel,
+        kern_.linear(j.y, input, j.w->data, j.w->bf16, j.bias, rows, j.ldy, K, (lo - off) * panel,
                      std::min(j.w->rows, (hi - off) * panel));
       off += panels(j);
     }

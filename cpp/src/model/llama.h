@@ -16,6 +16,7 @@
 #include "kernels/cpu/kernels.h"
 #include "model/config.h"
 #include "model/weights.h"
+#include "runtime/aligned.h"
 #include "runtime/host_buffer.h"
 
 namespace flashpage::model {
@@ -67,9 +68,10 @@ class LlamaModel {
   runtime::HostBuffer kv_;    // [layers][K, V][num_blocks, kv_heads, block_size, head_dim]
   int64_t layer_kv_elems_ = 0;  // elements of one layer's K (or V) cache
   std::vector<float> cos_sin_;  // [max_model_len, head_dim]: cos in the first half, sin after
-  // Scratch, grown to the largest step seen (no allocation in steady state).
-  std::vector<float> residual_, delta_, normed_, q_, k_, v_, attn_, gate_up_, act_;
-  std::vector<float> last_residual_, last_delta_, last_normed_, logits_;
+  // Scratch, grown to the largest step seen (no allocation in steady state), cache-line aligned.
+  runtime::AlignedVector<float> residual_, delta_, normed_, q_, k_, v_, attn_, gate_up_, act_;
+  runtime::AlignedVector<float> last_residual_, last_delta_, last_normed_, logits_;
+  runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
   std::vector<int64_t> bounds_;  // attention work split per thread
 };
 

@@ -16,13 +16,6 @@ float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-uint16_t f32_to_bf16(float x) {  // round to nearest even; NaN stays NaN
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x40);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1)) >> 16);
-}
-
 float f16_to_f32(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
@@ -81,7 +74,7 @@ class Loader {
     runtime::ThreadPool::global().parallel_for(n, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float x = element_as_f32(t, i);
-        if (bf16) static_cast<uint16_t*>(dst)[i] = f32_to_bf16(x);
+        if (bf16) static_cast<uint16_t*>(dst)[i] = cpu::bf16_round(x);
         else static_cast<float*>(dst)[i] = x;
       }
     }, 1 << 16);
@@ -207,7 +200,7 @@ LlamaWeights dummy_llama_weights(const ModelConfig& c, StorageType storage, uint
     runtime::ThreadPool::global().parallel_for(rows * cols, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const float x = hash_uniform(s, uint64_t(i)) * scale;
-        if (bf16) static_cast<uint16_t*>(dst)[i] = f32_to_bf16(x);
+        if (bf16) static_cast<uint16_t*>(dst)[i] = cpu::bf16_round(x);
         else static_cast<float*>(dst)[i] = x;
       }
     }, 1 << 16);

@@ -91,7 +91,9 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   ModelInfo& info = m.info;
   info.model_type = mc.model_type;
   info.dtype = model::storage_name(storage);
-  info.isa = runtime::isa_name(cpu::kernels().isa);
+  const cpu::KernelTable& kernels = cpu::kernels_for_compute(config.compute_dtype, storage == model::StorageType::kBF16);
+  info.isa = runtime::isa_name(kernels.isa);
+  info.compute_dtype = cpu::takes_bf16_input(kernels, storage == model::StorageType::kBF16) ? "bfloat16" : "float32";
   info.vocab_size = mc.vocab_size;
   info.hidden_size = mc.hidden_size;
   info.num_layers = mc.num_hidden_layers;
@@ -104,13 +106,13 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     info.kv_cache_report += "; using " + std::to_string(num_blocks) + " blocks (2 x max_num_seqs sequences of max_model_len)";
 
   model::ExecutorOptions eo{num_blocks, config.block_size, max_len};
-  m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, cpu::kernels());
+  m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, kernels);
   info.weight_bytes_mapped = m.model->weights().mapped_bytes;
   info.weight_bytes_owned = m.model->weights().owned_bytes;
   info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (config.verbose)
-    std::fprintf(stderr, "flashpage: %s (%s, %s kernels), weights %.1f MiB mapped + %.1f MiB loaded in %.2f s\n%s\n",
-                 config.model.c_str(), info.dtype.c_str(), info.isa.c_str(), double(info.weight_bytes_mapped) / (1 << 20),
+    std::fprintf(stderr, "flashpage: %s (%s weights, %s compute, %s kernels), weights %.1f MiB mapped + %.1f MiB loaded in %.2f s\n%s\n",
+                 config.model.c_str(), info.dtype.c_str(), info.compute_dtype.c_str(), info.isa.c_str(), double(info.weight_bytes_mapped) / (1 << 20),
                  double(info.weight_bytes_owned) / (1 << 20), info.load_seconds, info.kv_cache_report.c_str());
 }
 

@@ -18,6 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    g.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot products")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     g.add_argument("--block-size", type=int, default=16)
@@ -47,7 +49,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def build_llm(args: argparse.Namespace):
     from flashpage.llm import LLM
 
-    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, load_format=args.load_format,
+    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, compute_dtype=args.compute_dtype,
+               load_format=args.load_format,
                max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                enable_prefix_caching=args.enable_prefix_caching,

@@ -73,6 +73,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
 
 // The reference keeps Hugging Face's [N, K] rows: a panel of one column.
 int64_t linear_panel() { return 1; }
+int64_t packed_linear_elems(bool, int64_t N, int64_t K) { return N * K; }
 
 void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
   (void)N;
@@ -81,14 +82,21 @@ void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K, in
               static_cast<const char*>(w) + size_t(n_begin * K) * elem, size_t((n_end - n_begin) * K) * elem);
 }
 
-void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias, int64_t M,
+void linear(float* y, const void* xv, const void* w, bool w_bf16, const float* bias, int64_t M,
             int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
+  const float* x = static_cast<const float*>(xv);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n_begin; n < n_end; ++n) {
       double acc = bias ? bias[n] : 0.0;
       for (int64_t k = 0; k < K; ++k) acc += double(x[m * K + k]) * element(w, w_bf16, n * K + k);
       y[m * N + n] = float(acc);
     }
+}
+
+void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
+  const int64_t Kp = bf16_input_stride(K);
+  for (int64_t m = 0; m < bf16_input_rows(M); ++m)
+    for (int64_t k = 0; k < Kp; ++k) dst[bf16_input_index(m, k, K)] = m < M && k < K ? bf16_round(x[m * K + k]) : uint16_t(0);
 }
 
 void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
@@ -126,15 +134,8 @@ void write_kv_cache(const float* key, const float* value, void* k_cache, void* v
         for (int kv = 0; kv < 2; ++kv) {
           const float x = (kv ? value : key)[src];
           void* cache = kv ? v_cache : k_cache;
-          if (!cache_bf16) {
-            static_cast<float*>(cache)[dst] = x;
-            continue;
-          }
-          // bf16 by round-to-nearest-even of the fp32 bits.
-          uint32_t b;
-          std::memcpy(&b, &x, 4);
-          const uint32_t lsb = (b >> 16) & 1;
-          static_cast<uint16_t*>(cache)[dst] = static_cast<uint16_t>((b + 0x7FFF + lsb) >> 16);
+          if (cache_bf16) static_cast<uint16_t*>(cache)[dst] = bf16_round(x);
+          else static_cast<float*>(cache)[dst] = x;
         }
       }
   }
@@ -143,32 +144,55 @@ void write_kv_cache(const float* key, const float* value, void* k_cache, void* v
 }  // namespace ref
 
 namespace {
-constexpr KernelTable kRef{runtime::Isa::kScalar, &ref::rms_norm, &ref::paged_attention, &ref::linear_panel, &ref::pack_linear, &ref::linear, &ref::silu_and_mul,
-                                 &ref::rotary, &ref::write_kv_cache};
+#define FLASHPAGE_KERNEL_TABLE(level, isa)                                                                   \
+  KernelTable {                                                                                             \
+    isa, &level::rms_norm, &level::paged_attention, &level::linear_panel, &level::packed_linear_elems,      \
+        &level::pack_linear, &level::linear, &level::linear_input, &level::silu_and_mul, &level::rotary,    \
+        &level::write_kv_cache                                                                              \
+  }
+constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar);
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2{runtime::Isa::kAvx2, &avx2::rms_norm, &avx2::paged_attention, &avx2::linear_panel, &avx2::pack_linear, &avx2::linear, &avx2::silu_and_mul,
-                                 &avx2::rotary, &avx2::write_kv_cache};
+constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512{runtime::Isa::kAvx512, &avx512::rms_norm, &avx512::paged_attention, &avx512::linear_panel, &avx512::pack_linear, &avx512::linear, &avx512::silu_and_mul,
-                                 &avx512::rotary, &avx512::write_kv_cache};
+constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512);
 #endif
+#ifdef FLASHPAGE_HAS_ISA_avx512_bf16
+constexpr KernelTable kAvx512Bf16 = FLASHPAGE_KERNEL_TABLE(avx512_bf16, runtime::Isa::kAvx512Bf16);
+#endif
+#ifdef FLASHPAGE_HAS_ISA_amx
+constexpr KernelTable kAmx = FLASHPAGE_KERNEL_TABLE(amx, runtime::Isa::kAmx);
+#endif
+#undef FLASHPAGE_KERNEL_TABLE
 }  // namespace
 
 PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K) {
   const int64_t panel = t.linear_panel();
-  PackedLinear p{runtime::HostBuffer(size_t(packed_linear_elems(panel, N, K)) * (w_bf16 ? 2 : 4)), w_bf16, N, K};
+  PackedLinear p{runtime::HostBuffer(size_t(t.packed_linear_elems(w_bf16, N, K)) * (w_bf16 ? 2 : 4)), w_bf16, N, K};
   runtime::ThreadPool::global().parallel_for(linear_panels(panel, N), [&](int64_t b, int64_t e) {
     t.pack_linear(p.data.data(), w, w_bf16, N, K, b * panel, std::min(N, e * panel));
   }, std::max<int64_t>(1, (int64_t(1) << 18) / (panel * K + 1)));
   return p;
 }
 
-void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const float* x,
+const void* linear_input_for(const KernelTable& t, bool w_bf16, const float* x, int64_t M, int64_t K,
+                             runtime::AlignedVector<uint16_t>& buf) {
+  if (!takes_bf16_input(t, w_bf16)) return x;
+  if (int64_t(buf.size()) < bf16_input_elems(M, K)) buf.resize(size_t(bf16_input_elems(M, K)));
+  const int64_t Kp = bf16_input_stride(K), tiles = bf16_input_rows(M) / 16;
+  auto convert = [&](int64_t b, int64_t e) {
+    t.linear_input(buf.data() + b * 16 * Kp, x + b * 16 * K, std::min(M, e * 16) - b * 16, K);
+  };
+  if (M * K < (int64_t(1) << 16)) convert(0, tiles);
+  else runtime::ThreadPool::global().parallel_for(tiles, convert);
+  return buf.data();
+}
+
+void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const void* input,
                 const float* bias, int64_t M, bool parallel) {
   const int64_t panel = t.linear_panel(), panels = linear_panels(panel, w.N);
   auto part = [&](int64_t p0, int64_t p1) {
-    t.linear(y, x, w.data.data(), w.bf16, bias, M, ldy, w.K, p0 * panel, std::min(w.N, p1 * panel));
+    t.linear(y, input, w.data.data(), w.bf16, bias, M, ldy, w.K, p0 * panel, std::min(w.N, p1 * panel));
   };
   if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, 1);
   else part(0, panels);
@@ -185,11 +209,32 @@ const KernelTable& kernels_for(runtime::Isa isa) {
 #ifdef FLASHPAGE_HAS_ISA_avx512
       case runtime::Isa::kAvx512: return kAvx512;
 #endif
+#ifdef FLASHPAGE_HAS_ISA_avx512_bf16
+      case runtime::Isa::kAvx512Bf16: return kAvx512Bf16;
+#endif
+#ifdef FLASHPAGE_HAS_ISA_amx
+      case runtime::Isa::kAmx: return kAmx;
+#endif
       default: break;
     }
   }
   throw std::invalid_argument(std::string("CPU kernels for ISA '") + runtime::isa_name(isa) +
                               "' are not available in this build or on this CPU");
+}
+
+const KernelTable& kernels_for_compute(const std::string& compute_dtype, bool bf16_weights) {
+  const runtime::Isa active = runtime::active_isa();
+  if (compute_dtype == "auto") return kernels();
+  if (compute_dtype == "float32") return kernels_for(std::min(active, runtime::Isa::kAvx512));
+  if (compute_dtype == "bfloat16") {
+    if (!bf16_weights)
+      throw std::invalid_argument("compute_dtype=bfloat16 needs bf16 weights (dtype \"bfloat16\" or a bf16 checkpoint)");
+    if (!runtime::isa_has_bf16_dot(active))
+      throw std::invalid_argument(std::string("compute_dtype=bfloat16 needs a CPU with AVX512-BF16 or AMX; the kernels in "
+                                              "use are '") + runtime::isa_name(active) + "'");
+    return kernels();
+  }
+  throw std::invalid_argument("compute_dtype \"" + compute_dtype + "\" is not one of auto, bfloat16, float32");
 }
 
 const KernelTable& kernels() {

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
+#include "runtime/aligned.h"
 #include "runtime/cpu_features.h"
 #include "runtime/host_buffer.h"
 
@@ -19,19 +21,25 @@ namespace flashpage::cpu {
   void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);  \
   /* Output columns per panel of this level's packed Linear weights (1: plain rows).     */ \
   int64_t linear_panel();                                                                  \
+  /* Elements (of w's type) of a Linear weight [N, K] packed by this level.              */ \
+  int64_t packed_linear_elems(bool w_bf16, int64_t N, int64_t K);                          \
   /* A Linear weight w [N, K] (Hugging Face's [out, in], fp32 or bf16 as raw uint16) in   */ \
   /* this level's layout, written once at load: the panels covering columns [n_begin,     */ \
   /* n_end) (n_begin a multiple of linear_panel()) into dst, which holds                  */ \
-  /* packed_linear_elems(linear_panel(), N, K) elements of w's type. See linear.cc.       */ \
+  /* packed_linear_elems(w_bf16, N, K) elements. See linear.cc and linear_bf16.cc.         */ \
   void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K,            \
                    int64_t n_begin, int64_t n_end);                                        \
   /* y[m * N + n] = x[m, :] . w[n, :] (+ bias[n]) for n in [n_begin, n_end), with w as     */ \
-  /* pack_linear of the same level wrote it; n_begin a multiple of linear_panel(); x is     */ \
-  /* [M, K]. N is only the row stride of y (>= n_end): y may point into a wider buffer.    */ \
-  /* Batch-invariant: y[m, n] is bitwise the same whatever M, the other rows, the row's    */ \
-  /* position and the split of columns (see linear.cc).                                   */ \
-  void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias,     \
+  /* pack_linear of the same level wrote it; n_begin a multiple of linear_panel(). x is    */ \
+  /* [M, K] fp32, or, when the level computes in bf16 (takes_bf16_input), the bf16 rows    */ \
+  /* linear_input wrote. N is only the row stride of y (>= n_end): y may point into a     */ \
+  /* wider buffer. Batch-invariant: y[m, n] is bitwise the same whatever M, the other      */ \
+  /* rows, the row's position and the split of columns (see linear.cc).                   */ \
+  void linear(float* y, const void* x, const void* w, bool w_bf16, const float* bias,      \
               int64_t M, int64_t N, int64_t K, int64_t n_begin, int64_t n_end);            \
+  /* x [M, K] rounded to bf16 (nearest even) into the input layout of the bf16 Linear:    */ \
+  /* bf16_input_rows(M) rows of bf16_input_stride(K), zero-padded.                        */ \
+  void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K);                  \
   /* out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [tokens, 2 * inter].           */ \
   void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter);           \
   /* Rotate-half RoPE in place on x [tokens, heads, head_dim]; cos_sin [positions,        */ \
@@ -72,6 +80,8 @@ struct PagedAttentionArgs {
 namespace ref { FLASHPAGE_CPU_KERNEL_DECLS }
 namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS }
 namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS }
+namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS }
+namespace amx { FLASHPAGE_CPU_KERNEL_DECLS }
 namespace generic { FLASHPAGE_CPU_KERNEL_DECLS }
 
 struct KernelTable {
@@ -79,17 +89,38 @@ struct KernelTable {
   decltype(&ref::rms_norm) rms_norm;
   decltype(&ref::paged_attention) paged_attention;
   decltype(&ref::linear_panel) linear_panel;
+  decltype(&ref::packed_linear_elems) packed_linear_elems;
   decltype(&ref::pack_linear) pack_linear;
   decltype(&ref::linear) linear;
+  decltype(&ref::linear_input) linear_input;
   decltype(&ref::silu_and_mul) silu_and_mul;
   decltype(&ref::rotary) rotary;
   decltype(&ref::write_kv_cache) write_kv_cache;
 };
 
-// Panels of `panel` columns covering N output columns (the last padded), and the elements of a
-// packed Linear weight [N, K].
+// Panels of `panel` columns covering N output columns (the last padded).
 inline int64_t linear_panels(int64_t panel, int64_t N) { return (N + panel - 1) / panel; }
-inline int64_t packed_linear_elems(int64_t panel, int64_t N, int64_t K) { return linear_panels(panel, N) * panel * K; }
+
+// The input layout of the bf16 Linear: K rounded up to 32 (one AMX tile row) and the rows up to
+// 16 (one tile), zero-padded, in A-tile order — tile after tile of 16 rows, each a run of K/32
+// blocks of 16 x 32 values — so that every tile is 1 KB of contiguous memory.
+inline int64_t bf16_input_stride(int64_t K) { return (K + 31) / 32 * 32; }
+inline int64_t bf16_input_rows(int64_t M) { return (M + 15) / 16 * 16; }
+inline int64_t bf16_input_elems(int64_t M, int64_t K) { return bf16_input_rows(M) * bf16_input_stride(K); }
+inline int64_t bf16_input_index(int64_t m, int64_t k, int64_t K) {
+  return (m / 16) * 16 * bf16_input_stride(K) + (k / 32) * 512 + (m % 16) * 32 + k % 32;
+}
+// Whether table t multiplies weights of this dtype in bf16 (its linear wants linear_input's
+// bf16 rows): bf16 weights on a level with bf16 dot products.
+inline bool takes_bf16_input(const KernelTable& t, bool w_bf16) { return w_bf16 && runtime::isa_has_bf16_dot(t.isa); }
+
+// fp32 to bf16 bits, rounded to nearest even; NaN stays NaN.
+inline uint16_t bf16_round(float x) {
+  uint32_t b;
+  __builtin_memcpy(&b, &x, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x40);
+  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1)) >> 16);
+}
 
 // A Linear weight packed by one kernel table (owning; use it only with that table's linear).
 struct PackedLinear {
@@ -99,14 +130,23 @@ struct PackedLinear {
 };
 // Packs w [N, K] with table t, split across the global thread pool.
 PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K);
+// What t's linear takes for weights of this dtype: x itself, or x rounded to bf16 into `buf`
+// (resized; split over the global thread pool in whole 16-row tiles when large).
+const void* linear_input_for(const KernelTable& t, bool w_bf16, const float* x, int64_t M, int64_t K,
+                             runtime::AlignedVector<uint16_t>& buf);
 // y[m * ldy + n] = x[m, :] . w[n, :] (+ bias[n]) for all N columns of w (packed by t), its panels
-// split across the global thread pool when parallel.
-void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const float* x,
+// split across the global thread pool when parallel; input is what linear_input_for gave.
+void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const void* input,
                 const float* bias, int64_t M, bool parallel = true);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();
 // The table for a given level; throws std::invalid_argument if this build or CPU lacks it.
 const KernelTable& kernels_for(runtime::Isa isa);
+// The table a model runs with, by its compute dtype: "auto" (the active level: bf16 weights
+// compute in bf16 where the level has bf16 dot products), "float32" (the best fp32 level, for
+// bf16 weights too: widened in registers) or "bfloat16" (needs bf16 weights and a level with
+// bf16 dot products). Throws std::invalid_argument naming what is missing.
+const KernelTable& kernels_for_compute(const std::string& compute_dtype, bool bf16_weights);
 
 }  // namespace flashpage::cpu

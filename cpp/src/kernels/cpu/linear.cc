@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/linear_bf16.h"
 #include "kernels/cpu/simd.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
@@ -271,10 +272,25 @@ void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int
 
 int64_t linear_panel() { return kNr; }
 
+// bf16 weights on a level with bf16 dot products compute in bf16 (linear_bf16.cc, panels of 32
+// columns = kNr on AVX-512); everything else here, in fp32.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+int64_t packed_linear_elems(bool w_bf16, int64_t N, int64_t K) {
+  return linear_panels(kNr, N) * kNr * (kBf16Dot && w_bf16 ? bf16_input_stride(K) : K);
+}
+
 void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
   if (n_begin % kNr != 0)
     throw std::invalid_argument("pack_linear: n_begin " + std::to_string(n_begin) + " is not a multiple of the panel width " +
                                 std::to_string(kNr));
+#if defined(__AVX512BF16__)
+  if (w_bf16) return pack_linear_bf16(static_cast<uint16_t*>(dst), static_cast<const uint16_t*>(w), N, K, n_begin, n_end);
+#endif
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
     const int cols = static_cast<int>(std::min<int64_t>(kNr, N - n0));
     if (w_bf16) pack_panel(static_cast<uint16_t*>(dst) + n0 * K, static_cast<const uint16_t*>(w), K, n0, cols);
@@ -282,14 +298,29 @@ void pack_linear(void* dst, const void* w, bool w_bf16, int64_t N, int64_t K, in
   }
 }
 
-void linear(float* y, const float* x, const void* w, bool w_bf16, const float* bias, int64_t M, int64_t N, int64_t K,
+void linear(float* y, const void* x, const void* w, bool w_bf16, const float* bias, int64_t M, int64_t N, int64_t K,
             int64_t n_begin, int64_t n_end) {
   if (n_begin >= n_end || M <= 0) return;
   if (n_begin % kNr != 0)
     throw std::invalid_argument("linear: n_begin " + std::to_string(n_begin) + " is not a multiple of the panel width " +
                                 std::to_string(kNr));
-  if (w_bf16) run(y, x, static_cast<const uint16_t*>(w), bias, M, N, K, n_begin, n_end);
-  else run(y, x, static_cast<const float*>(w), bias, M, N, K, n_begin, n_end);
+#if defined(__AVX512BF16__)
+  if (w_bf16)
+    return linear_bf16(y, static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(w), bias, M, N, K, n_begin, n_end);
+#endif
+  const float* xf = static_cast<const float*>(x);
+  if (w_bf16) run(y, xf, static_cast<const uint16_t*>(w), bias, M, N, K, n_begin, n_end);
+  else run(y, xf, static_cast<const float*>(w), bias, M, N, K, n_begin, n_end);
+}
+
+void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
+#if defined(__AVX512BF16__)
+  to_bf16_rows(dst, x, M, K);
+#else
+  const int64_t Kp = bf16_input_stride(K);
+  for (int64_t m = 0; m < bf16_input_rows(M); ++m)
+    for (int64_t k = 0; k < Kp; ++k) dst[bf16_input_index(m, k, K)] = m < M && k < K ? bf16_round(x[m * K + k]) : uint16_t(0);
+#endif
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA

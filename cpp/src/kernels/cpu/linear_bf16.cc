@@ -1,0 +1,319 @@
+// bf16 Linear layers on the levels with bf16 dot products (avx512_bf16, amx): bf16 inputs times
+// bf16 weights, fp32 sums — what transformers and vLLM compute for a bf16 checkpoint.
+//
+// Weights are packed at load into panels of 32 output columns, K padded to a multiple of 32 with
+// zeros. A panel is a run of K/32 blocks; block kb holds two 16-column halves, each 16 rows of
+// 64 bytes: row r of half h holds, for the half's 16 columns n, the pair w[n][32 kb + 2r],
+// w[n][32 kb + 2r + 1]. That is at once
+//   - AMX's B-tile layout (a tile = one half of one block, loaded with a 64-byte stride), and
+//   - vdpbf16ps's: one row of a half is a vector whose 32-bit lane n is column n's pair.
+// The inputs (linear_input) are bf16, K rounded up to 32 and the rows up to 16 with zeros, in
+// A-tile order: 16-row tiles one after the other, each a run of K/32 blocks of 16 rows x 32
+// values (1 KB, contiguous: a tile whose rows straddle cache lines or sit a row stride apart
+// loads markedly slower).
+//
+// Batch invariance: an output's sum runs over the 32-wide k blocks in order, from zero, in one
+// piece (no k splitting); each block's products are summed by the same instruction whatever the
+// other rows of the tile hold (the dot-product instructions define each output lane from its own
+// row and column only). The bias is added last. So y[m, n] depends on nothing but row m, as the
+// fp32 kernels guarantee too (tests/test_batch_invariance.py). The amx and avx512_bf16 levels
+// differ from each other in the last bits; a process uses one.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernels/cpu/kernels.h"
+#include "kernels/cpu/linear_bf16.h"
+
+namespace flashpage::cpu::FLASHPAGE_ISA {
+
+namespace {
+
+constexpr int kPanel = 32;    // output columns per panel
+constexpr int kKBlock = 32;   // k per block (one tile row of bf16)
+constexpr int kHalf = 16 * kKBlock;   // bf16 elements per half block (a 1 KB tile)
+constexpr int kBlock = 2 * kHalf;     // bf16 elements per block of a panel
+// Rows of inputs whose bf16 copy (rows x K) fits the L2 share a pass over the thread's panels.
+constexpr int64_t kChunkBytes = int64_t(512) << 10;
+
+// Where input row m's block kb starts (see above).
+inline const uint16_t* input_at(const uint16_t* x, int64_t Kp, int64_t m, int64_t kb) {
+  return x + (m / 16) * 16 * Kp + kb * kHalf + (m % 16) * kKBlock;
+}
+static_assert(kHalf == 512 && kKBlock == 32, "the layout of kernels.h's bf16_input_index");
+
+inline __m512 dot_pairs(__m512 acc, __m512i pairs, __m512i w) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)pairs, (__m512bh)w);
+}
+
+// Adds the bias (or nothing) and writes rows x cols of a block from `c` (row stride cs) to y (row
+// stride ldy).
+void store_block(float* y, int64_t ldy, const float* c, int64_t cs, const float* bias, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = static_cast<__mmask16>(cols - j >= 16 ? 0xFFFF : (1u << (cols - j)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + j) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 v = _mm512_maskz_loadu_ps(m, c + r * cs + j);
+      if (bias) v = _mm512_add_ps(v, b);
+      _mm512_mask_storeu_ps(y + r * ldy + j, m, v);
+    }
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+
+// Tiles 0-3: C (row tile i, column half h at 2i + h); 4-5: A (row tiles); 6-7: B (halves).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads the configuration on this thread for as long as it lives; releasing returns the tile
+// state so that context switches stop saving it.
+struct TileScope {
+  TileScope() {
+    static const TileConfig cfg = [] {
+      TileConfig c;
+      for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+      return c;
+    }();
+    _tile_loadconfig(&cfg);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// MT (1 or 2) row tiles of 16 inputs (x: the first tile's blocks, the next tile's 16 Kp values
+// further) times one panel: C = A . B over every k block in order. With `ahead`, also prefetches
+// a panel's worth from there (the next panel: the weight stream overlaps the tile work).
+template <int MT>
+void tile_block(float* c, const uint16_t* x, int64_t Kp, const uint16_t* panel, int64_t kblocks,
+                const uint16_t* ahead) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (MT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint16_t* b = panel + kb * kBlock;
+    if (ahead)
+      for (int line = 0; line < kBlock * 2 / 64; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + kb * kBlock) + 64 * line, _MM_HINT_T0);
+    _tile_loadd(4, x + kb * kHalf, 64);
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + kHalf, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MT == 2) {
+      _tile_loadd(5, x + 16 * Kp + kb * kHalf, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t cs = kPanel * 4;  // bytes per row of c
+  _tile_stored(0, c, cs);
+  _tile_stored(1, c + 16, cs);
+  if constexpr (MT == 2) {
+    _tile_stored(2, c + 16 * kPanel, cs);
+    _tile_stored(3, c + 16 * kPanel + 16, cs);
+  }
+}
+
+// One row tile times two adjacent panels (c: 16 rows of 64 columns): two weight streams, which
+// keep more of the memory bandwidth busy than one when the rows are few (decode).
+void tile_block_2panels(float* c, const uint16_t* x, int64_t Kp, const uint16_t* panel, int64_t kblocks) {
+  const uint16_t* panel2 = panel + kPanel * Kp;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint16_t *b = panel + kb * kBlock, *b2 = panel2 + kb * kBlock;
+    _tile_loadd(4, x + kb * kHalf, 64);
+    _tile_loadd(5, b, 64);
+    _tile_loadd(6, b + kHalf, 64);
+    _tile_loadd(7, b2, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b2 + kHalf, 64);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  constexpr int64_t cs = 2 * kPanel * 4;
+  _tile_stored(0, c, cs);
+  _tile_stored(1, c + 16, cs);
+  _tile_stored(2, c + 32, cs);
+  _tile_stored(3, c + 48, cs);
+}
+
+void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
+              int64_t K, int64_t n_begin, int64_t n_end) {
+  const int64_t Kp = bf16_input_stride(K), kblocks = Kp / kKBlock;
+  const int64_t row_tiles = (M + 15) / 16;
+  if (row_tiles == 1) {
+    alignas(64) float c[16 * 2 * kPanel];
+    TileScope tiles;
+    int64_t n0 = n_begin;
+    for (; n0 + kPanel < n_end; n0 += 2 * kPanel) {
+      tile_block_2panels(c, x, Kp, w + n0 * Kp, kblocks);
+      store_block(y + n0, ldy, c, 2 * kPanel, bias ? bias + n0 : nullptr, M, std::min<int64_t>(2 * kPanel, n_end - n0));
+    }
+    for (; n0 < n_end; n0 += kPanel) {
+      tile_block<1>(c, x, Kp, w + n0 * Kp, kblocks, nullptr);
+      store_block(y + n0, ldy, c, kPanel, bias ? bias + n0 : nullptr, M, std::min<int64_t>(kPanel, n_end - n0));
+    }
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / (16 * Kp * 2)) & ~int64_t(1);
+  alignas(64) float c[32 * kPanel];
+  TileScope tiles;
+  for (int64_t t0 = 0; t0 < row_tiles; t0 += chunk) {
+    const int64_t t1 = std::min(row_tiles, t0 + chunk);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
+      const uint16_t* panel = w + n0 * Kp;
+      const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_end - n0));
+      for (int64_t t = t0; t < t1; t += 2) {
+        const int64_t m0 = t * 16;
+        const uint16_t* xt = x + m0 * Kp;  // row tile t
+        // Prefetching the next panel pays where many row tiles share this one (measured: it
+        // costs ~15 % at 4 row tiles, gains up to 30 % at 16 with K = 1536).
+        const uint16_t* ahead = t == t0 && t1 - t0 >= 8 ? panel + kPanel * Kp : nullptr;
+        if (t + 1 < t1) tile_block<2>(c, xt, Kp, panel, kblocks, ahead);
+        else tile_block<1>(c, xt, Kp, panel, kblocks, ahead);
+        store_block(y + m0 * ldy + n0, ldy, c, kPanel, bias ? bias + n0 : nullptr,
+                    std::min<int64_t>(M - m0, t + 1 < t1 ? 32 : 16), cols);
+      }
+    }
+  }
+}
+
+#else  // avx512_bf16: vdpbf16ps, broadcasting each row's k pair against a half-block row
+
+// MR input rows times P panels side by side (P weight streams for small M, the decode case).
+template <int MR, int P>
+void rows_times_panels(float* y, int64_t ldy, const uint16_t* x, int64_t m0, int64_t Kp, const uint16_t* panel,
+                       const float* bias, int64_t rows, int64_t n0, int64_t n_end) {
+  __m512 acc[P][MR][2];
+  for (int p = 0; p < P; ++p)
+    for (int i = 0; i < MR; ++i) acc[p][i][0] = acc[p][i][1] = _mm512_setzero_ps();
+  const int64_t kblocks = Kp / kKBlock;
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    for (int r = 0; r < 16; ++r) {
+      __m512i wv[P][2];
+#pragma GCC unroll 4
+      for (int p = 0; p < P; ++p) {
+        const uint16_t* b = panel + p * Kp * kPanel + kb * kBlock + r * 32;
+        wv[p][0] = _mm512_loadu_si512(b);
+        wv[p][1] = _mm512_loadu_si512(b + kHalf);
+      }
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, input_at(x, Kp, m0 + i, kb) + 2 * r, 4);
+        const __m512i xv = _mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) {
+          acc[p][i][0] = dot_pairs(acc[p][i][0], xv, wv[p][0]);
+          acc[p][i][1] = dot_pairs(acc[p][i][1], xv, wv[p][1]);
+        }
+      }
+    }
+  }
+  alignas(64) float c[MR * kPanel];
+  for (int p = 0; p < P; ++p) {
+    const int64_t c0 = n0 + p * kPanel;
+    if (c0 >= n_end) break;
+    for (int i = 0; i < MR; ++i) {
+      _mm512_store_ps(c + i * kPanel, acc[p][i][0]);
+      _mm512_store_ps(c + i * kPanel + 16, acc[p][i][1]);
+    }
+    store_block(y + c0, ldy, c, kPanel, bias ? bias + c0 : nullptr, rows, std::min<int64_t>(kPanel, n_end - c0));
+  }
+}
+
+template <int MR, int P>
+void panels_loop(float* y, int64_t ldy, const uint16_t* x, int64_t Kp, const uint16_t* w, const float* bias,
+                 int64_t rows, int64_t n_begin, int64_t n_end) {
+  int64_t n0 = n_begin;
+  for (; n0 + (P - 1) * kPanel < n_end; n0 += P * kPanel)
+    rows_times_panels<MR, P>(y, ldy, x, 0, Kp, w + n0 * Kp, bias, rows, n0, n_end);
+  for (; n0 < n_end; n0 += kPanel) rows_times_panels<MR, 1>(y, ldy, x, 0, Kp, w + n0 * Kp, bias, rows, n0, n_end);
+}
+
+void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
+              int64_t K, int64_t n_begin, int64_t n_end) {
+  const int64_t Kp = bf16_input_stride(K);
+  switch (M) {  // registers: P x MR x 2 accumulators + 2P weights + a broadcast (32 zmm)
+    case 1: return panels_loop<1, 4>(y, ldy, x, Kp, w, bias, 1, n_begin, n_end);
+    case 2: return panels_loop<2, 4>(y, ldy, x, Kp, w, bias, 2, n_begin, n_end);
+    case 3: return panels_loop<3, 2>(y, ldy, x, Kp, w, bias, 3, n_begin, n_end);
+    case 4: return panels_loop<4, 2>(y, ldy, x, Kp, w, bias, 4, n_begin, n_end);
+    default: break;
+  }
+  constexpr int kMr = 12;
+  const int64_t chunk_rows = std::max<int64_t>(kMr, kChunkBytes / (Kp * 2) / kMr * kMr);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+    const int64_t m1 = std::min(M, m0 + chunk_rows);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
+      const int64_t n1 = std::min(n_end, n0 + kPanel);
+      for (int64_t m = m0; m < m1; m += kMr) {
+        const int64_t rows = std::min<int64_t>(kMr, m1 - m);
+        float* ym = y + m * ldy;
+        const uint16_t* panel = w + n0 * Kp;
+        // Fewer rows, fewer FMAs; each row's arithmetic is the same in every variant.
+        if (rows > 8) rows_times_panels<kMr, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+        else if (rows > 4) rows_times_panels<8, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+        else if (rows > 2) rows_times_panels<4, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+        else if (rows > 1) rows_times_panels<2, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+        else rows_times_panels<1, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+      }
+    }
+  }
+}
+
+#endif
+
+}  // namespace
+
+void pack_linear_bf16(uint16_t* dst, const uint16_t* w, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
+  const int64_t Kp = bf16_input_stride(K);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
+    uint16_t* panel = dst + n0 * Kp;
+    for (int64_t kb = 0; kb < Kp / kKBlock; ++kb)
+      for (int h = 0; h < 2; ++h)
+        for (int r = 0; r < 16; ++r)
+          for (int c = 0; c < 16; ++c)
+            for (int j = 0; j < 2; ++j) {
+              const int64_t n = n0 + 16 * h + c, k = kb * kKBlock + 2 * r + j;
+              panel[kb * kBlock + h * kHalf + r * 32 + 2 * c + j] = n < N && k < K ? w[n * K + k] : uint16_t(0);
+            }
+  }
+}
+
+void linear_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
+                 int64_t K, int64_t n_begin, int64_t n_end) {
+  run_bf16(y, x, w, bias, M, ldy, K, n_begin, n_end);
+}
+
+void to_bf16_rows(uint16_t* dst, const float* x, int64_t M, int64_t K) {
+  const int64_t Kp = bf16_input_stride(K), Mp = bf16_input_rows(M);
+  for (int64_t m = 0; m < Mp; ++m)
+    for (int64_t kb = 0; kb < Kp / kKBlock; ++kb) {
+      uint16_t* d = const_cast<uint16_t*>(input_at(dst, Kp, m, kb));
+      // Every element through the same instruction (round to nearest even), tails masked.
+      for (int64_t k = kb * kKBlock; k < (kb + 1) * kKBlock; k += 16) {
+        const int64_t n = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
+        const __mmask16 mask = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + m * K + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k - kb * kKBlock), (__m256i)h);
+      }
+    }
+}
+
+}  // namespace flashpage::cpu::FLASHPAGE_ISA
