@@ -1,7 +1,10 @@
 #include <pybind11/stl.h>
 
+#include <cstring>
+
 #include "bindings.h"
 #include "kernels/cpu/kernels.h"
+#include "runtime/aligned.h"
 #include "runtime/cpu_features.h"
 #include "runtime/cuda_loader.h"
 #include "runtime/kv_cache_plan.h"
@@ -43,11 +46,18 @@ py::tuple rms_norm(const std::string& isa, FloatArray x, py::object residual, Fl
   return py::make_tuple(out, res_out);
 }
 
+float bf16_value(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, 4);
+  return f;
+}
+
 // Paged attention with the kernels of one ISA level (or "ref"). k_cache/v_cache: float32, or
 // uint16 holding bf16 bits; [num_blocks, num_kv_heads, block_size, head_dim].
 FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cache,
                            py::array v_cache, IntArray block_tables, IntArray query_start_loc,
-                           IntArray context_lens, float scale) {
+                           IntArray context_lens, float scale, std::vector<int64_t> row_splits) {
   if (q.ndim() != 3) throw std::invalid_argument("paged_attention: q must be [tokens, heads, head_dim]");
   if (k_cache.ndim() != 4 || v_cache.ndim() != 4)
     throw std::invalid_argument("paged_attention: caches must be [blocks, kv_heads, block_size, head_dim]");
@@ -63,12 +73,52 @@ FloatArray paged_attention(const std::string& isa, FloatArray q, py::array k_cac
     throw std::invalid_argument("paged_attention: q [tokens, heads, head_dim] does not fit the caches "
                                 "(head_dim must match, heads a multiple of kv_heads)");
   const auto& table = table_for(isa);
+  // A level may keep its own cache layout (amx: tiles): the standard-layout caches given here go
+  // through that level's own writer first, every slot in order.
+  const int64_t blocks = k_cache.shape(0), nkv = k_cache.shape(1), bs = k_cache.shape(2), D = k_cache.shape(3);
+  std::vector<float> keys(size_t(blocks * bs * nkv * D)), values(keys.size());
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t h = 0; h < nkv; ++h)
+      for (int64_t p = 0; p < bs; ++p)
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t src = ((b * nkv + h) * bs + p) * D + d, dst = ((b * bs + p) * nkv + h) * D + d;
+          keys[size_t(dst)] = bf16 ? bf16_value(static_cast<const uint16_t*>(k_cache.data())[src])
+                                   : static_cast<const float*>(k_cache.data())[src];
+          values[size_t(dst)] = bf16 ? bf16_value(static_cast<const uint16_t*>(v_cache.data())[src])
+                                     : static_cast<const float*>(v_cache.data())[src];
+        }
+  std::vector<int32_t> slots(size_t(blocks * bs));
+  for (size_t i = 0; i < slots.size(); ++i) slots[i] = int32_t(i);
+  const size_t cache_bytes = size_t(k_cache.nbytes());
+  runtime::AlignedVector<char> kc(cache_bytes), vc(cache_bytes);
+  table.write_kv_cache(keys.data(), values.data(), kc.data(), vc.data(), bf16, slots.data(), blocks * bs, nkv, D, bs);
   FloatArray out({q.shape(0), q.shape(1), q.shape(2)});
-  cpu::PagedAttentionArgs a{out.mutable_data(), q.data(), k_cache.data(), v_cache.data(), bf16,
+  cpu::PagedAttentionArgs a{out.mutable_data(), q.data(), kc.data(), vc.data(), bf16,
                             block_tables.data(), block_tables.shape(1), query_start_loc.data(),
                             context_lens.data(), q.shape(1), k_cache.shape(1), q.shape(2),
                             k_cache.shape(2), scale};
-  table.paged_attention(a, 0, context_lens.shape(0));
+  if (row_splits.empty()) {
+    table.paged_attention(a, 0, context_lens.shape(0));
+    return out;
+  }
+  // Each sequence and KV head computed in pieces of rows cut at row_splits (as threads do).
+  const int64_t group = q.shape(1) / nkv;
+  for (int64_t s = 0; s < context_lens.shape(0); ++s)
+    for (int64_t h = 0; h < nkv; ++h) {
+      const int64_t rows = (query_start_loc.data()[s + 1] - query_start_loc.data()[s]) * group;
+      int64_t begin = 0;
+      for (size_t i = 0; i <= row_splits.size(); ++i) {
+        const int64_t end = i < row_splits.size() ? std::min(rows, row_splits[i]) : rows;
+        if (end <= begin) continue;
+        cpu::PagedAttentionArgs ai = a;
+        ai.kv_head_begin = h;
+        ai.kv_head_end = h + 1;
+        ai.row_begin = begin;
+        ai.row_end = end;
+        table.paged_attention(ai, s, s + 1);
+        begin = end;
+      }
+    }
   return out;
 }
 
@@ -143,8 +193,9 @@ void bind_runtime(py::module_& m) {
 
   m.def("paged_attention", &paged_attention, py::arg("isa"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("block_tables"), py::arg("query_start_loc"),
-        py::arg("context_lens"), py::arg("scale"),
-        "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'.");
+        py::arg("context_lens"), py::arg("scale"), py::arg("row_splits") = std::vector<int64_t>{},
+        "CPU paged attention over a flattened batch with one ISA level's kernels, or 'ref'; with "
+        "row_splits, each sequence's KV heads in pieces of rows (query position x group head) cut there.");
 
   m.def("linear", &linear, py::arg("isa"), py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
         py::arg("parallel") = true, py::kw_only(), py::arg("out") = py::none(), py::arg("col_offset") = 0,

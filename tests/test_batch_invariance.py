@@ -1,6 +1,8 @@
 """Batch invariance (always on): a sequence's logits are bitwise identical whatever shares its batch, however
 its prompt is chunked, whether its prefix came from the cache, and whether it was preempted and
-recomputed. On random-weight checkpoints (transformers writes them) and on stories260K."""
+recomputed. On random-weight checkpoints (transformers writes them) and on stories260K; in fp32,
+and in bf16 (bf16 arithmetic where the CPU has it: AMX tiles for the Linears and, at head_dim 32,
+for attention)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ from model_fixtures import STORIES, make_checkpoint, run_greedy
 STEPS = 12
 
 
-@pytest.fixture(scope="module", params=["llama_gqa", "qwen2_bias"])
+# (variant, dtype): each has 512 bytes of KV cache per token (the preemption test's sizing).
+@pytest.fixture(scope="module", params=[("llama_gqa", "float32"), ("qwen2_bias", "float32"),
+                                        ("qwen3_qk_norm", "bfloat16")], ids=lambda p: "-".join(p))
 def ckpt(request, tmp_path_factory):
-    return make_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
+    variant, dtype = request.param
+    return make_checkpoint(variant, str(tmp_path_factory.mktemp(variant))), dtype
 
 
-def engine(path: str, **kw) -> _core.Engine:
-    return _core.Engine(path, dtype="float32",
-                        **{"kv_cache_bytes": 16 << 20, "max_num_seqs": 32, **kw})
+def engine(ckpt: tuple[str, str], **kw) -> _core.Engine:
+    path, dtype = ckpt
+    return _core.Engine(path, dtype=dtype, **{"kv_cache_bytes": 16 << 20, "max_num_seqs": 32, **kw})
 
 
 def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 70) -> list[list[int]]:

@@ -1,6 +1,11 @@
 """CPU paged attention (reference and every ISA level) against a numpy implementation over a
 mixed batch: prompt chunks after cached context, whole prompts, decodes; GQA; fp32 and bf16
-caches; head dims including stories260K's 8."""
+caches; head dims including stories260K's 8. Each level keeps its own cache layout (the amx
+level: AMX tiles for bf16); the binding writes the standard-layout caches given here through
+the level's own cache writer first.
+
+The amx level attends to bf16 caches with bf16 arithmetic (Q and the probabilities rounded to
+bf16, fp32 sums, as flash attention on GPUs): about 2^-8 relative per term, hence 1e-2 there."""
 
 from __future__ import annotations
 
@@ -62,12 +67,25 @@ CASES = [
     ([1, 1], [1, 64], 9, 3, 64, 16),                 # SmolLM2-like decodes
     ([40, 3], [40, 100], 4, 1, 128, 32),             # prefill + chunk after context
     ([2, 9], [31, 9], 6, 2, 20, 1),                  # odd head dim, block size 1
+    ([100, 1, 37, 5], [130, 77, 37, 200], 12, 4, 64, 16),  # long chunks: many key steps and row tiles
+    ([17, 2], [50, 33], 32, 2, 128, 16),             # GQA group of 16: a position's heads fill a tile
 ]
+ALL_ISAS = ["ref", "avx2", "avx512", "avx512_bf16", "amx"]
 
 
+def isa_param():
+    have = {"ref", *_core.cpu_supported_isas()}
+    return [pytest.param(i, marks=pytest.mark.skipif(i not in have, reason=f"this CPU has no {i}")) for i in ALL_ISAS]
+
+
+def tolerance(isa: str, bf16: bool) -> float:
+    return 1e-2 if bf16 and isa == "amx" else 2e-5
+
+
+@pytest.mark.parametrize("isa", isa_param())
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_attention_matches_numpy_on_every_isa(case, bf16):
+def test_paged_attention_matches_numpy_on_every_isa(case, bf16, isa):
     rng = np.random.default_rng(7)
     qlens, lens, q_heads, kv_heads, d, bs = case
     q, k, v, tables, qsl, ctx = make_batch(rng, qlens, lens, q_heads, kv_heads, d, bs)
@@ -76,9 +94,25 @@ def test_paged_attention_matches_numpy_on_every_isa(case, bf16):
     scale = 1 / math.sqrt(d)
     want = numpy_attention(q, from_bf16_bits(k) if bf16 else k, from_bf16_bits(v) if bf16 else v,
                            tables, qsl, ctx, scale)
-    for isa in ["ref", *_core.cpu_supported_isas()]:
-        got = _core.paged_attention(isa, q, k, v, tables, qsl, ctx, scale)
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=isa)
+    got = _core.paged_attention(isa, q, k, v, tables, qsl, ctx, scale)
+    tol = tolerance(isa, bf16)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=isa)
+
+
+@pytest.mark.parametrize("isa", isa_param())
+@pytest.mark.parametrize("bf16", [False, True])
+def test_paged_attention_rows_are_independent_of_their_tile(isa, bf16):
+    """A row's result is bitwise the same however the rows are cut into pieces (threads split a
+    long prompt's query tiles), and alone (one query row at a time)."""
+    rng = np.random.default_rng(3)
+    qlens, lens, q_heads, kv_heads, d, bs = ([45, 1, 20], [80, 50, 20], 9, 3, 64, 16)
+    q, k, v, tables, qsl, ctx = make_batch(rng, qlens, lens, q_heads, kv_heads, d, bs)
+    if bf16:
+        k, v = to_bf16_bits(k), to_bf16_bits(v)
+    whole = _core.paged_attention(isa, q, k, v, tables, qsl, ctx, 0.125)
+    for splits in ([7], [16, 32, 48, 64, 80, 96, 112, 128], [1, 2, 3, 50, 51, 100], list(range(1, 140))):
+        np.testing.assert_array_equal(_core.paged_attention(isa, q, k, v, tables, qsl, ctx, 0.125, splits), whole,
+                                      err_msg=f"{isa} split at {splits[:8]}")
 
 
 def test_paged_attention_rejects_mismatched_shapes():

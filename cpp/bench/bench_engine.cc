@@ -3,7 +3,9 @@
 // prompts so that the prefix cache does not hit). A model dir holding only config.json works
 // with --dummy.
 // Usage: bench_engine MODEL_DIR [--dummy] [--batch 16] [--prompt 16] [--tokens 64] [--reps 3]
-//                     [--dtype bfloat16]
+//                     [--dtype bfloat16] [--compute-dtype auto] [--max-model-len 1024]
+//                     [--max-num-batched-tokens 1024]
+// (--tokens 1 times the prefill: prompt tokens per second are batch * prompt / time.)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,7 +20,8 @@
 int main(int argc, char** argv) try {
   if (argc < 2) {
     std::fprintf(stderr, "usage: bench_engine MODEL_DIR [--dummy] [--batch B] [--prompt P] [--tokens T] "
-                         "[--reps R] [--dtype D]\n");
+                         "[--reps R] [--dtype D] [--compute-dtype C] [--max-model-len L] "
+                         "[--max-num-batched-tokens N]\n");
     return 2;
   }
   flashpage::EngineConfig cfg;
@@ -35,6 +38,9 @@ int main(int argc, char** argv) try {
     else if (a == "--tokens") tokens = std::atoi(next());
     else if (a == "--reps") reps = std::max(1, std::atoi(next()));
     else if (a == "--dtype") cfg.dtype = next();
+    else if (a == "--compute-dtype") cfg.compute_dtype = next();
+    else if (a == "--max-model-len") cfg.max_model_len = std::atoi(next());
+    else if (a == "--max-num-batched-tokens") cfg.max_num_batched_tokens = std::atoi(next());
     else throw std::invalid_argument("unknown option " + a);
   }
   flashpage::Engine engine(cfg);
@@ -54,10 +60,12 @@ int main(int argc, char** argv) try {
   };
   run();  // warm-up: scratch buffers, KV pages
   std::vector<double> rates;
-  for (int r = 0; r < reps; ++r) rates.push_back(double(batch) * tokens / run());
+  const double per_run = double(batch) * (tokens == 1 ? prompt : tokens);
+  for (int r = 0; r < reps; ++r) rates.push_back(per_run / run());
   std::sort(rates.begin(), rates.end());
-  std::printf("batch %d, prompt %d, %d tokens each: %.1f tok/s (median of %d; min %.1f, max %.1f)\n", batch,
-              prompt, tokens, rates[rates.size() / 2], reps, rates.front(), rates.back());
+  std::printf("batch %d, prompt %d, %d tokens each (%s): %.1f %s tok/s (median of %d; min %.1f, max %.1f)\n", batch,
+              prompt, tokens, engine.info().isa.c_str(), rates[rates.size() / 2], tokens == 1 ? "prompt" : "generated",
+              reps, rates.front(), rates.back());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_engine: %s\n", e.what());

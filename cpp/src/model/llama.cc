@@ -138,37 +138,51 @@ void LlamaModel::copy_blocks(const StepOutput& st) {
 }
 
 void LlamaModel::attention(const StepOutput& st, int64_t layer) {
-  const int64_t nkv = config_.num_key_value_heads, S = st.num_seqs();
+  const int64_t nkv = config_.num_key_value_heads, group = config_.num_attention_heads / nkv, S = st.num_seqs();
   cpu::PagedAttentionArgs a{attn_.data(), q_.data(), k_cache(layer), v_cache(layer), kv_bf16(),
                             st.block_tables.data(), st.block_table_width, st.query_start_loc.data(),
                             st.context_lens.data(), config_.num_attention_heads, nkv, config_.head_dim,
                             options_.block_size, float(1.0 / std::sqrt(double(config_.head_dim)))};
-  // Work items are (sequence, KV head); each computes its rows with a fixed order, so the split
-  // does not change results. Split by estimated cost (query rows x context) across threads.
-  const int threads = pool().num_threads();
+  // Work items: (sequence, KV head, a piece of its q_len x group query rows), so that one long
+  // prompt keeps every thread busy whatever the number of KV heads. Each row is computed with
+  // an order fixed by that row alone, so the split does not change results. Threads take
+  // contiguous runs of items of about equal cost (rows x the keys they attend to).
+  constexpr int64_t kPieceRows = 64;  // a multiple of the AMX kernel's 16-row tiles
+  items_.clear();
+  double total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t q_len = st.query_start_loc[s + 1] - st.query_start_loc[s], rows = q_len * group;
+    const int64_t first_pos = st.context_lens[s] - q_len;
+    for (int64_t h = 0; h < nkv; ++h)
+      for (int64_t r0 = 0; r0 < rows; r0 += kPieceRows) {
+        const int64_t r1 = std::min(rows, r0 + kPieceRows);
+        const double cost = double(r1 - r0) * (double(first_pos) + double(r0 + r1) / (2.0 * double(group)) + 1.0);
+        items_.push_back({s, h, r0, r1, cost});
+        total += cost;
+      }
+  }
   auto run_items = [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      const AttentionItem& it = items_[size_t(i)];
       cpu::PagedAttentionArgs ai = a;
-      ai.kv_head_begin = i % nkv;
-      ai.kv_head_end = ai.kv_head_begin + 1;
-      kern_.paged_attention(ai, i / nkv, i / nkv + 1);
+      ai.kv_head_begin = it.kv_head;
+      ai.kv_head_end = it.kv_head + 1;
+      ai.row_begin = it.row_begin;
+      ai.row_end = it.row_end;
+      kern_.paged_attention(ai, it.seq, it.seq + 1);
     }
   };
-  if (threads == 1 || S * nkv == 1) {
-    run_items(0, S * nkv);
+  const int threads = pool().num_threads();
+  const int64_t n = int64_t(items_.size());
+  if (threads == 1 || n == 1) {
+    run_items(0, n);
     return;
   }
-  auto cost = [&](int64_t s) {
-    const double q = st.query_start_loc[s + 1] - st.query_start_loc[s];
-    return q * (st.context_lens[s] - q / 2 + 1);
-  };
-  double total = 0;
-  for (int64_t s = 0; s < S; ++s) total += cost(s) * double(nkv);
-  bounds_.assign(size_t(threads + 1), S * nkv);
+  bounds_.assign(size_t(threads + 1), n);
   bounds_[0] = 0;
   double cum = 0;
-  for (int64_t i = 0, t = 1; i < S * nkv && t < threads; ++i) {
-    cum += cost(i / nkv);
+  for (int64_t i = 0, t = 1; i < n && t < threads; ++i) {
+    cum += items_[size_t(i)].cost;
     while (t < threads && cum >= total * double(t) / threads) bounds_[t++] = i + 1;
   }
   pool().parallel_for(threads, [&](int64_t t0, int64_t t1) {

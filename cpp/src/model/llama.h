@@ -72,7 +72,12 @@ class LlamaModel {
   runtime::AlignedVector<float> residual_, delta_, normed_, q_, k_, v_, attn_, gate_up_, act_;
   runtime::AlignedVector<float> last_residual_, last_delta_, last_normed_, logits_;
   runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
-  std::vector<int64_t> bounds_;  // attention work split per thread
+  struct AttentionItem {
+    int64_t seq, kv_head, row_begin, row_end;
+    double cost;
+  };
+  std::vector<AttentionItem> items_;  // attention work items of the current layer
+  std::vector<int64_t> bounds_;       // and their split per thread
 };
 
 }  // namespace flashpage::model

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cpu/attention_tiles.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/simd.h"
 
@@ -19,53 +20,6 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
 constexpr int kTile = 8;
-
-#if defined(__AVX512F__)
-inline float vmax_all(Vec v) { return _mm512_reduce_max_ps(v); }
-// Lanes [n, kLanes) set to x.
-inline Vec vfill_from(Vec v, int n, float x) {
-  return _mm512_mask_blend_ps(static_cast<__mmask16>(~((1u << n) - 1)), v, _mm512_set1_ps(x));
-}
-inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline Vec vpow2_times(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
-#else
-inline float vmax_all(Vec v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-inline Vec vfill_from(Vec v, int n, float x) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const Vec keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
-  return _mm256_blendv_ps(_mm256_set1_ps(x), v, keep);
-}
-inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline Vec vpow2_times(Vec y, Vec n) {
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
-#endif
-
-// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); lanes below -87 give ~1e-38, not 0.
-inline Vec vexp(Vec x) {
-  x = vmin(vmax(x, vset1(-87.33654f)), vset1(88.72283f));
-  const Vec n = vround(vmul(x, vset1(1.44269504088896341f)));
-  x = vfma(n, vset1(-0.693359375f), x);
-  x = vfma(n, vset1(2.12194440e-4f), x);
-  Vec y = vset1(1.9875691500e-4f);
-  y = vfma(y, x, vset1(1.3981999507e-3f));
-  y = vfma(y, x, vset1(8.3334519073e-3f));
-  y = vfma(y, x, vset1(4.1665795894e-2f));
-  y = vfma(y, x, vset1(1.6666665459e-1f));
-  y = vfma(y, x, vset1(5.0000001201e-1f));
-  y = vfma(vmul(y, x), x, vadd(x, vset1(1.f)));
-  return vpow2_times(y, n);
-}
 
 struct Row {
   float* out;
@@ -92,8 +46,8 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
     const int32_t* bt = a.block_tables + s * a.block_table_stride;
     const int64_t kv_end = a.kv_head_end > 0 ? a.kv_head_end : nkv;
     for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh) {
-      const int64_t n_rows = q_len * group;  // (query row, head of the group), row-major
-      for (int64_t t0 = 0; t0 < n_rows; t0 += kTile) {
+      const int64_t n_rows = a.row_end > 0 ? std::min(a.row_end, q_len * group) : q_len * group;
+      for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kTile) {
         const int nt = int(std::min<int64_t>(kTile, n_rows - t0));
         int64_t max_pos = 0;
         for (int i = 0; i < nt; ++i) {
@@ -170,6 +124,9 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
   if (a.head_dim > kMaxHeadDim)
     throw std::invalid_argument("paged_attention: head_dim " + std::to_string(a.head_dim) +
                                 " exceeds " + std::to_string(kMaxHeadDim));
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (kv_tile_layout(a.kv_bf16, a.head_dim, a.block_size)) return paged_attention_tiles(a, seq_begin, seq_end);
+#endif
   if (a.kv_bf16) attend<uint16_t>(a, seq_begin, seq_end);
   else attend<float>(a, seq_begin, seq_end);
 }

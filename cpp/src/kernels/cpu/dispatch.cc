@@ -47,6 +47,8 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
       const int64_t pos = ctx - (r1 - r0) + (r - r0);
       const int64_t h_end = (a.kv_head_end > 0 ? a.kv_head_end : a.num_kv_heads) * group;
       for (int64_t h = a.kv_head_begin * group; h < h_end; ++h) {
+        const int64_t row = (r - r0) * group + h % group;  // within its KV head's rows
+        if (row < a.row_begin || (a.row_end > 0 && row >= a.row_end)) continue;
         const float* q = a.q + (r * a.num_q_heads + h) * D;
         std::vector<double> score(pos + 1);
         double mx = -INFINITY;

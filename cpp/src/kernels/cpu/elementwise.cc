@@ -3,17 +3,10 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/attention_tiles.h"
 #include "kernels/cpu/kernels.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
-
-namespace {
-inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return static_cast<uint16_t>((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-}
-}  // namespace
 
 void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter) {
   for (int64_t t = 0; t < tokens; ++t) {
@@ -44,6 +37,11 @@ void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t to
 void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,
                     bool cache_bf16, const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads,
                     int64_t head_dim, int64_t block_size) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if (kv_tile_layout(cache_bf16, head_dim, block_size))
+    return write_kv_cache_tiles(key, value, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
+                                slot_mapping, tokens, kv_heads, head_dim, block_size);
+#endif
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
@@ -55,8 +53,8 @@ void write_kv_cache(const float* key, const float* value, void* k_cache, void* v
         auto* kc = static_cast<uint16_t*>(k_cache) + dst;
         auto* vc = static_cast<uint16_t*>(v_cache) + dst;
         for (int64_t i = 0; i < head_dim; ++i) {
-          kc[i] = to_bf16(key[src + i]);
-          vc[i] = to_bf16(value[src + i]);
+          kc[i] = bf16_round(key[src + i]);
+          vc[i] = bf16_round(value[src + i]);
         }
       } else {
         std::memcpy(static_cast<float*>(k_cache) + dst, key + src, head_dim * sizeof(float));

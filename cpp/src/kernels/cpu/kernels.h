@@ -73,6 +73,10 @@ struct PagedAttentionArgs {
   // Only KV heads [kv_head_begin, kv_head_end) and their query heads; end 0 means all. Lets a
   // caller split one sequence's heads across threads.
   int64_t kv_head_begin = 0, kv_head_end = 0;
+  // Only rows [row_begin, row_end) of each KV head's q_len x group rows (query position major,
+  // then the heads of the group); end 0 means all. Lets a caller split a long prompt's query
+  // tiles across threads. A row's result does not depend on the rows it is computed with.
+  int64_t row_begin = 0, row_end = 0;
 };
 
 

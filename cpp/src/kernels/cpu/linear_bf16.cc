@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/amx.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/linear_bf16.h"
 
@@ -65,28 +66,9 @@ void store_block(float* y, int64_t ldy, const float* c, int64_t cs, const float*
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 
-// Tiles 0-3: C (row tile i, column half h at 2i + h); 4-5: A (row tiles); 6-7: B (halves).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Loads the configuration on this thread for as long as it lives; releasing returns the tile
-// state so that context switches stop saving it.
-struct TileScope {
-  TileScope() {
-    static const TileConfig cfg = [] {
-      TileConfig c;
-      for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-      return c;
-    }();
-    _tile_loadconfig(&cfg);
-  }
-  ~TileScope() { _tile_release(); }
-  TileScope(const TileScope&) = delete;
-  TileScope& operator=(const TileScope&) = delete;
-};
+// Tiles 0-3: C (row tile i, column half h at 2i + h); 4-5: A (row tiles); 6-7: B (halves): all
+// 16 rows of 64 bytes.
+const TileConfig kLinearTiles{{16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}};
 
 // MT (1 or 2) row tiles of 16 inputs (x: the first tile's blocks, the next tile's 16 Kp values
 // further) times one panel: C = A . B over every k block in order. With `ahead`, also prefetches
@@ -158,7 +140,7 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
   const int64_t row_tiles = (M + 15) / 16;
   if (row_tiles == 1) {
     alignas(64) float c[16 * 2 * kPanel];
-    TileScope tiles;
+    TileScope tiles(kLinearTiles);
     int64_t n0 = n_begin;
     for (; n0 + kPanel < n_end; n0 += 2 * kPanel) {
       tile_block_2panels(c, x, Kp, w + n0 * Kp, kblocks);
@@ -172,7 +154,7 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
   }
   const int64_t chunk = std::max<int64_t>(2, kChunkBytes / (16 * Kp * 2)) & ~int64_t(1);
   alignas(64) float c[32 * kPanel];
-  TileScope tiles;
+  TileScope tiles(kLinearTiles);
   for (int64_t t0 = 0; t0 < row_tiles; t0 += chunk) {
     const int64_t t1 = std::min(row_tiles, t0 + chunk);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {

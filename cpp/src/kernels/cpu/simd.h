@@ -176,4 +176,52 @@ inline float scalar_as_f32(const T* p) {
   }
 }
 
+// Horizontal max, lane fills, and exp for softmax and SiLU.
+#if defined(__AVX512F__)
+inline float vmax_all(Vec v) { return _mm512_reduce_max_ps(v); }
+// Lanes [n, kLanes) set to x.
+inline Vec vfill_from(Vec v, int n, float x) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>(~((1u << n) - 1)), v, _mm512_set1_ps(x));
+}
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2_times(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+#else
+inline float vmax_all(Vec v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline Vec vfill_from(Vec v, int n, float x) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const Vec keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+  return _mm256_blendv_ps(_mm256_set1_ps(x), v, keep);
+}
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vpow2_times(Vec y, Vec n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+#endif
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); lanes below -87 give ~1e-38, not 0.
+inline Vec vexp(Vec x) {
+  x = vmin(vmax(x, vset1(-87.33654f)), vset1(88.72283f));
+  const Vec n = vround(vmul(x, vset1(1.44269504088896341f)));
+  x = vfma(n, vset1(-0.693359375f), x);
+  x = vfma(n, vset1(2.12194440e-4f), x);
+  Vec y = vset1(1.9875691500e-4f);
+  y = vfma(y, x, vset1(1.3981999507e-3f));
+  y = vfma(y, x, vset1(8.3334519073e-3f));
+  y = vfma(y, x, vset1(4.1665795894e-2f));
+  y = vfma(y, x, vset1(1.6666665459e-1f));
+  y = vfma(y, x, vset1(5.0000001201e-1f));
+  y = vfma(vmul(y, x), x, vadd(x, vset1(1.f)));
+  return vpow2_times(y, n);
+}
+
 }  // namespace flashpage::cpu::FLASHPAGE_ISA

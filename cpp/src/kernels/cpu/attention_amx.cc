@@ -1,0 +1,191 @@
+// Paged attention on AMX tiles for bf16 caches in the tile layout (attention_tiles.h): a
+// flash-attention loop over 16-row tiles of one KV head's rows (query positions x the heads of
+// its GQA group), keys 32 at a time from position 0:
+//   S = Q . K^T     two 16 x 16 tiles, Q (scaled, rounded to bf16) against the cached K tiles
+//   online softmax  per row in vector registers: mask keys past the row's position, new
+//                   maximum, rescale factor, P = exp(S - max) (fp32 sum, bf16 for the product)
+//   O = O * c + P . V   per 16 columns of head_dim, P . V on tiles, O in fp32 memory
+// A row's arithmetic depends only on that row: the key steps are fixed (32 from 0), a step past
+// a row's position changes nothing of it (its P row is zero, its rescale exactly 1, and the
+// tile sums of zero products leave its values as they were), and every product is per element.
+// So a row gives the same bits alone (a decode), in any tile and in any chunk of its prompt.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cpu/amx.h"
+#include "kernels/cpu/attention_tiles.h"
+#include "kernels/cpu/simd.h"
+
+namespace flashpage::cpu::FLASHPAGE_ISA {
+
+namespace {
+
+constexpr int kRows = 16;       // rows of a tile
+constexpr int kGroup = 16;      // keys per K/V tile
+constexpr int kMaxD = 256;
+
+// 0, 1: S of the step's two key groups; 2: Q (32 d); 3: K^T (16 d pairs x 16 keys);
+// 4: P (16 keys); 5: V (8 key pairs x 16 d); 6: P . V.
+const TileConfig kAttentionTiles{{16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 32}, {8, 64}, {16, 64}};
+
+inline __mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
+  return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+}
+
+inline void store_bf16(uint16_t* dst, __m512 v) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// One KV head's 16-row tile (nt valid rows) against the keys [0, max_pos].
+struct TileState {
+  alignas(64) uint16_t q[kMaxD / 32][kRows * 32];  // A tiles of Q, one per 32 d
+  alignas(64) float s[kRows * 32];                 // the step's scores
+  alignas(64) uint16_t p[2][kRows * kGroup];       // A tiles of P (rows >= nt stay zero)
+  alignas(64) float pv[kRows * 16];
+  alignas(64) float o[kRows * kMaxD];
+  alignas(64) uint16_t v_clean[kGroup * kMaxD];    // a group reaching past the context, zeroed there
+  float m[kRows], l[kRows], corr[kRows];
+  int64_t pos[kRows];
+  float* out[kRows];
+};
+
+// S for key group gi (tile gi) of keys at `k` (its first d-pair row; rows bs * 2 values apart).
+// (GCC's tile intrinsics take the tile number as a literal, so each group is spelled out.)
+#define FLASHPAGE_SCORES(S)                                  \
+  do {                                                       \
+    _tile_zero(S);                                           \
+    for (int64_t db = 0; db < dblocks; ++db) {               \
+      _tile_loadd(2, st.q[db], 64);                          \
+      _tile_loadd(3, k + db * 16 * bs * 2, bs * 4);          \
+      _tile_dpbf16ps(S, 2, 3);                               \
+    }                                                        \
+    _tile_stored(S, st.s + S * kGroup, 32 * 4);              \
+  } while (0)
+
+inline void scores(TileState& st, int gi, const uint16_t* k, int64_t dblocks, int64_t bs) {
+  if (gi == 0) FLASHPAGE_SCORES(0);
+  else FLASHPAGE_SCORES(1);
+}
+#undef FLASHPAGE_SCORES
+
+void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArgs& a, const int32_t* bt,
+                 int64_t ctx, int64_t kvh) {
+  const int64_t D = a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
+  const int64_t dblocks = D / 32, dtiles = D / 16;
+  const auto* kc = static_cast<const uint16_t*>(a.k_cache);
+  const auto* vc = static_cast<const uint16_t*>(a.v_cache);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  for (int64_t k0 = 0; k0 <= max_pos; k0 += 2 * kGroup) {
+    const int groups = k0 + kGroup <= max_pos ? 2 : 1;
+    const uint16_t* v[2];
+    for (int gi = 0; gi < groups; ++gi) {
+      const int64_t p0 = k0 + gi * kGroup, off = p0 % bs;
+      const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh) * bs * D;
+      scores(st, gi, kc + base + off * 2, dblocks, bs);
+      v[gi] = vc + base + (off / 2) * D * 2;
+      if (p0 + kGroup > ctx) {  // slots past the context may hold anything: their P is 0, V too
+        std::memcpy(st.v_clean, v[gi], size_t(kGroup * D) * 2);
+        for (int64_t key = ctx - p0; key < kGroup; ++key)
+          for (int64_t d = 0; d < D; ++d) st.v_clean[(key / 2) * D * 2 + d * 2 + key % 2] = 0;
+        v[gi] = st.v_clean;
+      }
+    }
+    for (int i = 0; i < nt; ++i) {
+      const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
+      const __mmask16 m0 = first_lanes(valid), m1 = first_lanes(valid - kGroup);
+      const __m512 s0 = _mm512_mask_blend_ps(m0, neg_inf, _mm512_load_ps(st.s + i * 32));
+      const __m512 s1 = _mm512_mask_blend_ps(m1, neg_inf, _mm512_maskz_load_ps(m1, st.s + i * 32 + kGroup));
+      const float mnew = std::max(st.m[i], vmax_all(_mm512_max_ps(s0, s1)));
+      const float c = std::exp(st.m[i] - mnew);
+      const __m512 mv = _mm512_set1_ps(-mnew);
+      const __m512 p0 = _mm512_maskz_mov_ps(m0, vexp(_mm512_add_ps(s0, mv)));
+      const __m512 p1 = _mm512_maskz_mov_ps(m1, vexp(_mm512_add_ps(s1, mv)));
+      st.l[i] = st.l[i] * c + vsum(_mm512_add_ps(p0, p1));
+      st.m[i] = mnew;
+      st.corr[i] = c;
+      store_bf16(st.p[0] + i * kGroup, p0);
+      store_bf16(st.p[1] + i * kGroup, p1);
+    }
+    for (int64_t j = 0; j < dtiles; ++j) {
+      _tile_zero(6);
+      for (int gi = 0; gi < groups; ++gi) {
+        _tile_loadd(4, st.p[gi], kGroup * 2);
+        _tile_loadd(5, v[gi] + j * 32, D * 4);
+        _tile_dpbf16ps(6, 4, 5);
+      }
+      _tile_stored(6, st.pv, 64);
+      for (int i = 0; i < nt; ++i) {
+        float* o = st.o + i * kMaxD + j * 16;
+        _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(o), _mm512_set1_ps(st.corr[i]), _mm512_load_ps(st.pv + i * 16)));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
+                          const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+                          int64_t block_size) {
+  const int64_t D = head_dim, bs = block_size;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / bs, off = slot % bs;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* kr = key + (t * kv_heads + h) * D;
+      const float* vr = value + (t * kv_heads + h) * D;
+      uint16_t* kb = k_cache + (block * kv_heads + h) * bs * D + off * 2;
+      uint16_t* vb = v_cache + (block * kv_heads + h) * bs * D + (off / 2) * D * 2 + off % 2;
+      for (int64_t d = 0; d < D; ++d) {
+        kb[(d / 2) * bs * 2 + d % 2] = bf16_round(kr[d]);
+        vb[d * 2] = bf16_round(vr[d]);
+      }
+    }
+  }
+}
+
+void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
+  const int64_t D = a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  TileState st;
+  std::memset(st.p, 0, sizeof st.p);
+  TileScope tiles(kAttentionTiles);
+  for (int64_t s = seq_begin; s < seq_end; ++s) {
+    const int64_t r0 = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - r0, ctx = a.context_lens[s];
+    const int32_t* bt = a.block_tables + s * a.block_table_stride;
+    const int64_t kv_end = a.kv_head_end > 0 ? a.kv_head_end : nkv;
+    const int64_t n_rows = a.row_end > 0 ? std::min(a.row_end, q_len * group) : q_len * group;
+    for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh)
+      for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kRows) {
+        const int nt = int(std::min<int64_t>(kRows, n_rows - t0));
+        std::memset(st.q, 0, sizeof st.q);
+        int64_t max_pos = 0;
+        for (int i = 0; i < nt; ++i) {
+          const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
+          const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
+          for (int64_t db = 0; db < D / 32; ++db) {
+            store_bf16(st.q[db] + i * 32, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32), scale));
+            store_bf16(st.q[db] + i * 32 + 16, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32 + 16), scale));
+          }
+          st.pos[i] = ctx - q_len + r;
+          st.out[i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
+          st.m[i] = -INFINITY;
+          st.l[i] = 0.f;
+          std::memset(st.o + i * kMaxD, 0, size_t(D) * 4);
+          max_pos = std::max(max_pos, st.pos[i]);
+        }
+        attend_tile(st, nt, max_pos, a, bt, ctx, kvh);
+        for (int i = 0; i < nt; ++i) {
+          const __m512 inv = _mm512_set1_ps(st.l[i] > 0.f ? 1.f / st.l[i] : 0.f);
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(st.out[i] + d, _mm512_mul_ps(_mm512_load_ps(st.o + i * kMaxD + d), inv));
+        }
+      }
+  }
+}
+
+}  // namespace flashpage::cpu::FLASHPAGE_ISA
