@@ -27,6 +27,8 @@ py::dict info_dict(const ModelInfo& i) {
   d["weight_bytes_owned"] = i.weight_bytes_owned;
   d["kv_cache_report"] = i.kv_cache_report;
   d["load_seconds"] = i.load_seconds;
+  d["max_num_batched_tokens"] = i.max_num_batched_tokens;
+  d["prefill_tokens_per_second"] = i.prefill_tokens_per_second;
   return d;
 }
 
@@ -59,7 +61,7 @@ void bind_engine(py::module_& m) {
            }),
            py::arg("model"), py::arg("dtype") = "auto", py::arg("load_format") = "auto",
            py::arg("max_model_len") = 0, py::arg("block_size") = 16, py::arg("max_num_seqs") = 256,
-           py::arg("max_num_batched_tokens") = 2048, py::arg("enable_prefix_caching") = true,
+           py::arg("max_num_batched_tokens") = 0, py::arg("enable_prefix_caching") = true,
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
            py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
            py::arg("verbose") = false, py::arg("compute_dtype") = "auto")

@@ -38,23 +38,3 @@ TEST(isa_dispatch_picks_a_supported_level) {
   CHECK(cpu::kernels().isa == runtime::active_isa());
   CHECK_THROWS(std::invalid_argument, runtime::parse_isa("sse9"), "sse9");
 }
-
-#include <atomic>
-
-#include "runtime/thread_pool.h"
-
-TEST(thread_pool_covers_every_index_once) {
-  for (int threads : {1, 2, 3, 8}) {
-    runtime::ThreadPool pool(threads);
-    CHECK_EQ(pool.num_threads(), threads);
-    for (int64_t n : {0, 1, 5, 7, 1000}) {
-      for (int round = 0; round < 20; ++round) {
-        std::vector<std::atomic<int>> hits(n);
-        pool.parallel_for(n, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
-        });
-        for (int64_t i = 0; i < n; ++i) CHECK_EQ(hits[i].load(), 1);
-      }
-    }
-  }
-}

@@ -36,7 +36,7 @@ class LLM:
         max_model_len: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         kv_cache_memory_bytes: int | None = None,
         kv_cache_memory_fraction: float = 0.25,
@@ -49,7 +49,7 @@ class LLM:
         self.core = _core.Engine(
             model, dtype=dtype, load_format=load_format, max_model_len=max_model_len or 0,
             block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+            max_num_batched_tokens=max_num_batched_tokens or 0, enable_prefix_caching=enable_prefix_caching,
             kv_cache_bytes=kv_cache_memory_bytes or 0, kv_cache_memory_fraction=kv_cache_memory_fraction,
             seed=seed, verbose=verbose, compute_dtype=compute_dtype)
         self.model_info: dict = self.core.info

@@ -1,6 +1,7 @@
 #include "model/llama.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -188,6 +189,23 @@ void LlamaModel::attention(const StepOutput& st, int64_t layer) {
   pool().parallel_for(threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) run_items(bounds_[t], bounds_[t + 1]);
   });
+}
+
+double LlamaModel::measure_prefill_rate() {
+  const ModelConfig& c = config_;
+  const int64_t rows = 128, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
+  const LayerWeights& L = weights_.layers[0];
+  runtime::AlignedVector<float> x(size_t(rows * H)), y(size_t(rows * 2 * I));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = float(int64_t(i * 7919 % 255) - 127) / 128.f;
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {  // the first pass pages in and warms up
+    const auto t0 = std::chrono::steady_clock::now();
+    run_linears(x.data(), rows, {{y.data(), 2 * I, &L.gate, nullptr}, {y.data() + I, 2 * I, &L.up, nullptr}});
+    if (rep > 0) best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  pool().rest();
+  const double per_layer = double(2 * H * c.num_attention_heads * D + 2 * H * c.num_key_value_heads * D + 3 * H * I);
+  return double(rows) / (best * per_layer * double(c.num_hidden_layers) / double(2 * H * I));
 }
 
 const float* LlamaModel::forward(const StepOutput& st) {

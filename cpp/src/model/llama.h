@@ -40,6 +40,11 @@ class LlamaModel {
   // sequence's last token) written to `out` [indices.size() (or num_seqs), vocab].
   void forward(const StepOutput& step, std::span<const int32_t> indices, float* out);
 
+  // Prompt tokens per second this machine computes the Linears of a long prompt at, measured on
+  // this model's own weights (a 128-row pass through the first layer's gate/up projection,
+  // scaled to every Linear of the model). A few milliseconds; for sizing the step budget.
+  double measure_prefill_rate();
+
   const ModelConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }
   int64_t kv_cache_bytes() const { return int64_t(kv_.size()); }

@@ -15,6 +15,7 @@
 #include "model/weights.h"
 #include "runtime/kv_cache_plan.h"
 #include "runtime/sampler.h"
+#include "runtime/thread_pool.h"
 
 namespace flashpage {
 
@@ -78,16 +79,6 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   const int64_t num_blocks = std::min({plan.num_blocks, 2 * int64_t(config.max_num_seqs) * blocks_per_seq,
                                        int64_t(INT32_MAX) / config.block_size});
 
-  SchedulerConfig sc;
-  sc.max_model_len = int32_t(max_len);
-  sc.max_num_seqs = config.max_num_seqs;
-  sc.max_num_batched_tokens = std::max(config.max_num_batched_tokens, config.max_num_seqs);
-  sc.policy = config.policy;
-  sc.cache.num_blocks = int32_t(num_blocks);
-  sc.cache.block_size = config.block_size;
-  sc.cache.enable_prefix_caching = config.enable_prefix_caching;
-  m.scheduler = std::make_unique<Scheduler>(sc);
-
   ModelInfo& info = m.info;
   info.model_type = mc.model_type;
   info.dtype = model::storage_name(storage);
@@ -107,13 +98,43 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
 
   model::ExecutorOptions eo{num_blocks, config.block_size, max_len};
   m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, kernels);
+
+  SchedulerConfig sc;
+  sc.max_model_len = int32_t(max_len);
+  sc.max_num_seqs = config.max_num_seqs;
+  if (config.max_num_batched_tokens > 0) {
+    sc.max_num_batched_tokens = std::max(config.max_num_batched_tokens, config.max_num_seqs);
+  } else {
+    // A step's budget from this machine's measured speed: about kStepSeconds of prefill, so that
+    // a long prompt does not stall every running decode for seconds (chunked prefill), within
+    // [max_num_seqs, 2048], in multiples of 64.
+    constexpr double kStepSeconds = 0.1;
+    info.prefill_tokens_per_second = m.model->measure_prefill_rate();
+    const int64_t tokens = int64_t(info.prefill_tokens_per_second * kStepSeconds) / 64 * 64;
+    sc.max_num_batched_tokens = int32_t(std::clamp<int64_t>(tokens, config.max_num_seqs, std::max(2048, config.max_num_seqs)));
+  }
+  info.max_num_batched_tokens = sc.max_num_batched_tokens;
+  sc.policy = config.policy;
+  sc.cache.num_blocks = int32_t(num_blocks);
+  sc.cache.block_size = config.block_size;
+  sc.cache.enable_prefix_caching = config.enable_prefix_caching;
+  m.scheduler = std::make_unique<Scheduler>(sc);
   info.weight_bytes_mapped = m.model->weights().mapped_bytes;
   info.weight_bytes_owned = m.model->weights().owned_bytes;
   info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (config.verbose)
-    std::fprintf(stderr, "flashpage: %s (%s weights, %s compute, %s kernels), weights %.1f MiB mapped + %.1f MiB loaded in %.2f s\n%s\n",
-                 config.model.c_str(), info.dtype.c_str(), info.compute_dtype.c_str(), info.isa.c_str(), double(info.weight_bytes_mapped) / (1 << 20),
-                 double(info.weight_bytes_owned) / (1 << 20), info.load_seconds, info.kv_cache_report.c_str());
+  if (config.verbose) {
+    const std::string why = info.prefill_tokens_per_second > 0
+                                ? " (auto: ~0.1 s of prefill at the measured " +
+                                      std::to_string(int64_t(info.prefill_tokens_per_second)) + " tokens/s)"
+                                : "";
+    std::fprintf(stderr,
+                 "flashpage: %s (%s weights, %s compute, %s kernels, %d threads), weights %.1f MiB mapped + %.1f MiB "
+                 "loaded in %.2f s\n%s\nmax_num_batched_tokens %d%s\n",
+                 config.model.c_str(), info.dtype.c_str(), info.compute_dtype.c_str(), info.isa.c_str(),
+                 runtime::ThreadPool::global().num_threads(), double(info.weight_bytes_mapped) / (1 << 20),
+                 double(info.weight_bytes_owned) / (1 << 20), info.load_seconds, info.kv_cache_report.c_str(),
+                 info.max_num_batched_tokens, why.c_str());
+  }
 }
 
 Engine::~Engine() = default;

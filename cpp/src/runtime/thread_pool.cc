@@ -6,24 +6,22 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
 
 namespace flashpage::runtime {
 namespace {
 
-int default_threads() {
-  if (const char* env = std::getenv("FLASHPAGE_NUM_THREADS"); env && *env) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// About a millisecond of polling: longer than the gaps between the kernels of one step, shorter
-// than anything worth keeping a core busy for.
-constexpr int kSpins = 20000;
+// How long an idle thread polls before it sleeps: long enough to catch the next kernel of a step
+// (they follow each other within microseconds), short enough that a process sharing the core
+// loses little. No sched_yield while polling: under EEVDF each yield pushes the thread's
+// deadline back, and a worker that yields while it waits ends up starved beside a busy process
+// (measured: it got ~10 % of the shared core and did a tenth of the work).
+constexpr auto kPollFor = std::chrono::microseconds(50);
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
@@ -31,20 +29,87 @@ inline void cpu_relax() {
 #endif
 }
 
+// Polls `done` for up to kPollFor: true if it came true.
+template <class Done>
+bool poll(Done&& done) {
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    if (i % 64 == 0 && Clock::now() - start > kPollFor) return false;
+    cpu_relax();
+  }
+}
+
+// The quota (CPUs, rounded up) in a cgroup v2 cpu.max ("max 100000" or "150000 100000") or 0.
+int quota_v2(const std::string& path) {
+  std::ifstream f(path);
+  std::string quota;
+  double period = 0;
+  if (!(f >> quota >> period) || quota == "max" || period <= 0) return 0;
+  return std::max(1, int(std::ceil(std::stod(quota) / period)));
+}
+
+int quota_v1(const std::string& dir) {
+  std::ifstream q(dir + "/cpu.cfs_quota_us"), p(dir + "/cpu.cfs_period_us");
+  double quota = -1, period = 0;
+  if (!(q >> quota) || !(p >> period) || quota <= 0 || period <= 0) return 0;
+  return std::max(1, int(std::ceil(quota / period)));
+}
+
+uint32_t gen_of(uint64_t claim) { return uint32_t(claim >> 32); }
+int64_t next_of(uint64_t claim) { return int64_t(claim & 0xFFFFFFFFu); }
+uint64_t make_claim(uint32_t gen, int64_t next) { return (uint64_t(gen) << 32) | uint64_t(next); }
+
 }  // namespace
 
+int cgroup_cpu_limit() {
+  // /proc/self/cgroup: "0::/path" (v2) or "N:cpu,cpuacct:/path" (v1). The limit that binds is
+  // the smallest along the path, so walk up to the root.
+  std::ifstream f("/proc/self/cgroup");
+  std::string line;
+  int limit = 0;
+  auto take = [&](int q) {
+    if (q > 0) limit = limit == 0 ? q : std::min(limit, q);
+  };
+  while (std::getline(f, line)) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    std::string path = line.substr(b + 1);
+    const bool v2 = controllers.empty();
+    if (!v2 && controllers.find("cpu") == std::string::npos) continue;
+    for (;;) {
+      if (v2) take(quota_v2("/sys/fs/cgroup" + path + "/cpu.max"));
+      else take(quota_v1("/sys/fs/cgroup/cpu,cpuacct" + path)), take(quota_v1("/sys/fs/cgroup/cpu" + path));
+      if (path.empty() || path == "/") break;
+      path = path.substr(0, path.rfind('/'));
+    }
+  }
+  return limit;
+}
+
+int default_num_threads() {
+  if (const char* env = std::getenv("FLASHPAGE_NUM_THREADS"); env && *env) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  int n = int(std::max(1u, std::thread::hardware_concurrency()));
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = std::max(1, CPU_COUNT(&set));
+  if (const int quota = cgroup_cpu_limit(); quota > 0) n = std::min(n, quota);
+  return n;
+}
+
 ThreadPool::ThreadPool(int num_threads) {
-  const int n = num_threads > 0 ? num_threads : default_threads();
-  for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { worker(i); });
+  const int n = num_threads > 0 ? num_threads : default_num_threads();
+  for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker(); });
 }
 
 ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-    ++generation_;
-  }
-  start_cv_.notify_all();
+  stop_.store(true);
+  generation_.fetch_add(1);
+  generation_.notify_all();
   for (auto& t : workers_) t.join();
 }
 
@@ -55,61 +120,66 @@ ThreadPool& ThreadPool::global() {
 
 void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
   if (n <= 0) return;
-  const int64_t max_parts = std::max<int64_t>(1, n / std::max<int64_t>(grain, 1));
-  const int parts = static_cast<int>(std::min<int64_t>(num_threads(), max_parts));
-  if (parts == 1) {
+  grain = std::max<int64_t>(grain, 1);
+  const int parts = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, n / grain)));
+  if (parts == 1 || n >= (int64_t(1) << 32)) {
     invoke(ctx, 0, n);
     return;
   }
-  const int64_t chunk = (n + parts - 1) / parts;
-  {
-    // Under the lock, so that a worker about to sleep either sees the new generation or is
-    // counted in sleepers_ (and notified).
-    std::lock_guard<std::mutex> lock(mu_);
-    invoke_ = invoke;
-    ctx_ = ctx;
-    n_ = n;
-    chunk_ = chunk;
-    pending_ = static_cast<int>(workers_.size());
-    resting_ = false;
-    ++generation_;
-  }
-  if (sleepers_ > 0) start_cv_.notify_all();
-  invoke(ctx, 0, std::min(n, chunk));  // the caller takes part 0
-  for (int i = 0; i < kSpins && pending_ != 0; ++i) cpu_relax();
-  if (pending_ == 0) return;
-  std::unique_lock<std::mutex> lock(mu_);
-  caller_waiting_ = true;
-  done_cv_.wait(lock, [this] { return pending_ == 0; });
-  caller_waiting_ = false;
+  // Publish the job: its fields, then the claim word and the generation that name it.
+  invoke_.store(invoke, std::memory_order_relaxed);
+  ctx_.store(ctx, std::memory_order_relaxed);
+  n_.store(n, std::memory_order_relaxed);
+  grain_.store(grain, std::memory_order_relaxed);
+  parts_.store(parts, std::memory_order_relaxed);
+  const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
+  claim_.store(make_claim(gen, 0), std::memory_order_release);
+  resting_.store(false, std::memory_order_relaxed);
+  generation_.store(gen, std::memory_order_release);
+  generation_.notify_all();
+  work(gen);
+  // Every item is claimed; wait for the chunks still running elsewhere.
+  if (poll([&] { return busy_.load(std::memory_order_acquire) == 0; })) return;
+  caller_waiting_.store(true);
+  for (int b; (b = busy_.load()) != 0;) busy_.wait(b);
+  caller_waiting_.store(false);
 }
 
-void ThreadPool::worker(int index) {
-  uint64_t seen = 0;
-  while (true) {
-    for (int i = 0; i < kSpins && generation_ == seen && !resting_; ++i) cpu_relax();
-    Invoke invoke;
-    void* ctx;
-    int64_t begin, end;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (generation_ == seen) {
-        ++sleepers_;
-        start_cv_.wait(lock, [&] { return generation_ != seen; });
-        --sleepers_;
-      }
-      if (stop_) return;
-      seen = generation_;
-      invoke = invoke_;
-      ctx = ctx_;
-      begin = std::min(n_, index * chunk_);
-      end = std::min(n_, begin + chunk_);
+void ThreadPool::work(uint32_t gen) {
+  const Invoke invoke = invoke_.load(std::memory_order_relaxed);
+  void* ctx = ctx_.load(std::memory_order_relaxed);
+  const int64_t n = n_.load(std::memory_order_relaxed), grain = grain_.load(std::memory_order_relaxed);
+  const int parts = parts_.load(std::memory_order_relaxed);
+  for (;;) {
+    // Counted as busy before claiming, so that the caller never sees "nothing running" while a
+    // claim is about to succeed.
+    busy_.fetch_add(1);
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    int64_t begin = 0, end = 0;
+    for (;;) {
+      begin = next_of(c);
+      if (gen_of(c) != gen || begin >= n) break;  // another job, or nothing left
+      // Guided: a share of what is left, so early chunks are large and late ones small.
+      end = std::min(n, begin + std::max(grain, (n - begin) / (2 * parts)));
+      if (claim_.compare_exchange_weak(c, make_claim(gen, end), std::memory_order_acq_rel)) break;
     }
-    if (begin < end) invoke(ctx, begin, end);
-    if (pending_.fetch_sub(1) == 1 && caller_waiting_) {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_cv_.notify_one();
-    }
+    const bool claimed = gen_of(c) == gen && begin < n && end > begin;
+    if (claimed) invoke(ctx, begin, end);
+    if (busy_.fetch_sub(1) == 1 && caller_waiting_.load()) busy_.notify_all();
+    if (!claimed) return;
+  }
+}
+
+void ThreadPool::worker() {
+  uint32_t seen = 0;
+  for (;;) {
+    auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    if (resting_.load(std::memory_order_relaxed) || !poll([&] { return fresh() || resting_.load(std::memory_order_relaxed); }))
+      while (!fresh()) generation_.wait(seen);
+    if (!fresh()) continue;  // woke to rest
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
+    work(seen);
   }
 }
 

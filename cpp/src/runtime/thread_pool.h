@@ -1,24 +1,33 @@
-// A fixed pool of worker threads for data-parallel kernels. parallel_for splits [0, n) into
-// one contiguous range per thread (the caller runs one of them) and returns when all are done.
-// No allocation per call: the task is passed by reference, not copied into a std::function.
-// A decode step issues ~100 parallel_for calls a few microseconds apart, and waking a sleeping
-// thread costs tens of microseconds on a VM, so workers (and the waiting caller) spin for a
-// short while before they sleep on a condition variable.
+// A fixed pool of worker threads for data-parallel kernels. parallel_for hands out [0, n) in
+// chunks that threads claim as they go (guided: large first, smaller toward the end), the caller
+// taking part too, and returns when all are done. No allocation per call: the task is passed by
+// reference, not copied into a std::function.
+//
+// Behaving on a shared machine: a decode step issues ~150 parallel_for calls a few microseconds
+// apart, so idle threads poll for a short while (50 us) before they sleep on a futex, rather
+// than for milliseconds; a thread that another process keeps off its core holds up only the
+// chunk it is in, as the others claim the rest; and the caller sleeps rather than polls while
+// the last chunks finish, leaving its core to whoever can use it.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
 namespace flashpage::runtime {
 
+// Threads this process should use: FLASHPAGE_NUM_THREADS if set, else the CPUs in its affinity
+// mask, capped by its cgroup's CPU quota (a container given 2 CPUs of a 64-core host gets 2).
+int default_num_threads();
+// The cgroup CPU quota in CPUs, rounded up (cgroup v2 cpu.max, or v1 cfs quota / period, the
+// smallest along the process's cgroup path); 0 when there is none.
+int cgroup_cpu_limit();
+
 class ThreadPool {
  public:
-  // num_threads <= 0: FLASHPAGE_NUM_THREADS, else the CPUs this process may run on.
+  // num_threads <= 0: default_num_threads().
   explicit ThreadPool(int num_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -26,7 +35,8 @@ class ThreadPool {
 
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // fn(begin, end) for disjoint ranges covering [0, n); ranges have at least `grain` items.
+  // fn(begin, end) for disjoint ranges covering [0, n); ranges have at least `grain` items
+  // (except possibly the last). Which thread runs which range varies from call to call.
   // Not reentrant: call it from one thread at a time, never from inside fn.
   template <class Fn>
   void parallel_for(int64_t n, Fn&& fn, int64_t grain = 1) {
@@ -38,7 +48,7 @@ class ThreadPool {
   // Workers stop polling and sleep until the next parallel_for: call it when the pool goes
   // unused for a while (after a model step, while Python samples with torch's own threads,
   // which polling workers would slow down).
-  void rest() { resting_ = true; }
+  void rest() { resting_.store(true, std::memory_order_relaxed); }
 
   // The process-wide pool.
   static ThreadPool& global();
@@ -46,21 +56,22 @@ class ThreadPool {
  private:
   using Invoke = void (*)(void*, int64_t, int64_t);
   void run(int64_t n, int64_t grain, Invoke invoke, void* ctx);
-  void worker(int index);
+  void work(uint32_t gen);  // claims and runs chunks of job `gen` until none is left
+  void worker();
 
   std::vector<std::thread> workers_;
-  std::mutex mu_;
-  std::condition_variable start_cv_, done_cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};        // workers waiting on start_cv_
+  // The current job. Its fields are written before claim_ and generation_ name it; a thread that
+  // read them for an older job cannot claim with them (claim_ carries the generation).
+  std::atomic<Invoke> invoke_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> n_{0}, grain_{1};
+  std::atomic<int> parts_{1};
+  alignas(64) std::atomic<uint32_t> generation_{0};  // a new job (or stop) bumps it; workers wait on it
+  alignas(64) std::atomic<uint64_t> claim_{0};       // generation << 32 | the first unclaimed item
+  alignas(64) std::atomic<int> busy_{0};             // threads claiming or running a chunk
   std::atomic<bool> caller_waiting_{false};
   std::atomic<bool> resting_{false};
   std::atomic<bool> stop_{false};
-  // The current job.
-  Invoke invoke_ = nullptr;
-  void* ctx_ = nullptr;
-  int64_t n_ = 0, chunk_ = 0;
 };
 
 }  // namespace flashpage::runtime

