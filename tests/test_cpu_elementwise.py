@@ -10,10 +10,14 @@ ISAS = ["ref", *_core.cpu_supported_isas()]
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_silu_and_mul(isa):
-    x = np.random.default_rng(0).standard_normal((5, 2 * 37)).astype(np.float32)
-    g, u = x[:, :37].astype(np.float64), x[:, 37:].astype(np.float64)
-    np.testing.assert_allclose(_core.silu_and_mul(isa, x), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("inter", [37, 64, 1536])
+def test_silu_and_mul(isa, inter):
+    x = np.random.default_rng(0).standard_normal((5, 2 * inter)).astype(np.float32)
+    x[0, :8] = [-120, -88, -87, -30, 30, 87, 88, 120]  # the ends of exp's range
+    g, u = x[:, :inter].astype(np.float64), x[:, inter:].astype(np.float64)
+    with np.errstate(over="ignore"):
+        want = g / (1 + np.exp(-g)) * u
+    np.testing.assert_allclose(_core.silu_and_mul(isa, x), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -61,3 +65,33 @@ def test_write_kv_cache(isa, bf16):
     assert (kc != 0).any(-1).sum() == (tokens - 1) * kv_heads
     with pytest.raises(ValueError, match="outside a cache of 24 slots"):
         _core.write_kv_cache(isa, key, value, kc, vc, np.full(tokens, 24, np.int32))
+
+
+def test_amx_tile_layout_of_the_kv_cache():
+    """The amx level keeps bf16 caches with head_dim % 32 == 0 and blocks of 16k tokens in its
+    tile layout (attention_tiles.h): K [d/2][block][2], V [block/2][d][2] per block and head.
+    Tokens written one at a time (decodes: half of each V word) and in runs (prefill)."""
+    if "amx" not in _core.cpu_supported_isas():
+        pytest.skip("this CPU has no amx")
+    rng = np.random.default_rng(2)
+    kv_heads, d, bs, blocks = 3, 64, 16, 4
+    tokens = 23
+    key = rng.standard_normal((tokens, kv_heads, d)).astype(np.float32)
+    value = rng.standard_normal((tokens, kv_heads, d)).astype(np.float32)
+    slots = rng.permutation(blocks * bs)[:tokens].astype(np.int32)
+    kc = np.zeros((blocks, kv_heads, bs, d), np.uint16)
+    vc = np.zeros_like(kc)
+    _core.write_kv_cache("amx", key[:5], value[:5], kc, vc, slots[:5])      # a run
+    for t in range(5, tokens):                                               # one at a time
+        _core.write_kv_cache("amx", key[t:t + 1], value[t:t + 1], kc, vc, slots[t:t + 1])
+    k_flat = kc.reshape(blocks, kv_heads, d // 2, bs, 2)
+    v_flat = vc.reshape(blocks, kv_heads, bs // 2, d, 2)
+    for t, s in enumerate(slots):
+        b, off = divmod(int(s), bs)
+        want_k, want_v = to_bf16_bits(key[t]), to_bf16_bits(value[t])
+        for h in range(kv_heads):
+            np.testing.assert_array_equal(k_flat[b, h, :, off, :].reshape(-1), want_k[h])
+            np.testing.assert_array_equal(v_flat[b, h, off // 2, :, off % 2], want_v[h])
+    written = np.zeros(blocks * bs, bool)
+    written[slots] = True
+    assert not k_flat.transpose(0, 3, 1, 2, 4).reshape(blocks * bs, -1)[~written].any()  # others untouched

@@ -7,6 +7,7 @@
 // however its prompt was chunked (batch invariance, always on: it costs nothing here).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <initializer_list>
 #include <span>
@@ -63,6 +64,7 @@ class LlamaModel {
   void embed(const StepOutput& step);
   void attention(const StepOutput& step, int64_t layer);
   void copy_blocks(const StepOutput& step);
+  void prefault_kv(std::chrono::milliseconds budget);
   void* k_cache(int64_t layer) const;
   void* v_cache(int64_t layer) const;
 

@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -31,6 +32,16 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& o) noexcept {
     size_ = std::exchange(o.size_, 0);
   }
   return *this;
+}
+
+bool HostBuffer::prefault(size_t begin, size_t end) {
+#ifdef MADV_POPULATE_WRITE
+  end = std::min(end, size_);
+  return begin >= end || madvise(static_cast<char*>(data_) + begin, end - begin, MADV_POPULATE_WRITE) == 0;
+#else
+  (void)begin, (void)end;
+  return false;
+#endif
 }
 
 void HostBuffer::release() {

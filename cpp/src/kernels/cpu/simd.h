@@ -18,6 +18,8 @@ inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vzero() { return _mm512_setzero_ps(); }
@@ -92,6 +94,8 @@ inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vzero() { return _mm256_setzero_ps(); }
@@ -208,7 +212,8 @@ inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 #endif
 
-// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp); lanes below -87 give ~1e-38, not 0.
+// exp(x) (Cephes' expf polynomial, ~1 ulp) for x in [-87.3, 88.7]; below, ~1e-38 rather than 0;
+// above, +inf (2^128).
 inline Vec vexp(Vec x) {
   x = vmin(vmax(x, vset1(-87.33654f)), vset1(88.72283f));
   const Vec n = vround(vmul(x, vset1(1.44269504088896341f)));
