@@ -78,8 +78,21 @@ void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArg
   const auto* kc = static_cast<const uint16_t*>(a.k_cache);
   const auto* vc = static_cast<const uint16_t*>(a.v_cache);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  // The next step's K and V (2 KB each per group at block_size 16) are fetched while this step
+  // computes: tile loads that miss the caches wait for memory one after another.
+  auto prefetch_step = [&](int64_t k0) {
+    for (int64_t p0 = k0; p0 <= std::min(max_pos, k0 + kGroup); p0 += kGroup) {
+      const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh) * bs * D;
+      const char* k = reinterpret_cast<const char*>(kc + base + (p0 % bs) * 2);
+      const char* v = reinterpret_cast<const char*>(vc + base + (p0 % bs / 2) * D * 2);
+      for (int64_t r = 0; r < D / 2; ++r) _mm_prefetch(k + r * bs * 4, _MM_HINT_T0);  // 64 B of pairs per row
+      for (int64_t line = 0; line < kGroup * D * 2 / 64; ++line) _mm_prefetch(v + line * 64, _MM_HINT_T0);
+    }
+  };
+  prefetch_step(0);
   for (int64_t k0 = 0; k0 <= max_pos; k0 += 2 * kGroup) {
     const int groups = k0 + kGroup <= max_pos ? 2 : 1;
+    if (k0 + 2 * kGroup <= max_pos) prefetch_step(k0 + 2 * kGroup);
     const uint16_t* v[2];
     for (int gi = 0; gi < groups; ++gi) {
       const int64_t p0 = k0 + gi * kGroup, off = p0 % bs;
@@ -87,9 +100,13 @@ void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArg
       scores(st, gi, kc + base + off * 2, dblocks, bs);
       v[gi] = vc + base + (off / 2) * D * 2;
       if (p0 + kGroup > ctx) {  // slots past the context may hold anything: their P is 0, V too
-        std::memcpy(st.v_clean, v[gi], size_t(kGroup * D) * 2);
-        for (int64_t key = ctx - p0; key < kGroup; ++key)
-          for (int64_t d = 0; d < D; ++d) st.v_clean[(key / 2) * D * 2 + d * 2 + key % 2] = 0;
+        const int64_t valid = ctx - p0;  // keys of the group in the context, 1..15
+        for (int64_t r = 0; r < kGroup / 2; ++r) {  // pair row r: keys 2r (low halves), 2r + 1
+          const __mmask32 keep = 2 * r + 1 < valid ? 0xFFFFFFFFu : 2 * r < valid ? 0x55555555u : 0u;
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_store_si512(st.v_clean + r * D * 2 + d * 2,
+                               _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(v[gi] + r * D * 2 + d * 2)));
+        }
         v[gi] = st.v_clean;
       }
     }
@@ -171,7 +188,8 @@ void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64
     for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh)
       for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kRows) {
         const int nt = int(std::min<int64_t>(kRows, n_rows - t0));
-        std::memset(st.q, 0, sizeof st.q);
+        for (int64_t db = 0; db < D / 32; ++db)  // rows past nt stay zero: padding of the A tiles
+          std::memset(st.q[db] + nt * 32, 0, size_t(kRows - nt) * 64);
         int64_t max_pos = 0;
         for (int i = 0; i < nt; ++i) {
           const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
