@@ -16,9 +16,10 @@ namespace {
 runtime::ThreadPool& pool() { return runtime::ThreadPool::global(); }
 
 // Row-wise work split over the pool only when it is large enough to pay for waking it.
+constexpr int64_t kMinParallelElems = 1 << 15;
+
 template <class Fn>
 void for_rows(int64_t rows, int64_t elems_per_row, Fn&& fn) {
-  constexpr int64_t kMinParallelElems = 1 << 15;
   if (rows < 2 || rows * elems_per_row < kMinParallelElems) {
     fn(0, rows);
     return;
@@ -45,7 +46,7 @@ LlamaModel::LlamaModel(const ModelConfig& config, LlamaWeights weights, const Ex
   layer_kv_elems_ = options_.num_blocks * config_.num_key_value_heads * options_.block_size * D;
   const size_t elem = kv_bf16() ? 2 : 4;
   kv_ = runtime::HostBuffer(size_t(2 * config_.num_hidden_layers * layer_kv_elems_) * elem);
-  prefault_kv(std::chrono::milliseconds(250));
+  prefault_kv(std::chrono::milliseconds(1000), size_t(1) << 30);
 
   // Rotary tables as Hugging Face computes them: fp32 inverse frequencies times the fp32
   // position, then cos/sin of that fp32 angle.
@@ -60,18 +61,20 @@ LlamaModel::LlamaModel(const ModelConfig& config, LlamaWeights weights, const Ex
     }
 }
 
-void LlamaModel::prefault_kv(std::chrono::milliseconds budget) {
-  // A fresh block touches a page in each layer's K and V; faulting them in mid-step stalled a
-  // prefill by ~10 % (2 MB pages zeroed in 60 regions at once). vLLM zero-fills its whole cache
-  // at start-up; zeroing runs at ~0.7 GB/s on a fresh VM (9 s for 6 GiB), so the blocks come
-  // in allocation order (lowest first) for at most `budget`, by every thread.
+void LlamaModel::prefault_kv(std::chrono::milliseconds budget, size_t max_bytes) {
+  // A fresh block touches a page in each layer's K and V; faulting them in mid-step cost ~14 %
+  // of a prefill on fresh blocks (2 MB pages zeroed in 60 regions at once). vLLM zero-fills its
+  // whole cache at start-up; zeroing runs at ~0.7 GB/s on a fresh VM (9 s for 6 GiB), so the
+  // blocks come in allocation order (lowest first), by every thread, up to `max_bytes` of cache
+  // or `budget` of time; the rest fault in on first use.
   const auto deadline = std::chrono::steady_clock::now() + budget;
   const size_t elem = kv_bf16() ? 2 : 4;
   const size_t block_bytes = size_t(layer_kv_elems_ / options_.num_blocks) * elem;
   const int64_t regions = 2 * config_.num_hidden_layers;
   constexpr int64_t kStep = 256;  // blocks per round
-  for (int64_t b0 = 0; b0 < options_.num_blocks && std::chrono::steady_clock::now() < deadline; b0 += kStep) {
-    const size_t lo = size_t(b0) * block_bytes, hi = size_t(std::min(options_.num_blocks, b0 + kStep)) * block_bytes;
+  const int64_t blocks = std::min<int64_t>(options_.num_blocks, int64_t(max_bytes / (block_bytes * size_t(regions))) + 1);
+  for (int64_t b0 = 0; b0 < blocks && std::chrono::steady_clock::now() < deadline; b0 += kStep) {
+    const size_t lo = size_t(b0) * block_bytes, hi = size_t(std::min(blocks, b0 + kStep)) * block_bytes;
     std::atomic<bool> ok{true};
     pool().parallel_for(regions, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -111,14 +114,37 @@ void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
   grow(last_normed_, S * H);
 }
 
-void LlamaModel::run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs) {
+const void* LlamaModel::as_input(const float* x, int64_t rows, int64_t K) {
+  return cpu::linear_input_for(kern_, weights_.storage == StorageType::kBF16, x, rows, K, x16_);
+}
+
+template <class Make>
+const void* LlamaModel::produce_input(float* x, int64_t rows, int64_t K, Make&& make) {
+  if (!cpu::takes_bf16_input(kern_, weights_.storage == StorageType::kBF16)) {
+    for_rows(rows, K, make);
+    return x;
+  }
+  // The producing op and the rounding to bf16 in one parallel pass: each thread rounds the rows
+  // it has just made (16-row tiles, the input layout's unit) while they are in its cache.
+  grow(x16_, cpu::bf16_input_elems(rows, K));
+  const int64_t Kp = cpu::bf16_input_stride(K), tiles = cpu::bf16_input_rows(rows) / 16;
+  auto both = [&](int64_t tb, int64_t te) {
+    const int64_t b = tb * 16, e = std::min(rows, te * 16);
+    make(b, e);
+    kern_.linear_input(x16_.data() + b * Kp, x + b * K, e - b, K);
+  };
+  if (tiles < 2 || rows * K < kMinParallelElems) both(0, tiles);
+  else pool().parallel_for(tiles, both);
+  return x16_.data();
+}
+
+void LlamaModel::run_linears(const void* input, int64_t rows, std::initializer_list<LinearJob> jobs) {
   // Threads split the jobs' panels (the kernels' unit of columns), counted across all jobs.
   const int64_t panel = kern_.linear_panel();
   auto panels = [&](const LinearJob& j) { return cpu::linear_panels(panel, j.w->rows); };
   int64_t total = 0;
   for (const LinearJob& j : jobs) total += panels(j);
   const int64_t K = jobs.begin()->w->cols;
-  const void* input = cpu::linear_input_for(kern_, jobs.begin()->w->bf16, x, rows, K, x16_);  // once for all jobs
   auto part = [&](int64_t b, int64_t e) {
     int64_t off = 0;
     for (const LinearJob& j : jobs) {
@@ -226,7 +252,7 @@ double LlamaModel::measure_prefill_rate() {
   double best = 1e30;
   for (int rep = 0; rep < 4; ++rep) {  // the first pass pages in and warms up
     const auto t0 = std::chrono::steady_clock::now();
-    run_linears(x.data(), rows, {{y.data(), 2 * I, &L.gate, nullptr}, {y.data() + I, 2 * I, &L.up, nullptr}});
+    run_linears(as_input(x.data(), rows, H), rows, {{y.data(), 2 * I, &L.gate, nullptr}, {y.data() + I, 2 * I, &L.up, nullptr}});
     if (rep > 0) best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   pool().rest();
@@ -269,12 +295,17 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
       kern_.rms_norm(out + b * dim, x + b * dim, residual ? residual + b * dim : nullptr, w.data(), e - b, dim, eps);
     });
   };
+  // RMSNorm (+ the residual add) straight into the next Linears' input.
+  auto norm_input = [&](const float* x, float* residual, const std::vector<float>& w) {
+    return produce_input(normed, T, H, [&](int64_t b, int64_t e) {
+      kern_.rms_norm(normed + b * H, x + b * H, residual ? residual + b * H : nullptr, w.data(), e - b, H, eps);
+    });
+  };
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = weights_.layers[l];
-    if (l == 0) norm(normed, res, nullptr, L.input_norm, T, H);
-    else norm(normed, delta, res, L.input_norm, T, H);
-    run_linears(normed, T, {{q, nqh * D, &L.q, or_null(L.q_bias)}, {k, nkvh * D, &L.k, or_null(L.k_bias)},
-                            {v, nkvh * D, &L.v, or_null(L.v_bias)}});
+    const void* in = l == 0 ? norm_input(res, nullptr, L.input_norm) : norm_input(delta, res, L.input_norm);
+    run_linears(in, T, {{q, nqh * D, &L.q, or_null(L.q_bias)}, {k, nkvh * D, &L.k, or_null(L.k_bias)},
+                        {v, nkvh * D, &L.v, or_null(L.v_bias)}});
     if (c.qk_norm) {
       norm(q, q, nullptr, L.q_norm, T * nqh, D);
       norm(k, k, nullptr, L.k_norm, T * nkvh, D);
@@ -286,11 +317,13 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
                         st.slot_mapping.data() + b, e - b, nkvh, D, options_.block_size);
     });
     attention(st, l);
-    run_linears(attn_.data(), T, {{delta, H, &L.o, nullptr}});
-    norm(normed, delta, res, L.post_attention_norm, T, H);
-    run_linears(normed, T, {{gate_up_.data(), 2 * I, &L.gate, nullptr}, {gate_up_.data() + I, 2 * I, &L.up, nullptr}});
-    for_rows(T, I, [&](int64_t b, int64_t e) { kern_.silu_and_mul(act_.data() + b * I, gate_up_.data() + b * 2 * I, e - b, I); });
-    run_linears(act_.data(), T, {{delta, H, &L.down, nullptr}});
+    run_linears(as_input(attn_.data(), T, nqh * D), T, {{delta, H, &L.o, nullptr}});
+    run_linears(norm_input(delta, res, L.post_attention_norm), T,
+                {{gate_up_.data(), 2 * I, &L.gate, nullptr}, {gate_up_.data() + I, 2 * I, &L.up, nullptr}});
+    const void* act = produce_input(act_.data(), T, I, [&](int64_t b, int64_t e) {
+      kern_.silu_and_mul(act_.data() + b * I, gate_up_.data() + b * 2 * I, e - b, I);
+    });
+    run_linears(act, T, {{delta, H, &L.down, nullptr}});
   }
   // The final norm and the LM head only for the tokens asked for (each sequence's last).
   for (int64_t s = 0; s < S; ++s) {
@@ -299,7 +332,7 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
     std::memcpy(last_delta_.data() + s * H, delta + idx * H, size_t(H) * 4);
   }
   norm(last_normed_.data(), last_delta_.data(), last_residual_.data(), weights_.final_norm, S, H);
-  run_linears(last_normed_.data(), S, {{out, V, &weights_.lm_head, nullptr}});
+  run_linears(as_input(last_normed_.data(), S, H), S, {{out, V, &weights_.lm_head, nullptr}});
   pool().rest();  // the sampler runs next, maybe on torch's threads: do not poll beside it
 }
 

@@ -58,13 +58,20 @@ class LlamaModel {
     const Matrix* w;
     const float* bias;
   };
-  // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their panels.
-  void run_linears(const float* x, int64_t rows, std::initializer_list<LinearJob> jobs);
+  // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their panels; `input`
+  // is x as the kernels take it (as_input / produce_input).
+  void run_linears(const void* input, int64_t rows, std::initializer_list<LinearJob> jobs);
+  // x [rows, K] as a Linear input: itself, or rounded to bf16 into x16_ (the bf16 kernels).
+  const void* as_input(const float* x, int64_t rows, int64_t K);
+  // The same for an x that make(begin, end) writes row by row: the rounding done in the same
+  // parallel pass, by the thread that made the rows.
+  template <class Make>
+  const void* produce_input(float* x, int64_t rows, int64_t K, Make&& make);
   void ensure_scratch(int64_t tokens, int64_t seqs);
   void embed(const StepOutput& step);
   void attention(const StepOutput& step, int64_t layer);
   void copy_blocks(const StepOutput& step);
-  void prefault_kv(std::chrono::milliseconds budget);
+  void prefault_kv(std::chrono::milliseconds budget, size_t max_bytes);
   void* k_cache(int64_t layer) const;
   void* v_cache(int64_t layer) const;
 
