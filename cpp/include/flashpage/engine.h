@@ -28,7 +28,7 @@ struct EngineConfig {
   int32_t block_size = 16;
   int32_t max_num_seqs = 256;
   // Tokens per step (decodes + prefill chunks); 0: chosen from this machine's measured prefill
-  // speed, about 0.1 s of prefill per step (within [max_num_seqs, 2048]).
+  // speed: max_num_seqs (room for every decode) + about 0.1 s of prefill, at most 2048.
   int32_t max_num_batched_tokens = 0;
   bool enable_prefix_caching = true;
   SchedulingPolicy policy = SchedulingPolicy::kFcfs;

@@ -244,20 +244,32 @@ void LlamaModel::attention(const StepOutput& st, int64_t layer) {
 }
 
 double LlamaModel::measure_prefill_rate() {
-  const ModelConfig& c = config_;
-  const int64_t rows = 128, H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
-  const LayerWeights& L = weights_.layers[0];
-  runtime::AlignedVector<float> x(size_t(rows * H)), y(size_t(rows * 2 * I));
-  for (size_t i = 0; i < x.size(); ++i) x[i] = float(int64_t(i * 7919 % 255) - 127) / 128.f;
+  // A real step: one prompt of up to 128 tokens in the cache's first blocks (free at start-up;
+  // whoever gets them later writes every slot before reading it).
+  const int64_t bs = options_.block_size;
+  const int64_t n = std::min<int64_t>({128, options_.num_blocks * bs, options_.max_model_len});
+  StepOutput st;
+  st.request_ids = {0};
+  st.query_start_loc = {0, int32_t(n)};
+  st.num_computed = {0};
+  st.context_lens = {int32_t(n)};
+  st.do_sample = {1};
+  st.logits_indices = {int32_t(n - 1)};
+  st.block_table_width = int32_t((n + bs - 1) / bs);
+  for (int32_t b = 0; b < st.block_table_width; ++b) st.block_tables.push_back(b);
+  for (int64_t i = 0; i < n; ++i) {
+    st.token_ids.push_back(int32_t((i * 7919 + 11) % config_.vocab_size));
+    st.positions.push_back(int32_t(i));
+    st.slot_mapping.push_back(int32_t(i));
+  }
+  st.num_prefill_tokens = int32_t(n);
   double best = 1e30;
-  for (int rep = 0; rep < 4; ++rep) {  // the first pass pages in and warms up
+  for (int rep = 0; rep < 3; ++rep) {  // the first pass warms up (scratch buffers, caches)
     const auto t0 = std::chrono::steady_clock::now();
-    run_linears(as_input(x.data(), rows, H), rows, {{y.data(), 2 * I, &L.gate, nullptr}, {y.data() + I, 2 * I, &L.up, nullptr}});
+    forward(st);
     if (rep > 0) best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  pool().rest();
-  const double per_layer = double(2 * H * c.num_attention_heads * D + 2 * H * c.num_key_value_heads * D + 3 * H * I);
-  return double(rows) / (best * per_layer * double(c.num_hidden_layers) / double(2 * H * I));
+  return double(n) / best;
 }
 
 const float* LlamaModel::forward(const StepOutput& st) {

@@ -41,9 +41,9 @@ class LlamaModel {
   // sequence's last token) written to `out` [indices.size() (or num_seqs), vocab].
   void forward(const StepOutput& step, std::span<const int32_t> indices, float* out);
 
-  // Prompt tokens per second this machine computes the Linears of a long prompt at, measured on
-  // this model's own weights (a 128-row pass through the first layer's gate/up projection,
-  // scaled to every Linear of the model). A few milliseconds; for sizing the step budget.
+  // Prompt tokens per second of this model on this machine: a 128-token prompt run through the
+  // whole forward pass (the cache's first blocks, free at start-up). Tens of milliseconds; for
+  // sizing the step budget. Call it before the scheduler hands out blocks.
   double measure_prefill_rate();
 
   const ModelConfig& config() const { return config_; }

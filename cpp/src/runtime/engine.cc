@@ -105,13 +105,15 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   if (config.max_num_batched_tokens > 0) {
     sc.max_num_batched_tokens = std::max(config.max_num_batched_tokens, config.max_num_seqs);
   } else {
-    // A step's budget from this machine's measured speed: about kStepSeconds of prefill, so that
-    // a long prompt does not stall every running decode for seconds (chunked prefill), within
-    // [max_num_seqs, 2048], in multiples of 64.
+    // A step's budget from this machine's measured speed: room for every running decode plus
+    // about kStepSeconds of prefill, so that a long prompt does not stall the running decodes
+    // for seconds (chunked prefill) while a prompt that fits is not split behind them; in
+    // multiples of 64, at most 2048 (or max_num_seqs).
     constexpr double kStepSeconds = 0.1;
     info.prefill_tokens_per_second = m.model->measure_prefill_rate();
-    const int64_t tokens = int64_t(info.prefill_tokens_per_second * kStepSeconds) / 64 * 64;
-    sc.max_num_batched_tokens = int32_t(std::clamp<int64_t>(tokens, config.max_num_seqs, std::max(2048, config.max_num_seqs)));
+    const int64_t prefill = std::max<int64_t>(64, int64_t(info.prefill_tokens_per_second * kStepSeconds) / 64 * 64);
+    sc.max_num_batched_tokens =
+        int32_t(std::min<int64_t>(config.max_num_seqs + prefill, std::max(2048, config.max_num_seqs)));
   }
   info.max_num_batched_tokens = sc.max_num_batched_tokens;
   sc.policy = config.policy;
@@ -124,7 +126,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (config.verbose) {
     const std::string why = info.prefill_tokens_per_second > 0
-                                ? " (auto: ~0.1 s of prefill at the measured " +
+                                ? " (auto: max_num_seqs + ~0.1 s of prefill at the measured " +
                                       std::to_string(int64_t(info.prefill_tokens_per_second)) + " tokens/s)"
                                 : "";
     std::fprintf(stderr,
