@@ -37,8 +37,9 @@ constexpr int kPanel = 32;    // output columns per panel
 constexpr int kKBlock = 32;   // k per block (one tile row of bf16)
 constexpr int kHalf = 16 * kKBlock;   // bf16 elements per half block (a 1 KB tile)
 constexpr int kBlock = 2 * kHalf;     // bf16 elements per block of a panel
-// Rows of inputs whose bf16 copy (rows x K) fits the L2 share a pass over the thread's panels.
-constexpr int64_t kChunkBytes = int64_t(512) << 10;
+// Rows of inputs whose bf16 copy (rows x K) fits half the L2 share a pass over the thread's panels
+// (fewer passes over the weights: 1 MB beat 512 KB by 5-25 % at K = 2048 and 5632, M = 1024).
+constexpr int64_t kChunkBytes = int64_t(1) << 20;
 
 // Where input row m's block kb starts (see above).
 inline const uint16_t* input_at(const uint16_t* x, int64_t Kp, int64_t m, int64_t kb) {
