@@ -180,6 +180,7 @@ void bind_runtime(py::module_& m) {
     d["amx_bf16"] = f.amx_bf16 && f.os_amx;
     d["amx_int8"] = f.amx_int8 && f.os_amx;
     if (!f.amx_denied.empty()) d["amx_unusable"] = f.amx_denied;
+    d["vendor"] = f.vendor;
     return d;
   }, "What the CPU has and the OS lets this process use (CPUID, XCR0, Linux's AMX permission).");
   m.def("cpu_supported_isas", [] {

@@ -15,7 +15,10 @@ from flashpage import _core
 def test_isa_dispatch_reports_supported_levels():
     isas = _core.cpu_supported_isas()
     assert isas[0] == "scalar"
-    assert _core.cpu_best_isa() == isas[-1]
+    # The best level is the highest, but for Intel's AVX512-BF16 without AMX (its vdpbf16ps is
+    # slower than its FMAs): that stays at avx512.
+    intel_bf16_only = isas[-1] == "avx512_bf16" and _core.cpu_features()["vendor"] == "GenuineIntel"
+    assert _core.cpu_best_isa() == ("avx512" if intel_bf16_only else isas[-1])
     assert _core.cpu_isa() in isas
     # The levels follow the features CPUID and the OS grant (each level includes the ones below).
     f = _core.cpu_features()
@@ -26,8 +29,7 @@ def test_isa_dispatch_reports_supported_levels():
     assert ("amx" in isas) == (f["avx512"] and f["avx512_bf16"] and f["amx_bf16"])
 
 
-def test_flashpage_isa_forces_a_lower_level():
-    best = _core.cpu_best_isa()
+def test_flashpage_isa_forces_a_level():
     for isa in _core.cpu_supported_isas():
         out = subprocess.run([sys.executable, "-c", "from flashpage import _core; print(_core.cpu_isa())"],
                              env={**os.environ, "FLASHPAGE_ISA": isa}, check=True, capture_output=True,
@@ -36,7 +38,7 @@ def test_flashpage_isa_forces_a_lower_level():
     higher = subprocess.run([sys.executable, "-c", "from flashpage import _core; print(_core.cpu_isa())"],
                             env={**os.environ, "FLASHPAGE_ISA": "amx"}, check=True, capture_output=True,
                             text=True).stdout.strip()
-    assert higher == best  # never above what the CPU has
+    assert higher == _core.cpu_supported_isas()[-1]  # never above what the CPU has
 
 
 @pytest.mark.parametrize("dim", [1, 7, 64, 100, 576, 2048])

@@ -54,7 +54,12 @@ std::string request_amx_permission() {
 CpuFeatures detect() {
   CpuFeatures f;
 #if defined(__x86_64__)
-  const Regs l1 = cpuid(1, 0), l7 = cpuid(7, 0), l71 = cpuid(7, 1);
+  const Regs l0 = cpuid(0, 0), l1 = cpuid(1, 0), l7 = cpuid(7, 0), l71 = cpuid(7, 1);
+  char vendor[13] = {};
+  __builtin_memcpy(vendor, &l0.b, 4);
+  __builtin_memcpy(vendor + 4, &l0.d, 4);
+  __builtin_memcpy(vendor + 8, &l0.c, 4);
+  f.vendor = vendor;
   const bool osxsave = bit(l1.c, 27);
   const unsigned long long xcr0 = osxsave ? xgetbv0() : 0;
   f.os_avx = (xcr0 & 0x6) == 0x6;                     // SSE + YMM state
@@ -149,7 +154,10 @@ std::vector<Isa> supported_isas() {
 }
 
 Isa best_isa() {
-  static const Isa best = supported_isas().back();
+  static const Isa best = [] {
+    const Isa top = supported_isas().back();
+    return top == Isa::kAvx512Bf16 && cpu_features().vendor == "GenuineIntel" ? Isa::kAvx512 : top;
+  }();
   return best;
 }
 
@@ -158,7 +166,8 @@ Isa active_isa() {
     const char* env = std::getenv("FLASHPAGE_ISA");
     if (env == nullptr || *env == '\0') return best_isa();
     const Isa wanted = parse_isa(env);
-    return static_cast<int>(wanted) <= static_cast<int>(best_isa()) ? wanted : best_isa();
+    const Isa top = supported_isas().back();
+    return static_cast<int>(wanted) <= static_cast<int>(top) ? wanted : top;
   }();
   return active;
 }

@@ -29,6 +29,7 @@ struct CpuFeatures {
   bool os_avx512 = false;  // XCR0: opmask and ZMM state
   bool os_amx = false;     // XCR0: tile config and data; and Linux granted this process tiles
   std::string amx_denied;  // why AMX is unusable although the CPU has it ("" if usable or absent)
+  std::string vendor;      // CPUID's: "GenuineIntel", "AuthenticAMD", ...
 };
 
 // Read once (the AMX permission is requested from the kernel on first use).
@@ -36,7 +37,10 @@ const CpuFeatures& cpu_features();
 
 const char* isa_name(Isa isa);
 Isa parse_isa(const std::string& name);  // throws std::invalid_argument naming the choices
-// The best level both compiled in and supported by this CPU.
+// The level kernels run by default: the best one compiled in and supported by this CPU, except
+// that an Intel CPU with AVX512-BF16 but no AMX (Cooper Lake) stays at avx512: its vdpbf16ps
+// runs at a quarter of its FMAs' rate (measured on a Sapphire Rapids core), half their FLOPs,
+// where on AMD Zen 4 it matches them (twice the FLOPs). FLASHPAGE_ISA=avx512_bf16 still picks it.
 Isa best_isa();
 // The level kernels use: best_isa(), or FLASHPAGE_ISA if set (and supported).
 Isa active_isa();
