@@ -16,10 +16,9 @@ namespace {
 runtime::ThreadPool& pool() { return runtime::ThreadPool::global(); }
 
 // Row-wise work split over the pool only when it is large enough to pay for waking it.
-constexpr int64_t kMinParallelElems = 1 << 15;
-
 template <class Fn>
 void for_rows(int64_t rows, int64_t elems_per_row, Fn&& fn) {
+  constexpr int64_t kMinParallelElems = 1 << 15;
   if (rows < 2 || rows * elems_per_row < kMinParallelElems) {
     fn(0, rows);
     return;
@@ -116,26 +115,6 @@ void LlamaModel::ensure_scratch(int64_t T, int64_t S) {
 
 const void* LlamaModel::as_input(const float* x, int64_t rows, int64_t K) {
   return cpu::linear_input_for(kern_, weights_.storage == StorageType::kBF16, x, rows, K, x16_);
-}
-
-template <class Make>
-const void* LlamaModel::produce_input(float* x, int64_t rows, int64_t K, Make&& make) {
-  if (!cpu::takes_bf16_input(kern_, weights_.storage == StorageType::kBF16)) {
-    for_rows(rows, K, make);
-    return x;
-  }
-  // The producing op and the rounding to bf16 in one parallel pass: each thread rounds the rows
-  // it has just made (16-row tiles, the input layout's unit) while they are in its cache.
-  grow(x16_, cpu::bf16_input_elems(rows, K));
-  const int64_t Kp = cpu::bf16_input_stride(K), tiles = cpu::bf16_input_rows(rows) / 16;
-  auto both = [&](int64_t tb, int64_t te) {
-    const int64_t b = tb * 16, e = std::min(rows, te * 16);
-    make(b, e);
-    kern_.linear_input(x16_.data() + b * Kp, x + b * K, e - b, K);
-  };
-  if (tiles < 2 || rows * K < kMinParallelElems) both(0, tiles);
-  else pool().parallel_for(tiles, both);
-  return x16_.data();
 }
 
 void LlamaModel::run_linears(const void* input, int64_t rows, std::initializer_list<LinearJob> jobs) {
@@ -307,9 +286,10 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
       kern_.rms_norm(out + b * dim, x + b * dim, residual ? residual + b * dim : nullptr, w.data(), e - b, dim, eps);
     });
   };
+  const bool bf16 = weights_.storage == StorageType::kBF16;
   // RMSNorm (+ the residual add) straight into the next Linears' input.
   auto norm_input = [&](const float* x, float* residual, const std::vector<float>& w) {
-    return produce_input(normed, T, H, [&](int64_t b, int64_t e) {
+    return cpu::linear_input_for(kern_, bf16, normed, T, H, x16_, [&](int64_t b, int64_t e) {
       kern_.rms_norm(normed + b * H, x + b * H, residual ? residual + b * H : nullptr, w.data(), e - b, H, eps);
     });
   };
@@ -332,7 +312,7 @@ void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices,
     run_linears(as_input(attn_.data(), T, nqh * D), T, {{delta, H, &L.o, nullptr}});
     run_linears(norm_input(delta, res, L.post_attention_norm), T,
                 {{gate_up_.data(), 2 * I, &L.gate, nullptr}, {gate_up_.data() + I, 2 * I, &L.up, nullptr}});
-    const void* act = produce_input(act_.data(), T, I, [&](int64_t b, int64_t e) {
+    const void* act = cpu::linear_input_for(kern_, bf16, act_.data(), T, I, x16_, [&](int64_t b, int64_t e) {
       kern_.silu_and_mul(act_.data() + b * I, gate_up_.data() + b * 2 * I, e - b, I);
     });
     run_linears(act, T, {{delta, H, &L.down, nullptr}});

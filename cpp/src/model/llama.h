@@ -59,14 +59,10 @@ class LlamaModel {
     const float* bias;
   };
   // y_j = x . w_j^T (+ bias_j) for every job, one parallel pass over all their panels; `input`
-  // is x as the kernels take it (as_input / produce_input).
+  // is x as the kernels take it (cpu::linear_input_for, into x16_).
   void run_linears(const void* input, int64_t rows, std::initializer_list<LinearJob> jobs);
   // x [rows, K] as a Linear input: itself, or rounded to bf16 into x16_ (the bf16 kernels).
   const void* as_input(const float* x, int64_t rows, int64_t K);
-  // The same for an x that make(begin, end) writes row by row: the rounding done in the same
-  // parallel pass, by the thread that made the rows.
-  template <class Make>
-  const void* produce_input(float* x, int64_t rows, int64_t K, Make&& make);
   void ensure_scratch(int64_t tokens, int64_t seqs);
   void embed(const StepOutput& step);
   void attention(const StepOutput& step, int64_t layer);

@@ -1,7 +1,7 @@
 // Paged attention on AMX tiles for bf16 caches in the tile layout (attention_tiles.h): a
 // flash-attention loop over 16-row tiles of one KV head's rows (query positions x the heads of
-// its GQA group), keys 32 at a time from position 0:
-//   S = Q . K^T     two 16 x 16 tiles, Q (scaled, rounded to bf16) against the cached K tiles
+// its GQA group), keys 64 at a time from position 0:
+//   S = Q . K^T     four 16 x 16 tiles, Q (scaled, rounded to bf16) against the cached K tiles
 //   online softmax  per row in vector registers: mask keys past the row's position, new
 //                   maximum, rescale factor, P = exp(S - max) (fp32 sum, bf16 for the product)
 //   O = O * c + P . V   per 16 columns of head_dim, P . V on tiles, O in fp32 memory

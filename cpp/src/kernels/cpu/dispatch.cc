@@ -177,19 +177,6 @@ PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16
   return p;
 }
 
-const void* linear_input_for(const KernelTable& t, bool w_bf16, const float* x, int64_t M, int64_t K,
-                             runtime::AlignedVector<uint16_t>& buf) {
-  if (!takes_bf16_input(t, w_bf16)) return x;
-  if (int64_t(buf.size()) < bf16_input_elems(M, K)) buf.resize(size_t(bf16_input_elems(M, K)));
-  const int64_t Kp = bf16_input_stride(K), tiles = bf16_input_rows(M) / 16;
-  auto convert = [&](int64_t b, int64_t e) {
-    t.linear_input(buf.data() + b * 16 * Kp, x + b * 16 * K, std::min(M, e * 16) - b * 16, K);
-  };
-  if (M * K < (int64_t(1) << 16)) convert(0, tiles);
-  else runtime::ThreadPool::global().parallel_for(tiles, convert);
-  return buf.data();
-}
-
 void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const void* input,
                 const float* bias, int64_t M, bool parallel) {
   const int64_t panel = t.linear_panel(), panels = linear_panels(panel, w.N);

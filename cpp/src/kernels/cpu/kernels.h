@@ -2,12 +2,14 @@
 // vectorised kernel is tested against.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
 #include "runtime/aligned.h"
 #include "runtime/cpu_features.h"
 #include "runtime/host_buffer.h"
+#include "runtime/thread_pool.h"
 
 namespace flashpage::cpu {
 
@@ -135,9 +137,35 @@ struct PackedLinear {
 // Packs w [N, K] with table t, split across the global thread pool.
 PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K);
 // What t's linear takes for weights of this dtype: x itself, or x rounded to bf16 into `buf`
-// (resized; split over the global thread pool in whole 16-row tiles when large).
+// (resized) — after make(begin, end) has written rows [begin, end) of x, when given: the
+// producing op and the rounding run in one parallel pass, each thread rounding the rows it has
+// just made (whole 16-row tiles, the input layout's unit) while they are in its cache. Split
+// over the global thread pool when large.
+template <class Make>
 const void* linear_input_for(const KernelTable& t, bool w_bf16, const float* x, int64_t M, int64_t K,
-                             runtime::AlignedVector<uint16_t>& buf);
+                             runtime::AlignedVector<uint16_t>& buf, Make&& make) {
+  constexpr int64_t kMinParallelElems = int64_t(1) << 15;  // below this, waking the pool costs more
+  auto& pool = runtime::ThreadPool::global();
+  if (!takes_bf16_input(t, w_bf16)) {
+    if (M < 2 || M * K < kMinParallelElems) make(0, M);
+    else pool.parallel_for(M, make);
+    return x;
+  }
+  if (int64_t(buf.size()) < bf16_input_elems(M, K)) buf.resize(size_t(bf16_input_elems(M, K)));
+  const int64_t Kp = bf16_input_stride(K), tiles = bf16_input_rows(M) / 16;
+  auto both = [&](int64_t tb, int64_t te) {
+    const int64_t b = tb * 16, e = std::min(M, te * 16);
+    make(b, e);
+    t.linear_input(buf.data() + b * Kp, x + b * K, e - b, K);
+  };
+  if (tiles < 2 || M * K < kMinParallelElems) both(0, tiles);
+  else pool.parallel_for(tiles, both);
+  return buf.data();
+}
+inline const void* linear_input_for(const KernelTable& t, bool w_bf16, const float* x, int64_t M, int64_t K,
+                                    runtime::AlignedVector<uint16_t>& buf) {
+  return linear_input_for(t, w_bf16, x, M, K, buf, [](int64_t, int64_t) {});
+}
 // y[m * ldy + n] = x[m, :] . w[n, :] (+ bias[n]) for all N columns of w (packed by t), its panels
 // split across the global thread pool when parallel; input is what linear_input_for gave.
 void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const void* input,

@@ -317,9 +317,7 @@ void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
 #if defined(__AVX512BF16__)
   to_bf16_rows(dst, x, M, K);
 #else
-  const int64_t Kp = bf16_input_stride(K);
-  for (int64_t m = 0; m < bf16_input_rows(M); ++m)
-    for (int64_t k = 0; k < Kp; ++k) dst[bf16_input_index(m, k, K)] = m < M && k < K ? bf16_round(x[m * K + k]) : uint16_t(0);
+  ref::linear_input(dst, x, M, K);  // the layout only: no level below avx512_bf16 computes in bf16
 #endif
 }
 
