@@ -102,13 +102,13 @@ def test_auth_overload_and_cancel(server):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(pb.GenerateRequest(text="x")))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    servers.engine.max_waiting_requests = 0
+    servers.engine.max_waiting_requests, servers.engine._waiting = 1, 1
     try:
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Generate(pb.GenerateRequest(text="x"), metadata=AUTH))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
-        servers.engine.max_waiting_requests = 1024
+        servers.engine.max_waiting_requests, servers.engine._waiting = 1024, 0
     call = stub.Generate(pb.GenerateRequest(text="Once upon a time", params=pb.SamplingParams(
         temperature=0, max_tokens=200, ignore_eos=True)), metadata=AUTH)
     for i, _ in enumerate(call):

@@ -163,12 +163,12 @@ def test_malformed_bodies_and_auth(server):
     assert r.status_code == 401
     assert httpx.get(f"{url}/health").status_code == 200  # no key needed
     # Overload: with no room for waiting requests, new ones get 429 at once.
-    servers.engine.max_waiting_requests = 0
+    servers.engine.max_waiting_requests, servers.engine._waiting = 1, 1
     try:
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers=auth)
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
     finally:
-        servers.engine.max_waiting_requests = 1024
+        servers.engine.max_waiting_requests, servers.engine._waiting = 1024, 0
     # Everyone else is still served.
     ok = _client(url).completions.create(model="stories", prompt="One day", max_tokens=4, temperature=0)
     assert len(ok.choices[0].text) > 0
@@ -178,7 +178,9 @@ def test_malformed_bodies_and_auth(server):
 def test_metrics(server):
     _, url, _ = server
     _client(url).completions.create(model="stories", prompt="One day", max_tokens=4, temperature=0)
-    text = httpx.get(f"{url}/metrics").text
+    assert httpx.get(f"{url}/metrics").status_code == 401  # behind the key, like /openapi.json
+    assert httpx.get(f"{url}/openapi.json").status_code == 401
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("flashpage:num_requests_running", "flashpage:num_requests_waiting", "flashpage:kv_cache_usage_perc",
                  "flashpage:prefix_cache_hit_rate", "flashpage:num_preemptions_total",
                  "flashpage:prompt_tokens_total", "flashpage:generation_tokens_total",

@@ -96,6 +96,7 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"prompt token id {ids[bad]} at position {bad} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
+        self._check_vocab(params)
         detokenize = params.detokenize and self.tokenizer is not None
         if params.stop and not detokenize:
             raise ValueError("stop strings need detokenization (a tokenizer and detokenize=True)")
@@ -127,6 +128,16 @@ class LLMEngine:
             cache_key=cache_key)
         self._requests[request_id] = req
         self._seqs[first.core_id] = first
+
+    def _check_vocab(self, params: SamplingParams) -> None:
+        """Token ids in the parameters must be in the vocabulary; top_k at most its size."""
+        V = self.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = next((t for t in ids if not 0 <= t < V), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {V})")
+        if params.top_k > V:
+            raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {V} (use -1 or 0 for all tokens)")
 
     def abort_request(self, request_id: str, error: BaseException | None = None) -> bool:
         """Ends a request (finish_reason "abort") and frees its KV blocks; False if unknown.

@@ -152,6 +152,19 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: Sequence[TokenIds],
         flat.index_add_(0, out, -_column([p.frequency_penalty for p in params], logits)[row])
 
 
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Adds each row's logit_bias (OpenAI's: token id -> value) in one scatter."""
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            rows += [i] * len(p.logit_bias)
+            cols += p.logit_bias.keys()
+            vals += p.logit_bias.values()
+    if rows:
+        idx = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+        logits.index_put_(idx, _column(vals, logits), accumulate=True)
+
+
 def _uniform(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
     """One U[0, 1) draw per row from generators[i] (None: torch's default generator); rows
     sharing a generator draw in one call, in row order."""
@@ -231,6 +244,7 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams],
                 logits[i] = row
             except Exception as e:  # noqa: BLE001 - the request's own code: isolate it
                 out.errors[i] = e
+    apply_logit_bias(logits, params)
     apply_penalties(logits, prompt_tokens, output_tokens, params)
 
     want_logprobs = [p.logprobs for p in params if p.logprobs is not None]

@@ -12,18 +12,26 @@ it), so event loops serving HTTP and gRPC keep running meanwhile.
 - Isolation: a request the engine refuses (bad parameters, a prompt too long) or that fails on
   its own (a raising logits processor) ends with its exception raised from its own iterator;
   the loop and the other requests go on.
-- Backpressure: with `max_waiting_requests` requests waiting, generate() raises
-  EngineOverloaded at once instead of queueing without bound.
+- Backpressure: admission counts sequences (a request of n = 8 is 8): with
+  `max_waiting_requests` sequences waiting, generate() raises EngineOverloaded at once instead
+  of queueing without bound.
+- Request ids are the engine's own, random (uuid4): a client's id is a label it gets back,
+  never a key another client could reach.
+- Shutdown: `drain()` refuses new requests while running ones finish; `shutdown()` ends what is
+  left with a final delta (finish_reason "abort"), so every stream ends properly.
+- Health: a watchdog marks the engine unhealthy when it has work and no step has finished for
+  `watchdog_seconds` (a wedged loop), so an orchestrator restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from flashpage.engine import LLMEngine, PromptType
@@ -51,6 +59,7 @@ class _Stream:
     first_token: float | None = None
     sent_tokens: list[int] = field(default_factory=list)  # per sequence: token ids delivered
     sent_chars: list[int] = field(default_factory=list)  # per sequence: characters delivered
+    sent_finished: list[bool] = field(default_factory=list)  # per sequence: finish reason delivered
     sent_prompt_logprobs: bool = False
 
     def push(self, item: object) -> None:
@@ -62,20 +71,25 @@ class _Stream:
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, model_name: str = "flashpage",
-                 max_waiting_requests: int = 1024, metrics: Metrics | None = None) -> None:
+                 max_waiting_requests: int = 1024, metrics: Metrics | None = None,
+                 watchdog_seconds: float = 60.0, cpu_workers: int = 2) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_waiting_requests = max_waiting_requests
+        self.watchdog_seconds = watchdog_seconds
         self.metrics = metrics or Metrics(model_name)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
-        self._pending = 0  # generate() calls whose request the engine thread has not taken yet
-        self._waiting = 0  # the scheduler's waiting requests after the last step
+        self._pending = 0  # sequences of generate() calls the engine thread has not taken yet
+        self._waiting = 0  # sequences waiting for their first step after the last step
         self._lock = threading.Lock()
-        self._ids = itertools.count()
         self._draining = False
         self._stopped = threading.Event()
         self._error: BaseException | None = None
+        self._progress = time.monotonic()  # when the loop last finished a step or went idle
+        self._busy = False  # the loop is inside a step
+        # Tokenizing and rendering templates: CPU work kept off the event loops serving requests.
+        self._cpu = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="flashpage-cpu")
         self._thread = threading.Thread(target=self._loop, name="flashpage-engine", daemon=True)
         self._thread.start()
 
@@ -85,24 +99,50 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return not self._stopped.is_set() and not self._draining
 
+    @property
+    def is_healthy(self) -> bool:
+        """Running, and not wedged: a step in progress for at most watchdog_seconds."""
+        if self._stopped.is_set():
+            return False
+        return not (self._busy and time.monotonic() - self._progress > self.watchdog_seconds)
+
     def num_unfinished(self) -> int:
         return len(self._streams) + self._pending
 
-    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Streams the request's deltas; raises its error (ValueError for a refused request)."""
+    async def run_cpu(self, fn: Callable, *args):
+        """fn(*args) on the engine's CPU workers (tokenizing, chat templates), off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn, *args)
+
+    def reserve(self, sequences: int) -> None:
+        """Admits `sequences` at once (a request of several prompts: all or none), for
+        generate(..., reserved=True) calls; raises EngineOverloaded or EngineUnavailable."""
+        self._check_open()
+        if sequences > self.max_waiting_requests:
+            raise ValueError(f"the request has {sequences} sequences (n x prompts); this server admits at most "
+                             f"{self.max_waiting_requests} waiting (--max-waiting-requests)")
+        with self._lock:
+            if self._waiting + self._pending + sequences > self.max_waiting_requests:
+                self.metrics.requests_rejected.inc()
+                raise EngineOverloaded(f"{self._waiting + self._pending} sequences are waiting "
+                                       f"(max_waiting_requests={self.max_waiting_requests}); retry later")
+            self._pending += sequences
+
+    def _check_open(self) -> None:
         if self._draining or self._stopped.is_set():
             raise EngineUnavailable("the engine is shutting down" if self._error is None
                                     else f"the engine stopped: {self._error}")
-        with self._lock:
-            if self._waiting + self._pending >= self.max_waiting_requests:
-                self.metrics.requests_rejected.inc()
-                raise EngineOverloaded(f"{self._waiting + self._pending} requests are waiting "
-                                       f"(max_waiting_requests={self.max_waiting_requests}); retry later")
-            self._pending += 1
-        rid = request_id or f"req-{next(self._ids)}"
+
+    async def generate(self, prompt: PromptType, params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       reserved: bool = False) -> AsyncIterator[RequestOutput]:
+        """Streams the request's deltas; raises its error (ValueError for a refused request).
+        request_id is the caller's label only: the engine keys requests by ids of its own."""
+        params = params or SamplingParams()
+        if not reserved:
+            self.reserve(params.n)
+        rid = uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
-        self._commands.put(("add", rid, prompt, params or SamplingParams(), priority, stream))
+        self._commands.put(("add", rid, prompt, params, priority, stream))
         finished = False
         try:
             while True:
@@ -118,18 +158,20 @@ class AsyncLLMEngine:
             if not finished:  # the caller stopped listening: free the request's blocks
                 self._commands.put(("abort", rid))
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+    def drain(self) -> None:
+        """New requests: EngineUnavailable (503 / UNAVAILABLE); running ones go on."""
+        self._draining = True
 
     def shutdown(self, timeout: float | None = 30.0, drain: bool = True) -> None:
-        """Refuses new requests; with drain, lets running ones finish (up to timeout), then
-        stops the loop and ends whatever is left with EngineUnavailable."""
+        """Refuses new requests; with drain, lets running ones finish (up to timeout); then
+        ends whatever is left with a final delta (finish_reason "abort") and stops the loop."""
         self._draining = True
         self._commands.put(("stop", drain))
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._commands.put(("stop", False))
             self._thread.join()
+        self._cpu.shutdown(wait=False, cancel_futures=True)
 
     # ---- the engine thread ------------------------------------------------------------------
 
@@ -142,6 +184,7 @@ class AsyncLLMEngine:
                     cmd = self._commands.get(timeout=0.5) if idle and not draining else self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
+                applied = cmd is not None
                 while cmd is not None:
                     if cmd[0] == "stop":
                         draining = True
@@ -156,31 +199,62 @@ class AsyncLLMEngine:
                 if draining and not self.engine.has_unfinished_requests():
                     return
                 if self.engine.has_unfinished_requests():
+                    self._busy = True
                     try:
                         outputs = self.engine.step()
                     except Exception as e:  # noqa: BLE001 - the step's requests were ended with it
                         self._fail_dropped(e)
                         continue
+                    finally:
+                        self._busy = False
+                        self._progress = time.monotonic()
                     self._deliver(outputs)
-                    stats = self.engine.scheduler.stats()
-                    self._waiting = stats["num_waiting"]
-                    self.metrics.observe_scheduler(stats)
+                    self._observe()
+                else:
+                    self._progress = time.monotonic()
+                    if applied:  # aborts while idle: the gauges must not wait for the next step
+                        self._observe()
         except BaseException as e:  # a fault of the engine itself: every request ends with it
             self._error = e
         finally:
             self._stopped.set()
-            end = EngineUnavailable("the engine stopped" + (f": {self._error}" if self._error else ""))
-            for rid, stream in list(self._streams.items()):
+            self._end_all()
+
+    def _observe(self) -> None:
+        stats = self.engine.scheduler.stats()
+        # Sequences not yet forked (n > 1 before its prompt ran) count n in admission.
+        unforked = sum(r.params.n - 1 for r in self.engine._requests.values() if not r.forked)
+        self._waiting = stats["num_waiting"] + unforked
+        self.metrics.observe_scheduler(stats)
+
+    def _end_all(self) -> None:
+        """The loop stopped: a clean stop ends each stream with a final "abort" delta, a fault
+        with its error; requests queued but never taken hear EngineUnavailable."""
+        end = EngineUnavailable("the engine stopped" + (f": {self._error}" if self._error else ""))
+        for rid, stream in list(self._streams.items()):
+            req = self.engine._requests.get(rid)
+            try:
                 self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - a broken engine: the stream still ends
+                req = None
+            if self._error is None and req is not None:
+                self.metrics.finished("abort")
+                stream.push(self._delta(req.output, stream))
+                stream.push(_DONE)
+            else:
                 stream.push(end)
-            self._streams.clear()
-            while True:  # requests queued but never taken
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if cmd[0] == "add":
-                    cmd[5].push(end)
+        self._streams.clear()
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[5].push(end)
+        try:
+            self._observe()
+        except Exception:  # noqa: BLE001 - metrics of a broken engine
+            pass
 
     def _fail_dropped(self, error: Exception) -> None:
         """After a failed step: the requests the engine ended hear the error; the rest go on."""
@@ -196,7 +270,7 @@ class AsyncLLMEngine:
             return
         _, rid, prompt, params, priority, stream = cmd
         with self._lock:
-            self._pending -= 1
+            self._pending -= params.n
         try:
             self.engine.add_request(rid, prompt, params, priority=priority)
         except Exception as e:  # refused: only this request hears of it
@@ -208,6 +282,7 @@ class AsyncLLMEngine:
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         stream.sent_tokens = [0] * params.n
         stream.sent_chars = [0] * params.n
+        stream.sent_finished = [False] * params.n
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -243,12 +318,16 @@ class AsyncLLMEngine:
     @staticmethod
     def _delta(out: RequestOutput, stream: _Stream) -> RequestOutput:
         """What is new in out since the stream's last delta (out is cumulative and mutated in
-        place by the engine, so the delta copies what it carries)."""
+        place by the engine, so the delta copies what it carries): the sequences with new
+        tokens, text or a finish reason not yet sent, each with its index."""
         comps = []
         for c in out.outputs:
             i = c.index
             t0, c0 = stream.sent_tokens[i], stream.sent_chars[i]
             text = c.text[c0:] if len(c.text) > c0 else ""
+            if not text and len(c.token_ids) == t0 and (c.finish_reason is None or stream.sent_finished[i]):
+                continue
+            stream.sent_finished[i] = c.finish_reason is not None
             comps.append(CompletionOutput(
                 index=i, text=text, token_ids=list(c.token_ids[t0:]), cumulative_logprob=c.cumulative_logprob,
                 logprobs=list(c.logprobs[t0:]) if c.logprobs is not None else None,

@@ -1,6 +1,9 @@
 """The gRPC server (grpc.aio) of flashpage.v1, beside the standard health service and server
 reflection, over the same AsyncLLMEngine as the HTTP server. It runs its own event loop in a
-thread of its own."""
+thread of its own. The same per-request limits as HTTP (serving.limits); text is tokenized on
+the engine's CPU workers, off this loop; a client's request_id is a label echoed back, never
+the engine's key. The port is bound exclusively (no SO_REUSEPORT: a second server on the same
+port fails to start instead of sharing the calls)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import asyncio
 import hmac
 import threading
 import uuid
+
+from flashpage.serving.limits import LimitExceeded, RequestLimits
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -57,8 +62,9 @@ class _Auth(grpc.aio.ServerInterceptor):
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: AsyncLLMEngine, tokenizer: Tokenizer | None, model_name: str,
-                 max_model_len: int) -> None:
-        self.engine, self.tokenizer, self.model_name, self.max_model_len = engine, tokenizer, model_name, max_model_len
+                 limits: RequestLimits) -> None:
+        self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
+        self.max_model_len = limits.max_model_len
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         which = request.WhichOneof("prompt")
@@ -66,12 +72,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: set text or token_ids")
         if which == "text" and self.tokenizer is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt: this server has no tokenizer; send token_ids")
-        prompt = request.text if which == "text" else {"prompt_token_ids": list(request.token_ids.ids)}
         try:
             params = sampling_params(request.params)
-        except ValueError as e:
+            self.limits.check_params(params)
+            if which == "text":
+                self.limits.check_text("prompt.text", request.text)
+                ids = await self.engine.run_cpu(self.tokenizer.encode, request.text)
+                prompt = {"prompt": request.text, "prompt_token_ids": ids}
+            else:
+                prompt = {"prompt_token_ids": list(request.token_ids.ids)}
+        except (LimitExceeded, ValueError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"  # the client's label, echoed back
         prompt_tokens = completion = 0
         stream = self.engine.generate(prompt, params, request_id=rid, priority=request.priority)
         try:
@@ -106,7 +118,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no tokenizer")
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, request.add_special_tokens))
+        try:
+            self.limits.check_text("text", request.text)
+        except LimitExceeded as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        ids = await self.engine.run_cpu(self.tokenizer.encode, request.text, request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context):
         if self.tokenizer is None:
@@ -116,7 +133,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if bad is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: {bad} is outside the vocabulary [0, {vocab})")
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(list(request.token_ids), request.skip_special_tokens))
+        text = await self.engine.run_cpu(self.tokenizer.decode, list(request.token_ids), request.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request, context):
         info = self.engine.engine.core.info
@@ -129,12 +147,12 @@ class GrpcServer:
     """The server and its event-loop thread; stop() drains for up to `grace` seconds."""
 
     def __init__(self, engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name: str,
-                 max_model_len: int, host: str, port: int, api_key: str | None) -> None:
+                 limits: RequestLimits, host: str, port: int, api_key: str | None) -> None:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.port = port
-        self._thread = threading.Thread(target=self._run, args=(engine, tokenizer, model_name, max_model_len,
+        self._thread = threading.Thread(target=self._run, args=(engine, tokenizer, model_name, limits,
                                                                 host, port, api_key),
                                         name="flashpage-grpc", daemon=True)
         self._thread.start()
@@ -142,10 +160,10 @@ class GrpcServer:
         if self._error is not None:
             raise RuntimeError(f"the gRPC server did not start on {host}:{port}: {self._error}")
 
-    def _run(self, engine, tokenizer, model_name, max_model_len, host, port, api_key) -> None:
+    def _run(self, engine, tokenizer, model_name, limits, host, port, api_key) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_until_complete(self._start(engine, tokenizer, model_name, max_model_len, host, port, api_key))
+            self.loop.run_until_complete(self._start(engine, tokenizer, model_name, limits, host, port, api_key))
         except BaseException as e:  # noqa: BLE001 - reported to the starting thread
             self._error = e
             self._ready.set()
@@ -153,10 +171,11 @@ class GrpcServer:
         self._ready.set()
         self.loop.run_forever()  # until stop()
 
-    async def _start(self, engine, tokenizer, model_name, max_model_len, host, port, api_key) -> None:
-        self.server = grpc.aio.server(interceptors=[_Auth(api_key)] if api_key else [])
+    async def _start(self, engine, tokenizer, model_name, limits, host, port, api_key) -> None:
+        self.server = grpc.aio.server(interceptors=[_Auth(api_key)] if api_key else [],
+                                      options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(engine, tokenizer, model_name, max_model_len), self.server)
+            GenerationServicer(engine, tokenizer, model_name, limits), self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -167,6 +186,10 @@ class GrpcServer:
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    def set_not_serving(self) -> None:
+        """Health: NOT_SERVING (draining); calls still answer, new ones with UNAVAILABLE."""
+        asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self.loop).result()
 
     def stop(self, grace: float = 10.0) -> None:
         async def _stop():

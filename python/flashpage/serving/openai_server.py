@@ -1,13 +1,18 @@
 """The OpenAI-compatible HTTP server (FastAPI): /v1/completions, /v1/chat/completions (with
 the model's chat template), /v1/models, /health, /metrics. Streams are server-sent events
 ending in `data: [DONE]`, with a usage chunk when stream_options.include_usage; errors use
-OpenAI's error body ({"error": {"message", "type", "param", "code"}})."""
+OpenAI's error body ({"error": {"message", "type", "param", "code"}}) whatever goes wrong, and
+a stream that fails midway ends with an error event and `[DONE]`.
+
+Nothing slow runs on the event loop: prompts are measured against the limits before any work,
+then tokenized and chat templates rendered on the engine's CPU workers. A client that goes
+away aborts its request, streamed or not."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,13 +21,17 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flashpage.chat_template import ChatTemplateError
+from flashpage.chat_template import RESERVED_KWARGS, ChatTemplateError
 from flashpage.outputs import RequestOutput
 from flashpage.serving.async_engine import AsyncLLMEngine, EngineOverloaded, EngineUnavailable
+from flashpage.serving.http_guard import Guard
+from flashpage.serving.limits import LimitExceeded, RequestLimits
 from flashpage.serving.protocol import ChatCompletionRequest, CompletionRequest
 from flashpage.tokenizer import Tokenizer
 
+log = logging.getLogger("flashpage.serving")
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -35,45 +44,13 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-class _Guard:
-    """ASGI middleware (plain ASGI: it must not get between a stream and its disconnect): the
-    API key on /v1, and bodies over max_bytes refused with 413 before anything parses them."""
-
-    def __init__(self, app, max_bytes: int, api_key: str | None) -> None:
-        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                return await ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                      type_="authentication_error", code="invalid_api_key").response()(scope, receive, send)
-        length = headers.get(b"content-length")
-        too_big = ApiError(413, f"request body exceeds the limit of {self.max_bytes} bytes", code="body_too_large")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big.response()(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise ApiError(413, too_big.message, code="body_too_large")
-            return message
-        try:
-            await self.app(scope, limited, send)
-        except ApiError as e:  # a chunked body that grew past the limit
-            await e.response()(scope, receive, send)
-
-
-def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name: str, max_model_len: int,
-              api_key: str | None = None, max_tokens_limit: int | None = None,
-              max_body_bytes: int = 1 << 20) -> FastAPI:
+def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name: str, limits: RequestLimits,
+              chat_template: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+              body_timeout: float = 30.0) -> Guard:
+    """The app behind its Guard (API key, body limits, last-resort errors). chat_template:
+    the operator's template, used instead of the model's; requests never bring their own."""
     app = FastAPI(title="flashpage", docs_url=None, redoc_url=None)
+    max_model_len = limits.max_model_len
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -88,11 +65,24 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         where = ".".join(loc) or "body"
         return ApiError(400, f"{where}: {first.get('msg', 'invalid value')}", param=where or None).response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            return ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+        if e.status_code == 405:
+            return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                            code="method_not_allowed").response()
+        # FastAPI's body parser: invalid UTF-8, JSON nested past Python's recursion limit.
+        return ApiError(e.status_code, f"the body cannot be parsed: {e.detail}", code="invalid_body").response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error").response()
+
     @app.get("/health")
     async def health():
-        if not engine.is_running:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.is_running and engine.is_healthy else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -110,37 +100,56 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
     def check_lengths(prompt_len: int, max_tokens: int | None) -> int:
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        if max_tokens_limit is not None and max_tokens is not None and max_tokens > max_tokens_limit:
-            raise ApiError(400, f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}",
-                           param="max_tokens")
         want = max_tokens if max_tokens is not None else 0
         if prompt_len + want > max_model_len or prompt_len >= max_model_len:
             raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
                                 f"requested {prompt_len + want} tokens ({prompt_len} in the prompt, {want} in the "
                                 f"completion). Please reduce the length of the prompt or completion.",
                            param="max_tokens" if max_tokens else "prompt", code="context_length_exceeded")
-        return max_tokens if max_tokens is not None else max_model_len - prompt_len
+        if max_tokens is not None:
+            return max_tokens
+        return min(max_model_len - prompt_len, limits.max_tokens or max_model_len)
 
-    def encode(prompt: str | list[int]) -> list[int]:
+    def check_text(field: str, text: str) -> None:
+        try:
+            limits.check_text(field, text)
+        except LimitExceeded as e:
+            raise ApiError(400, str(e), param=e.field, code="context_length_exceeded"
+                           if "context" in str(e) else None) from None
+
+    async def encode(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise ApiError(400, "this server has no tokenizer: send token ids", param="prompt")
-            return tokenizer.encode(prompt)
+            return await engine.run_cpu(tokenizer.encode, prompt)
         return list(prompt)
 
-    def params_of(body, max_tokens: int, logprobs: int | None):
+    def params_of(body, max_tokens: int | None, logprobs: int | None):
         try:
-            return body.sampling_params(max_tokens, logprobs)
+            params = body.sampling_params(max_tokens, logprobs)
+            limits.check_params(params)
+            return params
+        except LimitExceeded as e:
+            raise ApiError(400, str(e), param=e.field) from None
         except ValueError as e:
-            field = str(e).split(" ", 1)[0]
+            field = str(e).split(" ", 1)[0].rstrip(":")
             raise ApiError(400, str(e), param=field) from None
+
+    def reserve(sequences: int) -> None:
+        try:
+            engine.reserve(sequences)
+        except EngineOverloaded as e:
+            raise ApiError(429, str(e), type_="rate_limit_error", code="overloaded") from None
+        except EngineUnavailable as e:
+            raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="n") from None
 
     async def run(prompt_ids: list[int], params, text: str | None) -> AsyncIterator[RequestOutput]:
         try:
-            async for out in engine.generate({"prompt": text, "prompt_token_ids": prompt_ids}, params):
+            async for out in engine.generate({"prompt": text, "prompt_token_ids": prompt_ids}, params,
+                                             reserved=True):
                 yield out
-        except EngineOverloaded as e:
-            raise ApiError(429, str(e), type_="rate_limit_error", code="overloaded") from None
         except EngineUnavailable as e:
             raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
         except ValueError as e:
@@ -163,26 +172,53 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 await gen.aclose()  # a client that went away: abort the request now
         return chain()
 
+    async def start_all(ids: list[list[int]], params: list, texts: list[str | None]) -> list:
+        """Admits the request's sequences all at once, then starts one engine request per prompt."""
+        reserve(sum(p.n for p in params))
+        results = await asyncio.gather(*(first_then_rest(run(i, sp, x)) for i, sp, x in zip(ids, params, texts)),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for r in results:
+                if not isinstance(r, BaseException):
+                    await r.aclose()
+            raise errors[0]
+        return list(results)
+
     # ---- /v1/completions -------------------------------------------------------------------
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         p = body.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts or any(len(x) == 0 for x in prompts):
             raise ApiError(400, "prompt must not be empty", param="prompt")
-        ids = [encode(x) for x in prompts]
+        try:
+            limits.check_prompt_count(len(prompts), body.n)
+        except LimitExceeded as e:
+            raise ApiError(400, str(e), param=e.field) from None
+        for x in prompts:
+            if isinstance(x, str):
+                check_text("prompt", x)
+        params_of(body, None, body.logprobs)  # the limits, before any tokenizing
+        ids = [await encode(x) for x in prompts]
         max_tokens = [check_lengths(len(i), body.max_tokens) for i in ids]
         params = [params_of(body, m, body.logprobs) for m in max_tokens]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = list(await asyncio.gather(*(first_then_rest(run(i, sp, x if isinstance(x, str) else None))
-                                              for i, sp, x in zip(ids, params, prompts))))
+        streams = await start_all(ids, params, [x if isinstance(x, str) else None for x in prompts])
         n = body.n
+        echo = [(x if isinstance(x, str) else "") if body.echo else "" for x in prompts]
+        offsets: dict[int, int] = {}  # choice index -> characters of its text so far (text_offset)
 
-        def choice(k: int, c) -> dict:
-            return {"index": k * n + c.index, "text": c.text, "logprobs": _completion_logprobs(c),
+        def choice(k: int, c, prefix: str = "") -> dict:
+            index = k * n + c.index
+            start = offsets.get(index, 0)
+            text = prefix + c.text
+            offsets[index] = start + len(text)
+            return {"index": index, "text": text,
+                    "logprobs": _completion_logprobs(c, start + len(prefix)),
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
         if body.stream:
@@ -190,12 +226,16 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 usage = _Usage()
                 try:
                     for k, gen in enumerate(streams):
+                        first = set()
                         async for out in gen:
                             usage.add(out)
                             for c in out.outputs:
-                                if c.text or c.finish_reason or c.token_ids:
-                                    yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                                "model": model_name, "choices": [choice(k, c)]})
+                                prefix = echo[k] if c.index not in first else ""
+                                first.add(c.index)
+                                yield _sse({"id": rid, "object": "text_completion", "created": created,
+                                            "model": model_name, "choices": [choice(k, c, prefix)]})
+                except Exception as e:  # noqa: BLE001 - the stream ends with the error, then [DONE]
+                    yield _sse_error(e)
                 finally:
                     for gen in streams:
                         await gen.aclose()
@@ -205,38 +245,64 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        usage = _Usage()
-        choices = []
-        for k, gen in enumerate(streams):
-            final = await _collect(gen, usage)
-            choices += [choice(k, c) for c in final.outputs]
-            if body.echo:
-                for ch in choices[-n:]:
-                    ch["text"] = (prompts[k] if isinstance(prompts[k], str) else "") + ch["text"]
+        async def collect_all():
+            usage = _Usage()
+            choices = []
+            for k, gen in enumerate(streams):
+                final = await _collect(gen, usage)
+                choices += [choice(k, c, echo[k]) for c in final.outputs]
+            return choices, usage
+
+        try:
+            choices, usage = await _unless_disconnected(request, collect_all())
+        finally:
+            for gen in streams:
+                await gen.aclose()
+        if choices is None:
+            return Response(status_code=499)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage.dict()}
 
     # ---- /v1/chat/completions --------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if tokenizer is None:
             raise ApiError(400, "this server has no tokenizer, so no chat template", param="messages")
+        if body.chat_template is not None:
+            raise ApiError(400, "chat_template: this server renders only its own chat template (operators choose "
+                                "one with --chat-template)", param="chat_template")
+        kwargs = body.chat_template_kwargs or {}
+        if "chat_template" in kwargs:
+            raise ApiError(400, "chat_template_kwargs.chat_template: this server renders only its own chat template "
+                                "(operators choose one with --chat-template)", param="chat_template_kwargs")
+        reserved = sorted(RESERVED_KWARGS & kwargs.keys())
+        if reserved:
+            raise ApiError(400, f"chat_template_kwargs.{reserved[0]}: set by the server (or by the request's own "
+                                f"field), not a template argument", param="chat_template_kwargs")
+        if len(body.messages) > limits.max_chat_messages:
+            raise ApiError(400, f"messages: {len(body.messages)} messages exceed this server's limit of "
+                                f"{limits.max_chat_messages}", param="messages")
+        messages = body.plain_messages()
+        check_text("messages", "".join(m["content"] for m in messages if isinstance(m.get("content"), str)))
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params_of(body, None, k)  # the limits, before any rendering
         try:
-            text = tokenizer.apply_chat_template(body.plain_messages(), add_generation_prompt=body.add_generation_prompt,
-                                                 tools=body.tools, **(body.chat_template_kwargs or {}))
+            text = await engine.run_cpu(lambda: tokenizer.apply_chat_template(
+                messages, chat_template=chat_template, add_generation_prompt=body.add_generation_prompt,
+                tools=body.tools, **kwargs))
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        ids = tokenizer.encode(text, add_special_tokens=False)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        check_text("messages", text)
+        ids = await engine.run_cpu(lambda: tokenizer.encode(text, add_special_tokens=False))
         max_tokens = check_lengths(len(ids), body.max_completion_tokens or body.max_tokens)
-        k = (body.top_logprobs or 0) if body.logprobs else None
         params = params_of(body, max_tokens, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        gen = await first_then_rest(run(ids, params, text))
+        gen = (await start_all([ids], [params], [text]))[0]
         want_lp = body.logprobs
 
         if body.stream:
@@ -250,11 +316,12 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                     async for out in gen:
                         usage.add(out)
                         for c in out.outputs:
-                            if c.text or c.finish_reason or c.token_ids:
-                                yield _sse({**head, "choices": [{
-                                    "index": c.index, "delta": {"content": c.text} if c.text else {},
-                                    "logprobs": _chat_logprobs(c) if want_lp else None,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                            yield _sse({**head, "choices": [{
+                                "index": c.index, "delta": {"content": c.text} if c.text else {},
+                                "logprobs": _chat_logprobs(c) if want_lp else None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                except Exception as e:  # noqa: BLE001 - the stream ends with the error, then [DONE]
+                    yield _sse_error(e)
                 finally:
                     await gen.aclose()  # a client that went away: abort the request now
                 if body.stream_options and body.stream_options.include_usage:
@@ -263,7 +330,12 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
             return StreamingResponse(sse(), media_type="text/event-stream")
 
         usage = _Usage()
-        final = await _collect(gen, usage)
+        try:
+            final = await _unless_disconnected(request, _collect(gen, usage))
+        finally:
+            await gen.aclose()
+        if final is None:
+            return Response(status_code=499)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "logprobs": _chat_logprobs(c) if want_lp else None,
@@ -271,7 +343,39 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                             for c in final.outputs],
                 "usage": usage.dict()}
 
-    return _Guard(app, max_body_bytes, api_key)  # type: ignore[return-value]
+    return Guard(app, max_bytes=max_body_bytes, api_key=api_key, body_timeout=body_timeout)
+
+
+async def _unless_disconnected(request: Request, work):
+    """Runs work (a coroutine) unless the client goes away first: then cancels it (which
+    aborts its requests) and returns None."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return None
+    return task.result()
+
+
+def _sse_error(e: Exception) -> str:
+    status, type_ = (503, "server_error") if isinstance(e, EngineUnavailable) else (500, "server_error")
+    if isinstance(e, ApiError):
+        status, type_ = e.status, e.type
+    elif isinstance(e, ValueError):
+        status, type_ = 400, "invalid_request_error"
+    return _sse({"error": {"message": str(e), "type": type_, "param": None, "code": status}})
 
 
 class _Usage:
@@ -295,6 +399,7 @@ async def _collect(gen: AsyncIterator[RequestOutput], usage: _Usage) -> RequestO
     finally:
         await gen.aclose()  # cancelled (the client went away): abort the request now
     assert final is not None
+    final.outputs.sort(key=lambda c: c.index)
     return final
 
 
@@ -305,7 +410,13 @@ async def _join(gen: AsyncIterator[RequestOutput], usage: _Usage) -> RequestOutp
         if final is None:
             final = out
             continue
-        for acc, c in zip(final.outputs, out.outputs):
+        by_index = {c.index: c for c in final.outputs}
+        for c in out.outputs:
+            acc = by_index.get(c.index)
+            if acc is None:  # a sequence's first delta
+                final.outputs.append(c)
+                by_index[c.index] = c
+                continue
             acc.text += c.text
             acc.token_ids += c.token_ids
             if acc.logprobs is not None and c.logprobs is not None:
@@ -323,15 +434,19 @@ def _token_text(token: int, lp) -> str:
     return lp.decoded_token if lp.decoded_token is not None else str(token)
 
 
-def _completion_logprobs(c) -> dict | None:
+def _completion_logprobs(c, offset: int = 0) -> dict | None:
+    """OpenAI's completion logprobs; text_offset counts characters from the choice's start
+    (after the echoed prompt when echo), one entry per token."""
     if c.logprobs is None:
         return None
-    tokens, lps, tops = [], [], []
+    tokens, lps, tops, offsets = [], [], [], []
     for tok, entry in zip(c.token_ids, c.logprobs):
         tokens.append(_token_text(tok, entry[tok]))
+        offsets.append(offset)
+        offset += len(tokens[-1])
         lps.append(entry[tok].logprob)
         tops.append({_token_text(t, lp): lp.logprob for t, lp in entry.items() if t != tok or len(entry) == 1})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": []}
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _chat_logprobs(c) -> dict | None:

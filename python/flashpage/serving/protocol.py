@@ -29,6 +29,8 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
+    prompt_logprobs: int | None = None  # vLLM's extra field
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -43,7 +45,14 @@ class _Sampling(BaseModel):
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty).items() if v is not None}
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(t): v for t, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias: keys must be token ids (integers as strings)") from None
         return SamplingParams(n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                              logit_bias=bias, prompt_logprobs=self.prompt_logprobs,
                               include_stop_str_in_output=self.include_stop_str_in_output,
                               ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                               logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, **given)
@@ -71,6 +80,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's field: refused (the server renders only its own)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | dict | None = None
 

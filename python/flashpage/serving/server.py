@@ -1,16 +1,29 @@
 """`flashpage serve`: one engine behind the OpenAI-compatible HTTP server (and the gRPC server
-when it is built in), with a clean shutdown (drain, then stop)."""
+when it is built in), with a clean shutdown.
+
+Shutdown, on SIGTERM or SIGINT (handled explicitly, whatever dispositions the process
+inherited: a shell's background job ignores SIGINT; Kubernetes sends SIGTERM): new requests get
+503 / UNAVAILABLE while the running ones finish, for up to --shutdown-timeout seconds; what is
+left then ends with a final chunk (finish_reason "abort") and `[DONE]`; the process exits 0. A
+second signal skips the wait."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import resource
+import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports this module for its flags: keep torch out until serving starts
     from flashpage.serving.async_engine import AsyncLLMEngine
+
+log = logging.getLogger("flashpage.serving")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,13 +50,31 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC server)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the path)")
-    p.add_argument("--api-key", default=os.environ.get("FLASHPAGE_API_KEY"),
-                   help="require this key (Authorization: Bearer / gRPC metadata); or FLASHPAGE_API_KEY")
-    p.add_argument("--max-waiting-requests", type=int, default=1024,
-                   help="beyond this many waiting requests, new ones get 429 / RESOURCE_EXHAUSTED")
-    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest HTTP request body")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and metrics show (default: the model directory's name)")
+    keys = p.add_argument_group("access")
+    keys.add_argument("--api-key", default=None,
+                      help="require this key (Authorization: Bearer / gRPC metadata); visible in `ps`: prefer "
+                           "FLASHPAGE_API_KEY or --api-key-file")
+    keys.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+    keys.add_argument("--chat-template", default=None,
+                      help="a chat template (a file, or the template text) used instead of the model's")
+    lim = p.add_argument_group("limits (each refusal names the field and the limit)")
+    lim.add_argument("--max-waiting-requests", type=int, default=1024,
+                     help="beyond this many waiting sequences (n counts n), new requests get 429 / RESOURCE_EXHAUSTED")
+    lim.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
+    lim.add_argument("--max-n", type=int, default=128, help="largest n (sequences) of one request")
+    lim.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs")
+    lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest HTTP request body")
+    lim.add_argument("--max-connections", type=int, default=1000, help="open HTTP connections; more get 503")
+    lim.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds for a connection to send a request's headers (idle sockets close)")
+    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body")
+    lim.add_argument("--timeout-keep-alive", type=float, default=5.0, help="idle seconds between requests")
+    lim.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM/SIGINT, seconds running requests get to finish before they are aborted")
+    lim.add_argument("--engine-watchdog-seconds", type=float, default=60.0,
+                     help="/health turns 503 when one engine step runs longer than this (a wedged engine)")
     add_engine_args(p)
 
 
@@ -60,6 +91,43 @@ def build_llm(args: argparse.Namespace):
                verbose=getattr(args, "verbose", True))
 
 
+def served_name(args: argparse.Namespace) -> str:
+    """--served-model-name, else the model directory's name (not its path: clients and metrics
+    see it)."""
+    return args.served_model_name or os.path.basename(os.path.normpath(args.model)) or "model"
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    if getattr(args, "api_key_file", None):
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+        if not key:
+            raise ValueError(f"{args.api_key_file}: the API key file is empty")
+        return key
+    return getattr(args, "api_key", None) or os.environ.get("FLASHPAGE_API_KEY") or None
+
+
+def chat_template(args: argparse.Namespace) -> str | None:
+    given = getattr(args, "chat_template", None)
+    if given and os.path.isfile(given):
+        with open(given, encoding="utf-8") as f:
+            return f.read()
+    return given or None
+
+
+def _raise_fd_limit(wanted: int) -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit (connections are file descriptors); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 @dataclass
 class Servers:
     """What `start` brought up; `stop` takes it down."""
@@ -68,13 +136,21 @@ class Servers:
     http_thread: threading.Thread
     grpc: object | None = None
 
-    def stop(self, drain_seconds: float = 10.0) -> None:
-        self.engine._draining = True  # new requests: 503 / UNAVAILABLE while running ones finish
+    def stop(self, drain_seconds: float = 10.0, force: threading.Event | None = None) -> None:
+        """Refuses new requests (503 / UNAVAILABLE: the listeners stay open) while running ones
+        finish, for up to drain_seconds or until `force` is set; then ends the rest with a
+        final "abort" chunk and stops everything."""
+        self.engine.drain()
         if self.grpc is not None:
-            self.grpc.stop(drain_seconds)
-        self.http.should_exit = True  # type: ignore[attr-defined]
-        self.http_thread.join()
-        self.engine.shutdown(timeout=drain_seconds)
+            self.grpc.set_not_serving()
+        deadline = time.monotonic() + drain_seconds
+        while self.engine.num_unfinished() and time.monotonic() < deadline and not (force and force.is_set()):
+            time.sleep(0.05)
+        self.engine.shutdown(timeout=0, drain=False)  # the rest: a final "abort" chunk each
+        self.http.should_exit = True  # type: ignore[attr-defined]  # lets the final chunks go out
+        if self.grpc is not None:
+            self.grpc.stop(grace=2.0)
+        self.http_thread.join(10)
 
 
 def start(args: argparse.Namespace, llm=None) -> Servers:
@@ -82,16 +158,35 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     import uvicorn
 
     from flashpage.serving.async_engine import AsyncLLMEngine
+    from flashpage.serving.http_guard import ConnectionLimits, guarded_protocol
+    from flashpage.serving.limits import RequestLimits
     from flashpage.serving.openai_server import build_app
 
+    key = api_key(args)
+    template = chat_template(args)
     llm = llm if llm is not None else build_llm(args)
-    name = args.served_model_name or args.model
-    engine = AsyncLLMEngine(llm.llm_engine, model_name=name, max_waiting_requests=args.max_waiting_requests)
+    name = served_name(args)
     max_len = int(llm.model_info["max_model_len"])
-    app = build_app(engine, llm.tokenizer, model_name=name, max_model_len=max_len, api_key=args.api_key,
-                    max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    limits = RequestLimits(max_model_len=max_len, max_n=getattr(args, "max_n", 128),
+                           max_logprobs=getattr(args, "max_logprobs", 20),
+                           max_prompt_logprobs=getattr(args, "max_logprobs", 20),
+                           max_tokens=getattr(args, "max_tokens_limit", None))
+    conn = ConnectionLimits(max_connections=getattr(args, "max_connections", 1000),
+                            header_timeout=getattr(args, "header_timeout", 10.0),
+                            body_timeout=getattr(args, "body_timeout", 30.0),
+                            keep_alive_timeout=getattr(args, "timeout_keep_alive", 5.0))
+    fds = _raise_fd_limit(conn.max_connections + 256)
+    if conn.max_connections + 64 > fds:
+        conn = ConnectionLimits(max_connections=max(1, fds - 64), header_timeout=conn.header_timeout,
+                                body_timeout=conn.body_timeout, keep_alive_timeout=conn.keep_alive_timeout)
+        log.warning("only %d file descriptors: at most %d connections", fds, conn.max_connections)
+    engine = AsyncLLMEngine(llm.llm_engine, model_name=name, max_waiting_requests=args.max_waiting_requests,
+                            watchdog_seconds=getattr(args, "engine_watchdog_seconds", 60.0))
+    app = build_app(engine, llm.tokenizer, model_name=name, limits=limits, chat_template=template, api_key=key,
+                    max_body_bytes=args.max_body_bytes, body_timeout=conn.body_timeout)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+                                           http=guarded_protocol(conn), timeout_keep_alive=conn.keep_alive_timeout,
+                                           timeout_graceful_shutdown=5, lifespan="off"))
     thread = threading.Thread(target=server.run, name="flashpage-http", daemon=True)
     thread.start()
     grpc_server = None
@@ -101,24 +196,46 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
         except ImportError:  # built without the gRPC server
             start_grpc = None
         if start_grpc is not None:
-            grpc_server = start_grpc(engine, llm.tokenizer, model_name=name, max_model_len=max_len,
-                                     host=args.host, port=args.grpc_port, api_key=args.api_key)
+            try:
+                grpc_server = start_grpc(engine, llm.tokenizer, model_name=name, limits=limits,
+                                         host=args.host, port=args.grpc_port, api_key=key)
+            except BaseException:
+                server.should_exit = True
+                engine.shutdown(timeout=1)
+                raise
     while not server.started and thread.is_alive():
         thread.join(0.05)
     if not server.started:
         engine.shutdown(timeout=1)
+        if grpc_server is not None:
+            grpc_server.stop(grace=0)
         raise RuntimeError(f"the HTTP server did not start on {args.host}:{args.port}")
     return Servers(engine, server, thread, grpc_server)
 
 
 def serve(args: argparse.Namespace) -> int:
+    first, force = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        if first.is_set():
+            force.set()
+        first.set()
+        if not started.is_set():  # still loading the model: leave at once
+            raise SystemExit(0)
+
+    started = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # explicitly: a background job inherits SIGINT ignored
+        signal.signal(sig, on_signal)
     servers = start(args)
-    print(f"flashpage: serving {args.served_model_name or args.model} on http://{args.host}:{args.port}"
-          + (f" and grpc {args.host}:{args.grpc_port}" if servers.grpc is not None else ""), flush=True)
-    try:
-        servers.http_thread.join()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        servers.stop()
+    started.set()
+    if first.is_set():
+        force.set()
+    print(f"flashpage: serving {served_name(args)} on http://{args.host}:{args.port}"
+          + (f" and grpc {args.host}:{servers.grpc.port}" if servers.grpc is not None else ""), flush=True)
+    while not first.is_set() and servers.http_thread.is_alive():
+        first.wait(0.5)
+    print(f"flashpage: shutting down: new requests get 503; running ones have {args.shutdown_timeout} s "
+          "(a second signal: now)", file=sys.stderr, flush=True)
+    servers.stop(drain_seconds=args.shutdown_timeout, force=force)
+    print("flashpage: stopped", file=sys.stderr, flush=True)
     return 0
