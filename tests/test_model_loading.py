@@ -128,6 +128,87 @@ def test_unsupported_or_bad_configs_are_refused_by_name(patch, message):
         _core.parse_config(json.dumps(cfg))
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("patch,message", [
+    # Numbers that load and silently produce NaN or garbage activations.
+    ({"rope_theta": NAN}, '"rope_theta" must be a finite number > 0, got nan'),
+    ({"rope_theta": 0}, '"rope_theta" must be a finite number > 0, got 0'),
+    ({"rope_theta": -10000.0}, '"rope_theta" must be a finite number > 0, got -10000'),
+    ({"rope_theta": INF}, '"rope_theta" must be a finite number > 0, got inf'),
+    ({"rms_norm_eps": NAN}, '"rms_norm_eps" must be a finite number > 0, got nan'),
+    ({"rms_norm_eps": 0.0}, '"rms_norm_eps" must be a finite number > 0, got 0'),
+    ({"rms_norm_eps": -1e-5}, '"rms_norm_eps" must be a finite number > 0, got -1.0000000000000001e-05'),
+    ({"rms_norm_eps": -INF}, '"rms_norm_eps" must be a finite number > 0, got -inf'),
+    ({"rms_norm_eps": "1e-5"}, '"rms_norm_eps" must be a number, got a string'),
+    # rope_parameters (transformers 5) carries its own rope_theta
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": NAN}},
+     'config.json rope_parameters: field "rope_theta" must be a finite number > 0, got nan'),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, 'rope_scaling: field "factor" must be a finite number > 0'),
+    ({"rope_scaling": {"type": "linear", "factor": INF}}, '"factor" must be a finite number > 0, got inf'),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": NAN}}, '"factor" must be a finite number > 0, got nan'),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": -1}},
+     '"low_freq_factor" must be a finite number > 0, got -1'),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4}},
+     "high_freq_factor \\(4\\) must be greater than low_freq_factor \\(4\\)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "original_max_position_embeddings": 0}},
+     '"original_max_position_embeddings" must be positive, got 0'),
+    ({"rope_scaling": {"factor": 2.0}}, 'rope_scaling lacks "rope_type"'),
+    # Sizes: non-positive, not dividing, or so large that products overflow.
+    ({"hidden_size": 0}, '"hidden_size" must be positive, got 0'),
+    ({"num_attention_heads": 0}, '"num_attention_heads" must be positive, got 0'),
+    ({"num_key_value_heads": 0}, '"num_key_value_heads" must be positive, got 0'),
+    ({"num_key_value_heads": 16}, "must be a multiple of num_key_value_heads \\(16\\)"),
+    ({"hidden_size": 60}, "hidden_size is not a multiple of num_attention_heads and no head_dim is given"),
+    ({"hidden_size": 60, "head_dim": None}, "hidden_size is not a multiple of num_attention_heads"),
+    ({"hidden_size": 4}, "hidden_size is not a multiple of num_attention_heads"),
+    ({"head_dim": 7}, "head_dim must be even for rotary embeddings, got 7"),
+    ({"head_dim": -8}, '"head_dim" must be positive, got -8'),
+    ({"head_dim": 1 << 40}, '"head_dim" must be at most 65536'),
+    ({"hidden_size": (1 << 24) + 2, "num_attention_heads": 1, "num_key_value_heads": 1},
+     '"hidden_size" must be at most 16777216'),
+    ({"hidden_size": 1 << 24, "num_attention_heads": 1, "num_key_value_heads": 1},
+     "head_dim \\(hidden_size / num_attention_heads\\) must be at most 65536"),
+    ({"vocab_size": 1 << 62}, '"vocab_size" must be at most 16777216'),
+    ({"num_hidden_layers": 1 << 20}, '"num_hidden_layers" must be at most 65536'),
+    ({"intermediate_size": 2 ** 64}, '"intermediate_size" must be an integer'),  # beyond int64
+    ({"max_position_embeddings": 1 << 31}, '"max_position_embeddings" must be at most 2147483647'),
+    ({"max_position_embeddings": 0}, '"max_position_embeddings" must be positive'),
+    # Token ids that are not in the vocabulary (the core keeps them as int32).
+    ({"eos_token_id": -1}, '"eos_token_id" holds -1, not a token id of the vocabulary \\(vocab_size 100\\)'),
+    ({"eos_token_id": [2, 100]}, '"eos_token_id" holds 100, not a token id'),
+    ({"eos_token_id": 1 << 40}, '"eos_token_id" holds 1099511627776, not a token id'),
+    ({"eos_token_id": "2"}, '"eos_token_id" must be an integer, got a string'),
+    ({"bos_token_id": -5}, '"bos_token_id" holds -5, not a token id'),
+    ({"bos_token_id": 1.5}, '"bos_token_id" must be an integer, got 1.5'),
+])
+def test_impossible_numbers_are_refused_naming_the_field(patch, message):
+    cfg = {**LLAMA, **patch}
+    with pytest.raises(RuntimeError, match=message) as err:
+        _core.parse_config(json.dumps(cfg))  # Python's json writes NaN / Infinity, as configs do
+    assert str(err.value).startswith("config.json")
+
+
+def test_impossible_numbers_in_a_model_dir_are_refused_before_the_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "rope_theta": float("nan")}))
+    with pytest.raises(RuntimeError, match=f'{tmp_path}/config.json: field "rope_theta" must be a finite '
+                                           'number > 0, got nan'):
+        _core.load_config(str(tmp_path))
+    from flashpage import LLM
+
+    with pytest.raises(RuntimeError, match='"rope_theta" must be a finite number > 0'):
+        LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+
+
+def test_boundary_numbers_still_load():
+    cfg = _core.parse_config(json.dumps({**LLAMA, "rope_theta": 1e-3, "rms_norm_eps": 1e-30, "head_dim": None,
+                                         "eos_token_id": [0, 99], "bos_token_id": None,
+                                         "max_position_embeddings": 10485760}))
+    assert cfg["head_dim"] == 8 and cfg["eos_token_ids"] == [0, 99] and cfg["bos_token_id"] == -1
+    assert all(math.isfinite(x) for x in cfg["rope_inv_freq"])
+
+
 def test_bad_config_json_and_missing_files(tmp_path):
     with pytest.raises(RuntimeError, match="config.json: bad JSON at byte"):
         _core.parse_config('{"model_type": "llama",')
@@ -177,6 +258,11 @@ def test_malformed_safetensors_name_the_file_tensor_and_problem(tmp_path):
                      "negative dimension"),
         "missing_field": (dict(header_patch=lambda h: h["w"].pop("dtype")),
                           "tensor 'w' lacks dtype, shape or data_offsets"),
+        # 4 x 2^62 x 4 bytes wraps to 0 in 64 bits: it must not pass as an empty tensor.
+        "overflow": (dict(header_patch=lambda h: h["w"].update(shape=[4, 1 << 62], data_offsets=[0, 0])),
+                     "tensor 'w' shape \\[4, 4611686018427387904\\] is too large"),
+        "overflow_2": (dict(header_patch=lambda h: h["w"].update(shape=[1 << 32, 1 << 32], data_offsets=[0, 0])),
+                       "is too large"),
     }
     for name, (kw, message) in cases.items():
         d = tmp_path / name

@@ -1,6 +1,8 @@
 #include "model/config.h"
 
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <numbers>
 #include <stdexcept>
 
@@ -14,8 +16,17 @@ namespace {
   throw std::runtime_error(source + ": " + what);
 }
 
+// Upper bounds on sizes: far above any real model (vocabularies of 256K, hidden sizes of 16K,
+// 128 layers, head_dim 256, contexts of 10M tokens), low enough that every product the loader,
+// the KV planner and the executor form (rows x cols, layers x heads x head_dim x bytes) fits in
+// int64 and the int32 the core uses for positions and token ids.
+constexpr int64_t kMaxWidth = int64_t(1) << 24;   // hidden, intermediate, vocab
+constexpr int64_t kMaxCount = int64_t(1) << 16;   // layers, heads, head_dim
+constexpr int64_t kMaxPositions = INT32_MAX;      // max_position_embeddings
+
+// A positive integer field, at most `max`.
 int64_t get_int(const Json& j, const std::string& key, const std::string& source, int64_t fallback,
-                bool required) {
+                bool required, int64_t max) {
   const Json* v = j.find(key);
   if (v == nullptr || v->is_null()) {
     if (required) refuse(source, "missing required field \"" + key + "\"");
@@ -23,13 +34,35 @@ int64_t get_int(const Json& j, const std::string& key, const std::string& source
   }
   const int64_t x = v->as_int(source + " field \"" + key + "\"");
   if (x <= 0) refuse(source, "field \"" + key + "\" must be positive, got " + std::to_string(x));
+  if (x > max)
+    refuse(source, "field \"" + key + "\" must be at most " + std::to_string(max) + ", got " + std::to_string(x));
   return x;
 }
 
-double get_num(const Json& j, const std::string& key, const std::string& source, double fallback) {
+std::string num_str(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+// A finite number > 0 (rope_theta, rms_norm_eps, scaling factors): NaN, infinities, zero and
+// negative values would silently turn the model's activations into NaN or garbage.
+double get_positive(const Json& j, const std::string& key, const std::string& source, double fallback) {
   const Json* v = j.find(key);
   if (v == nullptr || v->is_null()) return fallback;
-  return v->as_number(source + " field \"" + key + "\"");
+  const double x = v->as_number(source + " field \"" + key + "\"");
+  if (!(std::isfinite(x) && x > 0))
+    refuse(source, "field \"" + key + "\" must be a finite number > 0, got " + num_str(x));
+  return x;
+}
+
+// A token id (bos/eos) of the model's vocabulary.
+int64_t token_id(const Json& v, const std::string& key, const std::string& source, int64_t vocab_size) {
+  const int64_t id = v.as_int(source + " field \"" + key + "\"");
+  if (id < 0 || id >= vocab_size)
+    refuse(source, "field \"" + key + "\" holds " + std::to_string(id) +
+                       ", not a token id of the vocabulary (vocab_size " + std::to_string(vocab_size) + ")");
+  return id;
 }
 
 bool get_bool(const Json& j, const std::string& key, const std::string& source, bool fallback) {
@@ -40,7 +73,7 @@ bool get_bool(const Json& j, const std::string& key, const std::string& source, 
 
 void parse_rope(const Json& rs, const std::string& what, ModelConfig& c) {
   rs.as_object(what);
-  c.rope_theta = get_num(rs, "rope_theta", what, c.rope_theta);
+  c.rope_theta = get_positive(rs, "rope_theta", what, c.rope_theta);
   const Json* t = rs.find("rope_type");
   if (t == nullptr) t = rs.find("type");
   if (t == nullptr) throw std::runtime_error(what + " lacks \"rope_type\"");
@@ -48,18 +81,21 @@ void parse_rope(const Json& rs, const std::string& what, ModelConfig& c) {
   if (c.rope_scaling.type == "default") {
     c.rope_scaling.type.clear();
   } else if (c.rope_scaling.type == "linear") {
-    c.rope_scaling.factor = get_num(rs, "factor", what, 1.0);
+    c.rope_scaling.factor = get_positive(rs, "factor", what, 1.0);
   } else if (c.rope_scaling.type == "llama3") {
-    c.rope_scaling.factor = get_num(rs, "factor", what, 8.0);
-    c.rope_scaling.low_freq_factor = get_num(rs, "low_freq_factor", what, 1.0);
-    c.rope_scaling.high_freq_factor = get_num(rs, "high_freq_factor", what, 4.0);
+    c.rope_scaling.factor = get_positive(rs, "factor", what, 8.0);
+    c.rope_scaling.low_freq_factor = get_positive(rs, "low_freq_factor", what, 1.0);
+    c.rope_scaling.high_freq_factor = get_positive(rs, "high_freq_factor", what, 4.0);
     c.rope_scaling.original_max_position_embeddings =
-        get_int(rs, "original_max_position_embeddings", what, 8192, false);
+        get_int(rs, "original_max_position_embeddings", what, 8192, false, kMaxPositions);
+    // The smoothing between the two wavelength bounds divides by their difference.
+    if (!(c.rope_scaling.high_freq_factor > c.rope_scaling.low_freq_factor))
+      refuse(what, "high_freq_factor (" + num_str(c.rope_scaling.high_freq_factor) +
+                       ") must be greater than low_freq_factor (" + num_str(c.rope_scaling.low_freq_factor) + ")");
   } else {
     throw std::runtime_error(what + " type \"" + c.rope_scaling.type +
                              "\" is not supported (supported: linear, llama3)");
   }
-  if (!(c.rope_scaling.factor > 0)) throw std::runtime_error(what + " factor must be positive");
 }
 
 }  // namespace
@@ -75,24 +111,28 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
       c.model_type != "qwen3")
     refuse(source, "model_type \"" + c.model_type +
                        "\" is not supported (supported: llama, mistral, qwen2, qwen3)");
-  c.hidden_size = get_int(j, "hidden_size", source, 0, true);
-  c.intermediate_size = get_int(j, "intermediate_size", source, 0, true);
-  c.num_hidden_layers = get_int(j, "num_hidden_layers", source, 0, true);
-  c.num_attention_heads = get_int(j, "num_attention_heads", source, 0, true);
-  c.num_key_value_heads = get_int(j, "num_key_value_heads", source, c.num_attention_heads, false);
-  c.vocab_size = get_int(j, "vocab_size", source, 0, true);
-  c.max_position_embeddings = get_int(j, "max_position_embeddings", source, 2048, false);
+  c.hidden_size = get_int(j, "hidden_size", source, 0, true, kMaxWidth);
+  c.intermediate_size = get_int(j, "intermediate_size", source, 0, true, kMaxWidth);
+  c.num_hidden_layers = get_int(j, "num_hidden_layers", source, 0, true, kMaxCount);
+  c.num_attention_heads = get_int(j, "num_attention_heads", source, 0, true, kMaxCount);
+  c.num_key_value_heads = get_int(j, "num_key_value_heads", source, c.num_attention_heads, false, kMaxCount);
+  c.vocab_size = get_int(j, "vocab_size", source, 0, true, kMaxWidth);
+  c.max_position_embeddings = get_int(j, "max_position_embeddings", source, 2048, false, kMaxPositions);
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     refuse(source, "num_attention_heads (" + std::to_string(c.num_attention_heads) +
                        ") must be a multiple of num_key_value_heads (" +
                        std::to_string(c.num_key_value_heads) + ")");
   const int64_t derived = c.hidden_size / c.num_attention_heads;
-  c.head_dim = get_int(j, "head_dim", source, derived, false);
-  if (j.find("head_dim") == nullptr && c.hidden_size % c.num_attention_heads != 0)
+  c.head_dim = get_int(j, "head_dim", source, derived, false, kMaxCount);
+  const Json* hd = j.find("head_dim");
+  if ((hd == nullptr || hd->is_null()) && c.hidden_size % c.num_attention_heads != 0)
     refuse(source, "hidden_size is not a multiple of num_attention_heads and no head_dim is given");
+  if (c.head_dim > kMaxCount)
+    refuse(source, "head_dim (hidden_size / num_attention_heads) must be at most " + std::to_string(kMaxCount) +
+                       ", got " + std::to_string(c.head_dim));
   if (c.head_dim % 2 != 0) refuse(source, "head_dim must be even for rotary embeddings, got " + std::to_string(c.head_dim));
-  c.rms_norm_eps = get_num(j, "rms_norm_eps", source, 1e-6);
-  c.rope_theta = get_num(j, "rope_theta", source, 10000.0);
+  c.rms_norm_eps = get_positive(j, "rms_norm_eps", source, 1e-6);
+  c.rope_theta = get_positive(j, "rope_theta", source, 10000.0);
   c.tie_word_embeddings = get_bool(j, "tie_word_embeddings", source, false);
   c.attention_bias = get_bool(j, "attention_bias", source, c.model_type == "qwen2");
   c.qk_norm = c.model_type == "qwen3";
@@ -127,15 +167,23 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     rope_key = "rope_scaling";
   }
   if (rs && !rs->is_null()) parse_rope(*rs, source + " " + rope_key, c);
+  // Finite, positive inputs can still overflow or underflow: theta = 5e-324 has no finite
+  // inverse powers, factor = 1e308 divides them to 0.
+  for (double x : c.rope_inv_freq())
+    if (!(std::isfinite(x) && x > 0))
+      refuse(source, "rope_theta=" + num_str(c.rope_theta) + " with head_dim " + std::to_string(c.head_dim) +
+                         " and its rope scaling gives rotary frequencies that are not finite positive numbers");
   if (const Json* dt = j.find("torch_dtype"); dt && dt->is_string()) c.torch_dtype = dt->as_string("torch_dtype");
   if (const Json* dt = j.find("dtype"); c.torch_dtype.empty() && dt && dt->is_string())
     c.torch_dtype = dt->as_string("dtype");
-  if (const Json* b = j.find("bos_token_id"); b && b->is_number()) c.bos_token_id = b->as_int("bos_token_id");
+  if (const Json* b = j.find("bos_token_id"); b && b->is_number())
+    c.bos_token_id = token_id(*b, "bos_token_id", source, c.vocab_size);
   if (const Json* e = j.find("eos_token_id"); e && !e->is_null()) {
     if (e->is_array()) {
-      for (const Json& x : e->as_array("eos_token_id")) c.eos_token_ids.push_back(x.as_int("eos_token_id"));
+      for (const Json& x : e->as_array(source + " field \"eos_token_id\""))
+        c.eos_token_ids.push_back(token_id(x, "eos_token_id", source, c.vocab_size));
     } else {
-      c.eos_token_ids.push_back(e->as_int(source + " field \"eos_token_id\""));
+      c.eos_token_ids.push_back(token_id(*e, "eos_token_id", source, c.vocab_size));
     }
   }
   return c;

@@ -126,7 +126,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
                        std::to_string(end) + ") fall outside the " + std::to_string(data_size) +
                        "-byte data section (truncated file?)");
       t.nbytes = static_cast<size_t>(end - begin);
-      const uint64_t want = static_cast<uint64_t>(t.numel()) * dtype_size(t.dtype);
+      // The byte count the shape needs, refusing products that overflow: a wrapped product
+      // could match a short data range and expose a huge shape over a few bytes.
+      uint64_t want = dtype_size(t.dtype);
+      for (int64_t d : t.shape)
+        if (__builtin_mul_overflow(want, static_cast<uint64_t>(d), &want))
+          fail(path, "tensor '" + name + "' shape " + shape_str(t.shape) + " is too large");
       if (t.nbytes != want)
         fail(path, "tensor '" + name + "' has " + std::to_string(t.nbytes) + " bytes but " +
                        dname + " " + shape_str(t.shape) + " needs " + std::to_string(want));
