@@ -56,6 +56,19 @@ def offline():
     return {o.prompt: o.outputs[0] for o in outs}
 
 
+def wait_healthy(url: str, timeout: float = 60.0) -> None:
+    """Until GET /health answers 200 (a server starting, or recovering)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url}/health did not answer 200 within {timeout} s")
+
+
 def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
@@ -241,13 +254,7 @@ def test_flashpage_serve_command(tmp_path):
                              "--served-model-name", "stories"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}")
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                        json={"model": "stories", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(", there was")

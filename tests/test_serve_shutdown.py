@@ -18,25 +18,13 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from model_fixtures import STORIES  # noqa: E402
-from test_openai_server import _free_port  # noqa: E402
+from test_openai_server import _free_port, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K is not present")
 # One sequence at a time, 500 tokens each (~0.5 s a stream here): requests stay in flight.
 SERVE = [sys.executable, "-m", "flashpage.cli", "serve", STORIES, "--kv-cache-memory-bytes", str(32 << 20),
          "--max-num-seqs", "1", "--served-model-name", "stories", "--grpc-port", "0"]
 BODY = {"model": "stories", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True}
-
-
-def _wait_up(url: str) -> None:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server did not come up")
 
 
 class _Stream(threading.Thread):
@@ -64,13 +52,19 @@ class _Stream(threading.Thread):
             self.first.set()
 
 
-def test_sigterm_drains_new_requests_503_running_ones_finish():
+def _serve() -> tuple[subprocess.Popen, str]:
+    """`flashpage serve` in a subprocess with a long --shutdown-timeout, once healthy."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*SERVE, "--port", str(port), "--shutdown-timeout", "60"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    wait_healthy(url)
+    return proc, url
+
+
+def test_sigterm_drains_new_requests_503_running_ones_finish():
+    proc, url = _serve()
     try:
-        _wait_up(url)
         streams = [_Stream(url) for _ in range(4)]
         assert streams[0].first.wait(30)
         proc.send_signal(signal.SIGTERM)
@@ -89,12 +83,8 @@ def test_sigterm_drains_new_requests_503_running_ones_finish():
 
 
 def test_the_shutdown_timeout_aborts_the_rest_with_a_final_chunk_and_a_second_signal_is_prompt():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*SERVE, "--port", str(port), "--shutdown-timeout", "60"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc, url = _serve()
     try:
-        _wait_up(url)
         streams = [_Stream(url) for _ in range(6)]  # ~3 s of work
         assert streams[0].first.wait(30)
         proc.send_signal(signal.SIGTERM)
@@ -125,7 +115,7 @@ def test_a_background_job_stops_on_sigint_after_its_timeout(tmp_path):
     pid = int(subprocess.run(["bash", "-c", f"{cmd} > {log} 2>&1 & echo $!"], capture_output=True, text=True,
                              check=True).stdout.strip())
     try:
-        _wait_up(url)
+        wait_healthy(url)
         streams = [_Stream(url) for _ in range(6)]
         assert streams[0].first.wait(30)
         os.kill(pid, signal.SIGINT)

@@ -25,7 +25,7 @@ from flashpage.serving.server import start  # noqa: E402
 from flashpage.serving.v1 import flashpage_pb2 as pb  # noqa: E402
 from flashpage.serving.v1 import flashpage_pb2_grpc as pb_grpc  # noqa: E402
 from model_fixtures import STORIES  # noqa: E402
-from test_openai_server import KEY, _args, _free_port, _idle_and_empty  # noqa: E402
+from test_openai_server import KEY, _args, _free_port, _idle_and_empty, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K is not present")
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -51,6 +51,20 @@ def _error(r: httpx.Response) -> dict:
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
     return err
+
+
+def _health_seconds_during(url: str, started: threading.Event, path: str, body: dict) -> tuple[float, int]:
+    """Sends body to path in a thread; once `started` is set (its slow work began), times a
+    GET /health; returns (those seconds, the request's status)."""
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", _post(url, path, body)))
+    t.start()
+    assert started.wait(10)
+    t0 = time.monotonic()
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    seconds = time.monotonic() - t0
+    t.join(30)
+    return seconds, result["r"].status_code
 
 
 class _Slowed:
@@ -122,16 +136,9 @@ def test_an_operator_template_that_loops_is_a_400_and_the_loop_stays_free(server
         return original(*a, **kw)
     tok.apply_chat_template = slow_template
     try:
-        result = {}
-        t = threading.Thread(target=lambda: result.setdefault("r", _post(
-            url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})))
-        t.start()
-        assert entered.wait(10)
-        t0 = time.monotonic()
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        health_s = time.monotonic() - t0
-        t.join(30)
-        assert result["r"].status_code == 200
+        health_s, status = _health_seconds_during(url, entered, "/v1/chat/completions",
+                                                  {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200
         assert health_s < 1.5, f"/health waited {health_s:.2f} s behind a template render"
     finally:
         tok.apply_chat_template = original
@@ -282,15 +289,7 @@ def test_connections_beyond_the_limit_get_503_and_the_server_goes_on(server):
     finally:
         for s in held:
             s.close()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    wait_healthy(url, timeout=10)
 
 
 # ---- 6. work after the client left -----------------------------------------------------------
@@ -327,26 +326,19 @@ def test_tokenizing_runs_off_the_event_loop_and_big_prompts_are_refused_first(se
     tok = servers.engine.engine.tokenizer
     original = tok.encode
     calls = []
+    entered = threading.Event()
 
     def slow_encode(text, *a, **kw):
         calls.append(len(text))
+        entered.set()
         time.sleep(2.0)
         return original(text, *a, **kw)
     tok.encode = slow_encode
     try:
         r = _post(url, "/v1/completions", {"prompt": "y" * 20000, "max_tokens": 2})
         assert r.status_code == 400 and not calls  # refused before any tokenizing
-        result = {}
-        t = threading.Thread(target=lambda: result.setdefault("r", _post(url, "/v1/completions",
-                                                                          {"prompt": "Once", "max_tokens": 2})))
-        t.start()
-        while not calls:
-            time.sleep(0.01)
-        t0 = time.monotonic()
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-        health_s = time.monotonic() - t0
-        t.join(30)
-        assert result["r"].status_code == 200
+        health_s, status = _health_seconds_during(url, entered, "/v1/completions", {"prompt": "Once", "max_tokens": 2})
+        assert status == 200
         assert health_s < 1.5, f"/health waited {health_s:.2f} s behind tokenizing"
     finally:
         tok.encode = original
