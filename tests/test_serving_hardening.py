@@ -294,7 +294,7 @@ def test_connections_beyond_the_limit_get_503_and_the_server_goes_on(server):
 
 # ---- 6. work after the client left -----------------------------------------------------------
 
-def test_a_non_streamed_request_is_aborted_when_its_client_leaves(server):
+def test_a_non_streamed_request_is_aborted_when_its_client_leaves(server, caplog):
     servers, url, _ = server
     before = servers.engine.metrics.render().decode()
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}).encode()
@@ -317,6 +317,8 @@ def test_a_non_streamed_request_is_aborted_when_its_client_leaves(server):
         line = next((x for x in text.splitlines() if x.startswith(key)), None)
         return float(line.split()[-1]) if line else 0.0
     assert count(after) == count(before) + 1
+    time.sleep(0.2)
+    assert "unhandled error" not in caplog.text
 
 
 # ---- 7. the event loop -----------------------------------------------------------------------

@@ -254,12 +254,13 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
             return choices, usage
 
         try:
-            choices, usage = await _unless_disconnected(request, collect_all())
+            collected = await _unless_disconnected(request, collect_all())
         finally:
             for gen in streams:
                 await gen.aclose()
-        if choices is None:
+        if collected is None:  # the client left: nobody to answer
             return Response(status_code=499)
+        choices, usage = collected
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage.dict()}
 
