@@ -118,6 +118,13 @@ TEST(json_parser_refuses_malformed_text_by_offset) {
   CHECK_THROWS(std::runtime_error, Json::parse("\"\\ud800\"", "f"), "lone high surrogate");
   CHECK_THROWS(std::runtime_error, Json::parse("\"\\ud800\\u0041\"", "f"), "bad low surrogate");
   CHECK_THROWS(std::runtime_error, Json::parse("\"\\u12", "f"), "truncated \\u escape");
+  // Strings reach error messages and Python: well-formed UTF-8 only.
+  CHECK_THROWS(std::runtime_error, Json::parse("\"\\udc00\"", "f"), "lone low surrogate");
+  for (const char* bad : {"\"\xff\"", "\"\xc0\xaf\"", "\"\xe0\x80\xaf\"", "\"\xed\xa0\x80\"", "\"\xf4\x90\x80\x80\"",
+                          "\"\xe2\x82\"", "\"\xc3"})
+    CHECK_THROWS(std::runtime_error, Json::parse(bad, "f"), "invalid UTF-8 in a string");
+  const Json utf8 = Json::parse("\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf\"", "f");
+  CHECK_EQ(utf8.as_string("s").size(), size_t(2 + 3 + 4 + 4));
   CHECK_THROWS(std::runtime_error, Json::parse("-", "f"), "expected a value");
   CHECK_THROWS(std::runtime_error, Json::parse("1 2", "f"), "unexpected text after");
   CHECK_THROWS(std::runtime_error, Json::parse(std::string(100, '['), "f"), "nested deeper than 64");

@@ -15,6 +15,8 @@ def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except RecursionError:  # json's recursive decoder on deeply nested arrays or objects
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
@@ -29,10 +31,18 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
+_INT32_MAX = 2**31 - 1  # the core keeps token ids as int32
+
+
+def _ids(value: Any, where: str) -> list[int]:
+    """Token ids as generation_config.json writes them: an id, a list of ids, or null."""
     if value is None:
         return []
-    return [int(v) for v in (value if isinstance(value, list) else [value])]
+    ids = value if isinstance(value, list) else [value]
+    for v in ids:
+        if type(v) is not int or not 0 <= v <= _INT32_MAX:
+            raise ValueError(f"{where}: {v!r} is not a token id (an integer in [0, {_INT32_MAX}])")
+    return ids
 
 
 class Tokenizer:
@@ -62,7 +72,8 @@ class Tokenizer:
         self.eos_token_id = self.token_to_id(self.eos_token)
         # End of sequence: generation_config.json's ids (chat models list several), else the
         # tokenizer's eos token.
-        eos = _ids(generation.get("eos_token_id"))
+        eos = _ids(generation.get("eos_token_id"),
+                   f"{os.path.join(directory, 'generation_config.json')}: eos_token_id")
         if not eos and self.eos_token_id is not None:
             eos = [self.eos_token_id]
         self.eos_token_ids: list[int] = eos
@@ -83,12 +94,16 @@ class Tokenizer:
 
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
             template = named.get("default") or next(iter(named.values()), None)
         jinja = os.path.join(directory, "chat_template.jinja")
         if os.path.isfile(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                template = f.read()
+            try:
+                with open(jinja, encoding="utf-8") as f:
+                    template = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{jinja}: cannot read the chat template ({e})") from e
         self.chat_template: str | None = template if isinstance(template, str) else None
 
     @property

@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -153,6 +154,27 @@ class JsonParser {
     }
   }
 
+  // The length of the well-formed UTF-8 sequence at pos_ (RFC 3629: no overlong forms, no
+  // surrogates, at most U+10FFFF), or 0. Strings reach error messages and Python, which both
+  // need valid UTF-8; the safetensors reference parser (serde_json) refuses the same.
+  size_t utf8_length() const {
+    const auto byte = [&](size_t i) { return pos_ + i < s_.size() ? static_cast<unsigned char>(s_[pos_ + i]) : 0u; };
+    const unsigned b0 = byte(0);
+    const auto cont = [&](size_t i) { return (byte(i) & 0xC0) == 0x80; };
+    if (b0 >= 0xC2 && b0 <= 0xDF) return cont(1) ? 2 : 0;
+    if (b0 >= 0xE0 && b0 <= 0xEF) {
+      const unsigned b1 = byte(1);
+      if ((b0 == 0xE0 && b1 < 0xA0) || (b0 == 0xED && b1 >= 0xA0)) return 0;  // overlong; surrogate
+      return cont(1) && cont(2) ? 3 : 0;
+    }
+    if (b0 >= 0xF0 && b0 <= 0xF4) {
+      const unsigned b1 = byte(1);
+      if ((b0 == 0xF0 && b1 < 0x90) || (b0 == 0xF4 && b1 >= 0x90)) return 0;  // overlong; > U+10FFFF
+      return cont(1) && cont(2) && cont(3) ? 4 : 0;
+    }
+    return 0;
+  }
+
   uint32_t hex4() {
     if (pos_ + 4 > s_.size()) fail("truncated \\u escape");
     uint32_t v = 0;
@@ -175,6 +197,14 @@ class JsonParser {
       const char c = s_[pos_++];
       if (c == '"') return out;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in a string");
+      if (static_cast<unsigned char>(c) >= 0x80) {  // the whole sequence, validated
+        --pos_;
+        const size_t n = utf8_length();
+        if (n == 0) fail("invalid UTF-8 in a string");
+        out.append(s_.substr(pos_, n));
+        pos_ += n;
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -192,6 +222,7 @@ class JsonParser {
         case 't': out += '\t'; break;
         case 'u': {
           uint32_t cp = hex4();
+          if (cp >= 0xDC00 && cp < 0xE000) fail("lone low surrogate in a \\u escape");
           if (cp >= 0xD800 && cp < 0xDC00) {  // a surrogate pair
             if (!consume("\\u")) fail("lone high surrogate in a \\u escape");
             const uint32_t lo = hex4();
@@ -201,7 +232,14 @@ class JsonParser {
           put_utf8(out, cp);
           break;
         }
-        default: fail(std::string("unknown escape \\") + e);
+        default: {
+          // Shown printable or as hex: messages must stay valid UTF-8.
+          const unsigned char b = static_cast<unsigned char>(e);
+          char shown[16];
+          if (b > 0x20 && b < 0x7F) std::snprintf(shown, sizeof shown, "\\%c", e);
+          else std::snprintf(shown, sizeof shown, "\\ + byte 0x%02X", b);
+          fail(std::string("unknown escape ") + shown);
+        }
       }
     }
   }
