@@ -245,5 +245,7 @@ def render(template: str, messages: list[dict], *, add_generation_prompt: bool =
         raise TemplateBudgetError("the chat template recursed too deeply") from None
     except MemoryError:
         raise TemplateBudgetError("the chat template ran out of memory") from None
+    except Exception as e:  # noqa: BLE001 - the template's own Python error ({{ 1 // 0 }}, 'a' + [1], ...)
+        raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
     finally:
         _budget.reset(token)
