@@ -1,6 +1,7 @@
 #include "runtime/host_buffer.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <new>
@@ -36,7 +37,11 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& o) noexcept {
 
 bool HostBuffer::prefault(size_t begin, size_t end) {
 #ifdef MADV_POPULATE_WRITE
-  end = std::min(end, size_);
+  // madvise wants a page-aligned start (EINVAL otherwise): a layer's K or V region need not
+  // start on a page. The mapping covers whole pages, so rounding outwards stays inside it.
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  begin = begin / page * page;
+  end = std::min((std::min(end, size_) + page - 1) / page * page, (size_ + page - 1) / page * page);
   return begin >= end || madvise(static_cast<char*>(data_) + begin, end - begin, MADV_POPULATE_WRITE) == 0;
 #else
   (void)begin, (void)end;
