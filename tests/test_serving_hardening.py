@@ -535,3 +535,33 @@ def test_health_turns_503_while_the_engine_is_wedged(server):
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     finally:
         servers.engine.watchdog_seconds = 60.0
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+def test_unique_prompts_do_not_fill_the_tokenizers_word_cache():
+    """stories260K's sentencepiece-style tokenizer treats a whole prompt as one "word": its BPE
+    cache kept ~4 KB per unique prompt, up to 10,000 of them (found by the soak's RSS curve)."""
+    import ctypes
+    import random
+
+    from flashpage.tokenizer import Tokenizer
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+    tok = Tokenizer(STORIES)
+    rng = random.Random(0)
+    words = ["Once", "upon", "a", "time", "the", "cat", "sat", "Lily", "and", "Ben"]
+    for _ in range(200):
+        tok.encode(" ".join(rng.choice(words) for _ in range(30)))
+    before = libc.mallinfo2().uordblks
+    for _ in range(3000):
+        tok.encode(" ".join(rng.choice(words) for _ in range(rng.randint(1, 40))))
+    grown = (libc.mallinfo2().uordblks - before) / 2**20
+    assert grown < 4, f"{grown:.1f} MB kept after 3,000 unique prompts"

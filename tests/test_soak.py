@@ -1,7 +1,7 @@
 """A bounded soak of `flashpage serve` (the full one is `python -m flashpage.bench.soak`):
 3,000 random requests from 48 concurrent clients, ~20 % abandoned, ~5 % invalid; afterwards no
 running or waiting request, no live KV block, every finished request with a correct finish
-reason, and resident memory within 64 MB of where it stood after the warm-up."""
+reason, and resident memory within 32 MB over the second half (the first is the warm-up)."""
 
 from __future__ import annotations
 
@@ -29,5 +29,5 @@ def test_a_bounded_soak_leaves_nothing_behind():
     assert not report.wrong, report.wrong[:10]
     assert report.end_state == {"running": 0, "waiting": 0, "kv_usage": 0}
     assert report.completed > 2000 and report.abandoned > 300 and report.refused_as_expected > 50
-    assert report.rss_growth_mb < 64, f"RSS grew {report.rss_growth_mb:.1f} MB"
+    assert report.rss_growth_mb < 32, f"RSS grew {report.rss_growth_mb:.1f} MB: {report.rss_samples}"
     assert proc.returncode == 0
