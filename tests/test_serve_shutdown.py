@@ -52,6 +52,20 @@ class _Stream(threading.Thread):
             self.first.set()
 
 
+def _all_admitted(url: str, n: int, timeout: float = 30.0) -> None:
+    """Until the server holds n requests (running + waiting): a signal sent earlier would
+    rightly answer the late ones 503."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        held = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(("flashpage:num_requests_running{", "flashpage:num_requests_waiting{")))
+        if held >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the server never held {n} requests")
+
+
 def _serve() -> tuple[subprocess.Popen, str]:
     """`flashpage serve` in a subprocess with a long --shutdown-timeout, once healthy."""
     port = _free_port()
@@ -66,7 +80,7 @@ def test_sigterm_drains_new_requests_503_running_ones_finish():
     proc, url = _serve()
     try:
         streams = [_Stream(url) for _ in range(4)]
-        assert streams[0].first.wait(30)
+        _all_admitted(url, 4)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         late = httpx.post(f"{url}/v1/completions", json={**BODY, "stream": False, "max_tokens": 2}, timeout=10)
@@ -86,7 +100,7 @@ def test_the_shutdown_timeout_aborts_the_rest_with_a_final_chunk_and_a_second_si
     proc, url = _serve()
     try:
         streams = [_Stream(url) for _ in range(6)]  # ~3 s of work
-        assert streams[0].first.wait(30)
+        _all_admitted(url, 6)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         t0 = time.monotonic()
@@ -117,7 +131,7 @@ def test_a_background_job_stops_on_sigint_after_its_timeout(tmp_path):
     try:
         wait_healthy(url)
         streams = [_Stream(url) for _ in range(6)]
-        assert streams[0].first.wait(30)
+        _all_admitted(url, 6)
         os.kill(pid, signal.SIGINT)
         deadline = time.time() + 30
         while time.time() < deadline and os.path.exists(f"/proc/{pid}") and \
