@@ -51,8 +51,10 @@ class _Request:
 class LLMEngine:
     """Requests in (add_request), RequestOutputs out (step), over a `_core.Engine`."""
 
-    def __init__(self, core: _core.Engine, tokenizer: Tokenizer | None = None, seed: int = 0) -> None:
+    def __init__(self, core: _core.Engine, tokenizer: Tokenizer | None = None, seed: int = 0,
+                 scheduling_policy: str = "fcfs") -> None:
         self.core = core
+        self.scheduling_policy = scheduling_policy
         self.scheduler = core.scheduler
         self.tokenizer = tokenizer
         info = core.info
@@ -87,6 +89,9 @@ class LLMEngine:
         """Queues a request. Raises ValueError for a duplicate id, an empty or over-long
         prompt, token ids outside the vocabulary, or parameters this engine cannot honour."""
         params = params or SamplingParams()
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"priority={priority} needs the priority scheduling policy (LLM(..., "
+                             "scheduling_policy='priority'), flashpage serve --scheduling-policy priority)")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.prompt_ids(prompt)

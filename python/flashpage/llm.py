@@ -9,6 +9,7 @@ from typing import Any
 
 from flashpage import _core
 from flashpage.engine import LLMEngine, PromptType
+from flashpage.engine_args import EngineArgs
 from flashpage.outputs import RequestOutput
 from flashpage.sampling_params import SamplingParams
 from flashpage.tokenizer import Tokenizer
@@ -25,39 +26,22 @@ class LLM:
     keeps fp32 arithmetic (bf16 weights widened). ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
-    def __init__(
-        self,
-        model: str,
-        tokenizer: str | None = None,
-        *,
-        dtype: str = "auto",
-        compute_dtype: str = "auto",
-        load_format: str = "auto",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        kv_cache_memory_bytes: int | None = None,
-        kv_cache_memory_fraction: float = 0.25,
-        seed: int = 0,
-        skip_tokenizer_init: bool = False,
-        verbose: bool = True,
-    ) -> None:
+    def __init__(self, model: str, tokenizer: str | None = None, **engine_options: Any) -> None:
+        """engine_options: the fields of flashpage.engine_args.EngineArgs (vLLM's names):
+        dtype, compute_dtype, load_format, max_model_len, block_size, max_num_seqs,
+        max_num_batched_tokens, enable_prefix_caching, scheduling_policy ("fcfs" or "priority"),
+        kv_cache_memory_bytes, kv_cache_memory_fraction, seed, skip_tokenizer_init, verbose."""
+        args = EngineArgs.from_kwargs(model, tokenizer=tokenizer, **engine_options)
+        self.engine_args = args
         if not os.path.isdir(model):
             raise FileNotFoundError(f"{model}: not a directory (flashpage loads local Hugging Face model directories)")
-        self.core = _core.Engine(
-            model, dtype=dtype, load_format=load_format, max_model_len=max_model_len or 0,
-            block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens or 0, enable_prefix_caching=enable_prefix_caching,
-            kv_cache_bytes=kv_cache_memory_bytes or 0, kv_cache_memory_fraction=kv_cache_memory_fraction,
-            seed=seed, verbose=verbose, compute_dtype=compute_dtype)
+        self.core = _core.Engine(model, **args.core_kwargs())
         self.model_info: dict = self.core.info
         self.tokenizer: Tokenizer | None = None
         tok_path = tokenizer or model
-        if not skip_tokenizer_init and (tokenizer or os.path.isfile(os.path.join(model, "tokenizer.json"))):
+        if not args.skip_tokenizer_init and (tokenizer or os.path.isfile(os.path.join(model, "tokenizer.json"))):
             self.tokenizer = Tokenizer(tok_path)
-        self.llm_engine = LLMEngine(self.core, self.tokenizer, seed=seed)
+        self.llm_engine = LLMEngine(self.core, self.tokenizer, seed=args.seed, scheduling_policy=args.scheduling_policy)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer | None:

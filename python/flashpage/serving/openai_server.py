@@ -145,10 +145,10 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         except ValueError as e:
             raise ApiError(400, str(e), param="n") from None
 
-    async def run(prompt_ids: list[int], params, text: str | None) -> AsyncIterator[RequestOutput]:
+    async def run(prompt_ids: list[int], params, text: str | None, priority: int) -> AsyncIterator[RequestOutput]:
         try:
             async for out in engine.generate({"prompt": text, "prompt_token_ids": prompt_ids}, params,
-                                             reserved=True):
+                                             priority=priority, reserved=True):
                 yield out
         except EngineUnavailable as e:
             raise ApiError(503, str(e), type_="server_error", code="unavailable") from None
@@ -172,11 +172,11 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 await gen.aclose()  # a client that went away: abort the request now
         return chain()
 
-    async def start_all(ids: list[list[int]], params: list, texts: list[str | None]) -> list:
+    async def start_all(ids: list[list[int]], params: list, texts: list[str | None], priority: int) -> list:
         """Admits the request's sequences all at once, then starts one engine request per prompt."""
         reserve(sum(p.n for p in params))
-        results = await asyncio.gather(*(first_then_rest(run(i, sp, x)) for i, sp, x in zip(ids, params, texts)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(first_then_rest(run(i, sp, x, priority))
+                                         for i, sp, x in zip(ids, params, texts)), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             for r in results:
@@ -207,7 +207,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         params = [params_of(body, m, body.logprobs) for m in max_tokens]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await start_all(ids, params, [x if isinstance(x, str) else None for x in prompts])
+        streams = await start_all(ids, params, [x if isinstance(x, str) else None for x in prompts], body.priority)
         n = body.n
         echo = [(x if isinstance(x, str) else "") if body.echo else "" for x in prompts]
         offsets: dict[int, int] = {}  # choice index -> characters of its text so far (text_offset)
@@ -303,7 +303,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         params = params_of(body, max_tokens, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        gen = (await start_all([ids], [params], [text]))[0]
+        gen = (await start_all([ids], [params], [text], body.priority))[0]
         want_lp = body.logprobs
 
         if body.stream:

@@ -31,6 +31,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     prompt_logprobs: int | None = None  # vLLM's extra field
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)  # vLLM's extra field: lower runs first
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = 0

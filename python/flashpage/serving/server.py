@@ -27,22 +27,10 @@ log = logging.getLogger("flashpage.serving")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The LLM(...) options, as command-line flags (vLLM's names)."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    g.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot products")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default: ~0.1 s of prefill at this machine's measured speed)")
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    g.add_argument("--kv-cache-memory-fraction", type=float, default=0.25)
-    g.add_argument("--seed", type=int, default=0)
+    """The LLM(...) options, as command-line flags (vLLM's names): flashpage.engine_args."""
+    from flashpage.engine_args import EngineArgs
+
+    EngineArgs.add_cli_args(p, positional_model=False)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -79,16 +67,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_llm(args: argparse.Namespace):
+    from flashpage.engine_args import EngineArgs
     from flashpage.llm import LLM
 
-    return LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, compute_dtype=args.compute_dtype,
-               load_format=args.load_format,
-               max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=args.enable_prefix_caching,
-               kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-               kv_cache_memory_fraction=args.kv_cache_memory_fraction, seed=args.seed,
-               verbose=getattr(args, "verbose", True))
+    options = vars(EngineArgs.from_cli_args(args))
+    return LLM(options.pop("model"), **options)
 
 
 def served_name(args: argparse.Namespace) -> str:

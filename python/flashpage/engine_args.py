@@ -1,0 +1,96 @@
+"""The engine's options, defined once (vLLM's EngineArgs): `LLM(...)` takes them as keyword
+arguments, `flashpage serve` / `flashpage generate` as flags (the same names, dashed), and
+`core_kwargs()` hands them to the C++ engine binding. A new option is one field here."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class EngineArgs:
+    model: str = field(default="", metadata={"help": "a local Hugging Face model directory", "positional": True})
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+    dtype: str = _opt("auto", "weights in memory: auto (the checkpoint's), bfloat16 or float32",
+                      ("auto", "bfloat16", "float32"))
+    compute_dtype: str = _opt("auto", "CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot "
+                                      "products (AVX512-BF16, AMX), float32 always fp32", ("auto", "bfloat16", "float32"))
+    load_format: str = _opt("auto", "auto (safetensors) or dummy (random weights of the config's shape)",
+                            ("auto", "dummy"))
+    max_model_len: int | None = _opt(None, "context length (default: the model's)")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    max_num_seqs: int = _opt(256, "sequences in one step at most")
+    max_num_batched_tokens: int | None = _opt(
+        None, "tokens per step (default: room for max_num_seqs decodes + ~0.1 s of prefill at this machine's speed)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes",
+                                       flag="--no-enable-prefix-caching")
+    scheduling_policy: str = _opt("fcfs", "fcfs (arrival order) or priority (lower value first, then arrival; "
+                                          "a request's priority comes with it)", ("fcfs", "priority"))
+    kv_cache_memory_bytes: int | None = _opt(None, "KV-cache size in bytes (default: a fraction of available memory)")
+    kv_cache_memory_fraction: float = _opt(0.25, "fraction of available memory for the KV cache when no size is given")
+    seed: int = _opt(0, "seed of requests that bring none of their own")
+    skip_tokenizer_init: bool = _opt(False, "no tokenizer: prompts are token ids, outputs have no text",
+                                     flag="--skip-tokenizer-init")
+    verbose: bool = _opt(True, "print the start-up report (weights, KV-cache sizing) to stderr", flag="--quiet")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *, positional_model: bool = True) -> None:
+        """Every option as a flag of the same name, dashed (vLLM's flags); booleans whose
+        default is True get a --no-... or --quiet flag that turns them off."""
+        group = parser.add_argument_group("engine")
+        for f in fields(cls):
+            meta = f.metadata
+            if meta.get("positional"):
+                if positional_model:
+                    parser.add_argument(f.name, help=meta["help"])
+                continue
+            if f.type == "bool" or isinstance(f.default, bool):
+                flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+                action = "store_false" if f.default else "store_true"
+                group.add_argument(flag, dest=f.name, action=action,
+                                   help=("turns off: " if f.default else "") + meta["help"])
+                continue
+            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            default = f.default if f.default is not MISSING else None
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                               choices=meta.get("choices"), help=meta["help"])
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        return cls(**{n: getattr(ns, n) for n in cls.names() if hasattr(ns, n)})
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        """LLM(model, **kwargs): an unknown name is a TypeError that lists the known ones."""
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"LLM() got an unexpected keyword argument {unknown[0]!r}; engine options are: "
+                            + ", ".join(n for n in cls.names() if n != "model"))
+        args = cls(model=model, **kwargs)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+
+    def core_kwargs(self) -> dict[str, Any]:
+        """The C++ engine's constructor arguments (its names; 0 means "choose")."""
+        return dict(dtype=self.dtype, compute_dtype=self.compute_dtype, load_format=self.load_format,
+                    max_model_len=self.max_model_len or 0, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=self.max_num_batched_tokens or 0,
+                    enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
+                    kv_cache_bytes=self.kv_cache_memory_bytes or 0,
+                    kv_cache_memory_fraction=self.kv_cache_memory_fraction, seed=self.seed, verbose=self.verbose)
