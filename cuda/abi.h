@@ -8,6 +8,8 @@
 #include <cstdio>
 
 #define FLASHPAGE_EXPORT extern "C" __attribute__((visibility("default")))
+// The entry points of the table (runtime/cuda_abi.h): C linkage, not exported by name.
+#define FLASHPAGE_INTERNAL extern "C" __attribute__((visibility("hidden")))
 
 namespace flashpage::cuda {
 

@@ -1,8 +1,10 @@
-// The CUDA backend's entry points (C ABI, see cpp/src/runtime/cuda_abi.h). For now a
-// placeholder kernel that proves the build, the loading and a device round trip work.
+// The device entries of the C ABI table (cpp/src/runtime/cuda_abi.h; the table itself is built
+// in ops_abi.cu): device count and names, and axpy, a round trip that proves the build, the
+// loading and the device work.
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <type_traits>
 
 #include "abi.h"
 #include "runtime/cuda_abi.h"
@@ -16,9 +18,7 @@ __global__ void axpy_kernel(int n, float a, const float* x, float* y) {
 
 }  // namespace
 
-FLASHPAGE_EXPORT int flashpage_cuda_abi_version() { return FLASHPAGE_CUDA_ABI_VERSION; }
-
-FLASHPAGE_EXPORT int flashpage_cuda_device_count(int* count, char* err, size_t err_len) {
+FLASHPAGE_INTERNAL int flashpage_cuda_device_count(int* count, char* err, size_t err_len) {
   *count = 0;
   const cudaError_t e = cudaGetDeviceCount(count);
   if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) {
@@ -28,7 +28,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_device_count(int* count, char* err, size_t e
   return flashpage::cuda::report(e, "cudaGetDeviceCount", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_device_name(int device, char* name, size_t name_len, char* err,
+FLASHPAGE_INTERNAL int flashpage_cuda_device_name(int device, char* name, size_t name_len, char* err,
                                                 size_t err_len) {
   cudaDeviceProp prop{};
   const cudaError_t e = cudaGetDeviceProperties(&prop, device);
@@ -37,7 +37,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_device_name(int device, char* name, size_t n
   return 0;
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_axpy(int n, float a, const float* x, float* y, char* err,
+FLASHPAGE_INTERNAL int flashpage_cuda_axpy(int n, float a, const float* x, float* y, char* err,
                                          size_t err_len) {
   if (n <= 0) return 0;
   float *dx = nullptr, *dy = nullptr;
@@ -55,3 +55,8 @@ FLASHPAGE_EXPORT int flashpage_cuda_axpy(int n, float a, const float* x, float* 
   cudaFree(dy);
   return flashpage::cuda::report(e, "flashpage_cuda_axpy", err, err_len);
 }
+
+// Their types are the table's (ops_abi.cu declares them from it).
+static_assert(std::is_same_v<decltype(&flashpage_cuda_device_count), decltype(flashpage_cuda_ops::device_count)>);
+static_assert(std::is_same_v<decltype(&flashpage_cuda_device_name), decltype(flashpage_cuda_ops::device_name)>);
+static_assert(std::is_same_v<decltype(&flashpage_cuda_axpy), decltype(flashpage_cuda_ops::axpy)>);

@@ -1,10 +1,13 @@
-// C ABI exports of the kernels, for the core's loader and for Python (ctypes) tests and
-// benchmarks. Argument checks that the kernels rely on happen here, with messages.
+// The kernels' entries of the C ABI table (cpp/src/runtime/cuda_abi.h), and the table with the
+// library's only export, flashpage_cuda_get_ops. Argument checks that the kernels rely on happen
+// here, with messages.
 #include <cstdio>
+#include <type_traits>
 
 #include "abi.h"
 #include "gemm.h"
 #include "kernels/kernels.h"
+#include "runtime/cuda_abi.h"
 
 namespace {
 
@@ -17,12 +20,12 @@ bool dtype_ok(int dtype) { return dtype == 0 || dtype == 1; }
 
 }  // namespace
 
-FLASHPAGE_EXPORT int flashpage_cuda_num_sms(int device, int* num_sms, char* err, size_t err_len) {
+FLASHPAGE_INTERNAL int flashpage_cuda_num_sms(int device, int* num_sms, char* err, size_t err_len) {
   return report(cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, device),
                 "cudaDeviceGetAttribute", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_reshape_and_cache(int dtype, const void* key, const void* value,
+FLASHPAGE_INTERNAL int flashpage_cuda_reshape_and_cache(int dtype, const void* key, const void* value,
                                                       void* k_cache, void* v_cache,
                                                       const int32_t* slot_mapping, int num_tokens,
                                                       int num_kv_heads, int head_dim,
@@ -37,7 +40,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_reshape_and_cache(int dtype, const void* key
                 "reshape_and_cache", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_fused_add_rms_norm(int dtype, void* out, const void* x,
+FLASHPAGE_INTERNAL int flashpage_cuda_fused_add_rms_norm(int dtype, void* out, const void* x,
                                                        void* residual, const void* weight,
                                                        int num_tokens, int hidden, float eps,
                                                        void* stream, char* err, size_t err_len) {
@@ -49,7 +52,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_fused_add_rms_norm(int dtype, void* out, con
                 "fused_add_rms_norm", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_silu_and_mul(int dtype, void* out, const void* in, int num_tokens,
+FLASHPAGE_INTERNAL int flashpage_cuda_silu_and_mul(int dtype, void* out, const void* in, int num_tokens,
                                                  int inter, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("silu_and_mul: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
   if (inter % 8 != 0) return invalid("silu_and_mul: the intermediate size must be a multiple of 8", err, err_len);
@@ -58,7 +61,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_silu_and_mul(int dtype, void* out, const voi
                 "silu_and_mul", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_rotary_embedding(int dtype, void* q, void* k,
+FLASHPAGE_INTERNAL int flashpage_cuda_rotary_embedding(int dtype, void* q, void* k,
                                                      const int32_t* positions, const float* cos_sin,
                                                      int num_tokens, int num_q_heads,
                                                      int num_kv_heads, int head_dim, void* stream,
@@ -105,7 +108,7 @@ flashpage::cuda::PagedDecodeParams decode_params(int dtype, const void* q, const
 }  // namespace
 
 // Floats of workspace the call with the same arguments needs (0: none).
-FLASHPAGE_EXPORT int64_t flashpage_cuda_paged_decode_workspace(
+FLASHPAGE_INTERNAL int64_t flashpage_cuda_paged_decode_workspace(
     int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
     int max_context_len, int num_sms, int num_splits) {
   return flashpage::cuda::paged_decode_workspace_floats(
@@ -114,7 +117,7 @@ FLASHPAGE_EXPORT int64_t flashpage_cuda_paged_decode_workspace(
                     1.f, num_splits));
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_paged_decode(
+FLASHPAGE_INTERNAL int flashpage_cuda_paged_decode(
     int dtype, const void* q, const void* k_cache, const void* v_cache,
     const int32_t* block_tables, const int32_t* context_lens, void* out, float* workspace,
     int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
@@ -134,7 +137,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_paged_decode(
                 "paged_decode", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_paged_prefill(
+FLASHPAGE_INTERNAL int flashpage_cuda_paged_prefill(
     int dtype, const void* q, const void* k_cache, const void* v_cache,
     const int32_t* block_tables, const int32_t* query_start_loc, const int32_t* context_lens,
     void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
@@ -165,7 +168,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_paged_prefill(
                 "paged_prefill", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_w4a16_gemm(int dtype, const void* x, const uint8_t* qweight,
+FLASHPAGE_INTERNAL int flashpage_cuda_w4a16_gemm(int dtype, const void* x, const uint8_t* qweight,
                                                const void* scales, const uint8_t* zeros, void* out, int M,
                                                int N, int K, int group_size, void* stream, char* err,
                                                size_t err_len) {
@@ -180,7 +183,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_gemm(int dtype, const void* x, const u
   return report(flashpage::cuda::w4a16_gemm(p, static_cast<cudaStream_t>(stream)), "w4a16_gemm", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_int8(int dtype, const void* x, int8_t* xq, float* scales,
+FLASHPAGE_INTERNAL int flashpage_cuda_quantize_per_token_int8(int dtype, const void* x, int8_t* xq, float* scales,
                                                             int M, int K, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("quantize_per_token_int8: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
   return report(flashpage::cuda::quantize_per_token_int8(static_cast<DType>(dtype), x, xq, scales, M, K,
@@ -188,7 +191,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_int8(int dtype, const voi
                 "quantize_per_token_int8", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_fp8(int dtype, const void* x, void* xq, float* scales, int M,
+FLASHPAGE_INTERNAL int flashpage_cuda_quantize_per_token_fp8(int dtype, const void* x, void* xq, float* scales, int M,
                                                            int K, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("quantize_per_token_fp8: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
   return report(flashpage::cuda::quantize_per_token_fp8(static_cast<DType>(dtype), x, xq, scales, M, K,
@@ -197,12 +200,12 @@ FLASHPAGE_EXPORT int flashpage_cuda_quantize_per_token_fp8(int dtype, const void
 }
 
 // 1 when cuBLASLt (dense and FP8 GEMMs) can be loaded; else 0 and why.
-FLASHPAGE_EXPORT int flashpage_cuda_blaslt_available(char* why, size_t why_len) {
+FLASHPAGE_INTERNAL int flashpage_cuda_blaslt_available(char* why, size_t why_len) {
   return flashpage::cuda::lt_available(why, why_len) ? 1 : 0;
 }
 
 // Dense out [M, N] = x [M, K] . w [N, K]^T in fp16/bf16 (cuBLASLt).
-FLASHPAGE_EXPORT int flashpage_cuda_gemm(int dtype, const void* x, const void* w, void* out, int M, int N, int K,
+FLASHPAGE_INTERNAL int flashpage_cuda_gemm(int dtype, const void* x, const void* w, void* out, int M, int N, int K,
                                          void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("gemm: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
   const flashpage::cuda::LtGemmParams p{static_cast<GemmInput>(dtype), static_cast<DType>(dtype), x, w, out,
@@ -210,11 +213,11 @@ FLASHPAGE_EXPORT int flashpage_cuda_gemm(int dtype, const void* x, const void* w
   return flashpage::cuda::lt_gemm(p, static_cast<cudaStream_t>(stream), err, err_len);
 }
 
-FLASHPAGE_EXPORT int64_t flashpage_cuda_fp8_linear_workspace(int M, int K) {
+FLASHPAGE_INTERNAL int64_t flashpage_cuda_fp8_linear_workspace(int M, int K) {
   return flashpage::cuda::fp8_linear_workspace(M, K);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_fp8_linear(int dtype, const void* x, const void* w_fp8, const float* w_scales,
+FLASHPAGE_INTERNAL int flashpage_cuda_fp8_linear(int dtype, const void* x, const void* w_fp8, const float* w_scales,
                                                void* out, int M, int N, int K, int fast_accum, void* workspace,
                                                int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("fp8_linear: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
@@ -235,7 +238,7 @@ int w4a16_shape_error(const char* fn, int N, int K, int group_size, char* err, s
 
 }  // namespace
 
-FLASHPAGE_EXPORT int flashpage_cuda_w4a16_repack(int dtype, const uint8_t* qweight, const void* scales,
+FLASHPAGE_INTERNAL int flashpage_cuda_w4a16_repack(int dtype, const uint8_t* qweight, const void* scales,
                                                  const uint8_t* zeros, uint32_t* packed, void* scales_t,
                                                  uint8_t* zeros_t, int N, int K, int group_size, void* stream,
                                                  char* err, size_t err_len) {
@@ -247,7 +250,7 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_repack(int dtype, const uint8_t* qweig
                 "w4a16_repack", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_w4a16_dequantize(int dtype, const uint32_t* packed, const void* scales_t,
+FLASHPAGE_INTERNAL int flashpage_cuda_w4a16_dequantize(int dtype, const uint32_t* packed, const void* scales_t,
                                                      const uint8_t* zeros_t, void* out, int N, int K,
                                                      int group_size, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("w4a16_dequantize: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
@@ -258,14 +261,14 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_dequantize(int dtype, const uint32_t* 
                 "w4a16_dequantize", err, err_len);
 }
 
-FLASHPAGE_EXPORT int flashpage_cuda_w4a16_num_configs() { return flashpage::cuda::w4a16_mma_num_configs(); }
+FLASHPAGE_INTERNAL int flashpage_cuda_w4a16_num_configs() { return flashpage::cuda::w4a16_mma_num_configs(); }
 
-FLASHPAGE_EXPORT int64_t flashpage_cuda_w4a16_linear_workspace(int M, int N, int K, int config) {
+FLASHPAGE_INTERNAL int64_t flashpage_cuda_w4a16_linear_workspace(int M, int N, int K, int config) {
   return flashpage::cuda::w4a16_linear_workspace(M, N, K, config);
 }
 
 // config: -1 chooses by M; -2 forces dequantize + dense GEMM; 0.. a tensor-core configuration.
-FLASHPAGE_EXPORT int flashpage_cuda_w4a16_linear(int dtype, const void* x, const uint32_t* packed,
+FLASHPAGE_INTERNAL int flashpage_cuda_w4a16_linear(int dtype, const void* x, const uint32_t* packed,
                                                  const void* scales_t, const uint8_t* zeros_t, void* out, int M,
                                                  int N, int K, int group_size, int config, void* workspace,
                                                  int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
@@ -280,12 +283,12 @@ FLASHPAGE_EXPORT int flashpage_cuda_w4a16_linear(int dtype, const void* x, const
                                        err_len);
 }
 
-FLASHPAGE_EXPORT int64_t flashpage_cuda_w8a8_linear_workspace(int M, int N, int K, int mode) {
+FLASHPAGE_INTERNAL int64_t flashpage_cuda_w8a8_linear_workspace(int M, int N, int K, int mode) {
   return flashpage::cuda::w8a8_linear_workspace(M, N, K, mode);
 }
 
 // mode: -1 chooses by M, 0 the __dp4a kernel, 1 cuBLASLt's int8 tensor cores.
-FLASHPAGE_EXPORT int flashpage_cuda_w8a8_linear(int dtype, const void* x, const int8_t* wq, const float* w_scales,
+FLASHPAGE_INTERNAL int flashpage_cuda_w8a8_linear(int dtype, const void* x, const int8_t* wq, const float* w_scales,
                                                 void* out, int M, int N, int K, int mode, void* workspace,
                                                 int64_t workspace_bytes, void* stream, char* err, size_t err_len) {
   if (!dtype_ok(dtype)) return invalid("w8a8_linear: dtype must be 0 (fp16) or 1 (bf16)", err, err_len);
@@ -293,4 +296,51 @@ FLASHPAGE_EXPORT int flashpage_cuda_w8a8_linear(int dtype, const void* x, const 
   if (mode < -1 || mode > 1) return invalid("w8a8_linear: mode must be -1, 0 or 1", err, err_len);
   return flashpage::cuda::w8a8_linear(static_cast<DType>(dtype), x, wq, w_scales, out, M, N, K, mode, workspace,
                                       workspace_bytes, static_cast<cudaStream_t>(stream), err, err_len);
+}
+
+// backend.cu's entries (static_asserts there check their types against the table's).
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_count)> flashpage_cuda_device_count;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_name)> flashpage_cuda_device_name;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::axpy)> flashpage_cuda_axpy;
+
+namespace {
+
+// Field by field: an entry whose type differs from the table's does not compile.
+flashpage_cuda_ops make_ops() {
+  flashpage_cuda_ops t{};
+  t.abi_version = FLASHPAGE_CUDA_ABI_VERSION;
+  t.size = sizeof(flashpage_cuda_ops);
+  t.device_count = &flashpage_cuda_device_count;
+  t.device_name = &flashpage_cuda_device_name;
+  t.axpy = &flashpage_cuda_axpy;
+  t.num_sms = &flashpage_cuda_num_sms;
+  t.reshape_and_cache = &flashpage_cuda_reshape_and_cache;
+  t.fused_add_rms_norm = &flashpage_cuda_fused_add_rms_norm;
+  t.silu_and_mul = &flashpage_cuda_silu_and_mul;
+  t.rotary_embedding = &flashpage_cuda_rotary_embedding;
+  t.paged_decode_workspace = &flashpage_cuda_paged_decode_workspace;
+  t.paged_decode = &flashpage_cuda_paged_decode;
+  t.paged_prefill = &flashpage_cuda_paged_prefill;
+  t.w4a16_gemm = &flashpage_cuda_w4a16_gemm;
+  t.quantize_per_token_int8 = &flashpage_cuda_quantize_per_token_int8;
+  t.quantize_per_token_fp8 = &flashpage_cuda_quantize_per_token_fp8;
+  t.blaslt_available = &flashpage_cuda_blaslt_available;
+  t.gemm = &flashpage_cuda_gemm;
+  t.fp8_linear_workspace = &flashpage_cuda_fp8_linear_workspace;
+  t.fp8_linear = &flashpage_cuda_fp8_linear;
+  t.w4a16_repack = &flashpage_cuda_w4a16_repack;
+  t.w4a16_dequantize = &flashpage_cuda_w4a16_dequantize;
+  t.w4a16_num_configs = &flashpage_cuda_w4a16_num_configs;
+  t.w4a16_linear_workspace = &flashpage_cuda_w4a16_linear_workspace;
+  t.w4a16_linear = &flashpage_cuda_w4a16_linear;
+  t.w8a8_linear_workspace = &flashpage_cuda_w8a8_linear_workspace;
+  t.w8a8_linear = &flashpage_cuda_w8a8_linear;
+  return t;
+}
+
+}  // namespace
+
+FLASHPAGE_EXPORT const flashpage_cuda_ops* flashpage_cuda_get_ops() {
+  static const flashpage_cuda_ops ops = make_ops();
+  return &ops;
 }

@@ -3,6 +3,7 @@ with CMake from this checkout, then runs it through ctest: the C++ suite is part
 command. The build directory is reused between runs."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,11 +98,9 @@ def test_cuda_backend_is_in_the_wheel_when_nvcc_is_present():
     lib = Path(flashpage.__file__).resolve().parent / "libflashpage_cuda.so"
     assert lib.is_file(), "pip install . with nvcc on PATH must build libflashpage_cuda.so"
     syms = run(["nm", "-D", "--defined-only", str(lib)]).stdout
-    for name in ("flashpage_cuda_abi_version", "flashpage_cuda_device_count", "flashpage_cuda_axpy",
-                 "flashpage_cuda_reshape_and_cache", "flashpage_cuda_fused_add_rms_norm",
-                 "flashpage_cuda_silu_and_mul", "flashpage_cuda_rotary_embedding",
-                 "flashpage_cuda_paged_decode", "flashpage_cuda_paged_decode_workspace"):
-        assert name in syms, name
+    # One export, the C ABI table's getter (cpp/src/runtime/cuda_abi.h); the entries are hidden.
+    exported = sorted(set(re.findall(r"\b(flashpage_cuda_\w+)", syms)))
+    assert exported == ["flashpage_cuda_get_ops"], exported
     # No dependency on CUDA runtime libraries: cudart is static, the driver is opened at run time.
     needed = run(["readelf", "-d", str(lib)]).stdout
     assert "libcudart" not in needed and "libcuda.so" not in needed

@@ -17,50 +17,65 @@ from flashpage import _core
 _ERR_LEN = 512
 
 
+_p, _i, _f, _i64, _u32, _sz = (ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64, ctypes.c_uint32,
+                               ctypes.c_size_t)
+_ip = ctypes.POINTER(ctypes.c_int)
+# The table of cpp/src/runtime/cuda_abi.h, entry by entry, in its order: (name, return type,
+# argument types). tests/test_cuda_abi.py checks it against the header.
+OPS_TABLE: list[tuple[str, Any, list[Any]]] = [
+    ("device_count", _i, [_ip, _p, _sz]),
+    ("device_name", _i, [_i, _p, _sz, _p, _sz]),
+    ("axpy", _i, [_i, _f, _p, _p, _p, _sz]),
+    ("num_sms", _i, [_i, _ip, _p, _sz]),
+    ("reshape_and_cache", _i, [_i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _sz]),
+    ("fused_add_rms_norm", _i, [_i, _p, _p, _p, _p, _i, _i, _f, _p, _p, _sz]),
+    ("silu_and_mul", _i, [_i, _p, _p, _i, _i, _p, _p, _sz]),
+    ("rotary_embedding", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _sz]),
+    ("paged_decode_workspace", _i64, [_i, _i, _i, _i, _i, _i, _i, _i]),
+    ("paged_decode", _i, [_i, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _i, _f, _i, _p, _p, _sz]),
+    ("paged_prefill", _i, [_i, _p, _p, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _i, _i, _f, _p, _p, _sz]),
+    ("w4a16_gemm", _i, [_i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _sz]),
+    ("quantize_per_token_int8", _i, [_i, _p, _p, _p, _i, _i, _p, _p, _sz]),
+    ("quantize_per_token_fp8", _i, [_i, _p, _p, _p, _i, _i, _p, _p, _sz]),
+    ("blaslt_available", _i, [_p, _sz]),
+    ("gemm", _i, [_i, _p, _p, _p, _i, _i, _i, _p, _p, _sz]),
+    ("fp8_linear_workspace", _i64, [_i, _i]),
+    ("fp8_linear", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _i64, _p, _p, _sz]),
+    ("w4a16_repack", _i, [_i, _p, _p, _p, _p, _p, _p, _i, _i, _i, _p, _p, _sz]),
+    ("w4a16_dequantize", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _p, _p, _sz]),
+    ("w4a16_num_configs", _i, []),
+    ("w4a16_linear_workspace", _i64, [_i, _i, _i, _i]),
+    ("w4a16_linear", _i, [_i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _p, _i64, _p, _p, _sz]),
+    ("w8a8_linear_workspace", _i64, [_i, _i, _i, _i]),
+    ("w8a8_linear", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _i64, _p, _p, _sz]),
+]
+ABI_VERSION = 2  # FLASHPAGE_CUDA_ABI_VERSION
+
+
+class CudaOps(ctypes.Structure):
+    _fields_ = [("abi_version", _u32), ("size", _u32)] + [
+        (name, ctypes.CFUNCTYPE(ret, *args)) for name, ret, args in OPS_TABLE]
+
+
 @functools.cache
-def _lib() -> ctypes.CDLL:
+def _ops() -> CudaOps:
     info = _core.cuda_info()
     if not info["available"]:
         raise RuntimeError(f"CUDA backend not available: {info['reason']}")
     lib = ctypes.CDLL(info["library_path"])
-    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
-    sz = ctypes.c_size_t
-    sigs = {
-        "flashpage_cuda_num_sms": [i, ctypes.POINTER(i), p, sz],
-        "flashpage_cuda_reshape_and_cache": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
-        "flashpage_cuda_fused_add_rms_norm": [i, p, p, p, p, i, i, f, p, p, sz],
-        "flashpage_cuda_silu_and_mul": [i, p, p, i, i, p, p, sz],
-        "flashpage_cuda_rotary_embedding": [i, p, p, p, p, i, i, i, i, p, p, sz],
-        "flashpage_cuda_paged_decode": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, f, i, p, p, sz],
-        "flashpage_cuda_paged_decode_workspace": [i, i, i, i, i, i, i, i],
-        "flashpage_cuda_paged_prefill": [i, p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, p, p, sz],
-        "flashpage_cuda_w4a16_gemm": [i, p, p, p, p, p, i, i, i, i, p, p, sz],
-        "flashpage_cuda_quantize_per_token_int8": [i, p, p, p, i, i, p, p, sz],
-        "flashpage_cuda_w8a8_linear_workspace": [i, i, i, i],
-        "flashpage_cuda_w8a8_linear": [i, p, p, p, p, i, i, i, i, p, i64, p, p, sz],
-        "flashpage_cuda_quantize_per_token_fp8": [i, p, p, p, i, i, p, p, sz],
-        "flashpage_cuda_gemm": [i, p, p, p, i, i, i, p, p, sz],
-        "flashpage_cuda_fp8_linear_workspace": [i, i],
-        "flashpage_cuda_fp8_linear": [i, p, p, p, p, i, i, i, i, p, i64, p, p, sz],
-        "flashpage_cuda_w4a16_repack": [i, p, p, p, p, p, p, i, i, i, p, p, sz],
-        "flashpage_cuda_w4a16_dequantize": [i, p, p, p, p, i, i, i, p, p, sz],
-        "flashpage_cuda_w4a16_linear_workspace": [i, i, i, i],
-        "flashpage_cuda_w4a16_linear": [i, p, p, p, p, p, i, i, i, i, i, p, i64, p, p, sz],
-    }
-    for name, args in sigs.items():
-        fn = getattr(lib, name)
-        fn.argtypes = args
-        fn.restype = i64 if name.endswith("_workspace") else i
-    lib.flashpage_cuda_blaslt_available.argtypes = [p, sz]
-    lib.flashpage_cuda_blaslt_available.restype = i
-    lib.flashpage_cuda_w4a16_num_configs.argtypes = []
-    lib.flashpage_cuda_w4a16_num_configs.restype = i
-    return lib
+    get_ops = lib.flashpage_cuda_get_ops
+    get_ops.restype = ctypes.POINTER(CudaOps)
+    get_ops.argtypes = []
+    ops = get_ops().contents
+    if ops.abi_version != ABI_VERSION or ops.size < ctypes.sizeof(CudaOps):
+        raise RuntimeError(f"{info['library_path']}: ABI version {ops.abi_version} ({ops.size}-byte table), "
+                           f"flashpage.cuda_ops expects {ABI_VERSION} ({ctypes.sizeof(CudaOps)} bytes)")
+    return ops
 
 
 def _call(name: str, *args: Any) -> None:
     err = ctypes.create_string_buffer(_ERR_LEN)
-    if getattr(_lib(), name)(*args, err, _ERR_LEN) != 0:
+    if getattr(_ops(), name)(*args, err, _ERR_LEN) != 0:
         raise RuntimeError(err.value.decode())
 
 
@@ -106,7 +121,7 @@ def _bytes_of(workspace: Any | None) -> tuple[int | None, int]:
 @functools.cache
 def num_sms(device: int = 0) -> int:
     n = ctypes.c_int(0)
-    _call("flashpage_cuda_num_sms", device, ctypes.byref(n))
+    _call("num_sms", device, ctypes.byref(n))
     return n.value
 
 
@@ -122,7 +137,7 @@ def reshape_and_cache(key: Any, value: Any, k_cache: Any, v_cache: Any, slot_map
     tokens, kv_heads, head_dim = key.shape
     if k_cache.shape[1] != kv_heads or k_cache.shape[3] != head_dim or v_cache.shape != k_cache.shape:
         raise ValueError(f"cache shape {tuple(k_cache.shape)} does not fit key {tuple(key.shape)}")
-    _call("flashpage_cuda_reshape_and_cache", _dtype_code(key), key.data_ptr(), value.data_ptr(),
+    _call("reshape_and_cache", _dtype_code(key), key.data_ptr(), value.data_ptr(),
           k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(), tokens, kv_heads,
           head_dim, k_cache.shape[2], _stream())
 
@@ -136,7 +151,7 @@ def fused_add_rms_norm(x: Any, residual: Any | None, weight: Any, eps: float) ->
     if residual is not None:
         _check(residual, "residual", dtype=x.dtype, dim=2)
     out = torch.empty_like(x)
-    _call("flashpage_cuda_fused_add_rms_norm", _dtype_code(x), out.data_ptr(), x.data_ptr(),
+    _call("fused_add_rms_norm", _dtype_code(x), out.data_ptr(), x.data_ptr(),
           residual.data_ptr() if residual is not None else None, weight.data_ptr(), x.shape[0],
           x.shape[1], eps, _stream())
     return out
@@ -148,7 +163,7 @@ def silu_and_mul(x: Any) -> Any:
     _check(x, "x", dim=2)
     inter = x.shape[1] // 2
     out = torch.empty((x.shape[0], inter), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_silu_and_mul", _dtype_code(x), out.data_ptr(), x.data_ptr(), x.shape[0],
+    _call("silu_and_mul", _dtype_code(x), out.data_ptr(), x.data_ptr(), x.shape[0],
           inter, _stream())
     return out
 
@@ -161,7 +176,7 @@ def rotary_embedding(q: Any, k: Any, positions: Any, cos_sin: Any) -> None:
     _check(k, "k", dtype=q.dtype, dim=3)
     _check(positions, "positions", dtype=torch.int32, dim=1)
     _check(cos_sin, "cos_sin", dtype=torch.float32, dim=2)
-    _call("flashpage_cuda_rotary_embedding", _dtype_code(q), q.data_ptr(), k.data_ptr(),
+    _call("rotary_embedding", _dtype_code(q), q.data_ptr(), k.data_ptr(),
           positions.data_ptr(), cos_sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2],
           _stream())
 
@@ -186,7 +201,7 @@ def paged_decode(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, context_
         workspace = torch.empty(need, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty_like(q)
-    _call("flashpage_cuda_paged_decode", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
+    _call("paged_decode", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
           v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
           workspace.data_ptr() if need > 0 else None, seqs, q_heads, kv_heads, head_dim,
           block_size, block_tables.shape[1], max_context_len, num_sms(q.device.index or 0), scale,
@@ -198,7 +213,7 @@ def paged_decode_workspace_floats(seqs: int, q_heads: int, kv_heads: int, head_d
                                   block_size: int, max_context_len: int, num_splits: int = 0,
                                   device: int = 0) -> int:
     """Floats of workspace paged_decode needs (0 when it runs unsplit)."""
-    return int(_lib().flashpage_cuda_paged_decode_workspace(
+    return int(_ops().paged_decode_workspace(
         seqs, q_heads, kv_heads, head_dim, block_size, max_context_len, num_sms(device), num_splits))
 
 
@@ -222,7 +237,7 @@ def paged_prefill(q: Any, k_cache: Any, v_cache: Any, block_tables: Any, query_s
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = torch.empty_like(q)
-    _call("flashpage_cuda_paged_prefill", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
+    _call("paged_prefill", _dtype_code(q), q.data_ptr(), k_cache.data_ptr(),
           v_cache.data_ptr(), block_tables.data_ptr(), query_start_loc.data_ptr(),
           context_lens.data_ptr(), out.data_ptr(), seqs, q_heads, k_cache.shape[1], head_dim,
           k_cache.shape[2], block_tables.shape[1], max_query_len, scale, _stream())
@@ -257,7 +272,7 @@ def w4a16_gemm(x: Any, qweight: Any, scales: Any, zeros: Any | None, group_size:
         raise ValueError(f"qweight {tuple(qweight.shape)} does not fit x {tuple(x.shape)}")
     M = x.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_w4a16_gemm", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+    _call("w4a16_gemm", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
           zeros.data_ptr() if zeros is not None else None, out.data_ptr(), M, N, K, group_size, _stream())
     return out
 
@@ -276,7 +291,7 @@ def quantize_per_token_int8(x: Any) -> tuple[Any, Any]:
     """x [M, K] fp16/bf16 -> (int8 [M, K], float32 scales [M]), symmetric per row."""
     import torch
 
-    return _quantize_per_token(x, torch.int8, "flashpage_cuda_quantize_per_token_int8")
+    return _quantize_per_token(x, torch.int8, "quantize_per_token_int8")
 
 
 def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: Any | None = None) -> Any:
@@ -293,9 +308,9 @@ def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: An
                          f"{tuple(x.shape)}")
     M, K = x.shape
     N = qweight.shape[0]
-    workspace = _workspace(workspace, int(_lib().flashpage_cuda_w8a8_linear_workspace(M, N, K, mode)), x.device)
+    workspace = _workspace(workspace, int(_ops().w8a8_linear_workspace(M, N, K, mode)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_w8a8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
+    _call("w8a8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
           out.data_ptr(), M, N, K, mode, *_bytes_of(workspace), _stream())
     return out
 
@@ -303,7 +318,7 @@ def w8a8_gemm(x: Any, qweight: Any, w_scales: Any, mode: int = -1, workspace: An
 def blaslt_available() -> tuple[bool, str]:
     """Whether cuBLASLt (the dense and FP8 GEMMs) can be loaded, and if not why."""
     why = ctypes.create_string_buffer(_ERR_LEN)
-    ok = _lib().flashpage_cuda_blaslt_available(why, _ERR_LEN) == 1
+    ok = _ops().blaslt_available(why, _ERR_LEN) == 1
     return ok, why.value.decode()
 
 
@@ -322,7 +337,7 @@ def gemm(x: Any, w: Any) -> Any:
     if w.dtype != x.dtype:
         raise ValueError(f"w must be {x.dtype}, got {w.dtype}")
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_gemm", _dtype_code(x), x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], w.shape[0],
+    _call("gemm", _dtype_code(x), x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], w.shape[0],
           x.shape[1], _stream())
     return out
 
@@ -331,7 +346,7 @@ def quantize_per_token_fp8(x: Any) -> tuple[Any, Any]:
     """x [M, K] fp16/bf16 -> (float8_e4m3fn [M, K], float32 scales [M]), scale = amax / 448 per row."""
     import torch
 
-    return _quantize_per_token(x, torch.float8_e4m3fn, "flashpage_cuda_quantize_per_token_fp8")
+    return _quantize_per_token(x, torch.float8_e4m3fn, "quantize_per_token_fp8")
 
 
 def fp8_linear(x: Any, qweight: Any, w_scales: Any, fast_accum: bool = False, workspace: Any | None = None) -> Any:
@@ -350,9 +365,9 @@ def fp8_linear(x: Any, qweight: Any, w_scales: Any, fast_accum: bool = False, wo
         raise ValueError(f"w_scales must have 1 or N={N} entries, got {w_scales.shape[0]}")
     if w_scales.shape[0] == 1:  # cuBLASLt takes one scale vector form: expand (a loader does it once)
         w_scales = w_scales.expand(N).contiguous()
-    workspace = _workspace(workspace, int(_lib().flashpage_cuda_fp8_linear_workspace(M, K)), x.device)
+    workspace = _workspace(workspace, int(_ops().fp8_linear_workspace(M, K)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_fp8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
+    _call("fp8_linear", _dtype_code(x), x.data_ptr(), qweight.data_ptr(), w_scales.data_ptr(),
           out.data_ptr(), M, N, K, int(fast_accum), *_bytes_of(workspace), _stream())
     return out
 
@@ -371,7 +386,7 @@ def w4a16_repack(qweight: Any, scales: Any, zeros: Any | None, group_size: int) 
         else torch.empty(0, dtype=torch.int32, device=dev)
     scales_t = torch.empty((K // group_size, N), dtype=scales.dtype, device=dev)
     zeros_t = torch.empty((K // group_size, N), dtype=torch.uint8, device=dev) if zeros is not None else None
-    _call("flashpage_cuda_w4a16_repack", _dtype_code(scales), qweight.data_ptr(), scales.data_ptr(),
+    _call("w4a16_repack", _dtype_code(scales), qweight.data_ptr(), scales.data_ptr(),
           zeros.data_ptr() if zeros is not None else None, packed.data_ptr(), scales_t.data_ptr(),
           zeros_t.data_ptr() if zeros_t is not None else None, N, K, group_size, _stream())
     return W4A16Mma(packed, scales_t, zeros_t, group_size)
@@ -393,13 +408,13 @@ def w4a16_dequantize(w: Any) -> Any:
 
     N, K = _check_packed(w)
     out = torch.empty((N, K), dtype=w.scales_t.dtype, device=w.packed.device)
-    _call("flashpage_cuda_w4a16_dequantize", _dtype_code(w.scales_t), w.packed.data_ptr(), w.scales_t.data_ptr(),
+    _call("w4a16_dequantize", _dtype_code(w.scales_t), w.packed.data_ptr(), w.scales_t.data_ptr(),
           w.zeros_t.data_ptr() if w.zeros_t is not None else None, out.data_ptr(), N, K, w.group_size, _stream())
     return out
 
 
 def w4a16_num_configs() -> int:
-    return int(_lib().flashpage_cuda_w4a16_num_configs())
+    return int(_ops().w4a16_num_configs())
 
 
 def w4a16_linear(x: Any, w: Any, config: int = -1, workspace: Any | None = None) -> Any:
@@ -415,9 +430,9 @@ def w4a16_linear(x: Any, w: Any, config: int = -1, workspace: Any | None = None)
     if w.scales_t.dtype != x.dtype:
         raise ValueError(f"scales must be {x.dtype}, got {w.scales_t.dtype}")
     M = x.shape[0]
-    workspace = _workspace(workspace, int(_lib().flashpage_cuda_w4a16_linear_workspace(M, N, K, config)), x.device)
+    workspace = _workspace(workspace, int(_ops().w4a16_linear_workspace(M, N, K, config)), x.device)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _call("flashpage_cuda_w4a16_linear", _dtype_code(x), x.data_ptr(), w.packed.data_ptr(), w.scales_t.data_ptr(),
+    _call("w4a16_linear", _dtype_code(x), x.data_ptr(), w.packed.data_ptr(), w.scales_t.data_ptr(),
           w.zeros_t.data_ptr() if w.zeros_t is not None else None, out.data_ptr(), M, N, K, w.group_size, config,
           *_bytes_of(workspace), _stream())
     return out

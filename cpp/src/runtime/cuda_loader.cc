@@ -17,13 +17,6 @@ std::string dir_of_this_binary() {
   return slash == std::string::npos ? "." : path.substr(0, slash);
 }
 
-template <class Fn>
-Fn symbol(void* lib, const char* name, std::string& missing) {
-  auto* f = reinterpret_cast<Fn>(dlsym(lib, name));
-  if (f == nullptr && missing.empty()) missing = name;
-  return f;
-}
-
 CudaBackend probe() {
   CudaBackend b;
   const char* env = std::getenv("FLASHPAGE_CUDA_LIBRARY");
@@ -43,22 +36,21 @@ CudaBackend probe() {
     b.reason = "cannot load " + b.library_path + ": " + (e ? e : "unknown error");
     return b;
   }
-  std::string missing;
-  auto version = symbol<flashpage_cuda_abi_version_fn>(lib, "flashpage_cuda_abi_version", missing);
-  auto count = symbol<flashpage_cuda_device_count_fn>(lib, "flashpage_cuda_device_count", missing);
-  auto name = symbol<flashpage_cuda_device_name_fn>(lib, "flashpage_cuda_device_name", missing);
-  auto axpy = symbol<flashpage_cuda_axpy_fn>(lib, "flashpage_cuda_axpy", missing);
-  if (!missing.empty()) {
-    b.reason = b.library_path + " lacks the symbol " + missing;
+  auto get_ops = reinterpret_cast<flashpage_cuda_get_ops_fn>(dlsym(lib, FLASHPAGE_CUDA_GET_OPS));
+  if (get_ops == nullptr) {
+    b.reason = b.library_path + " lacks the symbol " FLASHPAGE_CUDA_GET_OPS " (an older build?)";
     return b;
   }
-  if (version() != FLASHPAGE_CUDA_ABI_VERSION) {
-    b.reason = b.library_path + " has ABI version " + std::to_string(version()) + ", expected " +
-               std::to_string(FLASHPAGE_CUDA_ABI_VERSION);
+  const flashpage_cuda_ops* ops = get_ops();
+  if (ops == nullptr || ops->abi_version != FLASHPAGE_CUDA_ABI_VERSION || ops->size < sizeof(flashpage_cuda_ops)) {
+    b.reason = b.library_path + " has ABI version " + std::to_string(ops ? ops->abi_version : 0) +
+               " (table of " + std::to_string(ops ? ops->size : 0) + " bytes), expected " +
+               std::to_string(FLASHPAGE_CUDA_ABI_VERSION) + " (" + std::to_string(sizeof(flashpage_cuda_ops)) +
+               " bytes)";
     return b;
   }
   char err[512] = {0};
-  if (count(&b.device_count, err, sizeof err) != 0) {
+  if (ops->device_count(&b.device_count, err, sizeof err) != 0) {
     b.reason = err;
     return b;
   }
@@ -68,9 +60,9 @@ CudaBackend probe() {
   }
   for (int d = 0; d < b.device_count; ++d) {
     char buf[256] = {0};
-    b.device_names.push_back(name(d, buf, sizeof buf, err, sizeof err) == 0 ? buf : err);
+    b.device_names.push_back(ops->device_name(d, buf, sizeof buf, err, sizeof err) == 0 ? buf : err);
   }
-  b.axpy = axpy;
+  b.ops = ops;
   b.available = true;
   return b;
 }
@@ -89,7 +81,7 @@ void cuda_axpy(float a, const std::vector<float>& x, std::vector<float>& y) {
     throw std::invalid_argument("cuda_axpy: x has " + std::to_string(x.size()) +
                                 " elements but y has " + std::to_string(y.size()));
   char err[512] = {0};
-  if (b.axpy(static_cast<int>(x.size()), a, x.data(), y.data(), err, sizeof err) != 0)
+  if (b.ops->axpy(static_cast<int>(x.size()), a, x.data(), y.data(), err, sizeof err) != 0)
     throw std::runtime_error(err);
 }
 

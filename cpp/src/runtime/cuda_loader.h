@@ -15,7 +15,7 @@ struct CudaBackend {
   std::string reason;         // why it is not available
   int device_count = 0;
   std::vector<std::string> device_names;
-  flashpage_cuda_axpy_fn axpy = nullptr;
+  const flashpage_cuda_ops* ops = nullptr;  // the library's table (runtime/cuda_abi.h)
 };
 
 // Probes once (thread-safe) and caches the result. The library is looked for in
