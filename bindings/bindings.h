@@ -16,7 +16,7 @@ namespace flashpage::bindings {
 using FloatArray = pybind11::array_t<float, pybind11::array::c_style | pybind11::array::forcecast>;
 using IntArray = pybind11::array_t<int32_t, pybind11::array::c_style | pybind11::array::forcecast>;
 
-void bind_core(pybind11::module_& m);     // BlockManager, Scheduler, StepOutput
+void bind_core(pybind11::module_& m);     // BlockManager, Scheduler, SchedulerOutput
 void bind_runtime(pybind11::module_& m);  // CPU ISA dispatch, kernels, CUDA backend
 void bind_model(pybind11::module_& m);    // config.json, safetensors
 void bind_engine(pybind11::module_& m);   // Engine

@@ -30,48 +30,48 @@ FinishReason parse_reason(const std::string& s) {
   throw std::invalid_argument("finish reason must be 'stop', 'length' or 'abort', got '" + s + "'");
 }
 
-using Output = std::shared_ptr<StepOutput>;
+using Output = std::shared_ptr<SchedulerOutput>;
 
-// A property of StepOutput exposed as a zero-copy numpy view that keeps the step alive.
+// A property of SchedulerOutput exposed as a zero-copy numpy view that keeps the step alive.
 template <class T>
-void view_property(py::class_<StepOutput, Output>& cls, const char* name,
-                   std::vector<T> StepOutput::*field) {
+void view_property(py::class_<SchedulerOutput, Output>& cls, const char* name,
+                   std::vector<T> SchedulerOutput::*field) {
   cls.def_property_readonly(name, [field](py::object self) {
-    const StepOutput& o = self.cast<const StepOutput&>();
+    const SchedulerOutput& o = self.cast<const SchedulerOutput&>();
     const auto& v = o.*field;
     return readonly_view<T>(v.data(), {static_cast<py::ssize_t>(v.size())}, self);
   });
 }
 
 void bind_step_output(py::module_& m) {
-  py::class_<StepOutput, Output> cls(m, "StepOutput",
+  py::class_<SchedulerOutput, Output> cls(m, "SchedulerOutput",
       "One engine step as flat arrays (zero-copy, read-only views; see scheduler.h).");
-  view_property(cls, "request_ids", &StepOutput::request_ids);
-  view_property(cls, "query_start_loc", &StepOutput::query_start_loc);
-  view_property(cls, "num_computed", &StepOutput::num_computed);
-  view_property(cls, "context_lens", &StepOutput::context_lens);
-  view_property(cls, "do_sample", &StepOutput::do_sample);
-  view_property(cls, "token_ids", &StepOutput::token_ids);
-  view_property(cls, "positions", &StepOutput::positions);
-  view_property(cls, "slot_mapping", &StepOutput::slot_mapping);
-  view_property(cls, "logits_indices", &StepOutput::logits_indices);
-  view_property(cls, "preempted_ids", &StepOutput::preempted_ids);
-  view_property(cls, "finished_ids", &StepOutput::finished_ids);
+  view_property(cls, "request_ids", &SchedulerOutput::request_ids);
+  view_property(cls, "query_start_loc", &SchedulerOutput::query_start_loc);
+  view_property(cls, "num_computed", &SchedulerOutput::num_computed);
+  view_property(cls, "context_lens", &SchedulerOutput::context_lens);
+  view_property(cls, "do_sample", &SchedulerOutput::do_sample);
+  view_property(cls, "token_ids", &SchedulerOutput::token_ids);
+  view_property(cls, "positions", &SchedulerOutput::positions);
+  view_property(cls, "slot_mapping", &SchedulerOutput::slot_mapping);
+  view_property(cls, "logits_indices", &SchedulerOutput::logits_indices);
+  view_property(cls, "preempted_ids", &SchedulerOutput::preempted_ids);
+  view_property(cls, "finished_ids", &SchedulerOutput::finished_ids);
   cls.def_property_readonly("block_tables", [](py::object self) {
-    const StepOutput& o = self.cast<const StepOutput&>();
+    const SchedulerOutput& o = self.cast<const SchedulerOutput&>();
     return readonly_view<int32_t>(o.block_tables.data(), {o.num_seqs(), o.block_table_width}, self);
   });
   cls.def_property_readonly("block_copies", [](py::object self) {
-    const StepOutput& o = self.cast<const StepOutput&>();
+    const SchedulerOutput& o = self.cast<const SchedulerOutput&>();
     static_assert(sizeof(BlockCopy) == 2 * sizeof(int32_t));
     return readonly_view<int32_t>(reinterpret_cast<const int32_t*>(o.block_copies.data()),
                                   {static_cast<py::ssize_t>(o.block_copies.size()), 2}, self);
   });
-  cls.def_property_readonly("num_seqs", &StepOutput::num_seqs);
-  cls.def_property_readonly("num_tokens", &StepOutput::num_tokens);
-  cls.def_readonly("num_prefill_tokens", &StepOutput::num_prefill_tokens);
-  cls.def_readonly("num_decode_seqs", &StepOutput::num_decode_seqs);
-  cls.def("__len__", &StepOutput::num_seqs);
+  cls.def_property_readonly("num_seqs", &SchedulerOutput::num_seqs);
+  cls.def_property_readonly("num_tokens", &SchedulerOutput::num_tokens);
+  cls.def_readonly("num_prefill_tokens", &SchedulerOutput::num_prefill_tokens);
+  cls.def_readonly("num_decode_seqs", &SchedulerOutput::num_decode_seqs);
+  cls.def("__len__", &SchedulerOutput::num_seqs);
 }
 
 void bind_block_manager(py::module_& m) {
@@ -171,7 +171,7 @@ void bind_scheduler(py::module_& m) {
              return s.finish_request(id, parse_reason(reason));
            }, py::arg("request_id"), py::arg("reason") = "stop")
       .def("fork_request", &Scheduler::fork_request, py::arg("parent_id"), py::arg("child_id"))
-      .def("schedule", [](Scheduler& s) { return std::const_pointer_cast<StepOutput>(s.schedule()); })
+      .def("schedule", [](Scheduler& s) { return std::const_pointer_cast<SchedulerOutput>(s.schedule()); })
       .def("update",
            [](Scheduler& s, IntArray sampled, IntArray fork_tokens) {
              return events_as_arrays(s.update(as_span(sampled), as_span(fork_tokens)));

@@ -93,7 +93,7 @@ void bind_engine(py::module_& m) {
            "finish_reasons) for the requests that got a token or finished.")
       .def_property_readonly("scheduler", &Engine::scheduler, py::return_value_policy::reference_internal)
       .def("execute",
-           [](Engine& e, const std::shared_ptr<StepOutput>& step) {
+           [](Engine& e, const std::shared_ptr<SchedulerOutput>& step) {
              std::span<const float> logits;
              {
                py::gil_scoped_release release;
@@ -106,7 +106,7 @@ void bind_engine(py::module_& m) {
            },
            py::arg("step"), "Runs the model on a step from scheduler.schedule(); returns logits [num_seqs, vocab].")
       .def("execute_into",
-           [](Engine& e, const std::shared_ptr<StepOutput>& step, py::array out, IntArray logits_indices) {
+           [](Engine& e, const std::shared_ptr<SchedulerOutput>& step, py::array out, IntArray logits_indices) {
              // Checked, not converted: a converted copy would swallow the logits.
              if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
                throw py::type_error("Engine.execute_into: out must be a writeable, C-contiguous float32 array");

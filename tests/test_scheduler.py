@@ -65,7 +65,7 @@ def test_step_arrays_are_zero_copy_read_only_and_consistent():
     s.add_request(8, prompt(3, 20), max_tokens=2)
     out = s.schedule()
     ids = out.token_ids
-    # The same memory every time, owned by the StepOutput (no copy).
+    # The same memory every time, owned by the SchedulerOutput (no copy).
     assert ids.__array_interface__["data"][0] == out.token_ids.__array_interface__["data"][0]
     assert not ids.flags.writeable and ids.dtype == np.int32
     assert out.num_seqs == 2 and out.num_tokens == 9

@@ -10,7 +10,7 @@ from flashpage._core import (
     RequestRejected,
     Scheduler,
     SchedulerConfig,
-    StepOutput,
+    SchedulerOutput,
     __version__,
 )
 from flashpage.outputs import CompletionOutput, RequestOutput
@@ -42,7 +42,7 @@ __all__ = [
     "RequestRejected",
     "Scheduler",
     "SchedulerConfig",
-    "StepOutput",
+    "SchedulerOutput",
     "__version__",
     "cuda_available",
     "platform_info",

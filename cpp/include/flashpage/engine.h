@@ -111,11 +111,11 @@ class Engine {
   // model on it (logits [num_seqs, vocab], valid until the next execute), then hand the sampled
   // tokens to scheduler().update().
   Scheduler& scheduler();
-  std::span<const float> execute(const StepOutput& step);
+  std::span<const float> execute(const SchedulerOutput& step);
   // The same into the caller's `out` [rows, vocab], for the tokens at `logits_indices` (indices
   // into the step's token arrays, e.g. every prompt token for prompt logprobs), or for each
   // sequence's last token when it is empty. Throws std::invalid_argument if `out` is too small.
-  void execute(const StepOutput& step, std::span<float> out, std::span<const int32_t> logits_indices = {});
+  void execute(const SchedulerOutput& step, std::span<float> out, std::span<const int32_t> logits_indices = {});
 
  private:
   struct Impl;

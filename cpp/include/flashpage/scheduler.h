@@ -4,7 +4,7 @@
 // (one token each), then running prompts still being prefilled, then waiting requests, within
 // a per-step token budget (chunked prefill) and a sequence budget. When KV blocks run out it
 // preempts the lowest-priority running request by recompute. The step is handed over as one
-// flattened, unpadded batch of contiguous arrays (StepOutput); update() takes the tokens the
+// flattened, unpadded batch of contiguous arrays (SchedulerOutput); update() takes the tokens the
 // sampler produced and applies stop conditions. Not thread-safe: one thread (the engine loop)
 // drives it.
 #pragma once
@@ -75,7 +75,7 @@ class UnknownRequest : public std::out_of_range {
 // sequences, in the order of request_ids. Shared ownership: it stays valid and unchanged while
 // anyone holds it, and the scheduler reuses one (no allocation per step) only when nobody else
 // does.
-struct StepOutput {
+struct SchedulerOutput {
   std::vector<int64_t> request_ids;      // [num_seqs]
   std::vector<int32_t> query_start_loc;  // [num_seqs + 1] offsets into the token arrays
   std::vector<int32_t> num_computed;     // [num_seqs] tokens already in the KV cache
@@ -139,8 +139,8 @@ class Scheduler {
   void fork_request(int64_t parent_id, int64_t child_id);
 
   // Plans the next step. The returned object stays valid while referenced.
-  std::shared_ptr<const StepOutput> schedule();
-  // Takes one sampled token per row of the last StepOutput (rows with do_sample == 0 are
+  std::shared_ptr<const SchedulerOutput> schedule();
+  // Takes one sampled token per row of the last SchedulerOutput (rows with do_sample == 0 are
   // ignored) and one per fork_request() since that schedule(). Returns what happened to each
   // request that got a token or finished; valid until the next update(). After a step with
   // no rows, an empty update() is a no-op.
@@ -198,7 +198,7 @@ class Scheduler {
   struct Scheduled {
     int32_t slot;
     int32_t num_new;  // 0 once unscheduled
-    int32_t row;      // its row in the StepOutput, set by build_output()
+    int32_t row;      // its row in the SchedulerOutput, set by build_output()
     int32_t num_computed;
     int32_t num_tokens;
     int32_t num_blocks;
@@ -214,21 +214,21 @@ class Scheduler {
   void insert_waiting(Request* r);
   void make_slot(Request& r);
   void refresh_blocks(Slot& sl);
-  bool allocate(int32_t slot, int32_t num_new, StepOutput& out);
+  bool allocate(int32_t slot, int32_t num_new, SchedulerOutput& out);
   void add_scheduled(int32_t slot, int32_t num_new);
-  void preempt(int32_t slot, StepOutput& out);
+  void preempt(int32_t slot, SchedulerOutput& out);
   int32_t lowest_priority_slot() const;
-  bool preempt_for(const Request& w, int32_t blocks_short, bool needs_seq_slot, StepOutput& out);
-  void schedule_decodes(StepOutput& out);
-  void schedule_prefills(StepOutput& out);
-  void admit_waiting(StepOutput& out);
+  bool preempt_for(const Request& w, int32_t blocks_short, bool needs_seq_slot, SchedulerOutput& out);
+  void schedule_decodes(SchedulerOutput& out);
+  void schedule_prefills(SchedulerOutput& out);
+  void admit_waiting(SchedulerOutput& out);
   FinishReason append_token(Slot& sl, int32_t token);
   void flush_tokens(Slot& sl);
   void release(Request& r);
   void compact();
   int32_t row_of(const Request& r) const;  // row in the last step, or -1
-  void build_output(StepOutput& out);
-  std::shared_ptr<StepOutput> fresh_output();
+  void build_output(SchedulerOutput& out);
+  std::shared_ptr<SchedulerOutput> fresh_output();
 
   SchedulerConfig config_;
   BlockManager blocks_;
@@ -238,7 +238,7 @@ class Scheduler {
   std::vector<Scheduled> scheduled_;
   std::vector<int32_t> prefilling_;  // slots with more than one token to compute
   std::vector<int32_t> victims_;     // scratch for priority preemption
-  std::vector<int32_t> row_slots_;   // the last StepOutput's rows; -1 once aborted
+  std::vector<int32_t> row_slots_;   // the last SchedulerOutput's rows; -1 once aborted
   std::vector<int32_t> forks_;       // slots forked since the last schedule()
   std::vector<int32_t> fill_slots_;  // update(): slots whose computed tokens filled a block
   std::vector<Request*> finishing_;  // update(): released once their blocks are cached
@@ -246,8 +246,8 @@ class Scheduler {
   std::vector<std::unique_ptr<Request>> retired_;  // finished, freed at the next compact()
   std::vector<int64_t> finished_since_step_;
   std::vector<RequestUpdate> updates_;
-  std::shared_ptr<StepOutput> outputs_[2];
-  std::shared_ptr<const StepOutput> last_output_;
+  std::shared_ptr<SchedulerOutput> outputs_[2];
+  std::shared_ptr<const SchedulerOutput> last_output_;
   int32_t budget_tokens_ = 0;
   int32_t budget_seqs_ = 0;
   int32_t num_active_running_ = 0;

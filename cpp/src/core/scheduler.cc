@@ -41,7 +41,7 @@ const char* finish_reason_name(FinishReason r) {
   return "unknown";
 }
 
-void StepOutput::clear() {
+void SchedulerOutput::clear() {
   // The per-row and per-token arrays are overwritten whole by every schedule(); resizing
   // them without clearing first spares zero-filling half a megabyte per step at 4k rows.
   block_table_width = 0;
@@ -216,7 +216,7 @@ void Scheduler::add_scheduled(int32_t slot, int32_t num_new) {
   --budget_seqs_;
 }
 
-void Scheduler::preempt(int32_t slot, StepOutput& out) {
+void Scheduler::preempt(int32_t slot, SchedulerOutput& out) {
   Slot& sl = slots_[slot];
   Request& r = *sl.req;
   flush_tokens(sl);
@@ -252,7 +252,7 @@ int32_t Scheduler::lowest_priority_slot() const {
 // Makes room for `num_new` tokens of a running slot, preempting the lowest-priority running
 // requests (possibly this one) while blocks are short. The highest-priority request always
 // keeps its blocks, so something always progresses. Returns false if the slot was preempted.
-bool Scheduler::allocate(int32_t slot, int32_t num_new, StepOutput& out) {
+bool Scheduler::allocate(int32_t slot, int32_t num_new, SchedulerOutput& out) {
   Slot& sl = slots_[slot];
   const int32_t bs = blocks_.block_size();
   if (!sl.may_share_tail && sl.num_computed + num_new <= sl.num_blocks * bs) return true;
@@ -266,7 +266,7 @@ bool Scheduler::allocate(int32_t slot, int32_t num_new, StepOutput& out) {
   return true;
 }
 
-void Scheduler::schedule_decodes(StepOutput& out) {
+void Scheduler::schedule_decodes(SchedulerOutput& out) {
   // One pass over all slots: decodes are scheduled, rows with more tokens to compute
   // (prefill chunks, recomputes) are set aside for the prefill pass.
   prefilling_.clear();
@@ -283,7 +283,7 @@ void Scheduler::schedule_decodes(StepOutput& out) {
   }
 }
 
-void Scheduler::schedule_prefills(StepOutput& out) {
+void Scheduler::schedule_prefills(SchedulerOutput& out) {
   // Chunks share what is left of the token budget, in scheduling order.
   std::sort(prefilling_.begin(), prefilling_.end(),
             [this](int32_t a, int32_t b) { return slot_before(slots_[a], slots_[b]); });
@@ -297,7 +297,7 @@ void Scheduler::schedule_prefills(StepOutput& out) {
 }
 
 bool Scheduler::preempt_for(const Request& w, int32_t blocks_short, bool needs_seq_slot,
-                            StepOutput& out) {
+                            SchedulerOutput& out) {
   if (config_.policy != SchedulingPolicy::kPriority) return false;
   victims_.clear();
   for (int32_t s = 0; s < static_cast<int32_t>(slots_.size()); ++s) {
@@ -321,7 +321,7 @@ bool Scheduler::preempt_for(const Request& w, int32_t blocks_short, bool needs_s
   return true;
 }
 
-void Scheduler::admit_waiting(StepOutput& out) {
+void Scheduler::admit_waiting(SchedulerOutput& out) {
   const bool by_priority = config_.policy == SchedulingPolicy::kPriority;
   while (!waiting_.empty() && budget_tokens_ > 0) {
     Request& w = *waiting_.front();
@@ -348,13 +348,13 @@ void Scheduler::admit_waiting(StepOutput& out) {
   }
 }
 
-std::shared_ptr<StepOutput> Scheduler::fresh_output() {
+std::shared_ptr<SchedulerOutput> Scheduler::fresh_output() {
   last_output_.reset();
   for (auto& o : outputs_) {
-    if (!o) o = std::make_shared<StepOutput>();
+    if (!o) o = std::make_shared<SchedulerOutput>();
     if (o.use_count() == 1) return o;
   }
-  outputs_[0] = std::make_shared<StepOutput>();  // both still held by callers: leave them be
+  outputs_[0] = std::make_shared<SchedulerOutput>();  // both still held by callers: leave them be
   return outputs_[0];
 }
 
@@ -375,12 +375,12 @@ void Scheduler::compact() {
   num_dead_slots_ = 0;
 }
 
-std::shared_ptr<const StepOutput> Scheduler::schedule() {
+std::shared_ptr<const SchedulerOutput> Scheduler::schedule() {
   if (awaiting_update_)
     throw std::logic_error("Scheduler::schedule: update() has not been called for the previous step");
   compact();
   step_id_ = static_cast<uint32_t>(num_steps_ & 0x7fffffff);
-  std::shared_ptr<StepOutput> out = fresh_output();
+  std::shared_ptr<SchedulerOutput> out = fresh_output();
   out->clear();
   scheduled_.clear();
   budget_tokens_ = config_.max_num_batched_tokens;
@@ -397,7 +397,7 @@ std::shared_ptr<const StepOutput> Scheduler::schedule() {
   return out;
 }
 
-void Scheduler::build_output(StepOutput& out) {
+void Scheduler::build_output(SchedulerOutput& out) {
   row_slots_.clear();
   int32_t width = 0, num_tokens = 0;
   for (Scheduled& s : scheduled_) {
@@ -509,7 +509,7 @@ const std::vector<RequestUpdate>& Scheduler::update(std::span<const int32_t> sam
   if (fork_tokens.size() != forks_.size())
     throw std::invalid_argument("Scheduler::update: got " + std::to_string(fork_tokens.size()) +
                                 " fork tokens for " + std::to_string(forks_.size()) + " forks");
-  const StepOutput& out = *last_output_;
+  const SchedulerOutput& out = *last_output_;
   for (size_t i = 0; i < row_slots_.size(); ++i)
     if (row_slots_[i] >= 0 && out.do_sample[i] && sampled[i] < 0)
       throw std::invalid_argument("Scheduler::update: negative token id " +

@@ -137,7 +137,7 @@ void LlamaModel::run_linears(const void* input, int64_t rows, std::initializer_l
   pool().parallel_for(total, part, 1);
 }
 
-void LlamaModel::embed(const StepOutput& st) {
+void LlamaModel::embed(const SchedulerOutput& st) {
   const int64_t H = config_.hidden_size, V = config_.vocab_size;
   const Matrix& E = weights_.embed;
   for (int64_t t = 0; t < st.num_tokens(); ++t) {
@@ -158,7 +158,7 @@ void LlamaModel::embed(const StepOutput& st) {
   }
 }
 
-void LlamaModel::copy_blocks(const StepOutput& st) {
+void LlamaModel::copy_blocks(const SchedulerOutput& st) {
   const size_t block_bytes =
       size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim) * (kv_bf16() ? 2 : 4);
   for (const BlockCopy& c : st.block_copies)
@@ -169,7 +169,7 @@ void LlamaModel::copy_blocks(const StepOutput& st) {
       }
 }
 
-void LlamaModel::attention(const StepOutput& st, int64_t layer) {
+void LlamaModel::attention(const SchedulerOutput& st, int64_t layer) {
   const int64_t nkv = config_.num_key_value_heads, group = config_.num_attention_heads / nkv, S = st.num_seqs();
   cpu::PagedAttentionArgs a{attn_.data(), q_.data(), k_cache(layer), v_cache(layer), kv_bf16(),
                             st.block_tables.data(), st.block_table_width, st.query_start_loc.data(),
@@ -227,7 +227,7 @@ double LlamaModel::measure_prefill_rate() {
   // whoever gets them later writes every slot before reading it).
   const int64_t bs = options_.block_size;
   const int64_t n = std::min<int64_t>({128, options_.num_blocks * bs, options_.max_model_len});
-  StepOutput st;
+  SchedulerOutput st;
   st.request_ids = {0};
   st.query_start_loc = {0, int32_t(n)};
   st.num_computed = {0};
@@ -251,14 +251,14 @@ double LlamaModel::measure_prefill_rate() {
   return double(n) / best;
 }
 
-const float* LlamaModel::forward(const StepOutput& st) {
+const float* LlamaModel::forward(const SchedulerOutput& st) {
   if (st.num_tokens() == 0) return nullptr;
   grow(logits_, int64_t(st.num_seqs()) * config_.vocab_size);
   forward(st, {}, logits_.data());
   return logits_.data();
 }
 
-void LlamaModel::forward(const StepOutput& st, std::span<const int32_t> indices, float* out) {
+void LlamaModel::forward(const SchedulerOutput& st, std::span<const int32_t> indices, float* out) {
   const ModelConfig& c = config_;
   const int64_t T = st.num_tokens();
   if (T == 0) return;

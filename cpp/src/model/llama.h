@@ -36,10 +36,10 @@ class LlamaModel {
   // Runs one step; returns logits [step.num_seqs(), vocab] (row s: sequence s's last scheduled
   // token), valid until the next call. Throws std::invalid_argument for a token id outside the
   // vocabulary or a position beyond max_model_len.
-  const float* forward(const StepOutput& step);
+  const float* forward(const SchedulerOutput& step);
   // The same, with logits for the tokens at `indices` (into the step's token arrays; empty: each
   // sequence's last token) written to `out` [indices.size() (or num_seqs), vocab].
-  void forward(const StepOutput& step, std::span<const int32_t> indices, float* out);
+  void forward(const SchedulerOutput& step, std::span<const int32_t> indices, float* out);
 
   // Prompt tokens per second of this model on this machine: a 128-token prompt run through the
   // whole forward pass (the cache's first blocks, free at start-up). Tens of milliseconds; for
@@ -64,9 +64,9 @@ class LlamaModel {
   // x [rows, K] as a Linear input: itself, or rounded to bf16 into x16_ (the bf16 kernels).
   const void* as_input(const float* x, int64_t rows, int64_t K);
   void ensure_scratch(int64_t tokens, int64_t seqs);
-  void embed(const StepOutput& step);
-  void attention(const StepOutput& step, int64_t layer);
-  void copy_blocks(const StepOutput& step);
+  void embed(const SchedulerOutput& step);
+  void attention(const SchedulerOutput& step, int64_t layer);
+  void copy_blocks(const SchedulerOutput& step);
   void prefault_kv(std::chrono::milliseconds budget, size_t max_bytes);
   void* k_cache(int64_t layer) const;
   void* v_cache(int64_t layer) const;

@@ -174,12 +174,12 @@ bool Engine::abort_request(int64_t request_id) {
   return impl_->scheduler->abort_request(request_id);
 }
 
-std::span<const float> Engine::execute(const StepOutput& step) {
+std::span<const float> Engine::execute(const SchedulerOutput& step) {
   const float* logits = impl_->model->forward(step);
   return {logits, size_t(step.num_seqs()) * size_t(impl_->info.vocab_size)};
 }
 
-void Engine::execute(const StepOutput& step, std::span<float> out, std::span<const int32_t> logits_indices) {
+void Engine::execute(const SchedulerOutput& step, std::span<float> out, std::span<const int32_t> logits_indices) {
   const size_t rows = logits_indices.empty() ? size_t(step.num_seqs()) : logits_indices.size();
   const size_t need = rows * size_t(impl_->info.vocab_size);
   if (out.size() < need)
@@ -192,7 +192,7 @@ void Engine::execute(const StepOutput& step, std::span<float> out, std::span<con
 const std::vector<TokenEvent>& Engine::step() {
   Impl& m = *impl_;
   m.events.clear();
-  const std::shared_ptr<const StepOutput> st = m.scheduler->schedule();
+  const std::shared_ptr<const SchedulerOutput> st = m.scheduler->schedule();
   const int32_t S = st->num_seqs();
   if (S == 0) return m.events;
   const float* logits = m.model->forward(*st);
