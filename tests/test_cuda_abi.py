@@ -99,3 +99,19 @@ def test_the_built_library_serves_its_table_without_a_gpu():
     assert ops.device_count(ctypes.byref(count), err, 512) == 0 and count.value >= 0, err.value
     assert ops.w4a16_num_configs() > 0
     assert ops.fp8_linear_workspace(16, 4096) >= 0
+
+
+def test_the_gpu_check_script_names_what_exists():
+    """tools/gpu_check.sh runs on the device with minutes to spare: a renamed test file or
+    benchmark must fail here, not there."""
+    import importlib.util
+    import subprocess
+
+    root = HEADER.parents[3]
+    script = root / "tools" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for test in re.findall(r"tests/\w+\.py", text):
+        assert (root / test).is_file(), test
+    for module in re.findall(r"-m (flashpage\.[\w.]+)", text):
+        assert importlib.util.find_spec(module) is not None, module
