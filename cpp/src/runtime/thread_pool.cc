@@ -60,6 +60,7 @@ int quota_v1(const std::string& dir) {
 uint32_t gen_of(uint64_t claim) { return uint32_t(claim >> 32); }
 int64_t next_of(uint64_t claim) { return int64_t(claim & 0xFFFFFFFFu); }
 uint64_t make_claim(uint32_t gen, int64_t next) { return (uint64_t(gen) << 32) | uint64_t(next); }
+constexpr int64_t kLocked = 0xFFFFFFFF;  // "next" while a job's fields are being written: beyond any n
 
 }  // namespace
 
@@ -126,14 +127,17 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
     invoke(ctx, 0, n);
     return;
   }
-  // Publish the job: its fields, then the claim word and the generation that name it.
-  invoke_.store(invoke, std::memory_order_relaxed);
-  ctx_.store(ctx, std::memory_order_relaxed);
-  n_.store(n, std::memory_order_relaxed);
-  grain_.store(grain, std::memory_order_relaxed);
-  parts_.store(parts, std::memory_order_relaxed);
+  // Publish the job. The claim word is locked first: a worker still in the previous job (its
+  // items all claimed, but it may be about to read the fields) cannot claim anything while the
+  // fields change; then the fields; then the claim word and the generation that name the job.
   const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
-  claim_.store(make_claim(gen, 0), std::memory_order_release);
+  claim_.store(make_claim(gen, kLocked));
+  invoke_.store(invoke);
+  ctx_.store(ctx);
+  n_.store(n);
+  grain_.store(grain);
+  parts_.store(parts);
+  claim_.store(make_claim(gen, 0));
   resting_.store(false, std::memory_order_relaxed);
   generation_.store(gen, std::memory_order_release);
   generation_.notify_all();
@@ -146,24 +150,33 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
 }
 
 void ThreadPool::work(uint32_t gen) {
-  const Invoke invoke = invoke_.load(std::memory_order_relaxed);
-  void* ctx = ctx_.load(std::memory_order_relaxed);
-  const int64_t n = n_.load(std::memory_order_relaxed), grain = grain_.load(std::memory_order_relaxed);
-  const int parts = parts_.load(std::memory_order_relaxed);
   for (;;) {
     // Counted as busy before claiming, so that the caller never sees "nothing running" while a
-    // claim is about to succeed.
+    // claim is about to succeed. The job's fields are read after a claim word of this job was
+    // seen, and any claim is a CAS on that word: fields of a newer job (written while the word
+    // was locked) can never be used to claim in this one.
     busy_.fetch_add(1);
-    uint64_t c = claim_.load(std::memory_order_acquire);
+    uint64_t c = claim_.load();
+    bool claimed = false;
     int64_t begin = 0, end = 0;
-    for (;;) {
-      begin = next_of(c);
-      if (gen_of(c) != gen || begin >= n) break;  // another job, or nothing left
-      // Guided: a share of what is left, so early chunks are large and late ones small.
-      end = std::min(n, begin + std::max(grain, (n - begin) / (2 * parts)));
-      if (claim_.compare_exchange_weak(c, make_claim(gen, end), std::memory_order_acq_rel)) break;
+    Invoke invoke = nullptr;
+    void* ctx = nullptr;
+    if (gen_of(c) == gen) {
+      invoke = invoke_.load();
+      ctx = ctx_.load();
+      const int64_t n = n_.load(), grain = grain_.load();
+      const int parts = parts_.load();
+      for (;;) {
+        begin = next_of(c);
+        if (gen_of(c) != gen || begin >= n) break;  // another job, nothing left, or locked
+        // Guided: a share of what is left, so early chunks are large and late ones small.
+        end = std::min(n, begin + std::max(grain, (n - begin) / (2 * parts)));
+        if (claim_.compare_exchange_weak(c, make_claim(gen, end))) {
+          claimed = true;
+          break;
+        }
+      }
     }
-    const bool claimed = gen_of(c) == gen && begin < n && end > begin;
     if (claimed) invoke(ctx, begin, end);
     if (busy_.fetch_sub(1) == 1 && caller_waiting_.load()) busy_.notify_all();
     if (!claimed) return;

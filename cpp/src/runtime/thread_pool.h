@@ -60,8 +60,9 @@ class ThreadPool {
   void worker();
 
   std::vector<std::thread> workers_;
-  // The current job. Its fields are written before claim_ and generation_ name it; a thread that
-  // read them for an older job cannot claim with them (claim_ carries the generation).
+  // The current job. Its fields are written while claim_ is locked for its generation, then
+  // claim_ and generation_ name it; a thread reads them only after seeing a claim word of its
+  // job, and claims by CAS on that word, so fields of another job never serve a claim.
   std::atomic<Invoke> invoke_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int64_t> n_{0}, grain_{1};
