@@ -66,6 +66,9 @@ def test_unknown_and_impossible_options_are_refused():
         LLM(STORIES, tensor_parallel=2)
     with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
         LLM(STORIES, scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="device='cuda': .*CUDA executor does not exist yet"):
+        LLM(STORIES, device="cuda")
+    assert LLM(STORIES, device="cpu", kv_cache_memory_bytes=16 << 20, verbose=False).engine_args.device == "cpu"
 
 
 def test_priority_scheduling_from_the_offline_api():

@@ -9,6 +9,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
+# The CUDA executor (issue 16) is not built yet: the CUDA kernels run only through
+# flashpage.cuda_ops. device="cuda" is refused until it is; tools/gpu_check.sh reads this too.
+CUDA_EXECUTOR_AVAILABLE = False
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
@@ -17,6 +22,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None
 class EngineArgs:
     model: str = field(default="", metadata={"help": "a local Hugging Face model directory", "positional": True})
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+    device: str = _opt("auto", "where the model runs: auto (the GPU once the CUDA executor exists, else the CPU), "
+                               "cpu or cuda", ("auto", "cpu", "cuda"))
     dtype: str = _opt("auto", "weights in memory: auto (the checkpoint's), bfloat16 or float32",
                       ("auto", "bfloat16", "float32"))
     compute_dtype: str = _opt("auto", "CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot "
@@ -85,6 +92,9 @@ class EngineArgs:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if self.device == "cuda" and not CUDA_EXECUTOR_AVAILABLE:
+            raise ValueError("device='cuda': flashpage's CUDA executor does not exist yet (the CUDA kernels run "
+                             "only through flashpage.cuda_ops); use device='cpu' (or 'auto')")
 
     def core_kwargs(self) -> dict[str, Any]:
         """The C++ engine's constructor arguments (its names; 0 means "choose")."""
