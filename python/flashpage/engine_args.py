@@ -61,7 +61,7 @@ class EngineArgs:
                 if positional_model:
                     parser.add_argument(f.name, help=meta["help"])
                 continue
-            if f.type == "bool" or isinstance(f.default, bool):
+            if isinstance(f.default, bool):
                 flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
                 action = "store_false" if f.default else "store_true"
                 group.add_argument(flag, dest=f.name, action=action,

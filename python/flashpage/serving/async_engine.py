@@ -19,7 +19,7 @@ it), so event loops serving HTTP and gRPC keep running meanwhile.
   never a key another client could reach.
 - Shutdown: `drain()` refuses new requests while running ones finish; `shutdown()` ends what is
   left with a final delta (finish_reason "abort"), so every stream ends properly.
-- Health: a watchdog marks the engine unhealthy when it has work and no step has finished for
+- Health: a watchdog marks the engine unhealthy when one step has run for more than
   `watchdog_seconds` (a wedged loop), so an orchestrator restarts it.
 """
 
@@ -86,8 +86,7 @@ class AsyncLLMEngine:
         self._draining = False
         self._stopped = threading.Event()
         self._error: BaseException | None = None
-        self._progress = time.monotonic()  # when the loop last finished a step or went idle
-        self._busy = False  # the loop is inside a step
+        self._step_started: float | None = None  # when the step in progress began (None: none is)
         # Tokenizing and rendering templates: CPU work kept off the event loops serving requests.
         self._cpu = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="flashpage-cpu")
         self._thread = threading.Thread(target=self._loop, name="flashpage-engine", daemon=True)
@@ -104,7 +103,8 @@ class AsyncLLMEngine:
         """Running, and not wedged: a step in progress for at most watchdog_seconds."""
         if self._stopped.is_set():
             return False
-        return not (self._busy and time.monotonic() - self._progress > self.watchdog_seconds)
+        started = self._step_started
+        return started is None or time.monotonic() - started <= self.watchdog_seconds
 
     def num_unfinished(self) -> int:
         return len(self._streams) + self._pending
@@ -199,21 +199,18 @@ class AsyncLLMEngine:
                 if draining and not self.engine.has_unfinished_requests():
                     return
                 if self.engine.has_unfinished_requests():
-                    self._busy = True
+                    self._step_started = time.monotonic()
                     try:
                         outputs = self.engine.step()
                     except Exception as e:  # noqa: BLE001 - the step's requests were ended with it
                         self._fail_dropped(e)
                         continue
                     finally:
-                        self._busy = False
-                        self._progress = time.monotonic()
+                        self._step_started = None
                     self._deliver(outputs)
                     self._observe()
-                else:
-                    self._progress = time.monotonic()
-                    if applied:  # aborts while idle: the gauges must not wait for the next step
-                        self._observe()
+                elif applied:  # aborts while idle: the gauges must not wait for the next step
+                    self._observe()
         except BaseException as e:  # a fault of the engine itself: every request ends with it
             self._error = e
         finally:

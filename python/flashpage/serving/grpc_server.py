@@ -64,7 +64,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: AsyncLLMEngine, tokenizer: Tokenizer | None, model_name: str,
                  limits: RequestLimits) -> None:
         self.engine, self.tokenizer, self.model_name, self.limits = engine, tokenizer, model_name, limits
-        self.max_model_len = limits.max_model_len
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         which = request.WhichOneof("prompt")
@@ -139,7 +138,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         info = self.engine.engine.core.info
         return pb.ModelInfo(model_name=self.model_name, model_type=info["model_type"], dtype=info["dtype"],
-                            vocab_size=int(info["vocab_size"]), max_model_len=self.max_model_len,
+                            vocab_size=int(info["vocab_size"]), max_model_len=self.limits.max_model_len,
                             eos_token_ids=self.engine.engine.eos_token_ids, bos_token_id=int(info["bos_token_id"]))
 
 

@@ -8,29 +8,26 @@ import asyncio
 import hmac
 import json
 import logging
-from dataclasses import dataclass
-
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from flashpage.serving.limits import ConnectionLimits
 
 log = logging.getLogger("flashpage.serving")
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    max_connections: int = 1000  # open HTTP connections; more are answered 503 and closed
-    header_timeout: float = 10.0  # a connection must deliver a request's headers within this
-    body_timeout: float = 30.0  # ... and its whole body within this after the headers
-    keep_alive_timeout: float = 5.0  # idle between requests (uvicorn's timeout_keep_alive)
+def error_dict(message: str, type_: str, code: str | int | None, param: str | None = None) -> dict:
+    """OpenAI's error body, the one shape of every refusal (responses and stream events)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_body(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return json.dumps(error_dict(message, type_, code, param)).encode()
 
 
 async def send_error(send, status: int, message: str, type_: str = "invalid_request_error",
                      code: str | None = None, param: str | None = None,
                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = error_body(status, message, type_, code, param)
+    body = error_body(message, type_, code, param)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -44,10 +41,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _refused = False  # over the limit: answered 503 and closed, never a connection
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             if len(self.server_state.connections) >= limits.max_connections:
-                body = error_body(503, f"this server is at its limit of {limits.max_connections} connections",
+                body = error_body(f"this server is at its limit of {limits.max_connections} connections",
                                   "server_error", "too_many_connections")
                 transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
                                 b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -55,12 +53,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 self.transport = transport
                 self._refused = True
                 return
-            self._refused = False
             super().connection_made(transport)
             self._arm()
 
         def connection_lost(self, exc) -> None:
-            if getattr(self, "_refused", False):
+            if self._refused:
                 return
             self._disarm()
             super().connection_lost(exc)
@@ -73,9 +70,6 @@ def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
                 self._disarm()  # a request's headers arrived; its body has a deadline of its own
             else:
                 self._arm()  # waiting for (the rest of) a request's headers
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # arms uvicorn's keep-alive timer for the idle time
 
         def _arm(self) -> None:
             if self._header_timer is None:

@@ -1,6 +1,8 @@
-"""Per-request limits of a server: every multiplier of one request's work bounded, the same
-over HTTP and gRPC. A request over a limit is refused (HTTP 400, gRPC INVALID_ARGUMENT) with a
-message naming the field, the value and the limit (and the flag that raises it)."""
+"""A server's limits, one definition each (the `flashpage serve` flags take their defaults
+from here). Per request: every multiplier of one request's work bounded, the same over HTTP and
+gRPC; a request over a limit is refused (HTTP 400, gRPC INVALID_ARGUMENT) with a message naming
+the field, the value and the limit (and the flag that raises it). Per connection: how many, and
+how long a client may take (serving.http_guard enforces them)."""
 
 from __future__ import annotations
 
@@ -70,6 +72,14 @@ class RequestLimits:
         _at_most("logit_bias", len(p.logit_bias or ()), self.max_logit_bias, "logit_bias entries", None)
         if self.max_tokens is not None and p.max_tokens is not None:
             _at_most("max_tokens", p.max_tokens, self.max_tokens, "max_tokens", "--max-tokens-limit")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 1000  # open HTTP connections; more are answered 503 and closed
+    header_timeout: float = 10.0  # a connection must deliver a request's headers within this
+    body_timeout: float = 30.0  # ... and its whole body within this after the headers
+    keep_alive_timeout: float = 5.0  # idle between requests (uvicorn's timeout_keep_alive)
 
 
 def _at_most(field: str, value: int, limit: int, what: str, flag: str | None) -> None:

@@ -26,12 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flashpage.chat_template import RESERVED_KWARGS, ChatTemplateError
 from flashpage.outputs import RequestOutput
 from flashpage.serving.async_engine import AsyncLLMEngine, EngineOverloaded, EngineUnavailable
-from flashpage.serving.http_guard import Guard
+from flashpage.serving.http_guard import Guard, error_dict
 from flashpage.serving.limits import LimitExceeded, RequestLimits
 from flashpage.serving.protocol import ChatCompletionRequest, CompletionRequest
 from flashpage.tokenizer import Tokenizer
 
 log = logging.getLogger("flashpage.serving")
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -40,8 +41,7 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(error_dict(self.message, self.type, self.code, self.param), status_code=self.status)
 
 
 def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name: str, limits: RequestLimits,
@@ -376,7 +376,7 @@ def _sse_error(e: Exception) -> str:
         status, type_ = e.status, e.type
     elif isinstance(e, ValueError):
         status, type_ = 400, "invalid_request_error"
-    return _sse({"error": {"message": str(e), "type": type_, "param": None, "code": status}})
+    return _sse(error_dict(str(e), type_, status))
 
 
 class _Usage:

@@ -17,8 +17,10 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
+
+from flashpage.serving.limits import ConnectionLimits, RequestLimits
 
 if TYPE_CHECKING:  # the CLI imports this module for its flags: keep torch out until serving starts
     from flashpage.serving.async_engine import AsyncLLMEngine
@@ -51,14 +53,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-waiting-requests", type=int, default=1024,
                      help="beyond this many waiting sequences (n counts n), new requests get 429 / RESOURCE_EXHAUSTED")
     lim.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask")
-    lim.add_argument("--max-n", type=int, default=128, help="largest n (sequences) of one request")
-    lim.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / prompt_logprobs")
+    lim.add_argument("--max-n", type=int, default=RequestLimits.max_n, help="largest n (sequences) of one request")
+    lim.add_argument("--max-logprobs", type=int, default=RequestLimits.max_logprobs,
+                     help="largest logprobs / prompt_logprobs")
     lim.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest HTTP request body")
-    lim.add_argument("--max-connections", type=int, default=1000, help="open HTTP connections; more get 503")
-    lim.add_argument("--header-timeout", type=float, default=10.0,
+    lim.add_argument("--max-connections", type=int, default=ConnectionLimits.max_connections,
+                     help="open HTTP connections; more get 503")
+    lim.add_argument("--header-timeout", type=float, default=ConnectionLimits.header_timeout,
                      help="seconds for a connection to send a request's headers (idle sockets close)")
-    lim.add_argument("--body-timeout", type=float, default=30.0, help="seconds to receive a request's body")
-    lim.add_argument("--timeout-keep-alive", type=float, default=5.0, help="idle seconds between requests")
+    lim.add_argument("--body-timeout", type=float, default=ConnectionLimits.body_timeout,
+                     help="seconds to receive a request's body")
+    lim.add_argument("--timeout-keep-alive", type=float, default=ConnectionLimits.keep_alive_timeout,
+                     help="idle seconds between requests")
     lim.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM/SIGINT, seconds running requests get to finish before they are aborted")
     lim.add_argument("--engine-watchdog-seconds", type=float, default=60.0,
@@ -96,6 +102,12 @@ def chat_template(args: argparse.Namespace) -> str | None:
         with open(given, encoding="utf-8") as f:
             return f.read()
     return given or None
+
+
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """{field: args.<flag>} for the flags present and set: a Namespace built by hand (tests,
+    embedding programs) leaves the rest at the dataclass's defaults."""
+    return {f: getattr(args, flag) for f, flag in fields.items() if getattr(args, flag, None) is not None}
 
 
 def _raise_fd_limit(wanted: int) -> int:
@@ -141,8 +153,7 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     import uvicorn
 
     from flashpage.serving.async_engine import AsyncLLMEngine
-    from flashpage.serving.http_guard import ConnectionLimits, guarded_protocol
-    from flashpage.serving.limits import RequestLimits
+    from flashpage.serving.http_guard import guarded_protocol
     from flashpage.serving.openai_server import build_app
 
     key = api_key(args)
@@ -150,18 +161,14 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     llm = llm if llm is not None else build_llm(args)
     name = served_name(args)
     max_len = int(llm.model_info["max_model_len"])
-    limits = RequestLimits(max_model_len=max_len, max_n=getattr(args, "max_n", 128),
-                           max_logprobs=getattr(args, "max_logprobs", 20),
-                           max_prompt_logprobs=getattr(args, "max_logprobs", 20),
-                           max_tokens=getattr(args, "max_tokens_limit", None))
-    conn = ConnectionLimits(max_connections=getattr(args, "max_connections", 1000),
-                            header_timeout=getattr(args, "header_timeout", 10.0),
-                            body_timeout=getattr(args, "body_timeout", 30.0),
-                            keep_alive_timeout=getattr(args, "timeout_keep_alive", 5.0))
+    limits = RequestLimits(max_model_len=max_len, **_given(args, max_n="max_n", max_logprobs="max_logprobs",
+                                                           max_prompt_logprobs="max_logprobs",
+                                                           max_tokens="max_tokens_limit"))
+    conn = ConnectionLimits(**_given(args, max_connections="max_connections", header_timeout="header_timeout",
+                                     body_timeout="body_timeout", keep_alive_timeout="timeout_keep_alive"))
     fds = _raise_fd_limit(conn.max_connections + 256)
     if conn.max_connections + 64 > fds:
-        conn = ConnectionLimits(max_connections=max(1, fds - 64), header_timeout=conn.header_timeout,
-                                body_timeout=conn.body_timeout, keep_alive_timeout=conn.keep_alive_timeout)
+        conn = replace(conn, max_connections=max(1, fds - 64))
         log.warning("only %d file descriptors: at most %d connections", fds, conn.max_connections)
     engine = AsyncLLMEngine(llm.llm_engine, model_name=name, max_waiting_requests=args.max_waiting_requests,
                             watchdog_seconds=getattr(args, "engine_watchdog_seconds", 60.0))
