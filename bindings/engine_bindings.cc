@@ -2,6 +2,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "dlpack.h"
 #include "flashpage/engine.h"
 
 namespace py = pybind11;
@@ -10,11 +11,18 @@ namespace flashpage::bindings {
 
 namespace {
 
+// Engine.execute's result: the logits and the engine that holds them.
+struct StepLogits {
+  Logits logits;
+  py::object owner;
+};
+
 py::dict info_dict(const ModelInfo& i) {
   py::dict d;
   d["model_type"] = i.model_type;
   d["dtype"] = i.dtype;
   d["compute_dtype"] = i.compute_dtype;
+  d["backend"] = i.backend;
   d["isa"] = i.isa;
   d["vocab_size"] = i.vocab_size;
   d["hidden_size"] = i.hidden_size;
@@ -93,32 +101,42 @@ void bind_engine(py::module_& m) {
            "finish_reasons) for the requests that got a token or finished.")
       .def_property_readonly("scheduler", &Engine::scheduler, py::return_value_policy::reference_internal)
       .def("execute",
-           [](Engine& e, const std::shared_ptr<SchedulerOutput>& step) {
-             std::span<const float> logits;
+           [](py::object self, const std::shared_ptr<SchedulerOutput>& step, IntArray logits_indices) {
+             Engine& e = self.cast<Engine&>();
+             const auto idx = as_span(logits_indices);
+             Logits l;
              {
                py::gil_scoped_release release;
-               logits = e.execute(*step);
+               l = e.execute(*step, idx);
              }
-             const py::ssize_t S = step->num_seqs(), V = py::ssize_t(e.info().vocab_size);
-             py::array_t<float> out({S, V});
-             if (!logits.empty()) std::copy(logits.begin(), logits.end(), out.mutable_data());
-             return out;
+             return StepLogits{l, self};
            },
-           py::arg("step"), "Runs the model on a step from scheduler.schedule(); returns logits [num_seqs, vocab].")
-      .def("execute_into",
-           [](Engine& e, const std::shared_ptr<SchedulerOutput>& step, py::array out, IntArray logits_indices) {
-             // Checked, not converted: a converted copy would swallow the logits.
-             if (!out.dtype().is(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) || !out.writeable())
-               throw py::type_error("Engine.execute_into: out must be a writeable, C-contiguous float32 array");
-             std::span<float> dst(static_cast<float*>(out.mutable_data()), size_t(out.size()));
-             const auto idx = as_span(logits_indices);
-             py::gil_scoped_release release;
-             e.execute(*step, dst, idx);
-           },
-           py::arg("step"), py::arg("out"), py::arg("logits_indices") = IntArray(0),
-           "Runs the model on a step, writing logits into out (float32, C-contiguous, at least "
-           "[rows, vocab]): for the tokens at logits_indices (into the step's token arrays), or "
-           "each sequence's last token when it is empty. Returns nothing; reuse out across steps.");
+           py::arg("step"), py::arg("logits_indices") = IntArray(0),
+           "Runs the model on a step from scheduler.schedule(). Returns its logits [rows, vocab] "
+           "float32 where the backend computed them, for torch.from_dlpack / numpy.from_dlpack "
+           "(no copy; valid until the next execute): for the tokens at logits_indices (into the "
+           "step's token arrays), or each sequence's last token when it is empty.");
+  py::class_<StepLogits>(m, "Logits", "A step's logits in the backend's memory (DLPack; valid until the next execute).")
+      .def(
+          "__dlpack__",
+          [](const StepLogits& s, py::object /*stream*/, py::object /*max_version*/, py::object dl_device,
+             py::object copy) {
+            // The step has finished when execute returns, so no stream needs to wait on it.
+            if (!copy.is_none() && copy.cast<bool>())
+              throw py::buffer_error("Logits.__dlpack__: copy=True is not supported (they are exported in place)");
+            if (!dl_device.is_none()) {
+              const auto d = dl_device.cast<std::pair<int32_t, int32_t>>();
+              if (d.first != s.logits.device_type || d.second != s.logits.device_id)
+                throw py::buffer_error("Logits.__dlpack__: the logits are on another device");
+            }
+            return dlpack_matrix(s.logits.data, s.logits.rows, s.logits.vocab, s.logits.device_type,
+                                 s.logits.device_id, s.owner);
+          },
+          py::arg("stream") = py::none(), py::kw_only(), py::arg("max_version") = py::none(),
+          py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__",
+           [](const StepLogits& s) { return py::make_tuple(s.logits.device_type, s.logits.device_id); })
+      .def_property_readonly("shape", [](const StepLogits& s) { return py::make_tuple(s.logits.rows, s.logits.vocab); });
 }
 
 }  // namespace flashpage::bindings

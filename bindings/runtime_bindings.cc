@@ -270,7 +270,7 @@ void bind_runtime(py::module_& m) {
         "Sizes the paged KV cache from a byte budget or a fraction of available memory.");
 
   m.def("cuda_info", [] {
-    const auto& b = runtime::cuda_backend();
+    const auto& b = runtime::cuda_probe();
     py::dict d;
     d["available"] = b.available;
     d["driver_found"] = b.driver_found;

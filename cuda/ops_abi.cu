@@ -298,7 +298,7 @@ FLASHPAGE_INTERNAL int flashpage_cuda_w8a8_linear(int dtype, const void* x, cons
                                       workspace_bytes, static_cast<cudaStream_t>(stream), err, err_len);
 }
 
-// backend.cu's entries (static_asserts there check their types against the table's).
+// device.cu's entries (static_asserts there check their types against the table's).
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_count)> flashpage_cuda_device_count;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_name)> flashpage_cuda_device_name;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::axpy)> flashpage_cuda_axpy;

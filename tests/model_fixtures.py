@@ -85,7 +85,7 @@ def run_greedy(engine, prompts: list[list[int]], max_tokens: int, first_id: int 
         if step.num_seqs == 0:
             sched.update(np.zeros(0, np.int32))
             continue
-        logits = engine.execute(step)
+        logits = np.from_dlpack(engine.execute(step))
         sampled = logits.argmax(axis=1).astype(np.int32)
         for row, rid in enumerate(step.request_ids.tolist()):
             if step.do_sample[row]:

@@ -66,7 +66,6 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, _Sequence] = {}
         self._next_core_id = 0
-        self._logits = np.empty((0, self.vocab_size), dtype=np.float32)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -206,10 +205,9 @@ class LLMEngine:
             indices = np.empty(0, dtype=np.int32)
             last_row = np.arange(S)
         rows = len(indices) or S
-        if self._logits.shape[0] < rows:
-            self._logits = np.empty((rows, self.vocab_size), dtype=np.float32)
-        self.core.execute_into(st, self._logits, indices)
-        logits = torch.from_numpy(self._logits[:rows])
+        # The logits where the backend computed them (no copy; on a GPU the sampler runs there),
+        # valid until the next step.
+        logits = torch.from_dlpack(self.core.execute(st, indices))
         if any(wants_prompt_lp):
             self._record_prompt_logprobs(seqs, logits, wants_prompt_lp, qsl, computed, last_row)
 

@@ -56,6 +56,7 @@ struct ModelInfo {
   std::string model_type;
   std::string dtype;          // storage of weights and KV cache: "bfloat16" or "float32"
   std::string compute_dtype;  // inputs of the Linear and attention kernels: "bfloat16" or "float32"
+  std::string backend;        // what runs the model: "cpu:<isa>" or "cuda:<device>"
   std::string isa;            // CPU kernels in use
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;
   int32_t max_model_len = 0;
@@ -75,6 +76,15 @@ struct TokenEvent {
   int64_t request_id;
   int32_t token;  // -1 when the step only finished it (abort)
   FinishReason finish;
+};
+
+// A step's logits where the backend computed them: [rows, vocab] fp32, valid until the next
+// step. device_type and device_id as DLPack names devices (1: CPU, 2: CUDA), so that they can
+// be handed on without a copy.
+struct Logits {
+  const float* data = nullptr;
+  int64_t rows = 0, vocab = 0;
+  int32_t device_type = 1, device_id = 0;
 };
 
 struct Completion {
@@ -108,13 +118,14 @@ class Engine {
                                    const SamplingOptions& options);
 
   // Lower level, for a caller with its own sampler (the Python layer): plan a step, run the
-  // model on it (logits [num_seqs, vocab], valid until the next execute), then hand the sampled
-  // tokens to scheduler().update().
+  // model on it, then hand the sampled tokens to scheduler().update(). The logits are for the
+  // tokens at `logits_indices` (indices into the step's token arrays, e.g. every prompt token
+  // for prompt logprobs), or for each sequence's last token when it is empty; they stay in the
+  // backend's memory until the next execute.
   Scheduler& scheduler();
-  std::span<const float> execute(const SchedulerOutput& step);
-  // The same into the caller's `out` [rows, vocab], for the tokens at `logits_indices` (indices
-  // into the step's token arrays, e.g. every prompt token for prompt logprobs), or for each
-  // sequence's last token when it is empty. Throws std::invalid_argument if `out` is too small.
+  Logits execute(const SchedulerOutput& step, std::span<const int32_t> logits_indices = {});
+  // The same, copied into the caller's host buffer `out` [rows, vocab]. Throws
+  // std::invalid_argument if `out` is too small.
   void execute(const SchedulerOutput& step, std::span<float> out, std::span<const int32_t> logits_indices = {});
 
  private:

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "kernels/cpu/kernels.h"
 #include "runtime/thread_pool.h"
 
 namespace flashpage::model {
@@ -161,30 +162,6 @@ LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<WeightStor
     w.layers.push_back(std::move(L));
   }
   return w;
-}
-
-void pack_linears(LlamaWeights& w, const cpu::KernelTable& kernels) {
-  auto pack = [&](Matrix& m) {
-    if (m.packed) return;
-    cpu::PackedLinear p = cpu::pack_linear_weight(kernels, m.data, m.bf16, m.rows, m.cols);
-    if (m.data != w.embed.data) {  // the original is no longer needed
-      bool owned = false;
-      for (runtime::HostBuffer& b : w.owned)
-        if (b.data() == m.data) {
-          w.owned_bytes -= int64_t(b.size());
-          b = runtime::HostBuffer();
-          owned = true;
-        }
-      if (!owned) w.mapped_bytes -= m.rows * m.cols * (m.bf16 ? 2 : 4);
-    }
-    m.data = p.data.data();
-    m.packed = true;
-    w.owned_bytes += int64_t(p.data.size());
-    w.owned.push_back(std::move(p.data));
-  };
-  for (LayerWeights& L : w.layers)
-    for (Matrix* m : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) pack(*m);
-  pack(w.lm_head);
 }
 
 LlamaWeights dummy_llama_weights(const ModelConfig& c, StorageType storage, uint64_t seed) {

@@ -1,8 +1,8 @@
 // The weights of a Llama-family model. As loaded: Hugging Face's [out, in] matrices, fp32 or
 // bf16; where the checkpoint already holds that dtype they point into the memory-mapped
-// safetensors files (no copy), otherwise they are converted once. The executor then repacks the
-// Linear layers' matrices into its kernels' panel layout (pack_linears); the embedding table
-// stays as loaded (rows are gathered from it).
+// safetensors files (no copy), otherwise they are converted once. The model then loads them into
+// its backend (model/llama.cc: the CPU backend repacks the Linear matrices into its kernels'
+// panel layout and gathers embedding rows from the table as loaded).
 #pragma once
 
 #include <cstdint>
@@ -10,7 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cpu/kernels.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "runtime/host_buffer.h"
@@ -25,7 +24,7 @@ struct Matrix {
   const void* data = nullptr;
   bool bf16 = false;
   int64_t rows = 0, cols = 0;  // [out, in]
-  bool packed = false;         // in a kernel table's pack_linear layout
+  bool packed = false;         // in a backend's layout (Backend::load_linear)
 };
 
 struct LayerWeights {
@@ -57,11 +56,6 @@ StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
 // problem (missing, wrong shape, non-float dtype).
 LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<WeightStore> store,
                                 StorageType storage);
-
-// Repacks every Linear matrix (attention and MLP projections, the LM head) with the kernel
-// table that will multiply by them, releasing the converted or generated originals. A tied LM
-// head becomes a packed copy of the embedding table.
-void pack_linears(LlamaWeights& weights, const cpu::KernelTable& kernels);
 
 // Random weights of the config's shapes (load_format="dummy"), for benchmarks of any shape.
 LlamaWeights dummy_llama_weights(const ModelConfig& config, StorageType storage, uint64_t seed);

@@ -10,15 +10,15 @@ namespace {
 
 std::string dir_of_this_binary() {
   Dl_info info{};
-  if (dladdr(reinterpret_cast<void*>(&cuda_backend), &info) == 0 || info.dli_fname == nullptr)
+  if (dladdr(reinterpret_cast<void*>(&cuda_probe), &info) == 0 || info.dli_fname == nullptr)
     return ".";
   std::string path = info.dli_fname;
   const auto slash = path.rfind('/');
   return slash == std::string::npos ? "." : path.substr(0, slash);
 }
 
-CudaBackend probe() {
-  CudaBackend b;
+CudaProbe probe() {
+  CudaProbe b;
   const char* env = std::getenv("FLASHPAGE_CUDA_LIBRARY");
   b.library_path = env && *env ? env : dir_of_this_binary() + "/libflashpage_cuda.so";
   // The driver library comes with the NVIDIA driver; without it there is no GPU to use, and
@@ -69,13 +69,13 @@ CudaBackend probe() {
 
 }  // namespace
 
-const CudaBackend& cuda_backend() {
-  static const CudaBackend backend = probe();
-  return backend;
+const CudaProbe& cuda_probe() {
+  static const CudaProbe result = probe();
+  return result;
 }
 
 void cuda_axpy(float a, const std::vector<float>& x, std::vector<float>& y) {
-  const CudaBackend& b = cuda_backend();
+  const CudaProbe& b = cuda_probe();
   if (!b.available) throw std::runtime_error("CUDA backend not available: " + b.reason);
   if (x.size() != y.size())
     throw std::invalid_argument("cuda_axpy: x has " + std::to_string(x.size()) +

@@ -1,4 +1,5 @@
-// Finds and loads libflashpage_cuda at run time, only when an NVIDIA driver is present.
+// Finds and loads libflashpage_cuda at run time, only when an NVIDIA driver is present: a probe
+// of what is there (the CUDA backend itself is backends/cuda).
 #pragma once
 
 #include <string>
@@ -8,7 +9,7 @@
 
 namespace flashpage::runtime {
 
-struct CudaBackend {
+struct CudaProbe {
   bool available = false;     // loaded, and at least one device
   bool driver_found = false;  // libcuda.so.1 could be opened
   std::string library_path;   // where libflashpage_cuda was looked for or loaded from
@@ -20,7 +21,7 @@ struct CudaBackend {
 
 // Probes once (thread-safe) and caches the result. The library is looked for in
 // $FLASHPAGE_CUDA_LIBRARY, else beside the binary that holds the flashpage core.
-const CudaBackend& cuda_backend();
+const CudaProbe& cuda_probe();
 
 // y = a * x + y on the GPU; throws std::runtime_error if the backend is not available.
 void cuda_axpy(float a, const std::vector<float>& x, std::vector<float>& y);

@@ -8,9 +8,10 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include "backends/cpu/cpu_backend.h"
+#include "engine/model_runner.h"
 #include "kernels/cpu/kernels.h"
 #include "model/config.h"
-#include "model/llama.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "runtime/kv_cache_plan.h"
@@ -27,12 +28,13 @@ struct Engine::Impl {
 
   EngineConfig config;
   ModelInfo info;
-  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<engine::ModelRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
   runtime::Sampler sampler;
   std::unordered_map<int64_t, Request> requests;
   int64_t next_id = 1;
   std::vector<int32_t> sampled;
+  std::vector<float> host_logits;  // the step's logits, when the backend's memory is not the host's
   std::vector<TokenEvent> events;
 };
 
@@ -67,24 +69,35 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
                                 "max_position_embeddings=" + std::to_string(mc.max_position_embeddings));
   if (config.block_size <= 0 || config.max_num_seqs <= 0)
     throw std::invalid_argument("block_size and max_num_seqs must be positive");
+  const cpu::KernelTable& kernels = cpu::kernels_for_compute(config.compute_dtype, storage == model::StorageType::kBF16);
+  engine::RunnerOptions ro{max_len, config.block_size};
+  m.runner = std::make_unique<engine::ModelRunner>(
+      mc, std::move(weights), backends::make_cpu_backend(kernels, storage == model::StorageType::kBF16), ro);
+  backends::Backend& backend = m.runner->backend();
+  // The workspace first, at the largest step the budget allows (the automatic budget is at
+  // most 2048 tokens or max_num_seqs), then the KV pool from what is left.
+  const int32_t step_cap = config.max_num_batched_tokens > 0 ? std::max(config.max_num_batched_tokens, config.max_num_seqs)
+                                                             : std::max(2048, config.max_num_seqs);
+  m.runner->reserve(step_cap, config.max_num_seqs);
+
   runtime::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
-                            storage == model::StorageType::kBF16 ? 2 : 4};
-  const int64_t budget = config.kv_cache_bytes > 0
-                             ? config.kv_cache_bytes
-                             : runtime::memory_budget_from_fraction(config.kv_cache_memory_fraction);
+                            backend.capabilities().kv_bytes};
+  const int64_t budget = config.kv_cache_bytes > 0 ? config.kv_cache_bytes
+                                                   : backend.kv_cache_budget(config.kv_cache_memory_fraction);
   const runtime::KvCachePlan plan = runtime::plan_kv_cache(spec, budget, max_len);
   // More blocks than every sequence at max_model_len can use only feed the prefix cache; cap
   // them so a tiny model does not get millions of blocks.
   const int64_t blocks_per_seq = (max_len + config.block_size - 1) / config.block_size;
   const int64_t num_blocks = std::min({plan.num_blocks, 2 * int64_t(config.max_num_seqs) * blocks_per_seq,
                                        int64_t(INT32_MAX) / config.block_size});
+  m.runner->allocate_kv_cache(num_blocks);
 
   ModelInfo& info = m.info;
   info.model_type = mc.model_type;
   info.dtype = model::storage_name(storage);
-  const cpu::KernelTable& kernels = cpu::kernels_for_compute(config.compute_dtype, storage == model::StorageType::kBF16);
+  info.backend = backend.name();
   info.isa = runtime::isa_name(kernels.isa);
-  info.compute_dtype = cpu::takes_bf16_input(kernels, storage == model::StorageType::kBF16) ? "bfloat16" : "float32";
+  info.compute_dtype = backend.capabilities().compute_dtype;
   info.vocab_size = mc.vocab_size;
   info.hidden_size = mc.hidden_size;
   info.num_layers = mc.num_hidden_layers;
@@ -95,9 +108,6 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   info.kv_cache_report = plan.report();
   if (num_blocks < plan.num_blocks)
     info.kv_cache_report += "; using " + std::to_string(num_blocks) + " blocks (2 x max_num_seqs sequences of max_model_len)";
-
-  model::ExecutorOptions eo{num_blocks, config.block_size, max_len};
-  m.model = std::make_unique<model::LlamaModel>(mc, std::move(weights), eo, kernels);
 
   SchedulerConfig sc;
   sc.max_model_len = int32_t(max_len);
@@ -110,7 +120,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     // for seconds (chunked prefill) while a prompt that fits is not split behind them; in
     // multiples of 64, at most 2048 (or max_num_seqs).
     constexpr double kStepSeconds = 0.1;
-    info.prefill_tokens_per_second = m.model->measure_prefill_rate();
+    info.prefill_tokens_per_second = m.runner->measure_prefill_rate();
     const int64_t prefill = std::max<int64_t>(64, int64_t(info.prefill_tokens_per_second * kStepSeconds) / 64 * 64);
     sc.max_num_batched_tokens =
         int32_t(std::min<int64_t>(config.max_num_seqs + prefill, std::max(2048, config.max_num_seqs)));
@@ -121,8 +131,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   sc.cache.block_size = config.block_size;
   sc.cache.enable_prefix_caching = config.enable_prefix_caching;
   m.scheduler = std::make_unique<Scheduler>(sc);
-  info.weight_bytes_mapped = m.model->weights().mapped_bytes;
-  info.weight_bytes_owned = m.model->weights().owned_bytes;
+  info.weight_bytes_mapped = m.runner->model().weight_bytes_mapped();
+  info.weight_bytes_owned = m.runner->model().weight_bytes_owned();
   info.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (config.verbose) {
     const std::string why = info.prefill_tokens_per_second > 0
@@ -174,9 +184,10 @@ bool Engine::abort_request(int64_t request_id) {
   return impl_->scheduler->abort_request(request_id);
 }
 
-std::span<const float> Engine::execute(const SchedulerOutput& step) {
-  const float* logits = impl_->model->forward(step);
-  return {logits, size_t(step.num_seqs()) * size_t(impl_->info.vocab_size)};
+Logits Engine::execute(const SchedulerOutput& step, std::span<const int32_t> logits_indices) {
+  const engine::StepLogits l = impl_->runner->execute(step, logits_indices);
+  const backends::Capabilities& caps = impl_->runner->backend().capabilities();
+  return {l.data, l.rows, l.vocab, int32_t(caps.device), caps.device_id};
 }
 
 void Engine::execute(const SchedulerOutput& step, std::span<float> out, std::span<const int32_t> logits_indices) {
@@ -186,7 +197,8 @@ void Engine::execute(const SchedulerOutput& step, std::span<float> out, std::spa
     throw std::invalid_argument("Engine::execute: the logits buffer holds " + std::to_string(out.size()) +
                                 " floats; " + std::to_string(rows) + " rows of the vocabulary need " +
                                 std::to_string(need));
-  impl_->model->forward(step, logits_indices, out.data());
+  const engine::StepLogits l = impl_->runner->execute(step, logits_indices);
+  if (l.data) impl_->runner->backend().copy_to_host(out.data(), l.data, size_t(l.rows * l.vocab) * 4);
 }
 
 const std::vector<TokenEvent>& Engine::step() {
@@ -195,8 +207,14 @@ const std::vector<TokenEvent>& Engine::step() {
   const std::shared_ptr<const SchedulerOutput> st = m.scheduler->schedule();
   const int32_t S = st->num_seqs();
   if (S == 0) return m.events;
-  const float* logits = m.model->forward(*st);
+  const engine::StepLogits l = m.runner->execute(*st);
   const int64_t V = m.info.vocab_size;
+  const float* logits = l.data;
+  if (m.runner->backend().capabilities().device != backends::DeviceType::kCpu) {
+    m.host_logits.resize(size_t(l.rows * V));
+    m.runner->backend().copy_to_host(m.host_logits.data(), l.data, m.host_logits.size() * 4);
+    logits = m.host_logits.data();
+  }
   m.sampled.assign(size_t(S), 0);
   for (int32_t s = 0; s < S; ++s) {
     if (!st->do_sample[s]) continue;

@@ -1,0 +1,299 @@
+#include "backends/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "runtime/aligned.h"
+#include "runtime/host_buffer.h"
+#include "runtime/kv_cache_plan.h"
+#include "runtime/thread_pool.h"
+
+namespace flashpage::backends {
+namespace {
+
+runtime::ThreadPool& pool() { return runtime::ThreadPool::global(); }
+
+// Row-wise work split over the pool only when it is large enough to pay for waking it.
+template <class Fn>
+void for_rows(int64_t rows, int64_t elems_per_row, Fn&& fn) {
+  constexpr int64_t kMinParallelElems = 1 << 15;
+  if (rows < 2 || rows * elems_per_row < kMinParallelElems) {
+    fn(0, rows);
+    return;
+  }
+  pool().parallel_for(rows, fn, 1);
+}
+
+DeviceBuffer host_buffer(runtime::HostBuffer b) {
+  auto owner = std::make_shared<runtime::HostBuffer>(std::move(b));
+  return {owner->data(), owner->size(), owner};
+}
+
+float* f32(void* p) { return static_cast<float*>(p); }
+const float* f32(const void* p) { return static_cast<const float*>(p); }
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const cpu::KernelTable& kernels, bool bf16_weights) : kern_(kernels), bf16_(bf16_weights) {
+    caps_.device = DeviceType::kCpu;
+    caps_.batch_invariant = true;
+    caps_.graphs = false;
+    caps_.activation_bytes = 4;
+    caps_.kv_bytes = bf16_ ? 2 : 4;
+    caps_.compute_dtype = cpu::takes_bf16_input(kern_, bf16_) ? "bfloat16" : "float32";
+  }
+
+  std::string name() const override { return std::string("cpu:") + runtime::isa_name(kern_.isa); }
+  const Capabilities& capabilities() const override { return caps_; }
+
+  DeviceBuffer allocate(size_t bytes) override { return host_buffer(runtime::HostBuffer(bytes)); }
+
+  DeviceBuffer allocate_kv_cache(int64_t regions, size_t region_bytes, size_t block_bytes) override {
+    runtime::HostBuffer kv(size_t(regions) * region_bytes);
+    prefault(kv, regions, region_bytes, block_bytes, std::chrono::milliseconds(1000), size_t(1) << 30);
+    return host_buffer(std::move(kv));
+  }
+
+  int64_t kv_cache_budget(double fraction) const override { return runtime::memory_budget_from_fraction(fraction); }
+  void copy_to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+
+  model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
+    cpu::PackedLinear p = cpu::pack_linear_weight(kern_, w.data, w.bf16, w.rows, w.cols);
+    storage = host_buffer(std::move(p.data));
+    return {storage.data, w.bf16, w.rows, w.cols, true};
+  }
+  model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) override {
+    storage = {};  // rows are gathered from the table as loaded (memory-mapped)
+    return w;
+  }
+  const float* load_vector(std::span<const float> v, DeviceBuffer& storage) override {
+    storage = {};
+    return v.data();
+  }
+
+  void reserve(int64_t tokens, int64_t cols) override {
+    if (cpu::takes_bf16_input(kern_, bf16_) && int64_t(x16_.size()) < cpu::bf16_input_elems(tokens, cols))
+      x16_.resize(size_t(cpu::bf16_input_elems(tokens, cols)));
+  }
+
+  void plan_attention(const AttentionStep& st, const AttentionShape& shape) override;
+  void finish_step() override { pool().rest(); }  // the sampler runs next, maybe on torch's threads
+
+  void embed(void* out, const model::Matrix& E, const int32_t* ids, int64_t tokens) override {
+    const int64_t H = E.cols;
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* dst = f32(out) + t * H;
+      if (!E.bf16) {
+        std::memcpy(dst, f32(E.data) + int64_t(ids[t]) * H, size_t(H) * 4);
+        continue;
+      }
+      const uint16_t* src = static_cast<const uint16_t*>(E.data) + int64_t(ids[t]) * H;
+      for (int64_t i = 0; i < H; ++i) {
+        const uint32_t bits = uint32_t(src[i]) << 16;
+        std::memcpy(dst + i, &bits, 4);
+      }
+    }
+  }
+
+  void rms_norm(void* out, const void* x, void* residual, const float* w, int64_t rows, int64_t dim,
+                float eps) override {
+    for_rows(rows, dim, [&](int64_t b, int64_t e) { norm_rows(out, x, residual, w, dim, eps, b, e); });
+  }
+
+  LinearInput rms_norm_input(void* out, const void* x, void* residual, const float* w, int64_t rows, int64_t dim,
+                             float eps) override {
+    // The norm and the rounding to bf16 in one pass, each thread rounding the rows it has just
+    // normalised while they are in its cache.
+    return {cpu::linear_input_for(kern_, bf16_, f32(out), rows, dim, x16_,
+                                  [&](int64_t b, int64_t e) { norm_rows(out, x, residual, w, dim, eps, b, e); }),
+            rows, dim};
+  }
+
+  LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) override {
+    return {cpu::linear_input_for(kern_, bf16_, f32(out), rows, inter, x16_,
+                                  [&](int64_t b, int64_t e) {
+                                    kern_.silu_and_mul(f32(out) + b * inter, f32(gate_up) + b * 2 * inter, e - b, inter);
+                                  }),
+            rows, inter};
+  }
+
+  LinearInput linear_input(const void* x, int64_t rows, int64_t cols) override {
+    return {cpu::linear_input_for(kern_, bf16_, f32(x), rows, cols, x16_), rows, cols};
+  }
+
+  void linears(const LinearInput& x, std::span<const LinearJob> jobs) override {
+    // Threads split the jobs' panels (the kernels' unit of columns), counted across all jobs.
+    const int64_t panel = kern_.linear_panel();
+    auto panels = [&](const LinearJob& j) { return cpu::linear_panels(panel, j.w->rows); };
+    int64_t total = 0;
+    for (const LinearJob& j : jobs) total += panels(j);
+    auto part = [&](int64_t b, int64_t e) {
+      int64_t off = 0;
+      for (const LinearJob& j : jobs) {
+        const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j));
+        if (lo < hi)
+          kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, j.bias, x.rows, j.ldy, x.cols, (lo - off) * panel,
+                       std::min(j.w->rows, (hi - off) * panel));
+        off += panels(j);
+      }
+    };
+    pool().parallel_for(total, part, 1);
+  }
+
+  void logits(float* out, const LinearInput& x, const model::Matrix& w) override {
+    const LinearJob job{out, w.rows, &w, nullptr};
+    linears(x, {&job, 1});
+  }
+
+  void rotary(void* q, void* k, const int32_t* positions, const float* cos_sin, int64_t tokens, int64_t nq,
+              int64_t nkv, int64_t D) override {
+    for_rows(tokens, (nq + nkv) * D, [&](int64_t b, int64_t e) {
+      kern_.rotary(f32(q) + b * nq * D, positions + b, cos_sin, e - b, nq, D);
+      kern_.rotary(f32(k) + b * nkv * D, positions + b, cos_sin, e - b, nkv, D);
+    });
+  }
+
+  void write_kv(const void* k, const void* v, void* k_cache, void* v_cache, const int32_t* slots, int64_t tokens,
+                int64_t nkv, int64_t D, int64_t block_size) override {
+    for_rows(tokens, 2 * nkv * D, [&](int64_t b, int64_t e) {
+      kern_.write_kv_cache(f32(k) + b * nkv * D, f32(v) + b * nkv * D, k_cache, v_cache, bf16_, slots + b, e - b, nkv,
+                           D, block_size);
+    });
+  }
+
+  void copy_blocks(std::span<void* const> caches, size_t block_bytes, std::span<const BlockCopy> copies) override {
+    for (const BlockCopy& c : copies)
+      for (void* cache : caches) {
+        char* base = static_cast<char*>(cache);
+        std::memcpy(base + size_t(c.dst) * block_bytes, base + size_t(c.src) * block_bytes, block_bytes);
+      }
+  }
+
+  void paged_attention(void* out, const void* q, const void* k_cache, const void* v_cache) override;
+
+  void gather_rows(void* out, const void* x, const int32_t* indices, int64_t n, int64_t dim) override {
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(f32(out) + i * dim, f32(x) + int64_t(indices[i]) * dim, size_t(dim) * 4);
+  }
+
+ private:
+  void norm_rows(void* out, const void* x, void* residual, const float* w, int64_t dim, float eps, int64_t b,
+                 int64_t e) {
+    kern_.rms_norm(f32(out) + b * dim, f32(x) + b * dim, residual ? f32(residual) + b * dim : nullptr, w, e - b, dim,
+                   eps);
+  }
+  void prefault(runtime::HostBuffer& kv, int64_t regions, size_t region_bytes, size_t block_bytes,
+                std::chrono::milliseconds budget, size_t max_bytes);
+
+  const cpu::KernelTable& kern_;
+  const bool bf16_;
+  Capabilities caps_;
+  runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
+  // The step's attention plan: the kernel's arguments and its work items split per thread.
+  struct AttentionItem {
+    int64_t seq, kv_head, row_begin, row_end;
+    double cost;
+  };
+  cpu::PagedAttentionArgs attn_{};
+  std::vector<AttentionItem> items_;
+  std::vector<int64_t> bounds_;
+};
+
+void CpuBackend::prefault(runtime::HostBuffer& kv, int64_t regions, size_t region_bytes, size_t block_bytes,
+                          std::chrono::milliseconds budget, size_t max_bytes) {
+  // A fresh block touches a page in each layer's K and V; faulting them in mid-step cost ~14 %
+  // of a prefill on fresh blocks (2 MB pages zeroed in 60 regions at once). vLLM zero-fills its
+  // whole cache at start-up; zeroing runs at ~0.7 GB/s on a fresh VM (9 s for 6 GiB), so the
+  // blocks come in allocation order (lowest first), by every thread, up to `max_bytes` of cache
+  // or `budget` of time; the rest fault in on first use.
+  if (block_bytes == 0 || regions == 0) return;
+  const auto deadline = std::chrono::steady_clock::now() + budget;
+  const int64_t num_blocks = int64_t(region_bytes / block_bytes);
+  constexpr int64_t kStep = 256;  // blocks per round
+  const int64_t blocks = std::min<int64_t>(num_blocks, int64_t(max_bytes / (block_bytes * size_t(regions))) + 1);
+  for (int64_t b0 = 0; b0 < blocks && std::chrono::steady_clock::now() < deadline; b0 += kStep) {
+    const size_t lo = size_t(b0) * block_bytes, hi = size_t(std::min(blocks, b0 + kStep)) * block_bytes;
+    std::atomic<bool> ok{true};
+    pool().parallel_for(regions, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        if (!kv.prefault(size_t(r) * region_bytes + lo, size_t(r) * region_bytes + hi)) ok = false;
+    });
+    if (!ok) break;  // no MADV_POPULATE_WRITE here: leave it to first use
+  }
+  pool().rest();
+}
+
+void CpuBackend::plan_attention(const AttentionStep& st, const AttentionShape& sh) {
+  attn_ = cpu::PagedAttentionArgs{nullptr, nullptr, nullptr, nullptr, bf16_, st.block_tables,
+                                  st.block_table_stride, st.query_start_loc, st.context_lens, sh.num_q_heads,
+                                  sh.num_kv_heads, sh.head_dim, sh.block_size, sh.scale};
+  // Work items: (sequence, KV head, a piece of its q_len x group query rows), so that one long
+  // prompt keeps every thread busy whatever the number of KV heads. Each row is computed with
+  // an order fixed by that row alone, so the split does not change results. Threads take
+  // contiguous runs of items of about equal cost (rows x the keys they attend to). The same
+  // plan serves every layer of the step.
+  constexpr int64_t kPieceRows = 64;  // a multiple of the AMX kernel's 16-row tiles
+  const int64_t nkv = sh.num_kv_heads, group = sh.num_q_heads / nkv;
+  items_.clear();
+  double total = 0;
+  for (int64_t s = 0; s < st.num_seqs; ++s) {
+    const int64_t q_len = st.host_query_start_loc[s + 1] - st.host_query_start_loc[s], rows = q_len * group;
+    const int64_t first_pos = st.host_context_lens[s] - q_len;
+    for (int64_t h = 0; h < nkv; ++h)
+      for (int64_t r0 = 0; r0 < rows; r0 += kPieceRows) {
+        const int64_t r1 = std::min(rows, r0 + kPieceRows);
+        const double cost = double(r1 - r0) * (double(first_pos) + double(r0 + r1) / (2.0 * double(group)) + 1.0);
+        items_.push_back({s, h, r0, r1, cost});
+        total += cost;
+      }
+  }
+  const int threads = pool().num_threads();
+  const int64_t n = int64_t(items_.size());
+  bounds_.assign(size_t(threads + 1), n);
+  bounds_[0] = 0;
+  double cum = 0;
+  for (int64_t i = 0, t = 1; i < n && t < threads; ++i) {
+    cum += items_[size_t(i)].cost;
+    while (t < threads && cum >= total * double(t) / threads) bounds_[t++] = i + 1;
+  }
+}
+
+void CpuBackend::paged_attention(void* out, const void* q, const void* k_cache, const void* v_cache) {
+  cpu::PagedAttentionArgs a = attn_;
+  a.out = f32(out);
+  a.q = f32(q);
+  a.k_cache = k_cache;
+  a.v_cache = v_cache;
+  auto run_items = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const AttentionItem& it = items_[size_t(i)];
+      cpu::PagedAttentionArgs ai = a;
+      ai.kv_head_begin = it.kv_head;
+      ai.kv_head_end = it.kv_head + 1;
+      ai.row_begin = it.row_begin;
+      ai.row_end = it.row_end;
+      kern_.paged_attention(ai, it.seq, it.seq + 1);
+    }
+  };
+  const int64_t n = int64_t(items_.size());
+  if (pool().num_threads() == 1 || n == 1) {
+    run_items(0, n);
+    return;
+  }
+  pool().parallel_for(pool().num_threads(), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) run_items(bounds_[t], bounds_[t + 1]);
+  });
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const cpu::KernelTable& kernels, bool bf16_weights) {
+  return std::make_unique<CpuBackend>(kernels, bf16_weights);
+}
+
+}  // namespace flashpage::backends

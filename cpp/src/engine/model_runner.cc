@@ -1,0 +1,181 @@
+#include "engine/model_runner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace flashpage::engine {
+namespace {
+
+// Where each of a step's int32 inputs lies in the inputs buffer, for capacities of T tokens,
+// S sequences, R rows of logits and B block-table entries.
+struct InputLayout {
+  int64_t token_ids, positions, slot_mapping, logits_indices, query_start_loc, context_lens, block_tables, end;
+  InputLayout(int64_t T, int64_t S, int64_t R, int64_t B)
+      : token_ids(0), positions(T), slot_mapping(2 * T), logits_indices(3 * T), query_start_loc(3 * T + R),
+        context_lens(query_start_loc + S + 1), block_tables(context_lens + S), end(block_tables + B) {}
+};
+
+}  // namespace
+
+ModelRunner::ModelRunner(const model::ModelConfig& config, model::LlamaWeights weights,
+                         std::unique_ptr<backends::Backend> backend, const RunnerOptions& options)
+    : config_(config), options_(options), backend_(std::move(backend)) {
+  if (options_.block_size <= 0 || options_.max_model_len <= 0)
+    throw std::invalid_argument("ModelRunner: block_size and max_model_len must be positive");
+  model_ = std::make_unique<model::LlamaModel>(config_, std::move(weights), *backend_);
+  // Rotary tables as Hugging Face computes them: fp32 inverse frequencies times the fp32
+  // position, then cos/sin of that fp32 angle.
+  const int64_t D = config_.head_dim, half = D / 2;
+  const std::vector<double> inv = config_.rope_inv_freq();
+  std::vector<float> cos_sin(size_t(options_.max_model_len * D));
+  for (int64_t p = 0; p < options_.max_model_len; ++p)
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = float(p) * float(inv[size_t(i)]);
+      cos_sin[size_t(p * D + i)] = float(std::cos(double(angle)));
+      cos_sin[size_t(p * D + half + i)] = float(std::sin(double(angle)));
+    }
+  rotary_ = backend_->allocate(cos_sin.size() * 4);
+  backend_->copy_to_device(rotary_.data, cos_sin.data(), cos_sin.size() * 4);
+}
+
+int64_t ModelRunner::kv_bytes_per_token() const {
+  return 2 * config_.num_hidden_layers * config_.num_key_value_heads * config_.head_dim *
+         backend_->capabilities().kv_bytes;
+}
+
+void ModelRunner::allocate_kv_cache(int64_t num_blocks) {
+  if (num_blocks <= 0) throw std::invalid_argument("ModelRunner: the KV pool needs at least one block");
+  const int64_t regions = 2 * config_.num_hidden_layers;
+  const size_t block_bytes = size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim *
+                                    backend_->capabilities().kv_bytes);
+  const size_t region_bytes = block_bytes * size_t(num_blocks);
+  kv_ = backend_->allocate_kv_cache(regions, region_bytes, block_bytes);
+  caches_.clear();
+  for (int64_t r = 0; r < regions; ++r) caches_.push_back(static_cast<char*>(kv_.data) + size_t(r) * region_bytes);
+  num_blocks_ = num_blocks;
+}
+
+void ModelRunner::reserve(int64_t tokens, int64_t seqs) {
+  const int64_t table_width = (options_.max_model_len + options_.block_size - 1) / options_.block_size;
+  ensure(tokens, seqs, seqs, seqs * table_width);
+}
+
+void ModelRunner::ensure(int64_t tokens, int64_t seqs, int64_t rows, int64_t table) {
+  if (tokens <= max_tokens_ && seqs <= max_seqs_ && rows <= max_rows_ && table <= max_table_) return;
+  max_tokens_ = std::max<int64_t>({max_tokens_, tokens, 1});
+  max_seqs_ = std::max<int64_t>({max_seqs_, seqs, 1});
+  max_table_ = std::max<int64_t>({max_table_, table, 1});
+  if (rows > max_rows_) {
+    max_rows_ = rows;
+    logits_ = backend_->allocate(size_t(max_rows_ * config_.vocab_size) * 4);
+  }
+  workspace_ = backend_->allocate(model_->workspace_bytes(max_tokens_, max_rows_));
+  const int64_t widest = std::max({config_.hidden_size, config_.num_attention_heads * config_.head_dim,
+                                   config_.intermediate_size});
+  backend_->reserve(std::max(max_tokens_, max_rows_), widest);
+  const InputLayout layout(max_tokens_, max_seqs_, max_rows_, max_table_);
+  staging_.assign(size_t(layout.end), 0);
+  inputs_ = backend_->allocate(size_t(layout.end) * 4);
+}
+
+void ModelRunner::upload_inputs(const SchedulerOutput& st, std::span<const int32_t> indices) {
+  const int64_t table = int64_t(st.block_tables.size());
+  // Within the reserved sizes for every step the scheduler makes; prompt logprobs (more rows
+  // than sequences) or a caller's own larger step grow them, once.
+  ensure(st.num_tokens(), st.num_seqs(), int64_t(indices.size()), table);
+  const InputLayout at(max_tokens_, max_seqs_, max_rows_, max_table_);
+  int32_t* s = staging_.data();
+  std::copy(st.token_ids.begin(), st.token_ids.end(), s + at.token_ids);
+  std::copy(st.positions.begin(), st.positions.end(), s + at.positions);
+  std::copy(st.slot_mapping.begin(), st.slot_mapping.end(), s + at.slot_mapping);
+  std::copy(indices.begin(), indices.end(), s + at.logits_indices);
+  std::copy(st.query_start_loc.begin(), st.query_start_loc.end(), s + at.query_start_loc);
+  std::copy(st.context_lens.begin(), st.context_lens.end(), s + at.context_lens);
+  std::copy(st.block_tables.begin(), st.block_tables.end(), s + at.block_tables);
+  backend_->copy_to_device(inputs_.data, s, size_t(at.block_tables + table) * 4);
+}
+
+StepLogits ModelRunner::execute(const SchedulerOutput& st, std::span<const int32_t> indices) {
+  const int64_t T = st.num_tokens(), V = config_.vocab_size;
+  if (T == 0) return {nullptr, 0, V};
+  if (caches_.empty()) throw std::logic_error("ModelRunner::execute before allocate_kv_cache");
+  if (indices.empty()) indices = st.logits_indices;
+  for (int32_t i : indices)
+    if (i < 0 || i >= T)
+      throw std::invalid_argument("logits index " + std::to_string(i) + " is outside the step's " + std::to_string(T) +
+                                  " tokens");
+  for (int32_t tok : st.token_ids)
+    if (tok < 0 || tok >= V)
+      throw std::invalid_argument("token id " + std::to_string(tok) + " is outside the vocabulary [0, " +
+                                  std::to_string(V) + ")");
+  for (int32_t p : st.positions)
+    if (p < 0 || p >= options_.max_model_len)
+      throw std::invalid_argument("position " + std::to_string(p) + " is beyond max_model_len=" +
+                                  std::to_string(options_.max_model_len));
+  upload_inputs(st, indices);
+
+  const InputLayout at(max_tokens_, max_seqs_, max_rows_, max_table_);
+  const int32_t* in = static_cast<const int32_t*>(inputs_.data);
+  model::StepInputs x;
+  x.num_tokens = T;
+  x.num_logits = int64_t(indices.size());
+  x.token_ids = in + at.token_ids;
+  x.positions = in + at.positions;
+  x.slot_mapping = in + at.slot_mapping;
+  x.logits_indices = in + at.logits_indices;
+  x.cos_sin = static_cast<const float*>(rotary_.data);
+  x.block_copies = st.block_copies;
+  backends::AttentionStep& a = x.attention;
+  a.block_tables = in + at.block_tables;
+  a.block_table_stride = st.block_table_width;
+  a.query_start_loc = in + at.query_start_loc;
+  a.context_lens = in + at.context_lens;
+  a.host_query_start_loc = st.query_start_loc;
+  a.host_context_lens = st.context_lens;
+  a.num_seqs = st.num_seqs();
+  a.num_tokens = T;
+  for (int64_t s = 0; s < a.num_seqs; ++s) {
+    a.max_query_len = std::max<int64_t>(a.max_query_len, st.query_start_loc[s + 1] - st.query_start_loc[s]);
+    a.max_context_len = std::max<int64_t>(a.max_context_len, st.context_lens[s]);
+  }
+  const size_t block_bytes = size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim *
+                                    backend_->capabilities().kv_bytes);
+  float* out = static_cast<float*>(logits_.data);
+  model_->forward(x, workspace_.data, {caches_, options_.block_size, block_bytes}, out);
+  backend_->finish_step();
+  return {out, x.num_logits, V};
+}
+
+double ModelRunner::measure_prefill_rate() {
+  // A real step: one prompt of up to 128 tokens in the pool's first blocks (free at start-up;
+  // whoever gets them later writes every slot before reading it).
+  const int64_t bs = options_.block_size;
+  const int64_t n = std::min<int64_t>({128, num_blocks_ * bs, options_.max_model_len});
+  SchedulerOutput st;
+  st.request_ids = {0};
+  st.query_start_loc = {0, int32_t(n)};
+  st.num_computed = {0};
+  st.context_lens = {int32_t(n)};
+  st.do_sample = {1};
+  st.logits_indices = {int32_t(n - 1)};
+  st.block_table_width = int32_t((n + bs - 1) / bs);
+  for (int32_t b = 0; b < st.block_table_width; ++b) st.block_tables.push_back(b);
+  for (int64_t i = 0; i < n; ++i) {
+    st.token_ids.push_back(int32_t((i * 7919 + 11) % config_.vocab_size));
+    st.positions.push_back(int32_t(i));
+    st.slot_mapping.push_back(int32_t(i));
+  }
+  st.num_prefill_tokens = int32_t(n);
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {  // the first pass warms up (caches, page faults)
+    const auto t0 = std::chrono::steady_clock::now();
+    execute(st);
+    if (rep > 0) best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return double(n) / best;
+}
+
+}  // namespace flashpage::engine
