@@ -48,9 +48,12 @@ void bind_engine(py::module_& m) {
                        int32_t max_model_len, int32_t block_size, int32_t max_num_seqs,
                        int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
                        int64_t kv_cache_bytes, double kv_cache_memory_fraction,
-                       uint64_t seed, bool verbose, const std::string& compute_dtype) {
+                       uint64_t seed, bool verbose, const std::string& compute_dtype, const std::string& device,
+                       double gpu_memory_utilization) {
              EngineConfig c;
              c.model = model;
+             c.device = device;
+             c.gpu_memory_utilization = gpu_memory_utilization;
              c.dtype = dtype;
              c.load_format = load_format;
              c.max_model_len = max_model_len;
@@ -72,7 +75,8 @@ void bind_engine(py::module_& m) {
            py::arg("max_num_batched_tokens") = 0, py::arg("enable_prefix_caching") = true,
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
            py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
-           py::arg("verbose") = false, py::arg("compute_dtype") = "auto")
+           py::arg("verbose") = false, py::arg("compute_dtype") = "auto", py::arg("device") = "cpu",
+           py::arg("gpu_memory_utilization") = 0.9)
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",
            [](Engine& e, IntArray prompt, float temperature, int32_t top_k, float top_p, float min_p,

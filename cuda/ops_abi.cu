@@ -302,6 +302,21 @@ FLASHPAGE_INTERNAL int flashpage_cuda_w8a8_linear(int dtype, const void* x, cons
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_count)> flashpage_cuda_device_count;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_name)> flashpage_cuda_device_name;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::axpy)> flashpage_cuda_axpy;
+// executor_abi.cu's entries.
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::set_device)> flashpage_cuda_set_device;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::mem_info)> flashpage_cuda_mem_info;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_malloc)> flashpage_cuda_device_malloc;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::device_free)> flashpage_cuda_device_free;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::host_malloc)> flashpage_cuda_host_malloc;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::host_free)> flashpage_cuda_host_free;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::memcpy_async)> flashpage_cuda_memcpy_async;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::stream_create)> flashpage_cuda_stream_create;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::stream_destroy)> flashpage_cuda_stream_destroy;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::stream_synchronize)> flashpage_cuda_stream_synchronize;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::gather_rows)> flashpage_cuda_gather_rows;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::linear)> flashpage_cuda_linear;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::widen_to_float)> flashpage_cuda_widen_to_float;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::attention_supported)> flashpage_cuda_attention_supported;
 
 namespace {
 
@@ -335,6 +350,20 @@ flashpage_cuda_ops make_ops() {
   t.w4a16_linear = &flashpage_cuda_w4a16_linear;
   t.w8a8_linear_workspace = &flashpage_cuda_w8a8_linear_workspace;
   t.w8a8_linear = &flashpage_cuda_w8a8_linear;
+  t.set_device = &flashpage_cuda_set_device;
+  t.mem_info = &flashpage_cuda_mem_info;
+  t.device_malloc = &flashpage_cuda_device_malloc;
+  t.device_free = &flashpage_cuda_device_free;
+  t.host_malloc = &flashpage_cuda_host_malloc;
+  t.host_free = &flashpage_cuda_host_free;
+  t.memcpy_async = &flashpage_cuda_memcpy_async;
+  t.stream_create = &flashpage_cuda_stream_create;
+  t.stream_destroy = &flashpage_cuda_stream_destroy;
+  t.stream_synchronize = &flashpage_cuda_stream_synchronize;
+  t.gather_rows = &flashpage_cuda_gather_rows;
+  t.linear = &flashpage_cuda_linear;
+  t.widen_to_float = &flashpage_cuda_widen_to_float;
+  t.attention_supported = &flashpage_cuda_attention_supported;
   return t;
 }
 

@@ -9,7 +9,12 @@ import os
 import numpy as np
 import pytest
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+# ../shared beside the checkout; on the GPU machine (where only the checkout travels) a shared/
+# inside it, or $FLASHPAGE_SHARED.
+_REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SHARED = os.environ.get("FLASHPAGE_SHARED") or next(
+    (p for p in (os.path.join(_REPO, "..", "shared"), os.path.join(_REPO, "shared")) if os.path.isdir(p)),
+    os.path.join(_REPO, "..", "shared"))
 STORIES = os.path.join(SHARED, "models", "stories260K")
 SMOLLM_DIR = os.path.join(SHARED, "models", "smollm2-135m-instruct")
 

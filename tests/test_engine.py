@@ -164,3 +164,27 @@ def test_compute_dtype_option(tmp_path):
         sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         for llm in (auto, fp32):
             assert len(llm.generate({"prompt_token_ids": [1, 2, 3]}, sp)[0].outputs[0].token_ids) == 4
+
+
+def test_logits_come_out_in_place_through_dlpack(ckpt):
+    """Engine.execute hands out the runner's own logits buffer (DLPack, no copy): torch and numpy
+    see the same memory, which the next step overwrites."""
+    torch = pytest.importorskip("torch")
+    e = small(ckpt)
+    sched = e.scheduler
+    sched.add_request(1, np.array([1, 2, 3, 4, 5], np.int32), max_tokens=4, ignore_eos=True)
+    step = sched.schedule()
+    out = e.execute(step)
+    assert out.__dlpack_device__() == (1, 0) and out.shape == (1, e.info["vocab_size"])
+    t, a = torch.from_dlpack(out), np.from_dlpack(out)
+    assert t.dtype == torch.float32 and tuple(t.shape) == out.shape
+    assert t.data_ptr() == a.ctypes.data
+    first = t.clone()
+    assert np.isfinite(a).all()
+    sched.update(np.array([int(first.argmax())], np.int32))
+    e.execute(sched.schedule())
+    assert not torch.equal(t, first)  # the same buffer, now holding the next step's logits
+    with pytest.raises(BufferError, match="copy=True"):
+        out.__dlpack__(copy=True)
+    with pytest.raises(BufferError, match="another device"):
+        out.__dlpack__(dl_device=(2, 0))

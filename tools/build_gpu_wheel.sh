@@ -11,4 +11,9 @@ rm -rf dist && mkdir -p dist
 FLASHPAGE_CUDA=ON "$PY" -m pip wheel . --no-deps -w dist -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 \
   -C build-dir=build/cp312-gpu
 unzip -l dist/flashpage-*-cp312-*.whl | grep -q libflashpage_cuda.so || { echo "the wheel lacks libflashpage_cuda.so" >&2; exit 1; }
+# The C++ tests too: test_backend_ops runs every op on the CUDA backend against the CPU reference
+# there (the binary dlopens the wheel's libflashpage_cuda through FLASHPAGE_CUDA_LIBRARY).
+cmake -S . -B build/gpu-tests -G Ninja -DFLASHPAGE_TESTS=ON -DFLASHPAGE_CUDA=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
+ninja -C build/gpu-tests test_core >/dev/null
+cp build/gpu-tests/cpp/tests/test_core dist/
 ls -l dist/

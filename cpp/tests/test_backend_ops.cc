@@ -1,7 +1,8 @@
 // Every op of the backend interface (backends/backend.h), on every backend present — the CPU
-// backend at each ISA level this build and CPU have, with fp32 and bf16 weights — against the
-// reference backend (the CPU's scalar kernels), in the spirit of llama.cpp's test-backend-ops.
-// Each failure names the backend and the op.
+// backend at each ISA level this build and CPU have, with fp32 and bf16 weights, and the CUDA
+// backend where libflashpage_cuda loads and sees a GPU — against the reference backend (the
+// CPU's scalar kernels), in the spirit of llama.cpp's test-backend-ops. Each failure names the
+// backend and the op.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -12,8 +13,10 @@
 #include <vector>
 
 #include "backends/cpu/cpu_backend.h"
+#include "backends/cuda/cuda_backend.h"
 #include "kernels/cpu/kernels.h"
 #include "runtime/cpu_features.h"
+#include "runtime/cuda_loader.h"
 #include "test_util.h"
 
 using namespace flashpage;
@@ -38,6 +41,11 @@ std::vector<Subject> subjects() {
       const std::string name = b->name() + (bf16 ? " bf16" : " fp32");
       out.push_back({name, std::move(b), backends::make_cpu_backend(ref, bf16), bf16});
     }
+  if (runtime::cuda_probe().available) {  // bf16 weights only
+    auto b = backends::make_cuda_backend(0);
+    const std::string name = b->name();
+    out.push_back({name, std::move(b), backends::make_cpu_backend(ref, true), true});
+  }
   return out;
 }
 
@@ -114,6 +122,8 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& want,
 
 // Tolerance of results computed from the backend's compute dtype (bf16 inputs: 8 bits).
 float tolerance(const Backend& be) { return be.capabilities().compute_dtype == "bfloat16" ? 3e-2f : 2e-4f; }
+// Tolerance of an elementwise op's result: its rounding to the backend's activation width.
+float elementwise_tolerance(const Backend& be) { return be.capabilities().activation_bytes == 2 ? 1e-2f : 1e-5f; }
 
 // A host weight matrix [N, K] (values bf16-representable when bf16), scaled to keep outputs O(1).
 struct HostMatrix {
@@ -150,7 +160,7 @@ TEST(backend_ops_embed_norm_gather) {
       be->embed(x.data, E, static_cast<const int32_t*>(d_ids.data), T);
       auto& r = results[side++];
       r.push_back(acts_out(*be, x.data, T * H));
-      be->rms_norm(out.data, x.data, res.data, static_cast<const float*>(wd.data), T, H, 1e-5f);
+      be->rms_norm(out.data, x.data, res.data, wd.data, T, H, 1e-5f);
       r.push_back(acts_out(*be, out.data, T * H));
       r.push_back(acts_out(*be, res.data, T * H));
       const std::vector<int32_t> rows = {8, 0, 4};
@@ -161,7 +171,7 @@ TEST(backend_ops_embed_norm_gather) {
     }
     const char* names[] = {"embed", "rms_norm", "rms_norm residual", "gather_rows"};
     for (size_t i = 0; i < results[0].size(); ++i)
-      expect_close(results[0][i], results[1][i], 1e-5f, s.name + " " + names[i]);
+      expect_close(results[0][i], results[1][i], elementwise_tolerance(*s.backend), s.name + " " + names[i]);
     // The reference's gathers against plain indexing.
     std::vector<float> rows_want, emb_want;
     for (int32_t id : ids)
@@ -176,7 +186,7 @@ TEST(backend_ops_embed_norm_gather) {
 TEST(backend_ops_linears_and_their_inputs) {
   std::mt19937 rng(12);
   for (Subject& s : subjects()) {
-    const int64_t K = 96, N1 = 40, N2 = 17, I = 64;
+    const int64_t K = 96, N1 = 48, N2 = 24, I = 64;  // 16-byte rows: what GPU GEMMs need
     for (int64_t M : {1, 5, 17, 40}) {
       HostMatrix w1 = host_matrix(N1, K, s.bf16, rng), w2 = host_matrix(N2, K, s.bf16, rng);
       HostMatrix wd = host_matrix(N2, I, s.bf16, rng), head = host_matrix(N1, K, s.bf16, rng);
@@ -189,7 +199,7 @@ TEST(backend_ops_linears_and_their_inputs) {
         DeviceBuffer k1, k2, kd, kh, kb;
         const model::Matrix p1 = be->load_linear(w1.m, k1), p2 = be->load_linear(w2.m, k2);
         const model::Matrix pd = be->load_linear(wd.m, kd), ph = be->load_linear(head.m, kh);
-        const float* b = be->load_vector(bias, kb);
+        const void* b = be->load_vector(bias, kb);
         DeviceBuffer x = acts_in(*be, x0), normed = acts_in(*be, std::vector<float>(M * K)), nwd = raw_in(*be, nw);
         // Both outputs into one wider buffer (ldy N1 + N2), the way QKV share a pass.
         DeviceBuffer y = acts_in(*be, std::vector<float>(M * (N1 + N2))), g = acts_in(*be, gu);
@@ -198,7 +208,7 @@ TEST(backend_ops_linears_and_their_inputs) {
         const int64_t e = be->capabilities().activation_bytes;
         auto& r = results[side++];
         const backends::LinearInput in =
-            be->rms_norm_input(normed.data, x.data, nullptr, static_cast<const float*>(nwd.data), M, K, 1e-5f);
+            be->rms_norm_input(normed.data, x.data, nullptr, nwd.data, M, K, 1e-5f);
         const backends::LinearJob jobs[] = {{y.data, N1 + N2, &p1, nullptr},
                                             {static_cast<char*>(y.data) + N1 * e, N1 + N2, &p2, b}};
         be->linears(in, jobs);
@@ -214,7 +224,7 @@ TEST(backend_ops_linears_and_their_inputs) {
       const char* names[] = {"rms_norm_input + linears (two jobs, bias)", "silu_and_mul_input",
                              "linears after silu_and_mul_input", "logits"};
       for (size_t i = 0; i < results[0].size(); ++i)
-        expect_close(results[0][i], results[1][i], i == 1 ? 1e-5f : tolerance(*s.backend),
+        expect_close(results[0][i], results[1][i], i == 1 ? elementwise_tolerance(*s.backend) : tolerance(*s.backend),
                      s.name + " " + names[i] + " M=" + std::to_string(M));
     }
   }
@@ -310,7 +320,8 @@ TEST(backend_ops_rotary_kv_blocks_attention) {
     }
     const char* names[] = {"rotary q", "rotary k", "write_kv + copy_blocks + paged_attention"};
     for (size_t i = 0; i < results[0].size(); ++i)
-      expect_close(results[0][i], results[1][i], i == 2 ? tolerance(*s.backend) : 1e-5f, s.name + " " + names[i]);
+      expect_close(results[0][i], results[1][i], i == 2 ? tolerance(*s.backend) : elementwise_tolerance(*s.backend),
+                   s.name + " " + names[i]);
     // The reference itself against plain attention over the K/V as given (rounded to the
     // cache's bf16), which checks the cache plumbing shared by every CPU level.
     const std::vector<float>&rq = results[1][0], &rk = results[1][1];
@@ -350,6 +361,10 @@ TEST(backend_ops_rotary_kv_blocks_attention) {
 TEST(backend_capabilities_are_consistent) {
   for (Subject& s : subjects()) {
     const backends::Capabilities& c = s.backend->capabilities();
+    if (c.device == backends::DeviceType::kCuda) {
+      CHECK(c.activation_bytes == 2 && c.kv_bytes == 2 && c.compute_dtype == "bfloat16");
+      continue;
+    }
     CHECK(c.batch_invariant);  // every CPU level: fixed reduction order per row
     CHECK(c.device == backends::DeviceType::kCpu);
     CHECK_EQ(c.kv_bytes, s.bf16 ? int64_t(2) : int64_t(4));

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "flashpage/engine.h"
+#include "runtime/cuda_loader.h"
 #include "test_files.h"
 #include "test_util.h"
 
@@ -177,4 +178,23 @@ TEST(engine_loads_a_converted_safetensors_checkpoint) {
   EngineConfig c = engine_config(dir.path(), "float32", int64_t(4) << 20);
   c.load_format = "auto";
   CHECK_THROWS(std::runtime_error, Engine{c}, "no tensor 'model.layers.1.mlp.down_proj.weight'");
+}
+
+TEST(engine_names_the_device_it_cannot_use) {
+  test_files::TempDir dir;
+  test_files::write(dir.path() + "/config.json", tiny_config("llama", true, 32));
+  EngineConfig c = engine_config(dir.path(), "bfloat16", int64_t(8) << 20);
+  c.device = "tpu";
+  CHECK_THROWS(std::invalid_argument, Engine(c), "not one of auto, cpu, cuda, cuda:N");
+  c.device = "auto";  // the CPU wherever the CUDA backend is not usable
+  if (!runtime::cuda_probe().available) {
+    CHECK(Engine(c).info().backend.rfind("cpu:", 0) == 0);
+    c.device = "cuda";
+    CHECK_THROWS(std::runtime_error, Engine(c), "the CUDA backend is not available");
+    c.device = "cuda:1";
+    CHECK_THROWS(std::runtime_error, Engine(c), "the CUDA backend is not available");
+  }
+  c.device = "cuda";
+  c.dtype = "float32";
+  CHECK_THROWS(std::invalid_argument, Engine(c), "keeps weights in bfloat16");
 }

@@ -149,4 +149,13 @@ cudaError_t w8a8_gemm(const W8A8Params& p, cudaStream_t stream);
 cudaError_t w8a8_scale_output(DType dtype, const int32_t* acc, const float* x_scales, const float* w_scales, void* out,
                               int M, int N, cudaStream_t stream);
 
+// out[i] = src[rows[i]] for rows of row_bytes bytes (embedding lookups: rows are token ids;
+// the rows that need logits).
+cudaError_t gather_rows(void* out, const void* src, const int32_t* rows, int n, int64_t row_bytes,
+                        cudaStream_t stream);
+// y[r, 0:n] += bias[0:n] for `rows` rows of stride ldy.
+cudaError_t add_bias(DType dtype, void* y, int64_t ldy, const void* bias, int rows, int n, cudaStream_t stream);
+// out[i] = float(in[i]) (logits for the sampler).
+cudaError_t widen_to_float(DType dtype, float* out, const void* in, int64_t n, cudaStream_t stream);
+
 }  // namespace flashpage::cuda

@@ -48,6 +48,20 @@ OPS_TABLE: list[tuple[str, Any, list[Any]]] = [
     ("w4a16_linear", _i, [_i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _i, _p, _i64, _p, _p, _sz]),
     ("w8a8_linear_workspace", _i64, [_i, _i, _i, _i]),
     ("w8a8_linear", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _i64, _p, _p, _sz]),
+    ("set_device", _i, [_i, _p, _sz]),
+    ("mem_info", _i, [_p, _p, _p, _sz]),
+    ("device_malloc", _i, [_p, _sz, _p, _sz]),
+    ("device_free", _i, [_p, _p, _sz]),
+    ("host_malloc", _i, [_p, _sz, _p, _sz]),
+    ("host_free", _i, [_p, _p, _sz]),
+    ("memcpy_async", _i, [_p, _p, _sz, _p, _p, _sz]),
+    ("stream_create", _i, [_p, _p, _sz]),
+    ("stream_destroy", _i, [_p, _p, _sz]),
+    ("stream_synchronize", _i, [_p, _p, _sz]),
+    ("gather_rows", _i, [_p, _p, _p, _i, _i64, _p, _p, _sz]),
+    ("linear", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _sz]),
+    ("widen_to_float", _i, [_i, _p, _p, _i64, _p, _p, _sz]),
+    ("attention_supported", _i, [_i, _i, _i, _i]),
 ]
 ABI_VERSION = 2  # FLASHPAGE_CUDA_ABI_VERSION
 

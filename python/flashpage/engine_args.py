@@ -8,10 +8,14 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from flashpage import _core
 
-# The CUDA executor (issue 16) is not built yet: the CUDA kernels run only through
-# flashpage.cuda_ops. device="cuda" is refused until it is; tools/gpu_check.sh reads this too.
-CUDA_EXECUTOR_AVAILABLE = False
+
+# The CUDA executor (cpp/src/backends/cuda) exists; device="cuda" runs on it where a GPU and
+# libflashpage_cuda are present. device="auto" picks it only once tools/gpu_check.sh has verified
+# it end to end on a GPU (then this becomes True): until then "auto" means the CPU.
+CUDA_EXECUTOR_AVAILABLE = True
+CUDA_EXECUTOR_VERIFIED = False
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
@@ -22,8 +26,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None
 class EngineArgs:
     model: str = field(default="", metadata={"help": "a local Hugging Face model directory", "positional": True})
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
-    device: str = _opt("auto", "where the model runs: auto (the GPU once the CUDA executor exists, else the CPU), "
-                               "cpu or cuda", ("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "where the model runs: auto (the GPU once the CUDA executor is verified there, else "
+                               "the CPU), cpu or cuda", ("auto", "cpu", "cuda"))
     dtype: str = _opt("auto", "weights in memory: auto (the checkpoint's), bfloat16 or float32",
                       ("auto", "bfloat16", "float32"))
     compute_dtype: str = _opt("auto", "CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot "
@@ -41,6 +45,8 @@ class EngineArgs:
                                           "a request's priority comes with it)", ("fcfs", "priority"))
     kv_cache_memory_bytes: int | None = _opt(None, "KV-cache size in bytes (default: a fraction of available memory)")
     kv_cache_memory_fraction: float = _opt(0.25, "fraction of available memory for the KV cache when no size is given")
+    gpu_memory_utilization: float = _opt(0.9, "on a GPU: the fraction of its memory the engine may use (weights, "
+                                              "workspace and the KV cache, which gets the rest)")
     seed: int = _opt(0, "seed of requests that bring none of their own")
     skip_tokenizer_init: bool = _opt(False, "no tokenizer: prompts are token ids, outputs have no text",
                                      flag="--skip-tokenizer-init")
@@ -92,9 +98,19 @@ class EngineArgs:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-        if self.device == "cuda" and not CUDA_EXECUTOR_AVAILABLE:
-            raise ValueError("device='cuda': flashpage's CUDA executor does not exist yet (the CUDA kernels run "
-                             "only through flashpage.cuda_ops); use device='cpu' (or 'auto')")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        if self.device == "cuda":
+            info = _core.cuda_info()
+            if not info["available"]:
+                raise ValueError(f"device='cuda': the CUDA backend is not available here ({info['reason']}); "
+                                 "use device='cpu' (or 'auto')")
+
+    def resolved_device(self) -> str:
+        """The device the engine gets: "auto" is the GPU only where the CUDA executor is verified."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if CUDA_EXECUTOR_VERIFIED and _core.cuda_info()["available"] else "cpu"
 
     def core_kwargs(self) -> dict[str, Any]:
         """The C++ engine's constructor arguments (its names; 0 means "choose")."""
@@ -103,4 +119,5 @@ class EngineArgs:
                     max_num_batched_tokens=self.max_num_batched_tokens or 0,
                     enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
                     kv_cache_bytes=self.kv_cache_memory_bytes or 0,
-                    kv_cache_memory_fraction=self.kv_cache_memory_fraction, seed=self.seed, verbose=self.verbose)
+                    kv_cache_memory_fraction=self.kv_cache_memory_fraction, seed=self.seed, verbose=self.verbose,
+                    device=self.resolved_device(), gpu_memory_utilization=self.gpu_memory_utilization)

@@ -18,6 +18,9 @@ namespace flashpage {
 
 struct EngineConfig {
   std::string model;                // a directory with config.json and *.safetensors
+  // Where the model runs: "cpu", "cuda" or "cuda:N" (weights, activations and KV cache in bf16
+  // on the GPU; needs libflashpage_cuda and a driver), or "auto" (the GPU when one is usable).
+  std::string device = "cpu";
   std::string dtype = "auto";       // "auto" (the checkpoint's), "bfloat16" or "float32"
   // Arithmetic of the CPU kernels: "auto" (bf16 weights compute in bf16 — bf16 products, fp32
   // sums — where the CPU has bf16 dot products, AVX512-BF16 or AMX; else fp32), "float32"
@@ -35,6 +38,9 @@ struct EngineConfig {
   // KV-cache budget: kv_cache_bytes if positive, else this fraction of the available memory.
   int64_t kv_cache_bytes = 0;
   double kv_cache_memory_fraction = 0.25;
+  // On a GPU: the fraction of its memory this engine may use (vLLM's meaning); the KV pool gets
+  // what the weights and the workspace leave of it.
+  double gpu_memory_utilization = 0.9;
   uint64_t seed = 0;  // seeds requests that bring no seed of their own
   bool verbose = false;  // print the start-up report to stderr
 };

@@ -54,7 +54,7 @@ struct LinearJob {
   void* y;
   int64_t ldy;
   const model::Matrix* w;
-  const float* bias;  // nullptr: none
+  const void* bias;  // from load_vector; nullptr: none
 };
 
 struct AttentionShape {
@@ -96,7 +96,8 @@ class Backend {
   // the host matrix, which must then outlive it).
   virtual model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) = 0;
   virtual model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) = 0;
-  virtual const float* load_vector(std::span<const float> v, DeviceBuffer& storage) = 0;
+  // A vector of parameters (norm weights, biases) in the backend's format for them.
+  virtual const void* load_vector(std::span<const float> v, DeviceBuffer& storage) = 0;
 
   // --- a step
   // Scratch for steps of up to `tokens` rows of Linear inputs of up to `cols` values; called
@@ -110,10 +111,10 @@ class Backend {
   virtual void embed(void* out, const model::Matrix& table, const int32_t* ids, int64_t tokens) = 0;
   // RMSNorm over rows, fused with the residual add when residual is non-null:
   // residual += x; out = residual * rsqrt(mean(residual^2) + eps) * weight. out may be x.
-  virtual void rms_norm(void* out, const void* x, void* residual, const float* weight, int64_t rows,
+  virtual void rms_norm(void* out, const void* x, void* residual, const void* weight, int64_t rows,
                         int64_t dim, float eps) = 0;
   // The same, its result (in `out`) made the next Linears' input in one pass.
-  virtual LinearInput rms_norm_input(void* out, const void* x, void* residual, const float* weight,
+  virtual LinearInput rms_norm_input(void* out, const void* x, void* residual, const void* weight,
                                      int64_t rows, int64_t dim, float eps) = 0;
   // out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i], made the next Linear's input.
   virtual LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) = 0;

@@ -9,11 +9,13 @@
 #include <unordered_map>
 
 #include "backends/cpu/cpu_backend.h"
+#include "backends/cuda/cuda_backend.h"
 #include "engine/model_runner.h"
 #include "kernels/cpu/kernels.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
+#include "runtime/cuda_loader.h"
 #include "runtime/kv_cache_plan.h"
 #include "runtime/sampler.h"
 #include "runtime/thread_pool.h"
@@ -40,6 +42,17 @@ struct Engine::Impl {
 
 namespace {
 
+// The CUDA device an EngineConfig::device names, or -1 for the CPU.
+int cuda_device_of(const std::string& device) {
+  if (device == "cpu") return -1;
+  if (device == "auto") return runtime::cuda_probe().available ? 0 : -1;
+  if (device == "cuda") return 0;
+  if (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
+      device.find_first_not_of("0123456789", 5) == std::string::npos && device.size() < 9)
+    return std::stoi(device.substr(5));
+  throw std::invalid_argument("device \"" + device + "\" is not one of auto, cpu, cuda, cuda:N");
+}
+
 uint64_t mix_seed(uint64_t seed, int64_t id) {
   uint64_t z = seed + 0x9E3779B97F4A7C15ull * uint64_t(id + 1);
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -59,7 +72,13 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   const bool dummy = config.load_format == "dummy";
   std::shared_ptr<model::WeightStore> store;
   if (!dummy) store = std::make_shared<model::WeightStore>(model::WeightStore::open(config.model));
-  const model::StorageType storage = model::resolve_storage(config.dtype, mc, store.get());
+  const int gpu = cuda_device_of(config.device);
+  if (gpu >= 0 && config.dtype == "float32")
+    throw std::invalid_argument("dtype=float32 on the GPU: the CUDA backend keeps weights in bfloat16 (use dtype "
+                                "\"auto\" or \"bfloat16\")");
+  // The GPU takes bf16 weights (a float32 or float16 checkpoint is converted as it loads).
+  const model::StorageType storage =
+      model::resolve_storage(gpu >= 0 ? "bfloat16" : config.dtype, mc, store.get());
   model::LlamaWeights weights = dummy ? model::dummy_llama_weights(mc, storage, config.seed)
                                       : model::load_llama_weights(mc, store, storage);
 
@@ -69,10 +88,15 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
                                 "max_position_embeddings=" + std::to_string(mc.max_position_embeddings));
   if (config.block_size <= 0 || config.max_num_seqs <= 0)
     throw std::invalid_argument("block_size and max_num_seqs must be positive");
-  const cpu::KernelTable& kernels = cpu::kernels_for_compute(config.compute_dtype, storage == model::StorageType::kBF16);
+  std::unique_ptr<backends::Backend> made;
+  if (gpu >= 0) {
+    made = backends::make_cuda_backend(gpu);
+  } else {
+    const bool bf16 = storage == model::StorageType::kBF16;
+    made = backends::make_cpu_backend(cpu::kernels_for_compute(config.compute_dtype, bf16), bf16);
+  }
   engine::RunnerOptions ro{max_len, config.block_size};
-  m.runner = std::make_unique<engine::ModelRunner>(
-      mc, std::move(weights), backends::make_cpu_backend(kernels, storage == model::StorageType::kBF16), ro);
+  m.runner = std::make_unique<engine::ModelRunner>(mc, std::move(weights), std::move(made), ro);
   backends::Backend& backend = m.runner->backend();
   // The workspace first, at the largest step the budget allows (the automatic budget is at
   // most 2048 tokens or max_num_seqs), then the KV pool from what is left.
@@ -83,7 +107,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   runtime::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
                             backend.capabilities().kv_bytes};
   const int64_t budget = config.kv_cache_bytes > 0 ? config.kv_cache_bytes
-                                                   : backend.kv_cache_budget(config.kv_cache_memory_fraction);
+                                                   : backend.kv_cache_budget(gpu >= 0 ? config.gpu_memory_utilization
+                                                                                      : config.kv_cache_memory_fraction);
   const runtime::KvCachePlan plan = runtime::plan_kv_cache(spec, budget, max_len);
   // More blocks than every sequence at max_model_len can use only feed the prefix cache; cap
   // them so a tiny model does not get millions of blocks.
@@ -96,7 +121,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   info.model_type = mc.model_type;
   info.dtype = model::storage_name(storage);
   info.backend = backend.name();
-  info.isa = runtime::isa_name(kernels.isa);
+  info.isa = gpu >= 0 ? "" : backend.name().substr(4);  // "cpu:<isa>"
   info.compute_dtype = backend.capabilities().compute_dtype;
   info.vocab_size = mc.vocab_size;
   info.hidden_size = mc.hidden_size;
@@ -140,9 +165,9 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
                                       std::to_string(int64_t(info.prefill_tokens_per_second)) + " tokens/s)"
                                 : "";
     std::fprintf(stderr,
-                 "flashpage: %s (%s weights, %s compute, %s kernels, %d threads), weights %.1f MiB mapped + %.1f MiB "
+                 "flashpage: %s (%s weights, %s compute, %s, %d CPU threads), weights %.1f MiB mapped + %.1f MiB "
                  "loaded in %.2f s\n%s\nmax_num_batched_tokens %d%s\n",
-                 config.model.c_str(), info.dtype.c_str(), info.compute_dtype.c_str(), info.isa.c_str(),
+                 config.model.c_str(), info.dtype.c_str(), info.compute_dtype.c_str(), info.backend.c_str(),
                  runtime::ThreadPool::global().num_threads(), double(info.weight_bytes_mapped) / (1 << 20),
                  double(info.weight_bytes_owned) / (1 << 20), info.load_seconds, info.kv_cache_report.c_str(),
                  info.max_num_batched_tokens, why.c_str());

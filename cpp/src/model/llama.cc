@@ -35,10 +35,10 @@ LlamaModel::LlamaModel(const ModelConfig& config, LlamaWeights weights, backends
     keep(std::move(b));
     return d;
   };
-  auto vec = [&](const std::vector<float>& v) -> const float* {
+  auto vec = [&](const std::vector<float>& v) -> const void* {
     if (v.empty()) return nullptr;
     backends::DeviceBuffer b;
-    const float* d = be_.load_vector(v, b);
+    const void* d = be_.load_vector(v, b);
     keep(std::move(b));
     return d;
   };

@@ -58,7 +58,7 @@ class LlamaModel {
   // A layer's weights as the backend holds them (norms and biases: nullptr when absent).
   struct Layer {
     Matrix q, k, v, o, gate, up, down;
-    const float *input_norm, *post_attention_norm, *q_norm, *k_norm, *q_bias, *k_bias, *v_bias;
+    const void *input_norm, *post_attention_norm, *q_norm, *k_norm, *q_bias, *k_bias, *v_bias;
   };
   struct Activations;
   Activations carve(void* base, int64_t tokens, int64_t logits_rows) const;
@@ -68,7 +68,7 @@ class LlamaModel {
   LlamaWeights host_;  // as loaded, less what the backend copied (keeps the mappings alive)
   std::vector<backends::DeviceBuffer> device_;
   Matrix embed_, lm_head_;
-  const float* final_norm_ = nullptr;
+  const void* final_norm_ = nullptr;
   std::vector<Layer> layers_;
 };
 

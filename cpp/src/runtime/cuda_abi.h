@@ -76,6 +76,27 @@ struct flashpage_cuda_ops {
   int (*w8a8_linear)(int dtype, const void* x, const int8_t* wq, const float* w_scales, void* out,
       int M, int N, int K, int mode, void* workspace, int64_t workspace_bytes, void* stream,
       char* err, size_t err_len);
+  // --- what the executor (cpp/src/backends/cuda) needs beyond the kernels: memory, streams,
+  // and the glue of the forward pass. Copies use unified addressing (cudaMemcpyDefault).
+  int (*set_device)(int device, char* err, size_t err_len);
+  int (*mem_info)(size_t* free_bytes, size_t* total_bytes, char* err, size_t err_len);
+  int (*device_malloc)(void** ptr, size_t bytes, char* err, size_t err_len);  // zero-filled
+  int (*device_free)(void* ptr, char* err, size_t err_len);
+  int (*host_malloc)(void** ptr, size_t bytes, char* err, size_t err_len);  // pinned
+  int (*host_free)(void* ptr, char* err, size_t err_len);
+  int (*memcpy_async)(void* dst, const void* src, size_t bytes, void* stream, char* err, size_t err_len);
+  int (*stream_create)(void** stream, char* err, size_t err_len);
+  int (*stream_destroy)(void* stream, char* err, size_t err_len);
+  int (*stream_synchronize)(void* stream, char* err, size_t err_len);
+  int (*gather_rows)(const void* src, const int32_t* rows, void* out, int n, int64_t row_bytes,
+      void* stream, char* err, size_t err_len);
+  // out [M, ldo] (columns 0..N-1) = x [M, K] . w [N, K]^T (+ bias [N], dtype; nullptr: none).
+  int (*linear)(int dtype, const void* x, const void* w, const void* bias, void* out, int M, int N,
+      int K, int ldo, void* stream, char* err, size_t err_len);
+  int (*widen_to_float)(int dtype, const void* in, float* out, int64_t n, void* stream, char* err,
+      size_t err_len);
+  // Bit 0: paged_decode supports the shape; bit 1: paged_prefill does.
+  int (*attention_supported)(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
 };
 
 // The library's only export; the table is static and lives as long as the library.

@@ -71,7 +71,7 @@ class CpuBackend final : public Backend {
     storage = {};  // rows are gathered from the table as loaded (memory-mapped)
     return w;
   }
-  const float* load_vector(std::span<const float> v, DeviceBuffer& storage) override {
+  const void* load_vector(std::span<const float> v, DeviceBuffer& storage) override {
     storage = {};
     return v.data();
   }
@@ -100,12 +100,12 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void rms_norm(void* out, const void* x, void* residual, const float* w, int64_t rows, int64_t dim,
+  void rms_norm(void* out, const void* x, void* residual, const void* w, int64_t rows, int64_t dim,
                 float eps) override {
     for_rows(rows, dim, [&](int64_t b, int64_t e) { norm_rows(out, x, residual, w, dim, eps, b, e); });
   }
 
-  LinearInput rms_norm_input(void* out, const void* x, void* residual, const float* w, int64_t rows, int64_t dim,
+  LinearInput rms_norm_input(void* out, const void* x, void* residual, const void* w, int64_t rows, int64_t dim,
                              float eps) override {
     // The norm and the rounding to bf16 in one pass, each thread rounding the rows it has just
     // normalised while they are in its cache.
@@ -137,7 +137,7 @@ class CpuBackend final : public Backend {
       for (const LinearJob& j : jobs) {
         const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j));
         if (lo < hi)
-          kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, j.bias, x.rows, j.ldy, x.cols, (lo - off) * panel,
+          kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, f32(j.bias), x.rows, j.ldy, x.cols, (lo - off) * panel,
                        std::min(j.w->rows, (hi - off) * panel));
         off += panels(j);
       }
@@ -182,10 +182,10 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  void norm_rows(void* out, const void* x, void* residual, const float* w, int64_t dim, float eps, int64_t b,
+  void norm_rows(void* out, const void* x, void* residual, const void* w, int64_t dim, float eps, int64_t b,
                  int64_t e) {
-    kern_.rms_norm(f32(out) + b * dim, f32(x) + b * dim, residual ? f32(residual) + b * dim : nullptr, w, e - b, dim,
-                   eps);
+    kern_.rms_norm(f32(out) + b * dim, f32(x) + b * dim, residual ? f32(residual) + b * dim : nullptr, f32(w), e - b,
+                   dim, eps);
   }
   void prefault(runtime::HostBuffer& kv, int64_t regions, size_t region_bytes, size_t block_bytes,
                 std::chrono::milliseconds budget, size_t max_bytes);
