@@ -174,7 +174,10 @@ def _uniform(generators: Sequence[torch.Generator | None], device: torch.device)
         groups.setdefault(id(g), []).append(i)
     for rows in groups.values():
         g = generators[rows[0]]
-        draws = torch.rand(len(rows), dtype=torch.float64, generator=g, device=device)
+        # Drawn where the generator lives (a request's seed gives the same draws whether its
+        # logits are on the CPU or a GPU), then moved: a few values per step.
+        draws = torch.rand(len(rows), dtype=torch.float64, generator=g,
+                           device=g.device if g is not None else device).to(device)
         if len(rows) == len(generators):
             return draws
         u[rows] = draws
