@@ -2,6 +2,7 @@
 
 #include "bindings.h"
 #include "model/config.h"
+#include "model/gguf.h"
 #include "model/safetensors.h"
 
 namespace py = pybind11;
@@ -50,9 +51,51 @@ py::dtype numpy_dtype(model::DType d) {
   }
 }
 
+py::object scalar_object(const model::GgufScalar& v) {
+  return std::visit([](const auto& x) -> py::object { return py::cast(x); }, v);
+}
+
 }  // namespace
 
 void bind_model(py::module_& m) {
+  py::class_<model::GgufFile, std::shared_ptr<model::GgufFile>>(
+      m, "GgufFile", "A memory-mapped GGUF file: its metadata, tensor table and dequantized tensors.")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release release;
+             return std::make_shared<model::GgufFile>(path);
+           }), py::arg("path"))
+      .def_property_readonly("version", &model::GgufFile::version)
+      .def("metadata", [](const model::GgufFile& f, const std::string& prefix) {
+        // Keys starting with `prefix`; arrays as lists (tokenizer.ggml.tokens: the vocabulary).
+        py::dict d;
+        for (const auto& [k, v] : f.metadata()) {
+          if (k.rfind(prefix, 0) != 0) continue;
+          if (!v.is_array) {
+            d[py::str(k)] = scalar_object(v.scalar);
+            continue;
+          }
+          py::list l(v.array.size());
+          for (size_t i = 0; i < v.array.size(); ++i) l[i] = scalar_object(v.array[i]);
+          d[py::str(k)] = l;
+        }
+        return d;
+      }, py::arg("prefix") = "", "The metadata whose keys start with prefix, as a dict.")
+      .def("tensors", [](const model::GgufFile& f) {
+        py::list out;
+        for (const auto& [name, t] : f.tensors()) out.append(py::make_tuple(name, model::ggml_type_name(t.type), t.dims));
+        return out;
+      }, "(name, type, dims innermost first) of every tensor.")
+      .def("dequantize", [](const model::GgufFile& f, const std::string& name) {
+        const model::GgufTensor* t = f.find_tensor(name);
+        if (!t) throw py::key_error(f.path() + ": no tensor \"" + name + "\"");
+        std::vector<py::ssize_t> shape(t->dims.rbegin(), t->dims.rend());
+        py::array_t<float> out(shape);
+        model::dequantize(model::GgmlType(t->type), t->data, out.mutable_data(), t->numel());
+        return out;
+      }, py::arg("name"), "The tensor as float32, in numpy's dimension order (outermost first).");
+  m.def("load_gguf_config", [](const std::string& path) {
+          return config_dict(model::ModelConfig::from_gguf(model::GgufFile(path)));
+        }, py::arg("path"), "The model config a GGUF file's metadata describes (as a dict).");
   m.def("load_config", [](const std::string& dir) { return config_dict(model::ModelConfig::from_dir(dir)); },
         py::arg("model_dir"), "Parses and validates <model_dir>/config.json (as a dict).");
   m.def("parse_config", [](const std::string& text) {

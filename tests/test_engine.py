@@ -78,8 +78,10 @@ def test_missing_and_truncated_files(ckpt, tmp_path):
 def test_bad_options_are_refused_by_name(ckpt):
     with pytest.raises(ValueError, match='dtype "float8"'):
         small(ckpt, dtype="float8")
-    with pytest.raises(ValueError, match='load_format "gguf"'):
-        small(ckpt, load_format="gguf")
+    with pytest.raises(ValueError, match='load_format "pt" is not supported'):
+        small(ckpt, load_format="pt")
+    with pytest.raises(RuntimeError, match="ckpt0: not a regular file"):
+        small(ckpt, load_format="gguf")  # a directory is not a GGUF file
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=256"):
         small(ckpt, max_model_len=4096)
     with pytest.raises(RuntimeError, match=r"KV cache too small: .* max_model_len=256 needs 16 blocks"):

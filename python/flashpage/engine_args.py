@@ -32,8 +32,9 @@ class EngineArgs:
                       ("auto", "bfloat16", "float32"))
     compute_dtype: str = _opt("auto", "CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot "
                                       "products (AVX512-BF16, AMX), float32 always fp32", ("auto", "bfloat16", "float32"))
-    load_format: str = _opt("auto", "auto (safetensors) or dummy (random weights of the config's shape)",
-                            ("auto", "dummy"))
+    load_format: str = _opt("auto", "auto (a .gguf file as GGUF, else safetensors), gguf, or dummy (random weights "
+                                    "of the config's shape)",
+                            ("auto", "gguf", "dummy"))
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     block_size: int = _opt(16, "tokens per KV-cache block")
     max_num_seqs: int = _opt(256, "sequences in one step at most")

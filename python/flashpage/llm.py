@@ -33,13 +33,15 @@ class LLM:
         kv_cache_memory_bytes, kv_cache_memory_fraction, seed, skip_tokenizer_init, verbose."""
         args = EngineArgs.from_kwargs(model, tokenizer=tokenizer, **engine_options)
         self.engine_args = args
-        if not os.path.isdir(model):
-            raise FileNotFoundError(f"{model}: not a directory (flashpage loads local Hugging Face model directories)")
+        gguf = model.endswith(".gguf")
+        if not (os.path.isfile(model) if gguf else os.path.isdir(model)):
+            raise FileNotFoundError(f"{model}: not a directory or a .gguf file (flashpage loads local Hugging Face "
+                                    "model directories and GGUF files)")
         self.core = _core.Engine(model, **args.core_kwargs())
         self.model_info: dict = self.core.info
         self.tokenizer: Tokenizer | None = None
         tok_path = tokenizer or model
-        if not args.skip_tokenizer_init and (tokenizer or os.path.isfile(os.path.join(model, "tokenizer.json"))):
+        if not args.skip_tokenizer_init and (tokenizer or gguf or os.path.isfile(os.path.join(model, "tokenizer.json"))):
             self.tokenizer = Tokenizer(tok_path)
         self.llm_engine = LLMEngine(self.core, self.tokenizer, seed=args.seed, scheduling_policy=args.scheduling_policy)
         self._next_id = 0

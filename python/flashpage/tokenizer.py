@@ -1,6 +1,7 @@
 """A Hugging Face tokenizer directory: tokenizer.json through the `tokenizers` package, with
 tokenizer_config.json (bos/eos, special tokens, the chat template, add_bos_token),
-chat_template.jinja (transformers' newer layout) and generation_config.json (eos ids)."""
+chat_template.jinja (transformers' newer layout) and generation_config.json (eos ids); or the
+tokenizer a GGUF file carries (gguf_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -59,37 +60,26 @@ def _bound_word_cache(tok) -> None:
 
 class Tokenizer:
     """Encodes and decodes like the model's own tokenizer; knows its special tokens, chat
-    template and end-of-sequence ids. ``path`` is a model or tokenizer directory, or a
-    tokenizer.json file."""
+    template and end-of-sequence ids. ``path`` is a model or tokenizer directory, a
+    tokenizer.json file or a .gguf file."""
 
     def __init__(self, path: str) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        directory = os.path.dirname(path) if path.endswith(".json") else path
-        file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: no tokenizer.json (pass skip_tokenizer_init=True to use token ids)")
-        try:
-            self._tok = HFTokenizer.from_file(file)
-        except Exception as e:  # the Rust parser's message names the problem
-            raise ValueError(f"{file}: cannot load the tokenizer ({e})") from e
+        if path.endswith(".gguf"):
+            from flashpage import gguf_tokenizer
+            self._tok, config, eos, template = gguf_tokenizer.load(path)
+        else:
+            self._tok, config, eos, template = self._from_files(path)
         _bound_word_cache(self._tok)
-        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
-        generation = _read_json(os.path.join(directory, "generation_config.json"))
-
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
         self.unk_token = _token_text(config.get("unk_token"))
         self.bos_token_id = self.token_to_id(self.bos_token)
         self.eos_token_id = self.token_to_id(self.eos_token)
-        # End of sequence: generation_config.json's ids (chat models list several), else the
-        # tokenizer's eos token.
-        eos = _ids(generation.get("eos_token_id"),
-                   f"{os.path.join(directory, 'generation_config.json')}: eos_token_id")
         if not eos and self.eos_token_id is not None:
             eos = [self.eos_token_id]
         self.eos_token_ids: list[int] = eos
+        self.chat_template: str | None = template
 
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -105,6 +95,24 @@ class Tokenizer:
         byte_ids = (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
         self.byte_fallback_ids = frozenset(i for i in byte_ids if i is not None)
 
+    @staticmethod
+    def _from_files(path: str) -> tuple[Any, dict, list[int], str | None]:
+        """tokenizer.json with tokenizer_config.json, generation_config.json (end-of-sequence ids:
+        chat models list several) and chat_template.jinja beside it."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        directory = os.path.dirname(path) if path.endswith(".json") else path
+        file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: no tokenizer.json (pass skip_tokenizer_init=True to use token ids)")
+        try:
+            tok = HFTokenizer.from_file(file)
+        except Exception as e:  # the Rust parser's message names the problem
+            raise ValueError(f"{file}: cannot load the tokenizer ({e})") from e
+        config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        generation = _read_json(os.path.join(directory, "generation_config.json"))
+        eos = _ids(generation.get("eos_token_id"),
+                   f"{os.path.join(directory, 'generation_config.json')}: eos_token_id")
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             named = {t.get("name"): t.get("template") for t in template
@@ -117,7 +125,7 @@ class Tokenizer:
                     template = f.read()
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"{jinja}: cannot read the chat template ({e})") from e
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        return tok, config, eos, template if isinstance(template, str) else None
 
     @property
     def vocab_size(self) -> int:

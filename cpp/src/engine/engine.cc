@@ -13,6 +13,7 @@
 #include "engine/model_runner.h"
 #include "kernels/cpu/kernels.h"
 #include "model/config.h"
+#include "model/gguf.h"
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "runtime/cuda_loader.h"
@@ -66,12 +67,18 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   const auto t0 = std::chrono::steady_clock::now();
   Impl& m = *impl_;
   m.config = config;
-  if (config.load_format != "auto" && config.load_format != "safetensors" && config.load_format != "dummy")
-    throw std::invalid_argument("load_format \"" + config.load_format + "\" is not supported (auto, safetensors, dummy)");
-  const model::ModelConfig mc = model::ModelConfig::from_dir(config.model);
-  const bool dummy = config.load_format == "dummy";
+  const std::string& lf = config.load_format;
+  if (lf != "auto" && lf != "safetensors" && lf != "gguf" && lf != "dummy")
+    throw std::invalid_argument("load_format \"" + lf + "\" is not supported (auto, safetensors, gguf, dummy)");
+  // A .gguf file (llama.cpp's format: config, weights and tokenizer in one file), or a Hugging
+  // Face directory.
+  const bool gguf = lf == "gguf" || (lf != "safetensors" && config.model.ends_with(".gguf"));
+  std::shared_ptr<model::GgufFile> gguf_file;
+  if (gguf) gguf_file = std::make_shared<model::GgufFile>(config.model);
+  const model::ModelConfig mc = gguf ? model::ModelConfig::from_gguf(*gguf_file) : model::ModelConfig::from_dir(config.model);
+  const bool dummy = lf == "dummy";
   std::shared_ptr<model::WeightStore> store;
-  if (!dummy) store = std::make_shared<model::WeightStore>(model::WeightStore::open(config.model));
+  if (!dummy && !gguf) store = std::make_shared<model::WeightStore>(model::WeightStore::open(config.model));
   const int gpu = cuda_device_of(config.device);
   if (gpu >= 0 && config.dtype == "float32")
     throw std::invalid_argument("dtype=float32 on the GPU: the CUDA backend keeps weights in bfloat16 (use dtype "
@@ -79,8 +86,9 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   // The GPU takes bf16 weights (a float32 or float16 checkpoint is converted as it loads).
   const model::StorageType storage =
       model::resolve_storage(gpu >= 0 ? "bfloat16" : config.dtype, mc, store.get());
-  model::LlamaWeights weights = dummy ? model::dummy_llama_weights(mc, storage, config.seed)
-                                      : model::load_llama_weights(mc, store, storage);
+  model::LlamaWeights weights = dummy  ? model::dummy_llama_weights(mc, storage, config.seed)
+                                : gguf ? model::load_llama_weights(mc, gguf_file, storage)
+                                       : model::load_llama_weights(mc, store, storage);
 
   const int64_t max_len = config.max_model_len > 0 ? config.max_model_len : mc.max_position_embeddings;
   if (max_len > mc.max_position_embeddings)

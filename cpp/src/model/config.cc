@@ -6,6 +6,7 @@
 #include <numbers>
 #include <stdexcept>
 
+#include "model/gguf.h"
 #include "model/json.h"
 #include "model/safetensors.h"
 
@@ -198,6 +199,62 @@ ModelConfig ModelConfig::from_dir(const std::string& model_dir) {
     throw std::runtime_error(path + ": cannot open (is this a Hugging Face model directory?)");
   }
   return from_json_text(text, path);
+}
+
+ModelConfig ModelConfig::from_gguf(const GgufFile& f) {
+  const std::string arch = f.get_string("general.architecture");
+  if (arch != "llama" && arch != "mistral" && arch != "qwen2" && arch != "qwen3")
+    refuse(f.path(), "general.architecture \"" + arch + "\" is not supported (supported: llama, mistral, qwen2, qwen3)");
+  // The metadata as the config.json transformers would write, checked by from_json_text.
+  std::string j = "{\"model_type\": \"" + arch + "\", \"torch_dtype\": \"bfloat16\"";
+  auto put = [&](const char* key, const std::string& value) { j += std::string(", \"") + key + "\": " + value; };
+  auto int_of = [&](const char* key, const std::string& gguf_key) {
+    if (f.has(gguf_key)) put(key, std::to_string(f.get_int(gguf_key)));
+  };
+  auto float_of = [&](const char* key, const std::string& gguf_key) {
+    if (f.has(gguf_key)) put(key, num_str(f.get_float(gguf_key, 0)));
+  };
+  const std::string a = arch + ".";
+  int_of("hidden_size", a + "embedding_length");
+  int_of("intermediate_size", a + "feed_forward_length");
+  int_of("num_hidden_layers", a + "block_count");
+  int_of("num_attention_heads", a + "attention.head_count");
+  int_of("num_key_value_heads", a + "attention.head_count_kv");
+  int_of("head_dim", a + "attention.key_length");
+  int_of("max_position_embeddings", a + "context_length");
+  float_of("rms_norm_eps", a + "attention.layer_norm_rms_epsilon");
+  float_of("rope_theta", a + "rope.freq_base");
+  if (f.has(a + "attention.value_length") && f.has(a + "attention.key_length") &&
+      f.get_int(a + "attention.value_length") != f.get_int(a + "attention.key_length"))
+    refuse(f.path(), a + "attention.value_length differs from key_length (not supported)");
+  // The vocabulary: the declared size, else the embedding table's rows.
+  const GgufTensor* embed = f.find_tensor("token_embd.weight");
+  if (f.has(a + "vocab_size")) int_of("vocab_size", a + "vocab_size");
+  else if (embed && embed->dims.size() == 2) put("vocab_size", std::to_string(embed->dims[1]));
+  put("tie_word_embeddings", f.find_tensor("output.weight") ? "false" : "true");
+  put("attention_bias", f.find_tensor("blk.0.attn_q.bias") ? "true" : "false");
+  if (f.has(a + "rope.scaling.type")) {
+    const std::string type = f.get_string(a + "rope.scaling.type");
+    if (type == "linear") put("rope_scaling", "{\"rope_type\": \"linear\", \"factor\": " +
+                                                  num_str(f.get_float(a + "rope.scaling.factor", 1.0)) + "}");
+    else if (type != "none") refuse(f.path(), a + "rope.scaling.type \"" + type + "\" is not supported (linear)");
+  }
+  if (f.find_tensor("rope_freqs.weight"))
+    refuse(f.path(), "tensor \"rope_freqs.weight\" (Llama 3.1 rope scaling factors) is not supported yet");
+  if (f.has(a + "attention.sliding_window"))
+    refuse(f.path(), a + "attention.sliding_window is set (sliding-window attention is not supported)");
+  int_of("bos_token_id", "tokenizer.ggml.bos_token_id");
+  std::string eos;
+  for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"})
+    if (f.has(key)) {
+      const std::string id = std::to_string(f.get_int(key));
+      if (eos.find("[" + id + "]") == std::string::npos && eos.find(", " + id + "]") == std::string::npos)
+        eos = eos.empty() ? "[" + id + "]" : eos.substr(0, eos.size() - 1) + ", " + id + "]";
+    }
+  if (!eos.empty()) put("eos_token_id", eos);
+  j += "}";
+  ModelConfig c = from_json_text(j, f.path());
+  return c;
 }
 
 std::vector<double> ModelConfig::rope_inv_freq() const {

@@ -8,6 +8,8 @@
 
 namespace flashpage::model {
 
+class GgufFile;
+
 struct RopeScaling {
   std::string type;  // "" (none), "linear" or "llama3"
   double factor = 1.0;
@@ -32,6 +34,9 @@ struct ModelConfig {
   // Parses and validates; `source` names the file in errors.
   static ModelConfig from_json_text(const std::string& text, const std::string& source);
   static ModelConfig from_dir(const std::string& model_dir);
+  // From a GGUF file's metadata ({arch}.embedding_length, ...; tokenizer.ggml.bos_token_id, ...),
+  // through the same checks; errors name the file and the key.
+  static ModelConfig from_gguf(const GgufFile& file);
 
   // The rotary inverse frequencies (head_dim / 2 values), scaling applied.
   std::vector<double> rope_inv_freq() const;

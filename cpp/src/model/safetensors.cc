@@ -1,11 +1,7 @@
 #include "model/safetensors.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
-#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
@@ -59,38 +55,22 @@ int64_t TensorInfo::numel() const {
   return n;
 }
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    fail(path, std::string("cannot stat: ") + std::strerror(errno));
-  }
-  size_ = static_cast<size_t>(st.st_size);
-  if (size_ < 8) {
-    ::close(fd);
-    fail(path, "truncated: " + std::to_string(size_) + " bytes, less than the 8-byte header length");
-  }
-  map_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);  // the mapping stays valid
-  if (map_ == MAP_FAILED) {
-    map_ = nullptr;
-    fail(path, std::string("cannot mmap: ") + std::strerror(errno));
-  }
-  try {
-    const auto* bytes = static_cast<const uint8_t*>(map_);
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path), file_(path) {
+  const size_t size = file_.size();
+  if (size < 8) fail(path, "truncated: " + std::to_string(size) + " bytes, less than the 8-byte header length");
+  {
+    const uint8_t* bytes = file_.data();
     uint64_t header_len = 0;
     std::memcpy(&header_len, bytes, 8);  // little-endian, as on every supported machine
     if (header_len > kMaxHeader)
       fail(path, "header length " + std::to_string(header_len) + " exceeds the 100 MB limit");
-    if (header_len > size_ - 8)
+    if (header_len > size - 8)
       fail(path, "truncated: the header says " + std::to_string(header_len) +
-                     " bytes but the file has " + std::to_string(size_ - 8) + " after the length");
+                     " bytes but the file has " + std::to_string(size - 8) + " after the length");
     const Json header = Json::parse(
         std::string_view(reinterpret_cast<const char*>(bytes + 8), header_len), path + " header");
     const size_t data_start = 8 + header_len;
-    const size_t data_size = size_ - data_start;
+    const size_t data_size = size - data_start;
     for (const auto& [name, entry] : header.as_object(path + " header")) {
       if (name == "__metadata__") {
         for (const auto& [k, v] : entry.as_object(path + " __metadata__"))
@@ -138,15 +118,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       t.data = bytes + data_start + begin;
       tensors_.emplace(name, std::move(t));
     }
-  } catch (...) {
-    ::munmap(map_, size_);
-    map_ = nullptr;
-    throw;
   }
-}
-
-SafetensorsFile::~SafetensorsFile() {
-  if (map_ != nullptr) ::munmap(map_, size_);
 }
 
 namespace {

@@ -5,40 +5,15 @@
 #include <stdexcept>
 
 #include "kernels/cpu/kernels.h"
+#include "model/gguf.h"
+#include "runtime/half.h"
 #include "runtime/thread_pool.h"
 
 namespace flashpage::model {
 namespace {
 
-float bf16_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-float f16_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  uint32_t bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    int e = -1;
-    uint32_t m = man;
-    do {
-      ++e;
-      m <<= 1;
-    } while ((m & 0x400) == 0);
-    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3FF) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+using runtime::bf16_to_f32;
+using runtime::f16_to_f32;
 
 float element_as_f32(const TensorInfo& t, int64_t i) {
   switch (t.dtype) {
@@ -55,12 +30,37 @@ void check_float(const TensorInfo& t) {
                              "; expected F32, F16 or BF16");
 }
 
-// Collects tensors into the LlamaWeights, mapping in place or converting.
+// The GGUF name of a Hugging Face tensor name (llama.cpp's naming), or "" for none.
+std::string gguf_name(const std::string& hf) {
+  static const std::pair<const char*, const char*> kTop[] = {
+      {"model.embed_tokens.weight", "token_embd.weight"}, {"model.norm.weight", "output_norm.weight"},
+      {"lm_head.weight", "output.weight"}};
+  static const std::pair<const char*, const char*> kLayer[] = {
+      {"input_layernorm", "attn_norm"}, {"post_attention_layernorm", "ffn_norm"}, {"self_attn.q_proj", "attn_q"},
+      {"self_attn.k_proj", "attn_k"},   {"self_attn.v_proj", "attn_v"},          {"self_attn.o_proj", "attn_output"},
+      {"self_attn.q_norm", "attn_q_norm"}, {"self_attn.k_norm", "attn_k_norm"},  {"mlp.gate_proj", "ffn_gate"},
+      {"mlp.up_proj", "ffn_up"},        {"mlp.down_proj", "ffn_down"}};
+  for (const auto& [h, g] : kTop)
+    if (hf == h) return g;
+  const std::string prefix = "model.layers.";
+  if (hf.rfind(prefix, 0) != 0) return "";
+  const size_t dot = hf.find('.', prefix.size());
+  const std::string layer = hf.substr(prefix.size(), dot - prefix.size());
+  const std::string rest = hf.substr(dot + 1), part = rest.substr(0, rest.rfind('.')), suffix = rest.substr(rest.rfind('.'));
+  for (const auto& [h, g] : kLayer)
+    if (part == h) return "blk." + layer + "." + g + suffix;
+  return "";
+}
+
+// Collects tensors into the LlamaWeights, from safetensors (mapping in place or converting) or
+// from GGUF (dequantized row by row).
 class Loader {
  public:
-  Loader(LlamaWeights& w, const WeightStore* store) : w_(w), store_(store) {}
+  Loader(LlamaWeights& w, const WeightStore* store, const GgufFile* gguf, const ModelConfig& c)
+      : w_(w), store_(store), gguf_(gguf), config_(c) {}
 
   Matrix matrix(const std::string& name, int64_t rows, int64_t cols) {
+    if (gguf_) return gguf_matrix(name, rows, cols);
     const TensorInfo& t = store_->get(name, {rows, cols});
     check_float(t);
     const bool bf16 = w_.storage == StorageType::kBF16;
@@ -69,33 +69,89 @@ class Loader {
       w_.mapped_bytes += int64_t(t.nbytes);
       return m;
     }
-    const int64_t n = rows * cols;
-    runtime::HostBuffer buf(size_t(n) * (bf16 ? 2 : 4));
-    void* dst = buf.data();
-    runtime::ThreadPool::global().parallel_for(n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const float x = element_as_f32(t, i);
-        if (bf16) static_cast<uint16_t*>(dst)[i] = cpu::bf16_round(x);
-        else static_cast<float*>(dst)[i] = x;
-      }
-    }, 1 << 16);
-    m.data = dst;
-    w_.owned_bytes += int64_t(buf.size());
-    w_.owned.push_back(std::move(buf));
-    return m;
+    return owned(rows, cols, [&](int64_t r, float* row) {
+      for (int64_t i = 0; i < cols; ++i) row[i] = element_as_f32(t, r * cols + i);
+    });
   }
 
   std::vector<float> vector(const std::string& name, int64_t n) {
+    std::vector<float> v(n);
+    if (gguf_) {
+      const GgufTensor& t = gguf_tensor(name, {n});
+      dequantize(GgmlType(t.type), t.data, v.data(), n);
+      return v;
+    }
     const TensorInfo& t = store_->get(name, {n});
     check_float(t);
-    std::vector<float> v(n);
     for (int64_t i = 0; i < n; ++i) v[i] = element_as_f32(t, i);
     return v;
   }
 
  private:
+  // A [rows, cols] matrix in the storage type, its rows made by row(r, fp32 out), in parallel.
+  template <class Row>
+  Matrix owned(int64_t rows, int64_t cols, Row&& row) {
+    const bool bf16 = w_.storage == StorageType::kBF16;
+    runtime::HostBuffer buf(size_t(rows * cols) * (bf16 ? 2 : 4));
+    void* dst = buf.data();
+    runtime::ThreadPool::global().parallel_for(rows, [&](int64_t b, int64_t e) {
+      std::vector<float> tmp(static_cast<size_t>(cols));
+      for (int64_t r = b; r < e; ++r) {
+        row(r, tmp.data());
+        for (int64_t i = 0; i < cols; ++i) {
+          if (bf16) static_cast<uint16_t*>(dst)[r * cols + i] = cpu::bf16_round(tmp[size_t(i)]);
+          else static_cast<float*>(dst)[r * cols + i] = tmp[size_t(i)];
+        }
+      }
+    }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
+    Matrix m{dst, bf16, rows, cols};
+    w_.owned_bytes += int64_t(buf.size());
+    w_.owned.push_back(std::move(buf));
+    return m;
+  }
+
+  const GgufTensor& gguf_tensor(const std::string& hf, const std::vector<int64_t>& shape) {
+    const std::string name = gguf_name(hf);
+    const GgufTensor* t = name.empty() ? nullptr : gguf_->find_tensor(name);
+    if (!t) throw std::runtime_error(gguf_->path() + ": tensor \"" + name + "\" (" + hf + ") is missing");
+    const std::vector<int64_t> want(shape.rbegin(), shape.rend());  // GGUF lists the innermost first
+    if (t->dims != want) {
+      std::string got, need;
+      for (int64_t d : t->dims) got += (got.empty() ? "" : ", ") + std::to_string(d);
+      for (int64_t d : want) need += (need.empty() ? "" : ", ") + std::to_string(d);
+      throw std::runtime_error(gguf_->path() + ": tensor \"" + name + "\" has dims [" + got + "], expected [" + need +
+                               "]");
+    }
+    return *t;
+  }
+
+  Matrix gguf_matrix(const std::string& hf, int64_t rows, int64_t cols) {
+    const GgufTensor& t = gguf_tensor(hf, {rows, cols});
+    int64_t block_values = 1, block_bytes = 1;
+    ggml_type_layout(t.type, &block_values, &block_bytes);
+    const size_t row_bytes = size_t(cols / block_values * block_bytes);
+    // llama.cpp's converter interleaves the two rotary halves of each head's q and k rows (for
+    // llama / mistral): row 2i + j of a head in the file is row j * head_dim / 2 + i here.
+    int64_t heads = 0;
+    if (config_.model_type == "llama" || config_.model_type == "mistral") {
+      if (hf.ends_with("self_attn.q_proj.weight")) heads = config_.num_attention_heads;
+      if (hf.ends_with("self_attn.k_proj.weight")) heads = config_.num_key_value_heads;
+    }
+    const int64_t D = heads ? rows / heads : 1, half = D / 2;
+    return owned(rows, cols, [&](int64_t r, float* row) {
+      int64_t src = r;
+      if (heads) {
+        const int64_t h = r / D, j = (r % D) / half, i = r % half;
+        src = h * D + 2 * i + j;
+      }
+      dequantize(GgmlType(t.type), t.data + size_t(src) * row_bytes, row, cols);
+    });
+  }
+
   LlamaWeights& w_;
   const WeightStore* store_;
+  const GgufFile* gguf_;
+  const ModelConfig& config_;
 };
 
 // A cheap counter-based generator: the value of element i depends only on (seed, i), so the
@@ -128,11 +184,9 @@ StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
   throw std::invalid_argument("dtype \"" + dtype + "\" is not supported (auto, bfloat16, float32)");
 }
 
-LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<WeightStore> store, StorageType storage) {
-  LlamaWeights w;
-  w.storage = storage;
-  w.store = std::move(store);
-  Loader ld(w, w.store.get());
+namespace {
+
+void load_tensors(const ModelConfig& c, LlamaWeights& w, Loader& ld) {
   const int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads * D;
   const int64_t nkv = c.num_key_value_heads * D, I = c.intermediate_size;
   w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H);
@@ -161,6 +215,25 @@ LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<WeightStor
     L.down = ld.matrix(p + "mlp.down_proj.weight", H, I);
     w.layers.push_back(std::move(L));
   }
+}
+
+}  // namespace
+
+LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<WeightStore> store, StorageType storage) {
+  LlamaWeights w;
+  w.storage = storage;
+  w.store = std::move(store);
+  Loader ld(w, w.store.get(), nullptr, c);
+  load_tensors(c, w, ld);
+  return w;
+}
+
+LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<GgufFile> gguf, StorageType storage) {
+  LlamaWeights w;
+  w.storage = storage;
+  w.gguf = std::move(gguf);
+  Loader ld(w, nullptr, w.gguf.get(), c);
+  load_tensors(c, w, ld);
   return w;
 }
 

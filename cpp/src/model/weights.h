@@ -16,6 +16,8 @@
 
 namespace flashpage::model {
 
+class GgufFile;
+
 // How weights (and the KV cache) are stored; compute is fp32 either way.
 enum class StorageType { kF32, kBF16 };
 const char* storage_name(StorageType s);  // "float32" / "bfloat16"
@@ -43,6 +45,7 @@ struct LlamaWeights {
                              // the embedding table only)
   int64_t owned_bytes = 0;   // matrix bytes converted, generated or packed
   std::shared_ptr<WeightStore> store;      // keeps the mappings alive
+  std::shared_ptr<GgufFile> gguf;          // or the GGUF file's
   std::vector<runtime::HostBuffer> owned;  // converted or generated matrices
 };
 
@@ -56,6 +59,10 @@ StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
 // problem (missing, wrong shape, non-float dtype).
 LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<WeightStore> store,
                                 StorageType storage);
+
+// The same from a GGUF file (config from ModelConfig::from_gguf), every tensor dequantized into
+// `storage`; errors name the file, the tensor and the problem.
+LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<GgufFile> gguf, StorageType storage);
 
 // Random weights of the config's shapes (load_format="dummy"), for benchmarks of any shape.
 LlamaWeights dummy_llama_weights(const ModelConfig& config, StorageType storage, uint64_t seed);
