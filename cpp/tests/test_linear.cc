@@ -190,3 +190,58 @@ TEST(linear_invariant_across_packing_passes) {
     }
   }
 }
+
+TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
+  // The int8 Linear: every level's packing and kernel against the reference's, exactly (the
+  // block dot products are exact integers and the accumulation order is fixed), for M that
+  // does and does not fill the kernels' row tiles, N that does not fill a panel, a y wider than
+  // N and a column split at panel boundaries; the reference against float arithmetic.
+  std::mt19937 rng(21);
+  std::uniform_int_distribution<int> q(-127, 127);
+  std::normal_distribution<float> dist;
+  for (int64_t K : {32, 96, 576})
+    for (int64_t N : {16, 40})
+      for (int64_t M : {1, 3, 4, 5, 17}) {
+        std::vector<int8_t> wq(N * K);
+        std::vector<float> wd(N * (K / 32)), bias(N), x(M * K);
+        for (auto& v : wq) v = int8_t(q(rng));
+        for (auto& v : wd) v = std::fabs(dist(rng)) * 0.01f;
+        for (auto& v : bias) v = dist(rng);
+        for (auto& v : x) v = dist(rng);
+        std::vector<int8_t> xq(M * K);
+        std::vector<float> xd(M * (K / 32));
+        std::vector<int32_t> xs(M * (K / 32));
+        cpu::quantize_q8_rows(x.data(), M, K, xq.data(), xd.data(), xs.data());
+        for (int64_t i = 0; i < M * K; ++i)  // within half a step of the block's scale
+          CHECK(std::fabs(float(xq[i]) * xd[i / 32] - x[i]) <= 0.5001f * xd[i / 32] + 1e-7f);
+        const cpu::Q8Rows rows{xq.data(), xd.data(), xs.data()};
+        auto run = [&](const cpu::KernelTable& t, int64_t ldy) {
+          runtime::AlignedVector<uint8_t> packed(size_t(t.packed_q8_bytes(N, K)));
+          t.pack_q8(packed.data(), wq.data(), wd.data(), N, K, 0, N);
+          std::vector<float> y(M * ldy, -7.f);
+          const int64_t cut = std::min(N, t.q8_panel() * ((N / 2 + t.q8_panel() - 1) / t.q8_panel()));
+          t.q8_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, 0, cut);
+          t.q8_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, cut, N);
+          return y;
+        };
+        const std::vector<float> want = run(ref_table(), N + 3);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double exact = bias[n];
+            for (int64_t k = 0; k < K; ++k)
+              exact += double(xq[m * K + k]) * xd[m * (K / 32) + k / 32] * double(wq[n * K + k]) * wd[n * (K / 32) + k / 32];
+            CHECK(std::fabs(want[m * (N + 3) + n] - exact) <= 1e-4 * (1 + std::fabs(exact)));
+            CHECK_EQ(want[m * (N + 3) + N], -7.f);  // beyond N: untouched
+          }
+        for (runtime::Isa isa : runtime::supported_isas()) {
+          const std::vector<float> got = run(cpu::kernels_for(isa), N + 3);
+          for (size_t i = 0; i < got.size(); ++i)
+            if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
+              fptest::report(__FILE__, __LINE__, std::string("q8_linear on ") + runtime::isa_name(isa) + " M=" +
+                                                     std::to_string(M) + " N=" + std::to_string(N) + " K=" +
+                                                     std::to_string(K) + " differs at " + std::to_string(i));
+              break;
+            }
+        }
+      }
+}

@@ -9,24 +9,25 @@
 namespace flashpage::cpu {
 
 namespace {
-#define FLASHPAGE_KERNEL_TABLE(level, isa)                                                                   \
+// q8: the namespace whose int8 Linear the level uses (its own where it has VNNI).
+#define FLASHPAGE_KERNEL_TABLE(level, isa, q8)                                                               \
   KernelTable {                                                                                             \
     isa, &level::rms_norm, &level::paged_attention, &level::linear_panel, &level::packed_linear_elems,      \
         &level::pack_linear, &level::linear, &level::linear_input, &level::silu_and_mul, &level::rotary,    \
-        &level::write_kv_cache                                                                              \
+        &level::write_kv_cache, &q8::q8_panel, &q8::packed_q8_bytes, &q8::pack_q8, &q8::q8_linear           \
   }
-constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar);
+constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar, ref);
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2);
+constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, ref);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512);
+constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, ref);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512_bf16
-constexpr KernelTable kAvx512Bf16 = FLASHPAGE_KERNEL_TABLE(avx512_bf16, runtime::Isa::kAvx512Bf16);
+constexpr KernelTable kAvx512Bf16 = FLASHPAGE_KERNEL_TABLE(avx512_bf16, runtime::Isa::kAvx512Bf16, avx512_bf16);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_amx
-constexpr KernelTable kAmx = FLASHPAGE_KERNEL_TABLE(amx, runtime::Isa::kAmx);
+constexpr KernelTable kAmx = FLASHPAGE_KERNEL_TABLE(amx, runtime::Isa::kAmx, amx);
 #endif
 #undef FLASHPAGE_KERNEL_TABLE
 }  // namespace

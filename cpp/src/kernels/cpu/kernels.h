@@ -83,11 +83,36 @@ struct PagedAttentionArgs {
 
 
 
-namespace ref { FLASHPAGE_CPU_KERNEL_DECLS }
+// Activations quantized for the int8 Linear: per row, blocks of 32 values, each an int8 run
+// with an fp32 scale (x ~ qs * d) and the sum of its qs (the VNNI kernels' unsigned-weight
+// correction). See quantize_q8_rows.
+struct Q8Rows {
+  const int8_t* qs;     // [M, K]
+  const float* d;       // [M, K / 32]
+  const int32_t* sums;  // [M, K / 32]
+};
+
+// The int8 Linear (weights in 32-value blocks along K, each int8 values with an fp32 scale:
+// GGUF's Q8_0, and what other formats are brought to), where a level has int8 dot products.
+#define FLASHPAGE_CPU_Q8_DECLS                                                                 \
+  /* Output columns per panel of this level's packed int8 weights.                       */ \
+  int64_t q8_panel();                                                                      \
+  /* Bytes of int8 weights [N, K] (K a multiple of 32) packed by this level.            */ \
+  int64_t packed_q8_bytes(int64_t N, int64_t K);                                           \
+  /* qs [N, K] int8 and d [N, K / 32] into this level's layout, columns [n_begin, n_end). */ \
+  void pack_q8(void* dst, const int8_t* qs, const float* d, int64_t N, int64_t K,          \
+               int64_t n_begin, int64_t n_end);                                            \
+  /* y[m * ldy + n] = sum over blocks b of (x_b . w_b) * (d_x,b * d_w,b) (+ bias[n]), the  */ \
+  /* block dot products exact in int32, accumulated in block order by fma: the same bits */ \
+  /* on every level, whatever M, the other rows and the column split.                     */ \
+  void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
+                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);
+
+namespace ref { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS }
 namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS }
-namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS }
-namespace amx { FLASHPAGE_CPU_KERNEL_DECLS }
+namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
+namespace amx { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace generic { FLASHPAGE_CPU_KERNEL_DECLS }
 
 struct KernelTable {
@@ -102,6 +127,11 @@ struct KernelTable {
   decltype(&ref::silu_and_mul) silu_and_mul;
   decltype(&ref::rotary) rotary;
   decltype(&ref::write_kv_cache) write_kv_cache;
+  // The int8 Linear: the level's own with VNNI (avx512_bf16, amx), the reference's elsewhere.
+  decltype(&ref::q8_panel) q8_panel;
+  decltype(&ref::packed_q8_bytes) packed_q8_bytes;
+  decltype(&ref::pack_q8) pack_q8;
+  decltype(&ref::q8_linear) q8_linear;
 };
 
 // Panels of `panel` columns covering N output columns (the last padded).
@@ -170,6 +200,10 @@ inline const void* linear_input_for(const KernelTable& t, bool w_bf16, const flo
 // split across the global thread pool when parallel; input is what linear_input_for gave.
 void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t ldy, const void* input,
                 const float* bias, int64_t M, bool parallel = true);
+
+// x [M, K] (K a multiple of 32) quantized per row in blocks of 32: d = max |x| / 127, qs =
+// round(x / d) (ties away from zero), sums = the block's sum of qs. Depends on each row alone.
+void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();

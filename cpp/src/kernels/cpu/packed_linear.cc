@@ -1,6 +1,7 @@
 // Packed Linear weights: packing a weight into a kernel table's layout once at load, and
 // running a Linear on it, split by output panels across the thread pool.
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/cpu/kernels.h"
 #include "runtime/thread_pool.h"
@@ -24,6 +25,25 @@ void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t l
   };
   if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, 1);
   else part(0, panels);
+}
+
+void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums) {
+  const int64_t B = K / 32;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* v = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int q = int(std::lround(v[j] * inv));
+        qs[m * K + b * 32 + j] = int8_t(std::clamp(q, -127, 127));
+        sum += qs[m * K + b * 32 + j];
+      }
+      d[m * B + b] = scale;
+      sums[m * B + b] = sum;
+    }
 }
 
 }  // namespace flashpage::cpu

@@ -94,6 +94,37 @@ void linear(float* y, const void* xv, const void* w, bool w_bf16, const float* b
     }
 }
 
+// The reference int8 layout: row after row, each its K int8 values then its K / 32 scales.
+int64_t q8_panel() { return 1; }
+int64_t packed_q8_bytes(int64_t N, int64_t K) { return N * (K + K / 8); }
+
+void pack_q8(void* dst, const int8_t* qs, const float* d, int64_t, int64_t K, int64_t n_begin, int64_t n_end) {
+  auto* out = static_cast<int8_t*>(dst);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    std::memcpy(out + n * (K + K / 8), qs + n * K, size_t(K));
+    std::memcpy(out + n * (K + K / 8) + K, d + n * (K / 32), size_t(K / 32) * 4);
+  }
+}
+
+void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+               int64_t n_begin, int64_t n_end) {
+  const int64_t B = K / 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* wr = static_cast<const int8_t*>(w) + n * (K + K / 8);
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < B; ++b) {
+        int32_t s = 0;
+        for (int64_t j = 0; j < 32; ++j) s += int32_t(x.qs[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
+        float dw;
+        std::memcpy(&dw, wr + K + b * 4, 4);
+        acc = std::fma(float(s), x.d[m * B + b] * dw, acc);
+      }
+      y[m * ldy + n] = bias ? acc + bias[n] : acc;
+    }
+  }
+}
+
 void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
   const int64_t Kp = bf16_input_stride(K);
   for (int64_t m = 0; m < bf16_input_rows(M); ++m)
