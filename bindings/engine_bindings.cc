@@ -49,8 +49,9 @@ void bind_engine(py::module_& m) {
                        int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
                        int64_t kv_cache_bytes, double kv_cache_memory_fraction,
                        uint64_t seed, bool verbose, const std::string& compute_dtype, const std::string& device,
-                       double gpu_memory_utilization) {
+                       double gpu_memory_utilization, const std::string& quantization) {
              EngineConfig c;
+             c.quantization = quantization;
              c.model = model;
              c.device = device;
              c.gpu_memory_utilization = gpu_memory_utilization;
@@ -76,7 +77,7 @@ void bind_engine(py::module_& m) {
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
            py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
            py::arg("verbose") = false, py::arg("compute_dtype") = "auto", py::arg("device") = "cpu",
-           py::arg("gpu_memory_utilization") = 0.9)
+           py::arg("gpu_memory_utilization") = 0.9, py::arg("quantization") = "auto")
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",
            [](Engine& e, IntArray prompt, float temperature, int32_t top_k, float top_p, float min_p,

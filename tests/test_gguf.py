@@ -86,13 +86,35 @@ def test_gguf_config_matches_the_models_config_json(smol_gguf):
 
 def test_gguf_logits_equal_the_same_weights_from_safetensors(smol_gguf, smollm_dir):
     """materialize.py writes the GGUF's weights (dequantized by the gguf package, q/k rows
-    un-permuted) as bf16 safetensors: the engine on the .gguf must compute the same logits."""
+    un-permuted) as bf16 safetensors: the engine on the .gguf, dequantized, must compute the
+    same logits."""
     kw = dict(kv_cache_bytes=64 << 20, max_num_seqs=4, max_model_len=1024)
-    a = run_greedy(_core.Engine(smol_gguf, **kw), [[1, 504, 3458, 282, 4649, 314]], 6)
+    a = run_greedy(_core.Engine(smol_gguf, quantization="none", **kw), [[1, 504, 3458, 282, 4649, 314]], 6)
     b = run_greedy(_core.Engine(smollm_dir, **kw), [[1, 504, 3458, 282, 4649, 314]], 6, first_id=1 << 41)
     assert a[0][0] == b[0][0]
     for x, y in zip(a[0][1], b[0][1]):
         np.testing.assert_array_equal(x, y)
+
+
+def test_quantized_weights_run_int4_close_to_dequantized_and_batch_invariant(smol_gguf):
+    """quantization="auto" runs the Q4_1 Linears as 4-bit blocks (and the Q8_0 head as int8)
+    with two-level int8 activations: logits close to the dequantized model's, and bitwise the
+    same for a prompt alone or in a batch (per-row activation quantization, fixed order)."""
+    kw = dict(kv_cache_bytes=64 << 20, max_num_seqs=8, max_model_len=1024)
+    q, f = _core.Engine(smol_gguf, **kw), _core.Engine(smol_gguf, quantization="none", **kw)
+    assert q.info["weight_bytes_owned"] < 0.7 * f.info["weight_bytes_owned"]
+    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(100, 140)), [1, 2, 3]]
+    batched = run_greedy(q, prompts, 5)
+    ref = run_greedy(f, prompts, 5, first_id=1 << 41, feed=[t for t, _ in batched])
+    for (_, lq), (_, lf) in zip(batched, ref):
+        for a, b in zip(lq, lf):
+            assert float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+            assert float(np.abs(a - b).max()) < 0.03 * float(np.abs(b).max())
+    for k, p in enumerate(prompts):
+        [(tokens, logits)] = run_greedy(q, [p], 5, first_id=(1 << 42) + k * 100)
+        assert tokens == batched[k][0]
+        for a, b in zip(logits, batched[k][1]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_the_gguf_alone_tokenizes_chats_and_answers(smol_gguf):
@@ -102,10 +124,12 @@ def test_the_gguf_alone_tokenizes_chats_and_answers(smol_gguf):
         assert mine.encode(t) == theirs.encode(t), t
         assert mine.decode(mine.encode(t)) == theirs.decode(theirs.encode(t))
     assert mine.chat_template == theirs.chat_template and mine.eos_token_ids == theirs.eos_token_ids
-    llm = LLM(smol_gguf, max_model_len=1024, kv_cache_memory_bytes=64 << 20, verbose=False)
-    [out] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                     SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
-    assert "Paris" in out.outputs[0].text
+    for quantization in ("auto", "none"):  # 4-bit weights as stored, and dequantized
+        llm = LLM(smol_gguf, max_model_len=1024, kv_cache_memory_bytes=64 << 20, verbose=False,
+                  quantization=quantization)
+        [out] = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+        assert "Paris" in out.outputs[0].text, quantization
 
 
 def _write_stories_gguf(path: str, qtype=None) -> str:
@@ -183,15 +207,17 @@ def test_a_sentencepiece_gguf_matches_its_hugging_face_original(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K is not present")
-def test_a_q8_0_gguf_runs_close_to_its_float_original(tmp_path):
-    path = _write_stories_gguf(str(tmp_path / "stories260K.Q8_0.gguf"), Q.Q8_0)
-    assert {t for _, t, _ in _core.GgufFile(path).tensors()} == {"Q8_0", "F32"}
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_a_quantized_gguf_runs_close_to_its_float_original(tmp_path, qtype):
+    path = _write_stories_gguf(str(tmp_path / f"stories260K.{qtype}.gguf"), Q[qtype])
+    assert {t for _, t, _ in _core.GgufFile(path).tensors()} == {qtype, "F32"}
     e8 = _core.Engine(path, dtype="float32", kv_cache_bytes=16 << 20, max_num_seqs=4)
     e32 = _core.Engine(STORIES, dtype="float32", kv_cache_bytes=16 << 20, max_num_seqs=4)
     prompt = [[1, 403, 407, 261, 378]]
     [(_, la)] = run_greedy(e8, prompt, 4)
     [(_, lb)] = run_greedy(e32, prompt, 4, first_id=1 << 41)
-    assert float(np.abs(la[0] - lb[0]).max()) < 0.05 * float(np.abs(lb[0]).max())
+    tol = 0.05 if qtype == "Q8_0" else 0.25  # 4 bits of a model 64 wide
+    assert float(np.abs(la[0] - lb[0]).max()) < tol * float(np.abs(lb[0]).max())
 
 
 def _tiny_gguf(path: str, **edits) -> str:

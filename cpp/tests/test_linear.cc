@@ -197,31 +197,37 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
   // does and does not fill the kernels' row tiles, N that does not fill a panel, a y wider than
   // N and a column split at panel boundaries; the reference against float arithmetic.
   std::mt19937 rng(21);
-  std::uniform_int_distribution<int> q(-127, 127);
   std::normal_distribution<float> dist;
+  for (const bool four : {false, true})  // int8 weights, and 4-bit ones (0..15)
   for (int64_t K : {32, 96, 576})
     for (int64_t N : {16, 40})
       for (int64_t M : {1, 3, 4, 5, 17}) {
         std::vector<int8_t> wq(N * K);
-        std::vector<float> wd(N * (K / 32)), bias(N), x(M * K);
+        std::vector<float> wd(N * (K / 32)), wm(N * (K / 32)), bias(N), x(M * K);
+        std::uniform_int_distribution<int> q(four ? 0 : -127, four ? 15 : 127);
         for (auto& v : wq) v = int8_t(q(rng));
         for (auto& v : wd) v = std::fabs(dist(rng)) * 0.01f;
+        for (auto& v : wm) v = dist(rng) * 0.05f;
         for (auto& v : bias) v = dist(rng);
         for (auto& v : x) v = dist(rng);
-        std::vector<int8_t> xq(M * K);
+        std::vector<int8_t> xq(M * K), xq2(M * K);
         std::vector<float> xd(M * (K / 32));
-        std::vector<int32_t> xs(M * (K / 32));
-        cpu::quantize_q8_rows(x.data(), M, K, xq.data(), xd.data(), xs.data());
-        for (int64_t i = 0; i < M * K; ++i)  // within half a step of the block's scale
+        std::vector<int32_t> xs(M * (K / 32)), xs2(M * (K / 32));
+        cpu::quantize_q8_rows(x.data(), M, K, xq.data(), xd.data(), xs.data(), xq2.data(), xs2.data());
+        for (int64_t i = 0; i < M * K; ++i) {  // within half a step of each level
           CHECK(std::fabs(float(xq[i]) * xd[i / 32] - x[i]) <= 0.5001f * xd[i / 32] + 1e-7f);
-        const cpu::Q8Rows rows{xq.data(), xd.data(), xs.data()};
+          const float two = xd[i / 32] * (float(xq[i]) + float(xq2[i]) * cpu::kQ8Level2);
+          CHECK(std::fabs(two - x[i]) <= 0.5001f * xd[i / 32] * cpu::kQ8Level2 + 1e-6f * std::fabs(x[i]) + 1e-7f);
+        }
+        const cpu::Q8Rows rows{xq.data(), xq2.data(), xd.data(), xs.data(), xs2.data()};
         auto run = [&](const cpu::KernelTable& t, int64_t ldy) {
-          runtime::AlignedVector<uint8_t> packed(size_t(t.packed_q8_bytes(N, K)));
-          t.pack_q8(packed.data(), wq.data(), wd.data(), N, K, 0, N);
+          runtime::AlignedVector<uint8_t> packed(size_t(four ? t.packed_q4_bytes(N, K) : t.packed_q8_bytes(N, K)));
+          (four ? t.pack_q4 : t.pack_q8)(packed.data(), wq.data(), wd.data(), wm.data(), N, K, 0, N);
           std::vector<float> y(M * ldy, -7.f);
           const int64_t cut = std::min(N, t.q8_panel() * ((N / 2 + t.q8_panel() - 1) / t.q8_panel()));
-          t.q8_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, 0, cut);
-          t.q8_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, cut, N);
+          const auto kernel = four ? t.q4_linear : t.q8_linear;
+          kernel(y.data(), rows, packed.data(), bias.data(), M, ldy, K, 0, cut);
+          kernel(y.data(), rows, packed.data(), bias.data(), M, ldy, K, cut, N);
           return y;
         };
         const std::vector<float> want = run(ref_table(), N + 3);
@@ -229,15 +235,16 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
           for (int64_t n = 0; n < N; ++n) {
             double exact = bias[n];
             for (int64_t k = 0; k < K; ++k)
-              exact += double(xq[m * K + k]) * xd[m * (K / 32) + k / 32] * double(wq[n * K + k]) * wd[n * (K / 32) + k / 32];
-            CHECK(std::fabs(want[m * (N + 3) + n] - exact) <= 1e-4 * (1 + std::fabs(exact)));
+              exact += (double(xq[m * K + k]) + double(xq2[m * K + k]) / 254.0) * xd[m * (K / 32) + k / 32] *
+                       (double(wq[n * K + k]) * wd[n * (K / 32) + k / 32] + wm[n * (K / 32) + k / 32]);
+            CHECK(std::fabs(want[m * (N + 3) + n] - exact) <= 2e-4 * (1 + std::fabs(exact)));
             CHECK_EQ(want[m * (N + 3) + N], -7.f);  // beyond N: untouched
           }
         for (runtime::Isa isa : runtime::supported_isas()) {
           const std::vector<float> got = run(cpu::kernels_for(isa), N + 3);
           for (size_t i = 0; i < got.size(); ++i)
             if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
-              fptest::report(__FILE__, __LINE__, std::string("q8_linear on ") + runtime::isa_name(isa) + " M=" +
+              fptest::report(__FILE__, __LINE__, std::string(four ? "q4" : "q8") + "_linear on " + runtime::isa_name(isa) + " M=" +
                                                      std::to_string(M) + " N=" + std::to_string(N) + " K=" +
                                                      std::to_string(K) + " differs at " + std::to_string(i));
               break;

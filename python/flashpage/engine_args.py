@@ -35,6 +35,8 @@ class EngineArgs:
     load_format: str = _opt("auto", "auto (a .gguf file as GGUF, else safetensors), gguf, or dummy (random weights "
                                     "of the config's shape)",
                             ("auto", "gguf", "dummy"))
+    quantization: str = _opt("auto", "a GGUF's quantized weights: auto (run as int8, Q8_0 blocks) or none "
+                                     "(dequantized to dtype)", ("auto", "none"))
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     block_size: int = _opt(16, "tokens per KV-cache block")
     max_num_seqs: int = _opt(256, "sequences in one step at most")
@@ -116,6 +118,7 @@ class EngineArgs:
     def core_kwargs(self) -> dict[str, Any]:
         """The C++ engine's constructor arguments (its names; 0 means "choose")."""
         return dict(dtype=self.dtype, compute_dtype=self.compute_dtype, load_format=self.load_format,
+                    quantization=self.quantization,
                     max_model_len=self.max_model_len or 0, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens or 0,
                     enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,

@@ -26,7 +26,10 @@ struct EngineConfig {
   // sums — where the CPU has bf16 dot products, AVX512-BF16 or AMX; else fp32), "float32"
   // (always fp32: bf16 weights widened) or "bfloat16" (refused where the CPU cannot).
   std::string compute_dtype = "auto";
-  std::string load_format = "auto"; // "auto" (safetensors) or "dummy" (random weights)
+  std::string load_format = "auto"; // "auto" (a .gguf file: gguf; else safetensors), "gguf", "dummy"
+  // Quantized weights: "auto" runs a GGUF's quantized Linear weights as int8 (Q8_0 as stored,
+  // other types requantized to it), "none" dequantizes them to `dtype`.
+  std::string quantization = "auto";
   int32_t max_model_len = 0;        // 0: the model's max_position_embeddings
   int32_t block_size = 16;
   int32_t max_num_seqs = 256;

@@ -43,10 +43,12 @@ struct Capabilities {
   std::string compute_dtype;     // inputs of the Linear and attention kernels: "float32" / "bfloat16"
 };
 
-// An activation as the Linears take it (the CPU's bf16 kernels want it rounded and tiled).
+// An activation as the Linears take it (the CPU's bf16 kernels want it rounded and tiled), and
+// as it was written (what int8 Linears quantize).
 struct LinearInput {
   const void* data = nullptr;
   int64_t rows = 0, cols = 0;
+  const void* source = nullptr;
 };
 
 // y[:, 0:w.rows] = x . w^T (+ bias); y has row stride ldy (it may point into a wider buffer).
@@ -91,9 +93,10 @@ class Backend {
   virtual void copy_to_device(void* dst, const void* src, size_t bytes) = 0;
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
 
-  // --- weights: a host matrix (as loaded: fp32, or bf16 as raw uint16) in the backend's
-  // memory and layout; `storage` receives what the result points into (empty: it points into
-  // the host matrix, which must then outlive it).
+  // --- weights: a host matrix (as loaded: fp32, bf16 as raw uint16, or int8 blocks: see
+  // model::Matrix) in the backend's memory and layout; `storage` receives what the result
+  // points into (empty: it points into the host matrix, which must then outlive it). Throws
+  // std::runtime_error for a format the backend cannot run.
   virtual model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) = 0;
   virtual model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) = 0;
   // A vector of parameters (norm weights, biases) in the backend's format for them.

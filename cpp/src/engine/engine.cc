@@ -73,6 +73,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   // A .gguf file (llama.cpp's format: config, weights and tokenizer in one file), or a Hugging
   // Face directory.
   const bool gguf = lf == "gguf" || (lf != "safetensors" && config.model.ends_with(".gguf"));
+  if (config.quantization != "auto" && config.quantization != "none")
+    throw std::invalid_argument("quantization \"" + config.quantization + "\" is not supported (auto, none)");
   std::shared_ptr<model::GgufFile> gguf_file;
   if (gguf) gguf_file = std::make_shared<model::GgufFile>(config.model);
   const model::ModelConfig mc = gguf ? model::ModelConfig::from_gguf(*gguf_file) : model::ModelConfig::from_dir(config.model);
@@ -87,7 +89,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   const model::StorageType storage =
       model::resolve_storage(gpu >= 0 ? "bfloat16" : config.dtype, mc, store.get());
   model::LlamaWeights weights = dummy  ? model::dummy_llama_weights(mc, storage, config.seed)
-                                : gguf ? model::load_llama_weights(mc, gguf_file, storage)
+                                : gguf ? model::load_llama_weights(mc, gguf_file, storage, config.quantization != "none")
                                        : model::load_llama_weights(mc, store, storage);
 
   const int64_t max_len = config.max_model_len > 0 ? config.max_model_len : mc.max_position_embeddings;

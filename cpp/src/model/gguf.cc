@@ -93,72 +93,74 @@ void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
   }
 }
 
-// One block of each type into 32 or 256 floats. Layouts as ggml defines them (ggml-common.h).
-void block_q4_0(const uint8_t* b, float* y) {  // f16 d; u8 qs[16]: low nibbles first
-  const float d = half(b);
+// One block of each type as 32-value sub-blocks of small integers q with a scale and a min
+// (value = q * scale + min): every type here but Q6_K has that form, which is what lets
+// their weights run as int8 exactly. Layouts as ggml defines them (ggml-common.h).
+struct Sub {
+  int8_t q[32];
+  float scale, min;
+};
+
+void sub_q4_0(const uint8_t* b, Sub* o) {  // f16 d; u8 qs[16]: low nibbles first
+  o->scale = half(b);
+  o->min = 0.f;
   for (int j = 0; j < 16; ++j) {
-    y[j] = float((b[2 + j] & 0xF) - 8) * d;
-    y[j + 16] = float((b[2 + j] >> 4) - 8) * d;
+    o->q[j] = int8_t((b[2 + j] & 0xF) - 8);
+    o->q[j + 16] = int8_t((b[2 + j] >> 4) - 8);
   }
 }
-void block_q4_1(const uint8_t* b, float* y) {  // f16 d, m; u8 qs[16]
-  const float d = half(b), m = half(b + 2);
+void sub_q4_1(const uint8_t* b, Sub* o) {  // f16 d, m; u8 qs[16]
+  o->scale = half(b);
+  o->min = half(b + 2);
   for (int j = 0; j < 16; ++j) {
-    y[j] = float(b[4 + j] & 0xF) * d + m;
-    y[j + 16] = float(b[4 + j] >> 4) * d + m;
+    o->q[j] = int8_t(b[4 + j] & 0xF);
+    o->q[j + 16] = int8_t(b[4 + j] >> 4);
   }
 }
-void block_q5_0(const uint8_t* b, float* y) {  // f16 d; u32 qh (the fifth bits); u8 qs[16]
-  const float d = half(b);
+// The fifth bits: bit j of qh for value j, bit j + 16 for value j + 16.
+void fifth_bits(const uint8_t* qh_bytes, const uint8_t* qs, int8_t* q, int offset) {
   uint32_t qh;
-  std::memcpy(&qh, b + 2, 4);
+  std::memcpy(&qh, qh_bytes, 4);
   for (int j = 0; j < 16; ++j) {
-    const int lo = (b[6 + j] & 0xF) | int(((qh >> j) << 4) & 0x10);
-    const int hi = (b[6 + j] >> 4) | int((qh >> (j + 12)) & 0x10);
-    y[j] = float(lo - 16) * d;
-    y[j + 16] = float(hi - 16) * d;
+    q[j] = int8_t(((qs[j] & 0xF) | int(((qh >> j) << 4) & 0x10)) - offset);
+    q[j + 16] = int8_t(((qs[j] >> 4) | int((qh >> (j + 12)) & 0x10)) - offset);
   }
 }
-void block_q5_1(const uint8_t* b, float* y) {  // f16 d, m; u32 qh; u8 qs[16]
-  const float d = half(b), m = half(b + 2);
-  uint32_t qh;
-  std::memcpy(&qh, b + 4, 4);
-  for (int j = 0; j < 16; ++j) {
-    const int lo = (b[8 + j] & 0xF) | int(((qh >> j) << 4) & 0x10);
-    const int hi = (b[8 + j] >> 4) | int((qh >> (j + 12)) & 0x10);
-    y[j] = float(lo) * d + m;
-    y[j + 16] = float(hi) * d + m;
-  }
+void sub_q5_0(const uint8_t* b, Sub* o) {  // f16 d; u32 qh; u8 qs[16]
+  o->scale = half(b);
+  o->min = 0.f;
+  fifth_bits(b + 2, b + 6, o->q, 16);
 }
-void block_q8_0(const uint8_t* b, float* y) {  // f16 d; i8 qs[32]
-  const float d = half(b);
-  for (int j = 0; j < 32; ++j) y[j] = float(int8_t(b[2 + j])) * d;
+void sub_q5_1(const uint8_t* b, Sub* o) {  // f16 d, m; u32 qh; u8 qs[16]
+  o->scale = half(b);
+  o->min = half(b + 2);
+  fifth_bits(b + 4, b + 8, o->q, 0);
 }
-void block_q4_k(const uint8_t* b, float* y) {  // f16 d, dmin; u8 scales[12]; u8 qs[128]
+void sub_q8_0(const uint8_t* b, Sub* o) {  // f16 d; i8 qs[32]
+  o->scale = half(b);
+  o->min = 0.f;
+  std::memcpy(o->q, b + 2, 32);
+}
+// Q4_K / Q5_K: 8 sub-blocks of 32, each with a 6-bit scale and min times the block's d, dmin.
+void sub_k(const uint8_t* b, Sub* o, bool five) {  // f16 d, dmin; u8 scales[12]; [u8 qh[32];] u8 qs[128]
   const float d = half(b), dmin = half(b + 2);
-  const uint8_t *sc = b + 4, *q = b + 16;
-  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
-    uint8_t s1, m1, s2, m2;
-    scale_min_k4(is, sc, &s1, &m1);
-    scale_min_k4(is + 1, sc, &s2, &m2);
-    for (int l = 0; l < 32; ++l) y[j + l] = d * float(s1) * float(q[l] & 0xF) - dmin * float(m1);
-    for (int l = 0; l < 32; ++l) y[j + 32 + l] = d * float(s2) * float(q[l] >> 4) - dmin * float(m2);
+  const uint8_t *sc = b + 4, *qh = b + 16, *q = b + (five ? 48 : 16);
+  for (int j = 0; j < 4; ++j, q += 32) {
+    for (int h = 0; h < 2; ++h) {
+      Sub& s = o[2 * j + h];
+      uint8_t scale, min;
+      scale_min_k4(2 * j + h, sc, &scale, &min);
+      s.scale = d * float(scale);
+      s.min = -(dmin * float(min));
+      const uint8_t bit = uint8_t(1u << (2 * j + h));
+      for (int l = 0; l < 32; ++l)
+        s.q[l] = int8_t((h ? q[l] >> 4 : q[l] & 0xF) + (five && (qh[l] & bit) ? 16 : 0));
+    }
   }
 }
-void block_q5_k(const uint8_t* b, float* y) {  // f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]
-  const float d = half(b), dmin = half(b + 2);
-  const uint8_t *sc = b + 4, *qh = b + 16, *q = b + 48;
-  uint8_t u1 = 1, u2 = 2;
-  for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32, u1 <<= 2, u2 <<= 2) {
-    uint8_t s1, m1, s2, m2;
-    scale_min_k4(is, sc, &s1, &m1);
-    scale_min_k4(is + 1, sc, &s2, &m2);
-    for (int l = 0; l < 32; ++l)
-      y[j + l] = d * float(s1) * float((q[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - dmin * float(m1);
-    for (int l = 0; l < 32; ++l)
-      y[j + 32 + l] = d * float(s2) * float((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - dmin * float(m2);
-  }
-}
+void sub_q4_k(const uint8_t* b, Sub* o) { sub_k(b, o, false); }
+void sub_q5_k(const uint8_t* b, Sub* o) { sub_k(b, o, true); }
+
 void block_q6_k(const uint8_t* b, float* y) {  // u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d
   const uint8_t *ql = b, *qh = b + 128;
   const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -182,15 +184,15 @@ struct TypeInfo {
   GgmlType type;
   const char* name;
   int64_t block_values, block_bytes;
-  void (*block)(const uint8_t*, float*);
+  void (*subs)(const uint8_t*, Sub*);  // the block as 32-value sub-blocks, where it has that form
 };
 constexpr TypeInfo kTypes[] = {
-    {GgmlType::kF32, "F32", 1, 4, nullptr},         {GgmlType::kF16, "F16", 1, 2, nullptr},
-    {GgmlType::kBF16, "BF16", 1, 2, nullptr},       {GgmlType::kQ8_0, "Q8_0", 32, 34, block_q8_0},
-    {GgmlType::kQ4_0, "Q4_0", 32, 18, block_q4_0},  {GgmlType::kQ4_1, "Q4_1", 32, 20, block_q4_1},
-    {GgmlType::kQ5_0, "Q5_0", 32, 22, block_q5_0},  {GgmlType::kQ5_1, "Q5_1", 32, 24, block_q5_1},
-    {GgmlType::kQ4_K, "Q4_K", 256, 144, block_q4_k}, {GgmlType::kQ5_K, "Q5_K", 256, 176, block_q5_k},
-    {GgmlType::kQ6_K, "Q6_K", 256, 210, block_q6_k},
+    {GgmlType::kF32, "F32", 1, 4, nullptr},        {GgmlType::kF16, "F16", 1, 2, nullptr},
+    {GgmlType::kBF16, "BF16", 1, 2, nullptr},      {GgmlType::kQ8_0, "Q8_0", 32, 34, sub_q8_0},
+    {GgmlType::kQ4_0, "Q4_0", 32, 18, sub_q4_0},   {GgmlType::kQ4_1, "Q4_1", 32, 20, sub_q4_1},
+    {GgmlType::kQ5_0, "Q5_0", 32, 22, sub_q5_0},   {GgmlType::kQ5_1, "Q5_1", 32, 24, sub_q5_1},
+    {GgmlType::kQ4_K, "Q4_K", 256, 144, sub_q4_k}, {GgmlType::kQ5_K, "Q5_K", 256, 176, sub_q5_k},
+    {GgmlType::kQ6_K, "Q6_K", 256, 210, nullptr},
 };
 const TypeInfo* type_info(uint32_t t) {
   for (const TypeInfo& i : kTypes)
@@ -261,10 +263,37 @@ void dequantize(GgmlType type, const void* src, float* dst, int64_t n) {
     case GgmlType::kBF16:
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(u16(b + 2 * i));
       return;
-    default:
-      for (int64_t k = 0; k < n / info->block_values; ++k)
-        info->block(b + k * info->block_bytes, dst + k * info->block_values);
+    case GgmlType::kQ6_K:
+      for (int64_t k = 0; k < n / 256; ++k) block_q6_k(b + k * info->block_bytes, dst + k * 256);
+      return;
+    default: {
+      Sub subs[8];
+      const int64_t per = info->block_values / 32;
+      for (int64_t k = 0; k < n / info->block_values; ++k) {
+        info->subs(b + k * info->block_bytes, subs);
+        for (int64_t s = 0; s < per; ++s)
+          for (int j = 0; j < 32; ++j)
+            dst[k * info->block_values + s * 32 + j] = float(subs[s].q[j]) * subs[s].scale + subs[s].min;
+      }
+    }
   }
+}
+
+bool to_int8_blocks(GgmlType type, const void* src, int64_t n, int8_t* qs, float* scales, float* mins) {
+  const TypeInfo* info = type_info(uint32_t(type));
+  if (!info || !info->subs || n % info->block_values != 0) return false;
+  Sub subs[8];
+  const int64_t per = info->block_values / 32;
+  for (int64_t k = 0; k < n / info->block_values; ++k) {
+    info->subs(static_cast<const uint8_t*>(src) + k * info->block_bytes, subs);
+    for (int64_t s = 0; s < per; ++s) {
+      const int64_t b = k * per + s;
+      std::memcpy(qs + b * 32, subs[s].q, 32);
+      scales[b] = subs[s].scale;
+      mins[b] = subs[s].min;
+    }
+  }
+  return true;
 }
 
 int64_t GgufTensor::numel() const {

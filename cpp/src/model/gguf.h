@@ -29,6 +29,9 @@ std::string ggml_type_name(uint32_t type);
 bool ggml_type_layout(uint32_t type, int64_t* block_values, int64_t* block_bytes);
 // n values (a multiple of the type's block) of `type` at src, as fp32 into dst.
 void dequantize(GgmlType type, const void* src, float* dst, int64_t n);
+// The same as int8 blocks of 32 (value = qs * scale + min, exactly), for the types of that form
+// (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K); false for the others.
+bool to_int8_blocks(GgmlType type, const void* src, int64_t n, int8_t* qs, float* scales, float* mins);
 
 // A metadata value: scalars widened (integers to int64 or uint64, floats to double), strings,
 // and arrays of one of those.

@@ -56,11 +56,16 @@ std::string gguf_name(const std::string& hf) {
 // from GGUF (dequantized row by row).
 class Loader {
  public:
-  Loader(LlamaWeights& w, const WeightStore* store, const GgufFile* gguf, const ModelConfig& c)
-      : w_(w), store_(store), gguf_(gguf), config_(c) {}
+  Loader(LlamaWeights& w, const WeightStore* store, const GgufFile* gguf, const ModelConfig& c, bool quantized)
+      : w_(w), store_(store), gguf_(gguf), config_(c), quantized_(quantized) {}
 
-  Matrix matrix(const std::string& name, int64_t rows, int64_t cols) {
-    if (gguf_) return gguf_matrix(name, rows, cols);
+  // Whether Linear weights may come as int8 (a quantized GGUF, loaded quantized).
+  bool keeps_int8() const { return gguf_ && quantized_; }
+
+  // A matrix; `linear`: one a Linear multiplies by (int8 allowed), not a table rows are
+  // gathered from.
+  Matrix matrix(const std::string& name, int64_t rows, int64_t cols, bool linear = true) {
+    if (gguf_) return gguf_matrix(name, rows, cols, linear && quantized_);
     const TensorInfo& t = store_->get(name, {rows, cols});
     check_float(t);
     const bool bf16 = w_.storage == StorageType::kBF16;
@@ -125,11 +130,14 @@ class Loader {
     return *t;
   }
 
-  Matrix gguf_matrix(const std::string& hf, int64_t rows, int64_t cols) {
+  Matrix gguf_matrix(const std::string& hf, int64_t rows, int64_t cols, bool int8) {
     const GgufTensor& t = gguf_tensor(hf, {rows, cols});
     int64_t block_values = 1, block_bytes = 1;
     ggml_type_layout(t.type, &block_values, &block_bytes);
     const size_t row_bytes = size_t(cols / block_values * block_bytes);
+    const bool float_type = t.type == uint32_t(GgmlType::kF32) || t.type == uint32_t(GgmlType::kF16) ||
+                            t.type == uint32_t(GgmlType::kBF16);
+    int8 = int8 && !float_type && cols % 32 == 0;
     // llama.cpp's converter interleaves the two rotary halves of each head's q and k rows (for
     // llama / mistral): row 2i + j of a head in the file is row j * head_dim / 2 + i here.
     int64_t heads = 0;
@@ -138,20 +146,59 @@ class Loader {
       if (hf.ends_with("self_attn.k_proj.weight")) heads = config_.num_key_value_heads;
     }
     const int64_t D = heads ? rows / heads : 1, half = D / 2;
+    auto source_row = [&](int64_t r) {
+      if (!heads) return r;
+      const int64_t h = r / D, j = (r % D) / half, i = r % half;
+      return h * D + 2 * i + j;
+    };
+    if (int8) return int8_matrix(t, rows, cols, row_bytes, source_row);
     return owned(rows, cols, [&](int64_t r, float* row) {
-      int64_t src = r;
-      if (heads) {
-        const int64_t h = r / D, j = (r % D) / half, i = r % half;
-        src = h * D + 2 * i + j;
-      }
-      dequantize(GgmlType(t.type), t.data + size_t(src) * row_bytes, row, cols);
+      dequantize(GgmlType(t.type), t.data + size_t(source_row(r)) * row_bytes, row, cols);
     });
+  }
+
+  // Int8 blocks of 32 (Matrix::int8): exact for the types of that form (gguf.h,
+  // to_int8_blocks), others (Q6_K) dequantized and requantized per block as activations are.
+  template <class SourceRow>
+  Matrix int8_matrix(const GgufTensor& t, int64_t rows, int64_t cols, size_t row_bytes, SourceRow&& source_row) {
+    const int64_t B = cols / 32;
+    runtime::HostBuffer buf(size_t(rows * cols) + size_t(rows * B) * 8);
+    auto* qs = static_cast<int8_t*>(buf.data());
+    auto* scales = reinterpret_cast<float*>(qs + rows * cols);
+    float* mins = scales + rows * B;
+    // 4-bit types keep q in [0, 16): Q4_0's q - 8 moves its offset into the min (exact: -8 x scale).
+    const GgmlType type = GgmlType(t.type);
+    const bool four = type == GgmlType::kQ4_0 || type == GgmlType::kQ4_1 || type == GgmlType::kQ4_K;
+    runtime::ThreadPool::global().parallel_for(rows, [&](int64_t b, int64_t e) {
+      std::vector<float> tmp(static_cast<size_t>(cols));
+      std::vector<int32_t> sums(static_cast<size_t>(B));
+      for (int64_t r = b; r < e; ++r) {
+        const uint8_t* src = t.data + size_t(source_row(r)) * row_bytes;
+        if (to_int8_blocks(type, src, cols, qs + r * cols, scales + r * B, mins + r * B)) {
+          if (type == GgmlType::kQ4_0) {
+            for (int64_t k = 0; k < cols; ++k) qs[r * cols + k] = int8_t(qs[r * cols + k] + 8);
+            for (int64_t k = 0; k < B; ++k) mins[r * B + k] = -8.f * scales[r * B + k];
+          }
+          continue;
+        }
+        dequantize(GgmlType(t.type), src, tmp.data(), cols);
+        cpu::quantize_q8_rows(tmp.data(), 1, cols, qs + r * cols, scales + r * B, sums.data());
+        std::fill(mins + r * B, mins + (r + 1) * B, 0.f);
+      }
+    }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
+    Matrix m{buf.data(), false, rows, cols};
+    m.int8 = true;
+    m.int4 = four;
+    w_.owned_bytes += int64_t(buf.size());
+    w_.owned.push_back(std::move(buf));
+    return m;
   }
 
   LlamaWeights& w_;
   const WeightStore* store_;
   const GgufFile* gguf_;
   const ModelConfig& config_;
+  bool quantized_ = false;
 };
 
 // A cheap counter-based generator: the value of element i depends only on (seed, i), so the
@@ -189,9 +236,13 @@ namespace {
 void load_tensors(const ModelConfig& c, LlamaWeights& w, Loader& ld) {
   const int64_t H = c.hidden_size, D = c.head_dim, nq = c.num_attention_heads * D;
   const int64_t nkv = c.num_key_value_heads * D, I = c.intermediate_size;
-  w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H);
+  w.embed = ld.matrix("model.embed_tokens.weight", c.vocab_size, H, /*linear=*/false);
   w.final_norm = ld.vector("model.norm.weight", H);
-  w.lm_head = c.tie_word_embeddings ? w.embed : ld.matrix("lm_head.weight", c.vocab_size, H);
+  // A tied head is the embedding table itself, unless the Linears run int8: then the head gets
+  // its own int8 copy (the table stays float, for gathering rows).
+  w.lm_head = !c.tie_word_embeddings ? ld.matrix("lm_head.weight", c.vocab_size, H)
+              : ld.keeps_int8()      ? ld.matrix("model.embed_tokens.weight", c.vocab_size, H)
+                                     : w.embed;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     LayerWeights L;
@@ -223,16 +274,17 @@ LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<WeightStor
   LlamaWeights w;
   w.storage = storage;
   w.store = std::move(store);
-  Loader ld(w, w.store.get(), nullptr, c);
+  Loader ld(w, w.store.get(), nullptr, c, false);
   load_tensors(c, w, ld);
   return w;
 }
 
-LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<GgufFile> gguf, StorageType storage) {
+LlamaWeights load_llama_weights(const ModelConfig& c, std::shared_ptr<GgufFile> gguf, StorageType storage,
+                                bool quantized) {
   LlamaWeights w;
   w.storage = storage;
   w.gguf = std::move(gguf);
-  Loader ld(w, nullptr, w.gguf.get(), c);
+  Loader ld(w, nullptr, w.gguf.get(), c, quantized);
   load_tensors(c, w, ld);
   return w;
 }

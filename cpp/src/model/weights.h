@@ -27,6 +27,13 @@ struct Matrix {
   bool bf16 = false;
   int64_t rows = 0, cols = 0;  // [out, in]
   bool packed = false;         // in a backend's layout (Backend::load_linear)
+  // int8 weights in 32-value blocks along a row, w = q * scale + min (GGUF's Q8_0, Q4_0, Q4_1,
+  // Q5_0, Q5_1, Q4_K, Q5_K exactly; Q6_K requantized): data is int8 q [rows, cols], followed in
+  // the same buffer by the blocks' fp32 scales, then mins [rows, cols / 32]. bf16 is then
+  // meaningless.
+  bool int8 = false;
+  // With int8: every q is in [0, 16) (Q4_0, Q4_1, Q4_K), which a backend may store two per byte.
+  bool int4 = false;
 };
 
 struct LayerWeights {
@@ -60,9 +67,12 @@ StorageType resolve_storage(const std::string& dtype, const ModelConfig& config,
 LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<WeightStore> store,
                                 StorageType storage);
 
-// The same from a GGUF file (config from ModelConfig::from_gguf), every tensor dequantized into
-// `storage`; errors name the file, the tensor and the problem.
-LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<GgufFile> gguf, StorageType storage);
+// The same from a GGUF file (config from ModelConfig::from_gguf). With `quantized`, the Linear
+// weights the file holds quantized stay int8 (Q8_0 as stored, other types requantized to it:
+// see Matrix::int8), the rest is dequantized into `storage`; without, everything is. Errors
+// name the file, the tensor and the problem.
+LlamaWeights load_llama_weights(const ModelConfig& config, std::shared_ptr<GgufFile> gguf, StorageType storage,
+                                bool quantized = true);
 
 // Random weights of the config's shapes (load_format="dummy"), for benchmarks of any shape.
 LlamaWeights dummy_llama_weights(const ModelConfig& config, StorageType storage, uint64_t seed);

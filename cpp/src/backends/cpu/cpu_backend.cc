@@ -63,6 +63,22 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
 
   model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
+    if (w.int8) {
+      const int64_t panel = kern_.q8_panel(), N = w.rows, K = w.cols;
+      runtime::HostBuffer packed(size_t(w.int4 ? kern_.packed_q4_bytes(N, K) : kern_.packed_q8_bytes(N, K)));
+      const auto pack = w.int4 ? kern_.pack_q4 : kern_.pack_q8;
+      const auto* qs = static_cast<const int8_t*>(w.data);
+      const auto* scales = reinterpret_cast<const float*>(qs + N * K);
+      const float* mins = scales + N * (K / 32);
+      pool().parallel_for(cpu::linear_panels(panel, N), [&](int64_t b, int64_t e) {
+        pack(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
+      });
+      storage = host_buffer(std::move(packed));
+      model::Matrix m{storage.data, false, N, K, true};
+      m.int8 = true;
+      m.int4 = w.int4;
+      return m;
+    }
     cpu::PackedLinear p = cpu::pack_linear_weight(kern_, w.data, w.bf16, w.rows, w.cols);
     storage = host_buffer(std::move(p.data));
     return {storage.data, w.bf16, w.rows, w.cols, true};
@@ -79,6 +95,7 @@ class CpuBackend final : public Backend {
   void reserve(int64_t tokens, int64_t cols) override {
     if (cpu::takes_bf16_input(kern_, bf16_) && int64_t(x16_.size()) < cpu::bf16_input_elems(tokens, cols))
       x16_.resize(size_t(cpu::bf16_input_elems(tokens, cols)));
+    reserve_q8(tokens * cols);
   }
 
   void plan_attention(const AttentionStep& st, const AttentionShape& shape) override;
@@ -111,7 +128,7 @@ class CpuBackend final : public Backend {
     // normalised while they are in its cache.
     return {cpu::linear_input_for(kern_, bf16_, f32(out), rows, dim, x16_,
                                   [&](int64_t b, int64_t e) { norm_rows(out, x, residual, w, dim, eps, b, e); }),
-            rows, dim};
+            rows, dim, out};
   }
 
   LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) override {
@@ -119,26 +136,35 @@ class CpuBackend final : public Backend {
                                   [&](int64_t b, int64_t e) {
                                     kern_.silu_and_mul(f32(out) + b * inter, f32(gate_up) + b * 2 * inter, e - b, inter);
                                   }),
-            rows, inter};
+            rows, inter, out};
   }
 
   LinearInput linear_input(const void* x, int64_t rows, int64_t cols) override {
-    return {cpu::linear_input_for(kern_, bf16_, f32(x), rows, cols, x16_), rows, cols};
+    return {cpu::linear_input_for(kern_, bf16_, f32(x), rows, cols, x16_), rows, cols, x};
   }
 
   void linears(const LinearInput& x, std::span<const LinearJob> jobs) override {
+    // int8 weights take the activations quantized per row and block, once for every job.
+    bool int8 = false;
+    for (const LinearJob& j : jobs) int8 = int8 || j.w->int8;
+    cpu::Q8Rows q8{};
+    if (int8) q8 = quantize(f32(x.source), x.rows, x.cols);
     // Threads split the jobs' panels (the kernels' unit of columns), counted across all jobs.
-    const int64_t panel = kern_.linear_panel();
-    auto panels = [&](const LinearJob& j) { return cpu::linear_panels(panel, j.w->rows); };
+    auto panel_of = [&](const LinearJob& j) { return j.w->int8 ? kern_.q8_panel() : kern_.linear_panel(); };
+    auto panels = [&](const LinearJob& j) { return cpu::linear_panels(panel_of(j), j.w->rows); };
     int64_t total = 0;
     for (const LinearJob& j : jobs) total += panels(j);
     auto part = [&](int64_t b, int64_t e) {
       int64_t off = 0;
       for (const LinearJob& j : jobs) {
-        const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j));
-        if (lo < hi)
-          kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, f32(j.bias), x.rows, j.ldy, x.cols, (lo - off) * panel,
-                       std::min(j.w->rows, (hi - off) * panel));
+        const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j)), panel = panel_of(j);
+        if (lo < hi) {
+          const int64_t n0 = (lo - off) * panel, n1 = std::min(j.w->rows, (hi - off) * panel);
+          if (j.w->int8)
+            (j.w->int4 ? kern_.q4_linear : kern_.q8_linear)(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy,
+                                                             x.cols, n0, n1);
+          else kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1);
+        }
         off += panels(j);
       }
     };
@@ -189,11 +215,33 @@ class CpuBackend final : public Backend {
   }
   void prefault(runtime::HostBuffer& kv, int64_t regions, size_t region_bytes, size_t block_bytes,
                 std::chrono::milliseconds budget, size_t max_bytes);
+  void reserve_q8(int64_t values) {
+    if (int64_t(x8_.size()) >= values) return;
+    x8_.resize(size_t(values));
+    x8b_.resize(size_t(values));
+    x8_scale_.resize(size_t(values / 32 + 1));
+    x8_sum_.resize(size_t(values / 32 + 1));
+    x8b_sum_.resize(size_t(values / 32 + 1));
+  }
+  // x [rows, cols] quantized for the int8 Linears, rows split across threads when large.
+  cpu::Q8Rows quantize(const float* x, int64_t rows, int64_t cols) {
+    reserve_q8(rows * cols);  // grows only for a step larger than reserved
+    const int64_t B = cols / 32;
+    for_rows(rows, cols, [&](int64_t b, int64_t e) {
+      cpu::quantize_q8_rows(x + b * cols, e - b, cols, x8_.data() + b * cols, x8_scale_.data() + b * B,
+                            x8_sum_.data() + b * B, x8b_.data() + b * cols, x8b_sum_.data() + b * B);
+    });
+    return {x8_.data(), x8b_.data(), x8_scale_.data(), x8_sum_.data(), x8b_sum_.data()};
+  }
 
   const cpu::KernelTable& kern_;
   const bool bf16_;
   Capabilities caps_;
   runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
+  // A Linear's input quantized for int8 weights: values, block scales, block sums.
+  runtime::AlignedVector<int8_t> x8_, x8b_;
+  runtime::AlignedVector<float> x8_scale_;
+  runtime::AlignedVector<int32_t> x8_sum_, x8b_sum_;
   // The step's attention plan: the kernel's arguments and its work items split per thread.
   struct AttentionItem {
     int64_t seq, kv_head, row_begin, row_end;

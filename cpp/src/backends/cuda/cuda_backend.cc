@@ -77,6 +77,9 @@ class CudaBackend final : public Backend {
   void copy_to_host(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
 
   model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
+    if (w.int8)
+      throw std::runtime_error("the CUDA backend does not run int8 (GGUF-quantized) weights yet: load the model "
+                               "with quantization=\"none\" (dequantized to bf16)");
     storage = upload_bf16(w.data, w.bf16, size_t(w.rows * w.cols));
     return {storage.data, true, w.rows, w.cols, true};
   }
@@ -120,13 +123,13 @@ class CudaBackend final : public Backend {
   LinearInput rms_norm_input(void* out, const void* x, void* residual, const void* w, int64_t rows, int64_t dim,
                              float eps) override {
     rms_norm(out, x, residual, w, rows, dim, eps);
-    return {out, rows, dim};
+    return {out, rows, dim, out};
   }
   LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) override {
     check(ops_->silu_and_mul(kBf16, out, gate_up, int(rows), int(inter), stream_, err_, sizeof err_), "silu_and_mul");
-    return {out, rows, inter};
+    return {out, rows, inter, out};
   }
-  LinearInput linear_input(const void* x, int64_t rows, int64_t cols) override { return {x, rows, cols}; }
+  LinearInput linear_input(const void* x, int64_t rows, int64_t cols) override { return {x, rows, cols, x}; }
   void linears(const LinearInput& x, std::span<const LinearJob> jobs) override {
     for (const LinearJob& j : jobs)
       check(ops_->linear(kBf16, x.data, j.w->data, j.bias, j.y, int(x.rows), int(j.w->rows), int(x.cols), int(j.ldy),

@@ -83,29 +83,43 @@ struct PagedAttentionArgs {
 
 
 
-// Activations quantized for the int8 Linear: per row, blocks of 32 values, each an int8 run
-// with an fp32 scale (x ~ qs * d) and the sum of its qs (the VNNI kernels' unsigned-weight
-// correction). See quantize_q8_rows.
+// Activations quantized for the int8 Linear: per row, blocks of 32 values in two int8 levels,
+// x ~ d * (qs + qs2 / 254) (the second level holds the first's rounding error: ~15 bits in all,
+// where one int8 level flipped near-tied tokens of real models), with each level's block sums
+// (the min term, and the VNNI kernels' unsigned-weight correction). See quantize_q8_rows.
+constexpr float kQ8Level2 = 1.f / 254.f;
 struct Q8Rows {
-  const int8_t* qs;     // [M, K]
-  const float* d;       // [M, K / 32]
-  const int32_t* sums;  // [M, K / 32]
+  const int8_t* qs;      // [M, K]
+  const int8_t* qs2;     // [M, K]
+  const float* d;        // [M, K / 32]
+  const int32_t* sums;   // [M, K / 32]: sum of qs per block
+  const int32_t* sums2;  // [M, K / 32]: sum of qs2 per block
 };
 
-// The int8 Linear (weights in 32-value blocks along K, each int8 values with an fp32 scale:
-// GGUF's Q8_0, and what other formats are brought to), where a level has int8 dot products.
+// The int8 Linear: weights in 32-value blocks along K, each int8 values q with an fp32 scale
+// and min (w = q * scale + min: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K exactly), with
+// int8 dot products where a level has them.
 #define FLASHPAGE_CPU_Q8_DECLS                                                                 \
   /* Output columns per panel of this level's packed int8 weights.                       */ \
   int64_t q8_panel();                                                                      \
   /* Bytes of int8 weights [N, K] (K a multiple of 32) packed by this level.            */ \
   int64_t packed_q8_bytes(int64_t N, int64_t K);                                           \
-  /* qs [N, K] int8 and d [N, K / 32] into this level's layout, columns [n_begin, n_end). */ \
-  void pack_q8(void* dst, const int8_t* qs, const float* d, int64_t N, int64_t K,          \
-               int64_t n_begin, int64_t n_end);                                            \
-  /* y[m * ldy + n] = sum over blocks b of (x_b . w_b) * (d_x,b * d_w,b) (+ bias[n]), the  */ \
-  /* block dot products exact in int32, accumulated in block order by fma: the same bits */ \
-  /* on every level, whatever M, the other rows and the column split.                     */ \
+  /* qs [N, K] int8, scales and mins [N, K / 32] into this level's layout, columns       */ \
+  /* [n_begin, n_end).                                                                    */ \
+  void pack_q8(void* dst, const int8_t* qs, const float* scales, const float* mins,        \
+               int64_t N, int64_t K, int64_t n_begin, int64_t n_end);                      \
+  /* y[m * ldy + n] = per block b, in order: t = fma(qs2_b . q_b, kQ8Level2, qs_b . q_b); */ \
+  /* acc = fma(t, d_x,b * scale_b, acc); u = fma(sums2_b, kQ8Level2, sums_b);              */ \
+  /* acc = fma(min_b, d_x,b * u, acc); then + bias[n]. The block dots are exact in int32: */ \
+  /* the same bits on every level, whatever M, the other rows and the split.              */ \
   void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
+                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);                  \
+  /* The same for 4-bit weights (q in [0, 16): GGUF's Q4_0, Q4_1, Q4_K), stored two per   */ \
+  /* byte by the levels with VNNI: half the bytes of int8, the same results.              */ \
+  int64_t packed_q4_bytes(int64_t N, int64_t K);                                           \
+  void pack_q4(void* dst, const int8_t* qs, const float* scales, const float* mins,        \
+               int64_t N, int64_t K, int64_t n_begin, int64_t n_end);                      \
+  void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
                  int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);
 
 namespace ref { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
@@ -132,6 +146,9 @@ struct KernelTable {
   decltype(&ref::packed_q8_bytes) packed_q8_bytes;
   decltype(&ref::pack_q8) pack_q8;
   decltype(&ref::q8_linear) q8_linear;
+  decltype(&ref::packed_q4_bytes) packed_q4_bytes;
+  decltype(&ref::pack_q4) pack_q4;
+  decltype(&ref::q4_linear) q4_linear;
 };
 
 // Panels of `panel` columns covering N output columns (the last padded).
@@ -202,8 +219,11 @@ void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t l
                 const float* bias, int64_t M, bool parallel = true);
 
 // x [M, K] (K a multiple of 32) quantized per row in blocks of 32: d = max |x| / 127, qs =
-// round(x / d) (ties away from zero), sums = the block's sum of qs. Depends on each row alone.
-void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums);
+// round(x / d), qs2 = round((x - qs * d) * 254 / d) (ties away from zero), and the blocks' sums
+// of each. qs2 and sums2 may be null (one level: what weights are requantized to). Depends
+// on each row alone.
+void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums, int8_t* qs2 = nullptr,
+                      int32_t* sums2 = nullptr);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();

@@ -1,13 +1,15 @@
-// The int8 Linear on AVX512-VNNI (the avx512_bf16 and amx levels): panels of 16 output
+// The int8 and 4-bit Linears on AVX512-VNNI (the avx512_bf16 and amx levels): panels of 16 output
 // columns, one int32 lane per column, so that each VPDPBUSD multiplies 4 values of one input
 // row (broadcast) by the same 4 positions of 16 weight rows. The weights are stored unsigned
 // (w + 128, the instruction's unsigned operand) and the activation block's sum corrects it:
 // sum((w + 128) x) - 128 sum(x) = sum(w x), exact in int32. Layout of a panel, block after
 // block along K: 8 groups of 4 positions x 16 columns (512 bytes: column c of group g at
-// g * 64 + c * 4), then the 16 columns' scales (64 bytes).
+// g * 64 + c * 4), then the 16 columns' scales and their mins (64 bytes each). 4-bit weights
+// (0..15) are unsigned already and need no correction.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/cpu/kernels.h"
@@ -16,37 +18,56 @@ namespace flashpage::cpu::FLASHPAGE_ISA {
 
 namespace {
 constexpr int64_t kPanel = 16;
-constexpr int64_t kBlockBytes = 512 + 64;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
-}  // namespace
 
-int64_t q8_panel() { return kPanel; }
+// Bytes of one (panel, block): the weights (8-bit: 512; 4-bit, two per byte: 256), then the
+// 16 columns' scales and mins (64 bytes each). 4-bit: byte j of 64-byte row i holds group i's
+// byte j in its low nibble and group i + 4's in its high one.
+template <bool kFour>
+constexpr int64_t block_bytes() { return (kFour ? 256 : 512) + 128; }
 
-int64_t packed_q8_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * kBlockBytes; }
-
-void pack_q8(void* dst, const int8_t* qs, const float* d, int64_t N, int64_t K, int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32;
+template <bool kFour>
+void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
+          int64_t n_end) {
+  const int64_t B = K / 32, bb = block_bytes<kFour>();
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
-    auto* panel = static_cast<uint8_t*>(dst) + p * B * kBlockBytes;
+    auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
     for (int64_t b = 0; b < B; ++b) {
-      uint8_t* blk = panel + b * kBlockBytes;
-      float scales[kPanel] = {};
+      uint8_t* blk = panel + b * bb;
+      uint8_t groups[8][64];  // the unsigned weights, group g: column c's 4 at c * 4
+      float scales[kPanel] = {}, ms[kPanel] = {};
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t n = p * kPanel + c;
-        for (int64_t k = 0; k < 32; ++k)  // padding columns: weight 0, scale 0
-          blk[(k / 4) * 64 + c * 4 + k % 4] = n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + 128) : uint8_t(128);
-        if (n < N) scales[c] = d[n * B + b];
+        for (int64_t k = 0; k < 32; ++k)  // padding columns: weight 0, scale 0, min 0
+          groups[k / 4][c * 4 + k % 4] =
+              n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kFour ? 0 : 128)) : uint8_t(kFour ? 0 : 128);
+        if (n < N) {
+          scales[c] = d[n * B + b];
+          ms[c] = mins[n * B + b];
+        }
       }
-      std::memcpy(blk + 512, scales, sizeof scales);
+      if (kFour) {
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 64; ++j) blk[i * 64 + j] = uint8_t(groups[i][j] | (groups[i + 4][j] << 4));
+      } else {
+        std::memcpy(blk, groups, sizeof groups);
+      }
+      const int64_t w = kFour ? 256 : 512;
+      std::memcpy(blk + w, scales, sizeof scales);
+      std::memcpy(blk + w + 64, ms, sizeof ms);
     }
   }
 }
 
-void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
-               int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32;
+template <bool kFour>
+void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+            int64_t n_begin, int64_t n_end) {
+  const int64_t B = K / 32, bb = block_bytes<kFour>(), wbytes = kFour ? 256 : 512;
+  // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
+  const int32_t bias128 = kFour ? 0 : -128;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
-    const auto* panel = static_cast<const uint8_t*>(w) + p * B * kBlockBytes;
+    const auto* panel = static_cast<const uint8_t*>(w) + p * B * bb;
     const int64_t c0 = p * kPanel, cols = std::min(kPanel, n_end - c0);
     const __mmask16 mask = __mmask16((1u << cols) - 1);
     const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
@@ -54,20 +75,36 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
       const int64_t rows = std::min(kRows, M - m0);
       __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t b = 0; b < B; ++b) {
-        const uint8_t* blk = panel + b * kBlockBytes;
+        const uint8_t* blk = panel + b * bb;
         __m512i wv[8];
-        for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
-        const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + 512));
+        if (kFour) {
+          for (int i = 0; i < 4; ++i) {
+            const __m512i z = _mm512_loadu_si512(blk + i * 64);
+            wv[i] = _mm512_and_si512(z, low4);
+            wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
+          }
+        } else {
+          for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
+        }
+        const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes));
+        const __m512 wm = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes + 64));
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
-          const int8_t* xq = x.qs + m * K + b * 32;
-          __m512i s = _mm512_set1_epi32(-128 * x.sums[m * B + b]);
+          const int8_t *xq = x.qs + m * K + b * 32, *xq2 = x.qs2 + m * K + b * 32;
+          __m512i s = _mm512_set1_epi32(bias128 * x.sums[m * B + b]);
+          __m512i s2 = _mm512_set1_epi32(bias128 * x.sums2[m * B + b]);
           for (int g = 0; g < 8; ++g) {
-            int32_t four;
+            int32_t four, four2;
             std::memcpy(&four, xq + 4 * g, 4);
+            std::memcpy(&four2, xq2 + 4 * g, 4);
             s = _mm512_dpbusd_epi32(s, wv[g], _mm512_set1_epi32(four));
+            s2 = _mm512_dpbusd_epi32(s2, wv[g], _mm512_set1_epi32(four2));
           }
-          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, _mm512_set1_ps(x.d[m * B + b])), acc[i]);
+          const float dx = x.d[m * B + b];
+          const float u = std::fma(float(x.sums2[m * B + b]), kQ8Level2, float(x.sums[m * B + b]));
+          const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(kQ8Level2), _mm512_cvtepi32_ps(s));
+          acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(ws, _mm512_set1_ps(dx)), acc[i]);
+          acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(dx * u), acc[i]);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -76,6 +113,31 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
       }
     }
   }
+}
+
+}  // namespace
+
+int64_t q8_panel() { return kPanel; }
+
+int64_t packed_q8_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<false>(); }
+int64_t packed_q4_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<true>(); }
+
+void pack_q8(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
+             int64_t n_end) {
+  pack<false>(dst, qs, d, mins, N, K, n_begin, n_end);
+}
+void pack_q4(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
+             int64_t n_end) {
+  pack<true>(dst, qs, d, mins, N, K, n_begin, n_end);
+}
+
+void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+               int64_t n_begin, int64_t n_end) {
+  linear<false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+}
+void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+               int64_t n_begin, int64_t n_end) {
+  linear<true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA

@@ -27,22 +27,39 @@ void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t l
   else part(0, panels);
 }
 
-void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums) {
+namespace {
+// Nearest integer, ties away from zero, clamped to the int8 range: branch-free (vectorises).
+inline int32_t round_q8(float v) {
+  const float r = v + (v >= 0.f ? 0.5f : -0.5f);
+  return std::clamp(int32_t(r), -127, 127);
+}
+}  // namespace
+
+void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums, int8_t* qs2,
+                      int32_t* sums2) {
   const int64_t B = K / 32;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const float* v = x + m * K + b * 32;
+      int8_t* q = qs + m * K + b * 32;
       float amax = 0.f;
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
+      int32_t sum = 0, sum2 = 0;
       for (int j = 0; j < 32; ++j) {
-        const int q = int(std::lround(v[j] * inv));
-        qs[m * K + b * 32 + j] = int8_t(std::clamp(q, -127, 127));
-        sum += qs[m * K + b * 32 + j];
+        q[j] = int8_t(round_q8(v[j] * inv));
+        sum += q[j];
+      }
+      if (qs2) {  // the rounding error, |r| <= scale / 2, in steps of scale / 254
+        int8_t* q2 = qs2 + m * K + b * 32;
+        for (int j = 0; j < 32; ++j) {
+          q2[j] = int8_t(round_q8((v[j] - float(q[j]) * scale) * inv * 254.f));
+          sum2 += q2[j];
+        }
       }
       d[m * B + b] = scale;
       sums[m * B + b] = sum;
+      if (sums2) sums2[m * B + b] = sum2;
     }
 }
 

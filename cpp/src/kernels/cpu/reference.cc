@@ -94,15 +94,19 @@ void linear(float* y, const void* xv, const void* w, bool w_bf16, const float* b
     }
 }
 
-// The reference int8 layout: row after row, each its K int8 values then its K / 32 scales.
+// The reference int8 layout: row after row, its K int8 values, then its K / 32 scales and
+// K / 32 mins.
 int64_t q8_panel() { return 1; }
-int64_t packed_q8_bytes(int64_t N, int64_t K) { return N * (K + K / 8); }
+int64_t packed_q8_bytes(int64_t N, int64_t K) { return N * (K + K / 4); }
 
-void pack_q8(void* dst, const int8_t* qs, const float* d, int64_t, int64_t K, int64_t n_begin, int64_t n_end) {
+void pack_q8(void* dst, const int8_t* qs, const float* scales, const float* mins, int64_t, int64_t K,
+             int64_t n_begin, int64_t n_end) {
   auto* out = static_cast<int8_t*>(dst);
   for (int64_t n = n_begin; n < n_end; ++n) {
-    std::memcpy(out + n * (K + K / 8), qs + n * K, size_t(K));
-    std::memcpy(out + n * (K + K / 8) + K, d + n * (K / 32), size_t(K / 32) * 4);
+    int8_t* row = out + n * (K + K / 4);
+    std::memcpy(row, qs + n * K, size_t(K));
+    std::memcpy(row + K, scales + n * (K / 32), size_t(K / 32) * 4);
+    std::memcpy(row + K + K / 8, mins + n * (K / 32), size_t(K / 32) * 4);
   }
 }
 
@@ -110,19 +114,37 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
                int64_t n_begin, int64_t n_end) {
   const int64_t B = K / 32;
   for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* wr = static_cast<const int8_t*>(w) + n * (K + K / 8);
+    const int8_t* wr = static_cast<const int8_t*>(w) + n * (K + K / 4);
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t b = 0; b < B; ++b) {
-        int32_t s = 0;
-        for (int64_t j = 0; j < 32; ++j) s += int32_t(x.qs[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
-        float dw;
-        std::memcpy(&dw, wr + K + b * 4, 4);
-        acc = std::fma(float(s), x.d[m * B + b] * dw, acc);
+        int32_t s = 0, s2 = 0;
+        for (int64_t j = 0; j < 32; ++j) {
+          s += int32_t(x.qs[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
+          s2 += int32_t(x.qs2[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
+        }
+        float scale, min;
+        std::memcpy(&scale, wr + K + b * 4, 4);
+        std::memcpy(&min, wr + K + K / 8 + b * 4, 4);
+        const float t = std::fma(float(s2), kQ8Level2, float(s));
+        const float u = std::fma(float(x.sums2[m * B + b]), kQ8Level2, float(x.sums[m * B + b]));
+        acc = std::fma(t, x.d[m * B + b] * scale, acc);
+        acc = std::fma(min, x.d[m * B + b] * u, acc);
       }
       y[m * ldy + n] = bias ? acc + bias[n] : acc;
     }
   }
+}
+
+// 4-bit weights: the reference keeps them a byte each, in the int8 layout.
+int64_t packed_q4_bytes(int64_t N, int64_t K) { return packed_q8_bytes(N, K); }
+void pack_q4(void* dst, const int8_t* qs, const float* scales, const float* mins, int64_t N, int64_t K,
+             int64_t n_begin, int64_t n_end) {
+  pack_q8(dst, qs, scales, mins, N, K, n_begin, n_end);
+}
+void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+               int64_t n_begin, int64_t n_end) {
+  q8_linear(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 
 void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
