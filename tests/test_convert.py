@@ -1,6 +1,6 @@
 """Checkpoints in the canonical quantized format: quantized from a float checkpoint, converted
 from GPTQ and AWQ checkpoints (packed here as AutoGPTQ/AutoAWQ pack them), read back with their
-shapes checked; the CLI; and the C++ loader's refusal of quantized checkpoints by name."""
+shapes checked; the CLI; GPTQ/AWQ converted when loaded; and the formats running on the CPU."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_read_linear_checks_shapes_and_dtypes(float_ckpt, tmp_path):
         read_linear(bad, prefix, qconfig)
 
 
-def test_cli_quantize_and_the_engine_refusing_quantized_checkpoints(float_ckpt, tmp_path):
+def test_cli_quantize_and_what_the_engine_refuses(float_ckpt, tmp_path):
     dst = tmp_path / "q"
     run = subprocess.run([sys.executable, "-m", "flashpage.cli", "quantize", str(float_ckpt), str(dst), "--format",
                           "w4a16", "--group-size", "16"], capture_output=True, text=True, timeout=120)
@@ -163,5 +163,64 @@ def test_cli_quantize_and_the_engine_refusing_quantized_checkpoints(float_ckpt, 
     bad = subprocess.run([sys.executable, "-m", "flashpage.cli", "quantize", str(float_ckpt), str(tmp_path / "x"),
                           "--group-size", "100"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a multiple of group_size=100" in bad.stderr
-    with pytest.raises(RuntimeError, match='quant_method "flashpage" \\(format "w4a16"\\) is not supported yet'):
+    with pytest.raises(RuntimeError, match="group_size 16 is not supported on the CPU"):
         _core.load_config(str(dst))
+    # No group size given: the largest of 128, 64, 32 dividing every K, or the Linear none divides.
+    auto = subprocess.run([sys.executable, "-m", "flashpage.cli", "quantize", str(float_ckpt), str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120)
+    assert auto.returncode == 2 and "mlp.down_proj.weight: K=144 is a multiple of none of (128, 64, 32)" in auto.stderr
+
+
+def test_an_awq_checkpoint_is_converted_once_when_loaded(float_ckpt, tmp_path, monkeypatch):
+    """LLM() on a GPTQ/AWQ directory repacks it into flashpage's format in a cache (once) and
+    loads that; this tiny model's K=144 then meets the CPU's blocks of 32, refused by name."""
+    from flashpage import LLM
+    from flashpage.convert import converted_for_cpu
+    _write_4bit(float_ckpt, tmp_path / "awq", "awq", False, group=-1)
+    monkeypatch.setenv("FLASHPAGE_CACHE", str(tmp_path / "cache"))
+    first = converted_for_cpu(str(tmp_path / "awq"))
+    assert converted_for_cpu(str(tmp_path / "awq")) == first and first.startswith(str(tmp_path / "cache"))
+    assert json.loads(open(f"{first}/config.json").read())["quantization_config"]["quant_method"] == "flashpage"
+    with pytest.raises(RuntimeError, match="K=144 is not a multiple of 32"):
+        LLM(str(tmp_path / "awq"), kv_cache_memory_bytes=8 << 20)
+
+
+def _dequantized_copy(qdir, qconfig, dst):
+    """qdir's quantized Linears dequantized (the Python reference) into a bf16 checkpoint."""
+    tensors, out = read_tensors(qdir), {}
+    for n, t in tensors.items():
+        if n.endswith(".qweight"):
+            prefix = n[: -len(".qweight")]
+            got = read_linear(tensors, prefix, qconfig)
+            w = Q.dequantize_w4a16(got) if qconfig["format"] == "w4a16" else \
+                got[0].float() * got[1].float().reshape(-1, 1)
+            out[f"{prefix}.weight"] = w.to(torch.bfloat16)
+        elif not n.endswith((".scales", ".qzeros")):
+            out[n] = t
+    dst.mkdir()
+    safetensors_torch.save_file(out, dst / "model.safetensors")
+    config = json.loads((qdir / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fmt", ["w4a16", "w8a8-int8", "fp8"])
+def test_quantized_checkpoints_run_on_the_cpu(smollm_dir, tmp_path, fmt):
+    """SmolLM2 quantized by `flashpage quantize` runs on the CPU: w4a16 as 4-bit blocks, w8a8-int8
+    as int8 (the stored values exactly), fp8 dequantized to bf16; logits those of the same
+    weights dequantized by the Python reference, up to the activations' two-level int8."""
+    import numpy as np
+
+    from model_fixtures import run_greedy
+    qconfig = quantize_checkpoint(smollm_dir, tmp_path / fmt, fmt)
+    if fmt == "w4a16":
+        assert qconfig["group_size"] == 64  # 576 and 1536: 128 divides neither
+    _dequantized_copy(tmp_path / fmt, qconfig, tmp_path / "deq")
+    kw = dict(kv_cache_bytes=32 << 20, max_num_seqs=4, max_model_len=512)
+    q, f = _core.Engine(str(tmp_path / fmt), **kw), _core.Engine(str(tmp_path / "deq"), **kw)
+    assert q.info["weight_bytes_owned"] < f.info["weight_bytes_owned"] or fmt == "fp8"
+    prompt = [[1, 504, 3458, 282, 4649, 314]]
+    [(tq, lq)] = run_greedy(q, prompt, 3)
+    [(_, lf)] = run_greedy(f, prompt, 3, first_id=1 << 41, feed=[tq])
+    cos = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(lq, lf)]
+    assert min(cos) > 0.9995, cos

@@ -117,9 +117,10 @@ def test_rope_scaling_llama3_and_linear():
     ({"model_type": "mistral", "sliding_window": 128}, "sliding_window=128 is not supported"),
     ({"vocab_size": 10.5}, '"vocab_size" must be an integer'),
     ({"hidden_size": "64"}, '"hidden_size" must be an integer, got a string'),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, 'quant_method "gptq" is not supported yet'),
-    ({"quantization_config": {"quant_method": "flashpage", "format": "w4a16"}},
-     'quant_method "flashpage" \\(format "w4a16"\\) is not supported yet'),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, 'quant_method "gptq" is not read directly'),
+    ({"quantization_config": {"quant_method": "flashpage", "format": "nf4"}}, 'format "nf4" is not one of'),
+    ({"quantization_config": {"quant_method": "flashpage", "format": "w4a16", "group_size": 16}},
+     "group_size 16 is not supported on the CPU"),
 ])
 def test_unsupported_or_bad_configs_are_refused_by_name(patch, message):
     cfg = {**LLAMA, **patch}

@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("src", help="a Hugging Face model directory (float, GPTQ or AWQ)")
     quant.add_argument("dst", help="the directory to write")
     quant.add_argument("--format", default="w4a16", choices=["w4a16", "w8a8-int8", "fp8"])
-    quant.add_argument("--group-size", type=int, default=128, help="w4a16: input features per scale")
+    quant.add_argument("--group-size", type=int, default=None,
+                       help="w4a16: input features per scale (default: 128, 64 or 32, the largest dividing every "
+                            "Linear's input size)")
     quant.add_argument("--asymmetric", action="store_true", help="w4a16: zero points per group")
     quant.set_defaults(func=cmd_quantize)
     sub.add_parser("info", help="version, CPU ISA in use, CUDA backend status").set_defaults(func=cmd_info)

@@ -3,7 +3,7 @@ float Hugging Face checkpoint (round-to-nearest quantization of every Linear lay
 decoder) or converted from a GPTQ or AWQ checkpoint (4-bit, repacked without requantizing), and
 read back Linear by Linear.
 
-    flashpage quantize SRC DST [--format w4a16|w8a8-int8|fp8] [--group-size 128] [--asymmetric]
+    flashpage quantize SRC DST [--format w4a16|w8a8-int8|fp8] [--group-size N] [--asymmetric]
 
 DST gets model.safetensors, config.json with "quantization_config": {"quant_method":
 "flashpage", "format", "group_size", "symmetric"}, and every other file of SRC (tokenizer,
@@ -50,6 +50,8 @@ def _is_linear(name: str) -> bool:
 def _quantize(name: str, w: torch.Tensor, fmt: str, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
     prefix = name[: -len(".weight")]
     if fmt == "w4a16":
+        if group_size == -1:  # one group per row
+            group_size = w.shape[1]
         if w.shape[1] % group_size:
             raise ValueError(f"{name}: K={w.shape[1]} is not a multiple of group_size={group_size}")
         scale_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
@@ -107,17 +109,32 @@ def _from_4bit(qc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[di
     return out, -1 if channelwise else configured, symmetric
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", group_size: int = 128,
+GROUP_SIZES = (128, 64, 32)  # the default's candidates: multiples of 32, what the CPU's kernels take
+
+
+def pick_group_size(tensors: dict[str, torch.Tensor], linears: list[str]) -> int:
+    """The largest of GROUP_SIZES dividing every Linear's input size; ValueError naming the
+    Linear no candidate divides."""
+    for g in GROUP_SIZES:
+        if all(tensors[n].shape[1] % g == 0 for n in linears):
+            return g
+    worst = next(n for n in linears if tensors[n].shape[1] % GROUP_SIZES[-1])
+    raise ValueError(f"{worst}: K={tensors[worst].shape[1]} is a multiple of none of {GROUP_SIZES}; pass "
+                     "--group-size (a divisor of every K, or -1 for one group per row)")
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", group_size: int | None = None,
                         symmetric: bool = True) -> dict[str, Any]:
     """Writes src as a canonical quantized checkpoint into dst; returns its quantization_config.
-    A GPTQ/AWQ src is converted (w4a16, its own group size); a float src is quantized to fmt."""
+    A GPTQ/AWQ src is converted (w4a16, its own group size); a float src is quantized to fmt
+    (group_size None: pick_group_size)."""
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if group_size <= 0:
-        raise ValueError(f"group_size must be positive, got {group_size}")
+    if group_size is not None and group_size <= 0 and group_size != -1:
+        raise ValueError(f"group_size must be positive (or -1: one group per row), got {group_size}")
     if src.resolve() == dst.resolve():
         raise ValueError("the destination must differ from the source")
     config = json.loads((src / "config.json").read_text())
@@ -136,6 +153,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
         if not linears:
             raise ValueError(f"{src}: no decoder Linear weights ({', '.join(LINEARS)}) to quantize")
         out = {n: t for n, t in tensors.items() if n not in linears}
+        if fmt == "w4a16" and group_size is None:
+            group_size = pick_group_size(tensors, linears)
         for n in linears:
             out.update(_quantize(n, tensors[n], fmt, group_size, symmetric))
     qconfig: dict[str, Any] = {"quant_method": "flashpage", "format": fmt}
@@ -150,6 +169,31 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
                 and not f.name.endswith(".safetensors"):
             shutil.copy2(f, dst / f.name)
     return qconfig
+
+
+def converted_for_cpu(model: str) -> str:
+    """A GPTQ or AWQ checkpoint directory in flashpage's format, converted once (repacked, not
+    requantized) into a cache beside the user's ($FLASHPAGE_CACHE or ~/.cache/flashpage); any
+    other model as it is."""
+    import hashlib
+    import os
+
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return model
+    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") not in ("gptq", "awq"):
+        return model
+    src = Path(model).resolve()
+    stamp = hashlib.sha256(str(src).encode() + b"".join(
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode() for f in sorted(src.iterdir()) if f.is_file()))
+    cache = Path(os.environ.get("FLASHPAGE_CACHE", Path.home() / ".cache" / "flashpage")) / "converted"
+    dst = cache / f"{src.name}-{stamp.hexdigest()[:16]}"
+    if not (dst / "config.json").is_file():
+        tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+        quantize_checkpoint(src, tmp)
+        tmp.rename(dst)
+    return str(dst)
 
 
 def read_linear(tensors: dict[str, torch.Tensor], prefix: str, qconfig: dict[str, Any]) -> Any:

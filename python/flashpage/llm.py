@@ -34,6 +34,9 @@ class LLM:
         args = EngineArgs.from_kwargs(model, tokenizer=tokenizer, **engine_options)
         self.engine_args = args
         gguf = model.endswith(".gguf")
+        if not gguf and os.path.isdir(model):  # GPTQ / AWQ: repacked once into flashpage's format
+            from flashpage.convert import converted_for_cpu
+            model = converted_for_cpu(model)
         if not (os.path.isfile(model) if gguf else os.path.isdir(model)):
             raise FileNotFoundError(f"{model}: not a directory or a .gguf file (flashpage loads local Hugging Face "
                                     "model directories and GGUF files)")

@@ -149,15 +149,27 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
       refuse(source, "sliding_window=" + std::to_string(sw->as_int("sliding_window")) +
                          " is not supported (sliding-window attention)");
   }
-  // Quantized checkpoints: the executor's GEMMs read float weights (the quantized GEMMs are CUDA
-  // kernels for now, see python/flashpage/quantization.py), so refuse them by name.
+  // Quantized checkpoints: flashpage's canonical formats run (see QuantConfig); GPTQ and AWQ
+  // convert to them without requantizing (`flashpage quantize`, which LLM(...) runs itself).
   if (const Json* q = j.find("quantization_config"); q && q->is_object()) {
     const Json* m = q->find("quant_method");
     const std::string method = m && m->is_string() ? m->as_string("quant_method") : "?";
+    if (method != "flashpage")
+      refuse(source, "quantization_config with quant_method \"" + method + "\" is not read directly: convert it with "
+                     "`flashpage quantize SRC DST` (GPTQ and AWQ are repacked without requantizing; LLM() does "
+                     "this itself into a cache)");
     const Json* f = q->find("format");
-    const std::string format = f && f->is_string() ? " (format \"" + f->as_string("format") + "\")" : "";
-    refuse(source, "quantization_config with quant_method \"" + method + "\"" + format +
-                       " is not supported yet: the model executor runs float checkpoints");
+    c.quant.format = f && f->is_string() ? f->as_string("format") : "";
+    if (c.quant.format != "w4a16" && c.quant.format != "w8a8-int8" && c.quant.format != "fp8")
+      refuse(source, "quantization_config format \"" + c.quant.format + "\" is not one of w4a16, w8a8-int8, fp8");
+    if (c.quant.format == "w4a16") {
+      const Json* g = q->find("group_size");
+      c.quant.group_size = g ? g->as_int(source + " quantization_config.group_size") : 128;
+      if (c.quant.group_size != -1 && (c.quant.group_size <= 0 || c.quant.group_size % 32 != 0))
+        refuse(source, "quantization_config.group_size " + std::to_string(c.quant.group_size) +
+                           " is not supported on the CPU (-1 or a multiple of 32)");
+      c.quant.symmetric = get_bool(*q, "symmetric", source + " quantization_config", true);
+    }
   }
   // Rotary scaling: transformers 4 writes "rope_scaling" (and "rope_theta" beside it),
   // transformers 5 writes "rope_parameters" holding rope_theta and the scaling together.

@@ -17,6 +17,14 @@ struct RopeScaling {
   int64_t original_max_position_embeddings = 8192;       // llama3
 };
 
+// flashpage's canonical quantized checkpoints (python/flashpage/quantization.py), from
+// config.json's "quantization_config": {"quant_method": "flashpage", ...}.
+struct QuantConfig {
+  std::string format;       // "" (float), "w4a16", "w8a8-int8" or "fp8"
+  int64_t group_size = 0;   // w4a16: input features per scale (-1: one group per row)
+  bool symmetric = true;    // w4a16: no qzeros (zero point 8)
+};
+
 struct ModelConfig {
   std::string model_type;
   int64_t hidden_size = 0, intermediate_size = 0, num_hidden_layers = 0;
@@ -28,6 +36,7 @@ struct ModelConfig {
   bool attention_bias = false;  // q/k/v projections carry a bias (qwen2)
   bool qk_norm = false;         // RMSNorm on q and k per head (qwen3)
   std::string torch_dtype;      // "bfloat16", "float16", "float32" or ""
+  QuantConfig quant;
   std::vector<int64_t> eos_token_ids;
   int64_t bos_token_id = -1;
 

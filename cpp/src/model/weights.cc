@@ -15,6 +15,14 @@ namespace {
 using runtime::bf16_to_f32;
 using runtime::f16_to_f32;
 
+// fp8 e4m3 (finite only: 0x7F / 0xFF are NaN) to fp32, exactly.
+float fp8_e4m3_to_f32(uint8_t v) {
+  const int sign = v >> 7, exp = (v >> 3) & 0xF, man = v & 7;
+  if (exp == 0xF && man == 7) return std::nanf("");
+  const float mag = exp == 0 ? std::ldexp(float(man), -9) : std::ldexp(float(8 + man), exp - 10);
+  return sign ? -mag : mag;
+}
+
 float element_as_f32(const TensorInfo& t, int64_t i) {
   switch (t.dtype) {
     case DType::kF32: return static_cast<const float*>(t.data)[i];
@@ -66,6 +74,9 @@ class Loader {
   // gathered from.
   Matrix matrix(const std::string& name, int64_t rows, int64_t cols, bool linear = true) {
     if (gguf_) return gguf_matrix(name, rows, cols, linear && quantized_);
+    const std::string prefix = name.substr(0, name.size() - std::string(".weight").size());
+    if (linear && !config_.quant.format.empty() && store_->contains(prefix + ".qweight"))
+      return quantized_matrix(prefix, rows, cols);
     const TensorInfo& t = store_->get(name, {rows, cols});
     check_float(t);
     const bool bf16 = w_.storage == StorageType::kBF16;
@@ -110,6 +121,68 @@ class Loader {
       }
     }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
     Matrix m{dst, bf16, rows, cols};
+    w_.owned_bytes += int64_t(buf.size());
+    w_.owned.push_back(std::move(buf));
+    return m;
+  }
+
+  // A Linear of flashpage's canonical quantized formats (python/flashpage/quantization.py) as
+  // int8 / 4-bit blocks of 32, exactly: w8a8-int8's per-row scale on every block; w4a16's group
+  // scale with min = -zero x scale (zero 8 when symmetric). fp8 is dequantized to the storage
+  // type (the CPU has no fp8 arithmetic).
+  Matrix quantized_matrix(const std::string& prefix, int64_t rows, int64_t cols) {
+    const QuantConfig& q = config_.quant;
+    const int64_t B = cols / 32;
+    const TensorInfo& scales_t = store_->get(prefix + ".scales");
+    auto scale_of = [&](int64_t i) { return element_as_f32(scales_t, i); };
+    if (q.format == "fp8") {
+      const TensorInfo& w = store_->get(prefix + ".qweight", {rows, cols});
+      if (w.dtype != DType::kF8E4M3) throw std::runtime_error(w.file + ": " + w.name + " must be F8_E4M3");
+      const bool per_row = scales_t.numel() == rows;
+      return owned(rows, cols, [&](int64_t r, float* row) {
+        const float s = scale_of(per_row ? r : 0);
+        for (int64_t k = 0; k < cols; ++k) row[k] = fp8_e4m3_to_f32(static_cast<const uint8_t*>(w.data)[r * cols + k]) * s;
+      });
+    }
+    if (cols % 32 != 0)
+      throw std::runtime_error(prefix + ": K=" + std::to_string(cols) + " is not a multiple of 32 (the CPU's int8 blocks)");
+    runtime::HostBuffer buf(size_t(rows * cols) + size_t(rows * B) * 8);
+    auto* qs = static_cast<int8_t*>(buf.data());
+    auto* scales = reinterpret_cast<float*>(qs + rows * cols);
+    float* mins = scales + rows * B;
+    Matrix m{buf.data(), false, rows, cols};
+    m.int8 = true;
+    if (q.format == "w8a8-int8") {
+      const TensorInfo& w = store_->get(prefix + ".qweight", {rows, cols});
+      if (w.dtype != DType::kI8) throw std::runtime_error(w.file + ": " + w.name + " must be I8 in format w8a8-int8");
+      if (scales_t.numel() != rows && scales_t.numel() != 1)
+        throw std::runtime_error(scales_t.file + ": " + scales_t.name + " must hold one scale per row or one in all");
+      std::memcpy(qs, w.data, size_t(rows * cols));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < B; ++b) {
+          scales[r * B + b] = scale_of(scales_t.numel() == rows ? r : 0);
+          mins[r * B + b] = 0.f;
+        }
+    } else {  // w4a16
+      const int64_t gs = q.group_size == -1 ? cols : q.group_size, G = cols / gs;
+      if (cols % gs != 0) throw std::runtime_error(prefix + ": K=" + std::to_string(cols) + " is not a multiple of group_size");
+      const TensorInfo& w = store_->get(prefix + ".qweight", {rows, cols / 2});
+      store_->get(prefix + ".scales", {rows, G});
+      const TensorInfo* zeros = store_->contains(prefix + ".qzeros") ? &store_->get(prefix + ".qzeros", {rows, G}) : nullptr;
+      if (!zeros && !q.symmetric) throw std::runtime_error(prefix + ".qzeros is missing from an asymmetric checkpoint");
+      const auto* packed = static_cast<const uint8_t*>(w.data);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t k = 0; k < cols; ++k) qs[r * cols + k] = int8_t((packed[r * cols / 2 + k / 2] >> (4 * (k % 2))) & 0xF);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t g = b * 32 / gs;
+          const float s = scale_of(r * G + g);
+          const float z = zeros ? float(static_cast<const uint8_t*>(zeros->data)[r * G + g]) : 8.f;
+          scales[r * B + b] = s;
+          mins[r * B + b] = -(z * s);
+        }
+      }
+      m.int4 = true;
+    }
     w_.owned_bytes += int64_t(buf.size());
     w_.owned.push_back(std::move(buf));
     return m;
