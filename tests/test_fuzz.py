@@ -30,7 +30,7 @@ SECONDS = int(os.environ.get("FLASHPAGE_FUZZ_SECONDS", "6"))
 
 
 def test_every_parser_of_untrusted_input_has_a_target():
-    assert TARGETS == ["fuzz_chat_template", "fuzz_config", "fuzz_grpc_request", "fuzz_http_request",
+    assert TARGETS == ["fuzz_chat_template", "fuzz_config", "fuzz_gguf", "fuzz_grpc_request", "fuzz_http_request",
                        "fuzz_safetensors", "fuzz_tokenizer"]
 
 

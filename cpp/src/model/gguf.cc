@@ -21,6 +21,28 @@ enum ValueType : uint32_t {
   kU64 = 10, kI64 = 11, kF64 = 12,
 };
 
+// Whether s is valid UTF-8 (GGUF's strings are; Python could not take them otherwise).
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : 9;
+    if (n == 9 || i + n >= s.size()) return false;
+    uint32_t cp = n == 0 ? c : n == 1 ? (c & 0x1F) : n == 2 ? (c & 0x0F) : (c & 0x07);
+    for (size_t k = 1; k <= n; ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d >> 6) != 2) return false;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    // Overlong forms, surrogates and code points past U+10FFFF.
+    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF))
+      return false;
+    i += n + 1;
+  }
+  return true;
+}
+
 // Reads the file front to back, every read checked against its end.
 class Reader {
  public:
@@ -38,6 +60,9 @@ class Reader {
     const uint64_t n = get<uint64_t>(what);
     need(n, what);
     std::string s(reinterpret_cast<const char*>(f_.data() + pos_), size_t(n));
+    if (!valid_utf8(s))
+      throw std::runtime_error(f_.path() + ": " + what + " holds a string that is not valid UTF-8 (at offset " +
+                               std::to_string(pos_) + ")");
     pos_ += size_t(n);
     return s;
   }
