@@ -34,6 +34,8 @@ struct Matrix {
   bool int8 = false;
   // With int8: every q is in [0, 16) (Q4_0, Q4_1, Q4_K), which a backend may store two per byte.
   bool int4 = false;
+  // Packed (CPU, int4): the scales and mins are kept as fp16, every one of them exactly.
+  bool half_scales = false;
 };
 
 struct LayerWeights {

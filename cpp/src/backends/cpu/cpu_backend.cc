@@ -65,18 +65,23 @@ class CpuBackend final : public Backend {
   model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
     if (w.int8) {
       const int64_t panel = kern_.q8_panel(), N = w.rows, K = w.cols;
-      runtime::HostBuffer packed(size_t(w.int4 ? kern_.packed_q4_bytes(N, K) : kern_.packed_q8_bytes(N, K)));
-      const auto pack = w.int4 ? kern_.pack_q4 : kern_.pack_q8;
       const auto* qs = static_cast<const int8_t*>(w.data);
       const auto* scales = reinterpret_cast<const float*>(qs + N * K);
       const float* mins = scales + N * (K / 32);
+      // fp16 scales where every scale and min is one exactly (Q4_0, Q4_1: the file's own fp16s).
+      const bool half = w.int4 && std::all_of(scales, scales + 2 * N * (K / 32), [](float v) {
+        return cpu::fp16_exact(v);
+      });
+      runtime::HostBuffer packed(size_t(w.int4 ? kern_.packed_q4_bytes(N, K, half) : kern_.packed_q8_bytes(N, K)));
       pool().parallel_for(cpu::linear_panels(panel, N), [&](int64_t b, int64_t e) {
-        pack(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
+        if (w.int4) kern_.pack_q4(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel), half);
+        else kern_.pack_q8(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
       });
       storage = host_buffer(std::move(packed));
       model::Matrix m{storage.data, false, N, K, true};
       m.int8 = true;
       m.int4 = w.int4;
+      m.half_scales = half;
       return m;
     }
     cpu::PackedLinear p = cpu::pack_linear_weight(kern_, w.data, w.bf16, w.rows, w.cols);
@@ -160,9 +165,10 @@ class CpuBackend final : public Backend {
         const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j)), panel = panel_of(j);
         if (lo < hi) {
           const int64_t n0 = (lo - off) * panel, n1 = std::min(j.w->rows, (hi - off) * panel);
-          if (j.w->int8)
-            (j.w->int4 ? kern_.q4_linear : kern_.q8_linear)(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy,
-                                                             x.cols, n0, n1);
+          if (j.w->int4)
+            kern_.q4_linear(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1, j.w->half_scales);
+          else if (j.w->int8)
+            kern_.q8_linear(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1);
           else kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1);
         }
         off += panels(j);

@@ -115,12 +115,14 @@ struct Q8Rows {
   void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
                  int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);                  \
   /* The same for 4-bit weights (q in [0, 16): GGUF's Q4_0, Q4_1, Q4_K), stored two per   */ \
-  /* byte by the levels with VNNI: half the bytes of int8, the same results.              */ \
-  int64_t packed_q4_bytes(int64_t N, int64_t K);                                           \
+  /* byte by the levels with VNNI: half the bytes of int8, the same results. With         */ \
+  /* half_scales (every scale and min exactly an fp16: Q4_0, Q4_1), those are kept in     */ \
+  /* fp16: a sixth fewer bytes again.                                                     */ \
+  int64_t packed_q4_bytes(int64_t N, int64_t K, bool half_scales);                        \
   void pack_q4(void* dst, const int8_t* qs, const float* scales, const float* mins,        \
-               int64_t N, int64_t K, int64_t n_begin, int64_t n_end);                      \
+               int64_t N, int64_t K, int64_t n_begin, int64_t n_end, bool half_scales);    \
   void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
-                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);
+                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end, bool half_scales);
 
 namespace ref { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS }
@@ -166,6 +168,18 @@ inline int64_t bf16_input_index(int64_t m, int64_t k, int64_t K) {
 // Whether table t multiplies weights of this dtype in bf16 (its linear wants linear_input's
 // bf16 rows): bf16 weights on a level with bf16 dot products.
 inline bool takes_bf16_input(const KernelTable& t, bool w_bf16) { return w_bf16 && runtime::isa_has_bf16_dot(t.isa); }
+
+// Whether x is exactly an IEEE half (finite, normal or subnormal, or zero).
+inline bool fp16_exact(float x) {
+  const float a = x < 0 ? -x : x;
+  if (a == 0.f) return true;
+  if (!(a <= 65504.f) || a < 5.9604645e-8f) return false;  // beyond the range, or below its smallest subnormal
+  uint32_t b;
+  __builtin_memcpy(&b, &a, 4);
+  const int exp = int(b >> 23) - 127;
+  const int keep = exp >= -14 ? 10 : 10 - (-14 - exp);  // mantissa bits a half holds at this exponent
+  return keep >= 0 && (b & ((1u << (23 - keep)) - 1)) == 0;
+}
 
 // fp32 to bf16 bits, rounded to nearest even; NaN stays NaN.
 inline uint16_t bf16_round(float x) {

@@ -21,15 +21,15 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
 
 // Bytes of one (panel, block): the weights (8-bit: 512; 4-bit, two per byte: 256), then the
-// 16 columns' scales and mins (64 bytes each). 4-bit: byte j of 64-byte row i holds group i's
-// byte j in its low nibble and group i + 4's in its high one.
-template <bool kFour>
-constexpr int64_t block_bytes() { return (kFour ? 256 : 512) + 128; }
+// 16 columns' scales and mins (fp32: 64 bytes each; fp16 when kHalf: 32). 4-bit: byte j of
+// 64-byte row i holds group i's byte j in its low nibble and group i + 4's in its high one.
+template <bool kFour, bool kHalf>
+constexpr int64_t block_bytes() { return (kFour ? 256 : 512) + (kHalf ? 64 : 128); }
 
-template <bool kFour>
+template <bool kFour, bool kHalf = false>
 void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
           int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kFour>();
+  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>();
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
     for (int64_t b = 0; b < B; ++b) {
@@ -53,16 +53,23 @@ void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_
         std::memcpy(blk, groups, sizeof groups);
       }
       const int64_t w = kFour ? 256 : 512;
-      std::memcpy(blk + w, scales, sizeof scales);
-      std::memcpy(blk + w + 64, ms, sizeof ms);
+      if (kHalf) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + w),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(scales), _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + w + 32),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(ms), _MM_FROUND_TO_NEAREST_INT));
+      } else {
+        std::memcpy(blk + w, scales, sizeof scales);
+        std::memcpy(blk + w + 64, ms, sizeof ms);
+      }
     }
   }
 }
 
-template <bool kFour>
+template <bool kFour, bool kHalf = false>
 void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
             int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kFour>(), wbytes = kFour ? 256 : 512;
+  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>(), wbytes = kFour ? 256 : 512;
   // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
   const int32_t bias128 = kFour ? 0 : -128;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -86,8 +93,10 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
         } else {
           for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
         }
-        const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes));
-        const __m512 wm = _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes + 64));
+        const __m512 ws = kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + wbytes)))
+                                : _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes));
+        const __m512 wm = kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + wbytes + 32)))
+                                : _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes + 64));
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
           const int8_t *xq = x.qs + m * K + b * 32, *xq2 = x.qs2 + m * K + b * 32;
@@ -119,16 +128,21 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
 
 int64_t q8_panel() { return kPanel; }
 
-int64_t packed_q8_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<false>(); }
-int64_t packed_q4_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<true>(); }
+int64_t packed_q8_bytes(int64_t N, int64_t K) {
+  return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<false, false>();
+}
+int64_t packed_q4_bytes(int64_t N, int64_t K, bool half_scales) {
+  return (N + kPanel - 1) / kPanel * (K / 32) * (half_scales ? block_bytes<true, true>() : block_bytes<true, false>());
+}
 
 void pack_q8(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
              int64_t n_end) {
   pack<false>(dst, qs, d, mins, N, K, n_begin, n_end);
 }
 void pack_q4(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
-             int64_t n_end) {
-  pack<true>(dst, qs, d, mins, N, K, n_begin, n_end);
+             int64_t n_end, bool half_scales) {
+  if (half_scales) pack<true, true>(dst, qs, d, mins, N, K, n_begin, n_end);
+  else pack<true, false>(dst, qs, d, mins, N, K, n_begin, n_end);
 }
 
 void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
@@ -136,8 +150,9 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
   linear<false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
-               int64_t n_begin, int64_t n_end) {
-  linear<true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+               int64_t n_begin, int64_t n_end, bool half_scales) {
+  if (half_scales) linear<true, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+  else linear<true, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA
