@@ -24,6 +24,14 @@ TEXTS = ["Hello world! 12345 <|im_start|>user\nWhat's up?<|im_end|>", "  spaces 
          "émoji 🤖 ünïcödé 中文", "The year 2024 had 366 days.", "Once upon a time, Lily saw a big dog."]
 
 
+def _finish(w) -> None:
+    """Writes a GGUFWriter's file: header, metadata, tensors."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _random_blocks(qtype, n_values: int, rng: np.random.Generator) -> np.ndarray:
     """Random bytes of n_values of qtype whose fp16 scale fields are finite and moderate."""
     if qtype == Q.F32:
@@ -56,10 +64,7 @@ def test_every_tensor_type_dequantizes_as_the_gguf_package_does(tmp_path, name):
         w.add_tensor("t", data.view(np.float32 if qtype == Q.F32 else np.float16).reshape(rows, cols))
     else:
         w.add_tensor("t", data.reshape(rows, -1), raw_shape=data.reshape(rows, -1).shape, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     f = _core.GgufFile(path)
     assert f.tensors() == [("t", name, [cols, rows])]
     got = f.dequantize("t")
@@ -184,10 +189,7 @@ def _write_stories_gguf(path: str, qtype=None) -> str:
             w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             w.add_tensor(g, x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -230,10 +232,7 @@ def _tiny_gguf(path: str, **edits) -> str:
     w.add_tensor("token_embd.weight", np.zeros((32, 64), np.float32))
     for k, v in edits.items():
         w.add_tensor(k, v)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -263,10 +262,7 @@ def test_an_unsupported_tensor_type_is_named(tmp_path):
     w = gguf.GGUFWriter(path, "llama")
     block, nbytes = gguf.GGML_QUANT_SIZES[Q.Q2_K]
     w.add_tensor("t", np.zeros((1, nbytes), np.uint8), raw_shape=(1, nbytes), raw_dtype=Q.Q2_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(RuntimeError, match='tensor "t" has type Q2_K, which flashpage does not read'):
         _core.GgufFile(path)
 
