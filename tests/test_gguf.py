@@ -285,7 +285,7 @@ def test_random_corruptions_never_crash_the_parser(tmp_path):
 
 
 def test_perplexity_of_the_quantized_weights_matches_the_dequantized_model(smol_gguf):
-    """The shipped text (tests/data/perplexity.txt) through flashpage.bench.perplexity's scoring:
+    """The shipped text (python/flashpage/bench/perplexity.txt) through flashpage.bench.perplexity's scoring:
     the 4-bit weights with two-level int8 activations within 0.5 % of the same weights
     dequantized to bf16 (llama.cpp's own figure on this file, measured by the benchmark, is
     within 1 % of both; see the README)."""

@@ -2,13 +2,13 @@
 the same tokens, as llama.cpp's perplexity tool measures it: windows of --ctx tokens (the text's
 tokens, BOS first), each scored on its second half (the first half is context).
 
-    python -m flashpage.bench.perplexity FILE.gguf [--text tests/data/perplexity.txt] [--ctx 512]
+    python -m flashpage.bench.perplexity FILE.gguf [--text FILE.txt] [--ctx 512]
                                          [--engines auto,none,llamacpp] [--json out.json]
 
 Engines: flashpage with quantization "auto" (the file's quantized weights, two-level int8
 activations) and "none" (dequantized to bf16), and llama.cpp (llama-cpp-python, in a subprocess
-of its own). The default text is tests/data/perplexity.txt: ~3,500 SmolLM2 tokens of this
-project's own README prose.
+of its own). The default text, shipped beside this module (perplexity.txt), is ~3,500 SmolLM2
+tokens of this project's own README prose.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-DEFAULT_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tests", "data", "perplexity.txt")
+DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "perplexity.txt")
 RESULT = "RESULT "
 
 

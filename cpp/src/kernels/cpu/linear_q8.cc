@@ -26,41 +26,40 @@ constexpr int64_t kRows = 4;  // input rows that share each weight load
 template <bool kFour, bool kHalf>
 constexpr int64_t block_bytes() { return (kFour ? 256 : 512) + (kHalf ? 64 : 128); }
 
+// Written straight into the panel (no local arrays: ASan's fake stack frames do not keep the
+// 64-byte alignment that vectorised stores to them assume).
 template <bool kFour, bool kHalf = false>
 void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
           int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>();
+  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>(), wbytes = kFour ? 256 : 512;
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
     for (int64_t b = 0; b < B; ++b) {
       uint8_t* blk = panel + b * bb;
-      uint8_t groups[8][64];  // the unsigned weights, group g: column c's 4 at c * 4
-      float scales[kPanel] = {}, ms[kPanel] = {};
-      for (int64_t c = 0; c < kPanel; ++c) {
+      // The unsigned weight of column c at position k of the block (padding columns: 0).
+      auto u = [&](int64_t c, int64_t k) -> uint8_t {
         const int64_t n = p * kPanel + c;
-        for (int64_t k = 0; k < 32; ++k)  // padding columns: weight 0, scale 0, min 0
-          groups[k / 4][c * 4 + k % 4] =
-              n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kFour ? 0 : 128)) : uint8_t(kFour ? 0 : 128);
-        if (n < N) {
-          scales[c] = d[n * B + b];
-          ms[c] = mins[n * B + b];
+        return n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kFour ? 0 : 128)) : uint8_t(kFour ? 0 : 128);
+      };
+      for (int64_t j = 0; j < 64; ++j) {  // byte j of a group: column j / 4, position j % 4
+        const int64_t c = j / 4, t = j % 4;
+        if (kFour) {
+          for (int64_t i = 0; i < 4; ++i) blk[i * 64 + j] = uint8_t(u(c, 4 * i + t) | (u(c, 4 * (i + 4) + t) << 4));
+        } else {
+          for (int64_t g = 0; g < 8; ++g) blk[g * 64 + j] = u(c, 4 * g + t);
         }
       }
-      if (kFour) {
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 64; ++j) blk[i * 64 + j] = uint8_t(groups[i][j] | (groups[i + 4][j] << 4));
-      } else {
-        std::memcpy(blk, groups, sizeof groups);
-      }
-      const int64_t w = kFour ? 256 : 512;
-      if (kHalf) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + w),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(scales), _MM_FROUND_TO_NEAREST_INT));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk + w + 32),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(ms), _MM_FROUND_TO_NEAREST_INT));
-      } else {
-        std::memcpy(blk + w, scales, sizeof scales);
-        std::memcpy(blk + w + 64, ms, sizeof ms);
+      for (int64_t c = 0; c < kPanel; ++c) {  // scales and mins (padding columns: 0)
+        const int64_t n = p * kPanel + c;
+        const float sc = n < N ? d[n * B + b] : 0.f, mn = n < N ? mins[n * B + b] : 0.f;
+        if (kHalf) {
+          const uint16_t hs = _cvtss_sh(sc, _MM_FROUND_TO_NEAREST_INT), hm = _cvtss_sh(mn, _MM_FROUND_TO_NEAREST_INT);
+          std::memcpy(blk + wbytes + 2 * c, &hs, 2);
+          std::memcpy(blk + wbytes + 32 + 2 * c, &hm, 2);
+        } else {
+          std::memcpy(blk + wbytes + 4 * c, &sc, 4);
+          std::memcpy(blk + wbytes + 64 + 4 * c, &mn, 4);
+        }
       }
     }
   }
