@@ -7,7 +7,8 @@
 #include "runtime/aligned.h"
 #include "runtime/cpu_features.h"
 #include "runtime/cuda_loader.h"
-#include "runtime/kv_cache_plan.h"
+#include "engine/kv_cache_plan.h"
+#include "runtime/memory.h"
 #include "runtime/thread_pool.h"
 
 namespace py = pybind11;
@@ -253,7 +254,7 @@ void bind_runtime(py::module_& m) {
           else if (!memory_fraction.is_none())
             budget = runtime::memory_budget_from_fraction(memory_fraction.cast<double>());
           else throw std::invalid_argument("plan_kv_cache: give budget_bytes or memory_fraction");
-          const auto p = runtime::plan_kv_cache(
+          const auto p = engine::plan_kv_cache(
               {num_layers, num_kv_heads, head_dim, block_size, dtype_bytes}, budget, max_model_len);
           py::dict d;
           d["bytes_per_token"] = p.bytes_per_token;

@@ -129,7 +129,7 @@ float elementwise_tolerance(const Backend& be) { return be.capabilities().activa
 struct HostMatrix {
   std::vector<float> f32;
   std::vector<uint16_t> b16;
-  model::Matrix m;
+  backends::Matrix m;
 };
 HostMatrix host_matrix(int64_t N, int64_t K, bool bf16, std::mt19937& rng) {
   HostMatrix h{randn(N * K, rng, 1.f / std::sqrt(float(K))), {}, {}};
@@ -154,7 +154,7 @@ TEST(backend_ops_embed_norm_gather) {
     int side = 0;
     for (Backend* be : {s.backend.get(), s.reference.get()}) {
       DeviceBuffer keep;
-      const model::Matrix E = be->load_embedding(table.m, keep);
+      const backends::Matrix E = be->load_embedding(table.m, keep);
       DeviceBuffer d_ids = raw_in(*be, ids), x = acts_in(*be, std::vector<float>(T * H)), out = acts_in(*be, std::vector<float>(T * H));
       DeviceBuffer res = acts_in(*be, res0), wd = raw_in(*be, w), g = acts_in(*be, std::vector<float>(3 * H));
       be->embed(x.data, E, static_cast<const int32_t*>(d_ids.data), T);
@@ -197,8 +197,8 @@ TEST(backend_ops_linears_and_their_inputs) {
       for (Backend* be : {s.backend.get(), s.reference.get()}) {
         be->reserve(M, std::max(K, I));
         DeviceBuffer k1, k2, kd, kh, kb;
-        const model::Matrix p1 = be->load_linear(w1.m, k1), p2 = be->load_linear(w2.m, k2);
-        const model::Matrix pd = be->load_linear(wd.m, kd), ph = be->load_linear(head.m, kh);
+        const backends::Matrix p1 = be->load_linear(w1.m, k1), p2 = be->load_linear(w2.m, k2);
+        const backends::Matrix pd = be->load_linear(wd.m, kd), ph = be->load_linear(head.m, kh);
         const void* b = be->load_vector(bias, kb);
         DeviceBuffer x = acts_in(*be, x0), normed = acts_in(*be, std::vector<float>(M * K)), nwd = raw_in(*be, nw);
         // Both outputs into one wider buffer (ldy N1 + N2), the way QKV share a pass.

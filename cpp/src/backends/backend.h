@@ -17,7 +17,7 @@
 #include <string>
 
 #include "flashpage/scheduler.h"
-#include "model/weights.h"
+#include "backends/matrix.h"
 
 namespace flashpage::backends {
 
@@ -55,7 +55,7 @@ struct LinearInput {
 struct LinearJob {
   void* y;
   int64_t ldy;
-  const model::Matrix* w;
+  const Matrix* w;
   const void* bias;  // from load_vector; nullptr: none
 };
 
@@ -94,11 +94,11 @@ class Backend {
   virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
 
   // --- weights: a host matrix (as loaded: fp32, bf16 as raw uint16, or int8 blocks: see
-  // model::Matrix) in the backend's memory and layout; `storage` receives what the result
+  // Matrix) in the backend's memory and layout; `storage` receives what the result
   // points into (empty: it points into the host matrix, which must then outlive it). Throws
   // std::runtime_error for a format the backend cannot run.
-  virtual model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) = 0;
-  virtual model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) = 0;
+  virtual Matrix load_linear(const Matrix& w, DeviceBuffer& storage) = 0;
+  virtual Matrix load_embedding(const Matrix& w, DeviceBuffer& storage) = 0;
   // A vector of parameters (norm weights, biases) in the backend's format for them.
   virtual const void* load_vector(std::span<const float> v, DeviceBuffer& storage) = 0;
 
@@ -111,7 +111,7 @@ class Backend {
 
   // --- ops (rows of `dim` activations unless said otherwise)
   // out[t] = table[ids[t]] (ids already checked against the vocabulary).
-  virtual void embed(void* out, const model::Matrix& table, const int32_t* ids, int64_t tokens) = 0;
+  virtual void embed(void* out, const Matrix& table, const int32_t* ids, int64_t tokens) = 0;
   // RMSNorm over rows, fused with the residual add when residual is non-null:
   // residual += x; out = residual * rsqrt(mean(residual^2) + eps) * weight. out may be x.
   virtual void rms_norm(void* out, const void* x, void* residual, const void* weight, int64_t rows,
@@ -125,7 +125,7 @@ class Backend {
   // Every job's Linear over the same input, in one pass (the QKV and gate/up projections).
   virtual void linears(const LinearInput& x, std::span<const LinearJob> jobs) = 0;
   // logits [rows, w.rows] fp32 = x . w^T (the LM head).
-  virtual void logits(float* out, const LinearInput& x, const model::Matrix& w) = 0;
+  virtual void logits(float* out, const LinearInput& x, const Matrix& w) = 0;
   // Rotate-half RoPE in place on q [tokens, q_heads, head_dim] and k [tokens, kv_heads,
   // head_dim]; cos_sin [positions, head_dim] (cos in the first half, sin in the second).
   virtual void rotary(void* q, void* k, const int32_t* positions, const float* cos_sin, int64_t tokens,

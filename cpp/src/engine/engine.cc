@@ -17,8 +17,8 @@
 #include "model/safetensors.h"
 #include "model/weights.h"
 #include "runtime/cuda_loader.h"
-#include "runtime/kv_cache_plan.h"
-#include "runtime/sampler.h"
+#include "engine/kv_cache_plan.h"
+#include "engine/sampler.h"
 #include "runtime/thread_pool.h"
 
 namespace flashpage {
@@ -33,7 +33,7 @@ struct Engine::Impl {
   ModelInfo info;
   std::unique_ptr<engine::ModelRunner> runner;
   std::unique_ptr<Scheduler> scheduler;
-  runtime::Sampler sampler;
+  engine::Sampler sampler;
   std::unordered_map<int64_t, Request> requests;
   int64_t next_id = 1;
   std::vector<int32_t> sampled;
@@ -114,12 +114,12 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
                                                              : std::max(2048, config.max_num_seqs);
   m.runner->reserve(step_cap, config.max_num_seqs);
 
-  runtime::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
+  engine::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
                             backend.capabilities().kv_bytes};
   const int64_t budget = config.kv_cache_bytes > 0 ? config.kv_cache_bytes
                                                    : backend.kv_cache_budget(gpu >= 0 ? config.gpu_memory_utilization
                                                                                       : config.kv_cache_memory_fraction);
-  const runtime::KvCachePlan plan = runtime::plan_kv_cache(spec, budget, max_len);
+  const engine::KvCachePlan plan = engine::plan_kv_cache(spec, budget, max_len);
   // More blocks than every sequence at max_model_len can use only feed the prefix cache; cap
   // them so a tiny model does not get millions of blocks.
   const int64_t blocks_per_seq = (max_len + config.block_size - 1) / config.block_size;
@@ -193,7 +193,7 @@ bool Engine::has_unfinished() const { return impl_->scheduler->has_unfinished();
 
 int64_t Engine::add_request(std::span<const int32_t> prompt, const SamplingOptions& options) {
   Impl& m = *impl_;
-  runtime::Sampler::validate(options);
+  engine::Sampler::validate(options);
   for (size_t i = 0; i < prompt.size(); ++i)
     if (prompt[i] < 0 || prompt[i] >= m.info.vocab_size)
       throw RequestRejected("prompt token id " + std::to_string(prompt[i]) + " at position " + std::to_string(i) +

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "backends/matrix.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 #include "runtime/host_buffer.h"
@@ -22,21 +23,7 @@ class GgufFile;
 enum class StorageType { kF32, kBF16 };
 const char* storage_name(StorageType s);  // "float32" / "bfloat16"
 
-struct Matrix {
-  const void* data = nullptr;
-  bool bf16 = false;
-  int64_t rows = 0, cols = 0;  // [out, in]
-  bool packed = false;         // in a backend's layout (Backend::load_linear)
-  // int8 weights in 32-value blocks along a row, w = q * scale + min (GGUF's Q8_0, Q4_0, Q4_1,
-  // Q5_0, Q5_1, Q4_K, Q5_K exactly; Q6_K requantized): data is int8 q [rows, cols], followed in
-  // the same buffer by the blocks' fp32 scales, then mins [rows, cols / 32]. bf16 is then
-  // meaningless.
-  bool int8 = false;
-  // With int8: every q is in [0, 16) (Q4_0, Q4_1, Q4_K), which a backend may store two per byte.
-  bool int4 = false;
-  // Packed (CPU, int4): the scales and mins are kept as fp16, every one of them exactly.
-  bool half_scales = false;
-};
+using Matrix = backends::Matrix;  // a weight as loaded, or as a backend holds it
 
 struct LayerWeights {
   Matrix q, k, v, o, gate, up, down;

@@ -9,7 +9,7 @@
 
 #include "runtime/aligned.h"
 #include "runtime/host_buffer.h"
-#include "runtime/kv_cache_plan.h"
+#include "runtime/memory.h"
 #include "runtime/thread_pool.h"
 
 namespace flashpage::backends {
@@ -62,7 +62,7 @@ class CpuBackend final : public Backend {
   void copy_to_device(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
 
-  model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
+  Matrix load_linear(const Matrix& w, DeviceBuffer& storage) override {
     if (w.int8) {
       const int64_t panel = kern_.q8_panel(), N = w.rows, K = w.cols;
       const auto* qs = static_cast<const int8_t*>(w.data);
@@ -78,7 +78,7 @@ class CpuBackend final : public Backend {
         else kern_.pack_q8(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
       });
       storage = host_buffer(std::move(packed));
-      model::Matrix m{storage.data, false, N, K, true};
+      Matrix m{storage.data, false, N, K, true};
       m.int8 = true;
       m.int4 = w.int4;
       m.half_scales = half;
@@ -88,7 +88,7 @@ class CpuBackend final : public Backend {
     storage = host_buffer(std::move(p.data));
     return {storage.data, w.bf16, w.rows, w.cols, true};
   }
-  model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) override {
+  Matrix load_embedding(const Matrix& w, DeviceBuffer& storage) override {
     storage = {};  // rows are gathered from the table as loaded (memory-mapped)
     return w;
   }
@@ -106,7 +106,7 @@ class CpuBackend final : public Backend {
   void plan_attention(const AttentionStep& st, const AttentionShape& shape) override;
   void finish_step() override { pool().rest(); }  // the sampler runs next, maybe on torch's threads
 
-  void embed(void* out, const model::Matrix& E, const int32_t* ids, int64_t tokens) override {
+  void embed(void* out, const Matrix& E, const int32_t* ids, int64_t tokens) override {
     const int64_t H = E.cols;
     for (int64_t t = 0; t < tokens; ++t) {
       float* dst = f32(out) + t * H;
@@ -177,7 +177,7 @@ class CpuBackend final : public Backend {
     pool().parallel_for(total, part, 1);
   }
 
-  void logits(float* out, const LinearInput& x, const model::Matrix& w) override {
+  void logits(float* out, const LinearInput& x, const Matrix& w) override {
     const LinearJob job{out, w.rows, &w, nullptr};
     linears(x, {&job, 1});
   }

@@ -76,14 +76,14 @@ class CudaBackend final : public Backend {
   void copy_to_device(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
   void copy_to_host(void* dst, const void* src, size_t bytes) override { copy(dst, src, bytes); }
 
-  model::Matrix load_linear(const model::Matrix& w, DeviceBuffer& storage) override {
+  Matrix load_linear(const Matrix& w, DeviceBuffer& storage) override {
     if (w.int8)
       throw std::runtime_error("the CUDA backend does not run int8 (GGUF-quantized) weights yet: load the model "
                                "with quantization=\"none\" (dequantized to bf16)");
     storage = upload_bf16(w.data, w.bf16, size_t(w.rows * w.cols));
     return {storage.data, true, w.rows, w.cols, true};
   }
-  model::Matrix load_embedding(const model::Matrix& w, DeviceBuffer& storage) override {
+  Matrix load_embedding(const Matrix& w, DeviceBuffer& storage) override {
     return load_linear(w, storage);
   }
   const void* load_vector(std::span<const float> v, DeviceBuffer& storage) override {
@@ -112,7 +112,7 @@ class CudaBackend final : public Backend {
   }
   void finish_step() override { check(ops_->stream_synchronize(stream_, err_, sizeof err_), "stream_synchronize"); }
 
-  void embed(void* out, const model::Matrix& table, const int32_t* ids, int64_t tokens) override {
+  void embed(void* out, const Matrix& table, const int32_t* ids, int64_t tokens) override {
     check(ops_->gather_rows(table.data, ids, out, int(tokens), table.cols * 2, stream_, err_, sizeof err_), "embed");
   }
   void rms_norm(void* out, const void* x, void* residual, const void* w, int64_t rows, int64_t dim,
@@ -136,7 +136,7 @@ class CudaBackend final : public Backend {
                          stream_, err_, sizeof err_),
             "linear");
   }
-  void logits(float* out, const LinearInput& x, const model::Matrix& w) override {
+  void logits(float* out, const LinearInput& x, const Matrix& w) override {
     const size_t bytes = size_t(x.rows * w.rows) * 2;
     if (bytes > logits16_.size) logits16_ = allocate(bytes);  // grows to the largest step, once
     const LinearJob job{logits16_.data, w.rows, &w, nullptr};

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-namespace flashpage::runtime {
+namespace flashpage::engine {
 
 struct KvCacheSpec {
   int64_t num_layers = 0, num_kv_heads = 0, head_dim = 0, block_size = 16;
@@ -26,7 +26,5 @@ struct KvCachePlan {
 // when not even one sequence of max_model_len fits in the budget.
 KvCachePlan plan_kv_cache(const KvCacheSpec& spec, int64_t budget_bytes, int64_t max_model_len);
 
-// Bytes for a fraction (0, 1] of the memory the OS reports available (MemAvailable).
-int64_t memory_budget_from_fraction(double fraction);
 
-}  // namespace flashpage::runtime
+}  // namespace flashpage::engine

@@ -10,7 +10,7 @@
 
 #include "flashpage/engine.h"
 
-namespace flashpage::runtime {
+namespace flashpage::engine {
 
 class Sampler {
  public:
@@ -23,4 +23,4 @@ class Sampler {
   std::vector<std::pair<float, int32_t>> cand_;  // scratch, reused across calls
 };
 
-}  // namespace flashpage::runtime
+}  // namespace flashpage::engine

@@ -1,11 +1,11 @@
-#include "runtime/sampler.h"
+#include "engine/sampler.h"
 
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
-namespace flashpage::runtime {
+namespace flashpage::engine {
 namespace {
 
 constexpr float kGreedyBelow = 1e-5f;  // as vLLM: temperatures below this are greedy
@@ -76,4 +76,4 @@ int32_t Sampler::sample(std::span<const float> logits, const SamplingOptions& o,
   return cand_[keep - 1].second;
 }
 
-}  // namespace flashpage::runtime
+}  // namespace flashpage::engine

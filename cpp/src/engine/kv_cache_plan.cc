@@ -1,9 +1,9 @@
-#include "runtime/kv_cache_plan.h"
+#include "engine/kv_cache_plan.h"
 
 #include <cstdio>
 #include <stdexcept>
 
-namespace flashpage::runtime {
+namespace flashpage::engine {
 namespace {
 
 // Formatting goes through snprintf, not iostreams: iostream number formatting crashed in the
@@ -51,18 +51,5 @@ KvCachePlan plan_kv_cache(const KvCacheSpec& s, int64_t budget_bytes, int64_t ma
   return p;
 }
 
-int64_t memory_budget_from_fraction(double fraction) {
-  if (!(fraction > 0.0 && fraction <= 1.0))
-    throw std::invalid_argument("memory fraction must be in (0, 1], got " + std::to_string(fraction));
-  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
-    char line[256];
-    long long kb = -1;
-    while (std::fgets(line, sizeof line, f))
-      if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1) break;
-    std::fclose(f);
-    if (kb >= 0) return static_cast<int64_t>(double(kb) * 1024 * fraction);
-  }
-  throw std::runtime_error("/proc/meminfo: no MemAvailable line; give the KV cache a size in bytes");
-}
 
-}  // namespace flashpage::runtime
+}  // namespace flashpage::engine
