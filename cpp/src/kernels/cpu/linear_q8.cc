@@ -99,15 +99,21 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
           const int8_t *xq = x.qs + m * K + b * 32, *xq2 = x.qs2 + m * K + b * 32;
-          __m512i s = _mm512_set1_epi32(bias128 * x.sums[m * B + b]);
-          __m512i s2 = _mm512_set1_epi32(bias128 * x.sums2[m * B + b]);
+          // Four chains per level (groups g mod 4), added at the end: VPDPBUSD's latency would
+          // otherwise serialise a one-row step; integer sums, so the same result.
+          __m512i a[4] = {_mm512_set1_epi32(bias128 * x.sums[m * B + b]), _mm512_setzero_si512(),
+                          _mm512_setzero_si512(), _mm512_setzero_si512()};
+          __m512i a2[4] = {_mm512_set1_epi32(bias128 * x.sums2[m * B + b]), _mm512_setzero_si512(),
+                           _mm512_setzero_si512(), _mm512_setzero_si512()};
           for (int g = 0; g < 8; ++g) {
-            int32_t four, four2;
-            std::memcpy(&four, xq + 4 * g, 4);
-            std::memcpy(&four2, xq2 + 4 * g, 4);
-            s = _mm512_dpbusd_epi32(s, wv[g], _mm512_set1_epi32(four));
-            s2 = _mm512_dpbusd_epi32(s2, wv[g], _mm512_set1_epi32(four2));
+            int32_t f, h;
+            std::memcpy(&f, xq + 4 * g, 4);
+            std::memcpy(&h, xq2 + 4 * g, 4);
+            a[g % 4] = _mm512_dpbusd_epi32(a[g % 4], wv[g], _mm512_set1_epi32(f));
+            a2[g % 4] = _mm512_dpbusd_epi32(a2[g % 4], wv[g], _mm512_set1_epi32(h));
           }
+          const __m512i s = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
+          const __m512i s2 = _mm512_add_epi32(_mm512_add_epi32(a2[0], a2[1]), _mm512_add_epi32(a2[2], a2[3]));
           const float dx = x.d[m * B + b];
           const float u = std::fma(float(x.sums2[m * B + b]), kQ8Level2, float(x.sums[m * B + b]));
           const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(kQ8Level2), _mm512_cvtepi32_ps(s));
