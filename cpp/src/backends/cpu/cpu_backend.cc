@@ -64,6 +64,7 @@ class CpuBackend final : public Backend {
 
   Matrix load_linear(const Matrix& w, DeviceBuffer& storage) override {
     if (w.int8) {
+      has_int8_ = true;  // reserve() sizes the quantized activations only for such models
       const int64_t panel = kern_.q8_panel(), N = w.rows, K = w.cols;
       const auto* qs = static_cast<const int8_t*>(w.data);
       const auto* scales = reinterpret_cast<const float*>(qs + N * K);
@@ -100,7 +101,7 @@ class CpuBackend final : public Backend {
   void reserve(int64_t tokens, int64_t cols) override {
     if (cpu::takes_bf16_input(kern_, bf16_) && int64_t(x16_.size()) < cpu::bf16_input_elems(tokens, cols))
       x16_.resize(size_t(cpu::bf16_input_elems(tokens, cols)));
-    reserve_q8(tokens * cols);
+    if (has_int8_) reserve_q8(tokens * cols);
   }
 
   void plan_attention(const AttentionStep& st, const AttentionShape& shape) override;
@@ -244,6 +245,7 @@ class CpuBackend final : public Backend {
   const bool bf16_;
   Capabilities caps_;
   runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
+  bool has_int8_ = false;                 // some Linear runs int8 weights
   // A Linear's input quantized for int8 weights: values, block scales, block sums.
   runtime::AlignedVector<int8_t> x8_, x8b_;
   runtime::AlignedVector<float> x8_scale_;
