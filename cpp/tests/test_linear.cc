@@ -198,14 +198,16 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
   // N and a column split at panel boundaries; the reference against float arithmetic.
   std::mt19937 rng(21);
   std::normal_distribution<float> dist;
-  for (const int variant : {0, 1, 2})  // int8 weights, 4-bit ones (0..15), 4-bit with fp16 scales
+  // int8 weights; 4-bit (0..15) and 5-bit (0..31) ones, with fp32 and with fp16 scales
+  for (const int variant : {0, 1, 2, 3, 4})
   for (int64_t K : {32, 96, 576})
     for (int64_t N : {16, 40})
       for (int64_t M : {1, 3, 4, 5, 17}) {
-        const bool four = variant > 0, half = variant == 2;
+        const bool four = variant > 0, half = variant % 2 == 0 && variant > 0;
+        const int bits = variant == 0 ? 8 : variant <= 2 ? 4 : 5;
         std::vector<int8_t> wq(N * K);
         std::vector<float> wd(N * (K / 32)), wm(N * (K / 32)), bias(N), x(M * K);
-        std::uniform_int_distribution<int> q(four ? 0 : -127, four ? 15 : 127);
+        std::uniform_int_distribution<int> q(four ? 0 : -127, four ? (1 << bits) - 1 : 127);
         for (auto& v : wq) v = int8_t(q(rng));
         for (auto& v : wd) v = std::fabs(dist(rng)) * 0.01f;
         for (auto& v : wm) v = dist(rng) * 0.05f;
@@ -228,13 +230,14 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
         }
         const cpu::Q8Rows rows{xq.data(), xq2.data(), xd.data(), xs.data(), xs2.data()};
         auto run = [&](const cpu::KernelTable& t, int64_t ldy) {
-          runtime::AlignedVector<uint8_t> packed(size_t(four ? t.packed_q4_bytes(N, K, half) : t.packed_q8_bytes(N, K)));
-          if (four) t.pack_q4(packed.data(), wq.data(), wd.data(), wm.data(), N, K, 0, N, half);
+          runtime::AlignedVector<uint8_t> packed(
+              size_t(four ? t.packed_qbits_bytes(N, K, bits, half) : t.packed_q8_bytes(N, K)));
+          if (four) t.pack_qbits(packed.data(), wq.data(), wd.data(), wm.data(), N, K, 0, N, bits, half);
           else t.pack_q8(packed.data(), wq.data(), wd.data(), wm.data(), N, K, 0, N);
           std::vector<float> y(M * ldy, -7.f);
           const int64_t cut = std::min(N, t.q8_panel() * ((N / 2 + t.q8_panel() - 1) / t.q8_panel()));
           for (auto [n0, n1] : {std::pair{int64_t(0), cut}, std::pair{cut, N}}) {
-            if (four) t.q4_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, n0, n1, half);
+            if (four) t.qbits_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, n0, n1, bits, half);
             else t.q8_linear(y.data(), rows, packed.data(), bias.data(), M, ldy, K, n0, n1);
           }
           return y;
@@ -253,7 +256,7 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
           const std::vector<float> got = run(cpu::kernels_for(isa), N + 3);
           for (size_t i = 0; i < got.size(); ++i)
             if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
-              fptest::report(__FILE__, __LINE__, std::string(half ? "q4 (fp16 scales)" : four ? "q4" : "q8") + "_linear on " + runtime::isa_name(isa) + " M=" +
+              fptest::report(__FILE__, __LINE__, "q" + std::to_string(bits) + (half ? " (fp16 scales)" : "") + "_linear on " + runtime::isa_name(isa) + " M=" +
                                                      std::to_string(M) + " N=" + std::to_string(N) + " K=" +
                                                      std::to_string(K) + " differs at " + std::to_string(i));
               break;

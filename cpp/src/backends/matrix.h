@@ -16,9 +16,10 @@ struct Matrix {
   // the same buffer by the blocks' fp32 scales, then mins [rows, cols / 32]. bf16 is then
   // meaningless.
   bool int8 = false;
-  // With int8: every q is in [0, 16) (Q4_0, Q4_1, Q4_K), which a backend may store two per byte.
-  bool int4 = false;
-  // Packed (CPU, int4): the scales and mins are kept as fp16, every one of them exactly.
+  // With int8: 8, or the q's width when every q is in [0, 2^bits): 4 (Q4_0, Q4_1, Q4_K) or 5
+  // (Q5_0, Q5_1, Q5_K), which a backend may pack below a byte.
+  int bits = 8;
+  // Packed (CPU, sub-byte): the scales and mins are kept as fp16, every one of them exactly.
   bool half_scales = false;
 };
 

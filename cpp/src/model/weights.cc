@@ -181,7 +181,7 @@ class Loader {
           mins[r * B + b] = -(z * s);
         }
       }
-      m.int4 = true;
+      m.bits = 4;
     }
     w_.owned_bytes += int64_t(buf.size());
     w_.owned.push_back(std::move(buf));
@@ -239,18 +239,22 @@ class Loader {
     auto* qs = static_cast<int8_t*>(buf.data());
     auto* scales = reinterpret_cast<float*>(qs + rows * cols);
     float* mins = scales + rows * B;
-    // 4-bit types keep q in [0, 16): Q4_0's q - 8 moves its offset into the min (exact: -8 x scale).
+    // 4- and 5-bit types keep q in [0, 2^bits): Q4_0's q - 8 and Q5_0's q - 16 move their offset
+    // into the min (exact: -8 or -16 x scale).
     const GgmlType type = GgmlType(t.type);
-    const bool four = type == GgmlType::kQ4_0 || type == GgmlType::kQ4_1 || type == GgmlType::kQ4_K;
+    const int bits = type == GgmlType::kQ4_0 || type == GgmlType::kQ4_1 || type == GgmlType::kQ4_K   ? 4
+                     : type == GgmlType::kQ5_0 || type == GgmlType::kQ5_1 || type == GgmlType::kQ5_K ? 5
+                                                                                                      : 8;
     runtime::ThreadPool::global().parallel_for(rows, [&](int64_t b, int64_t e) {
       std::vector<float> tmp(static_cast<size_t>(cols));
       std::vector<int32_t> sums(static_cast<size_t>(B));
       for (int64_t r = b; r < e; ++r) {
         const uint8_t* src = t.data + size_t(source_row(r)) * row_bytes;
         if (to_int8_blocks(type, src, cols, qs + r * cols, scales + r * B, mins + r * B)) {
-          if (type == GgmlType::kQ4_0) {
-            for (int64_t k = 0; k < cols; ++k) qs[r * cols + k] = int8_t(qs[r * cols + k] + 8);
-            for (int64_t k = 0; k < B; ++k) mins[r * B + k] = -8.f * scales[r * B + k];
+          if (type == GgmlType::kQ4_0 || type == GgmlType::kQ5_0) {
+            const int offset = type == GgmlType::kQ4_0 ? 8 : 16;
+            for (int64_t k = 0; k < cols; ++k) qs[r * cols + k] = int8_t(qs[r * cols + k] + offset);
+            for (int64_t k = 0; k < B; ++k) mins[r * B + k] = -float(offset) * scales[r * B + k];
           }
           continue;
         }
@@ -261,7 +265,7 @@ class Loader {
     }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
     Matrix m{buf.data(), false, rows, cols};
     m.int8 = true;
-    m.int4 = four;
+    m.bits = bits;
     w_.owned_bytes += int64_t(buf.size());
     w_.owned.push_back(std::move(buf));
     return m;

@@ -69,19 +69,21 @@ class CpuBackend final : public Backend {
       const auto* qs = static_cast<const int8_t*>(w.data);
       const auto* scales = reinterpret_cast<const float*>(qs + N * K);
       const float* mins = scales + N * (K / 32);
-      // fp16 scales where every scale and min is one exactly (Q4_0, Q4_1: the file's own fp16s).
-      const bool half = w.int4 && std::all_of(scales, scales + 2 * N * (K / 32), [](float v) {
+      // fp16 scales where every scale and min is one exactly (Q4_0, Q4_1, Q5_0, Q5_1: the file's
+      // own fp16s).
+      const bool sub = w.bits < 8;
+      const bool half = sub && std::all_of(scales, scales + 2 * N * (K / 32), [](float v) {
         return cpu::fp16_exact(v);
       });
-      runtime::HostBuffer packed(size_t(w.int4 ? kern_.packed_q4_bytes(N, K, half) : kern_.packed_q8_bytes(N, K)));
+      runtime::HostBuffer packed(size_t(sub ? kern_.packed_qbits_bytes(N, K, w.bits, half) : kern_.packed_q8_bytes(N, K)));
       pool().parallel_for(cpu::linear_panels(panel, N), [&](int64_t b, int64_t e) {
-        if (w.int4) kern_.pack_q4(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel), half);
+        if (sub) kern_.pack_qbits(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel), w.bits, half);
         else kern_.pack_q8(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
       });
       storage = host_buffer(std::move(packed));
       Matrix m{storage.data, false, N, K, true};
       m.int8 = true;
-      m.int4 = w.int4;
+      m.bits = w.bits;
       m.half_scales = half;
       return m;
     }
@@ -166,8 +168,9 @@ class CpuBackend final : public Backend {
         const int64_t lo = std::max(b, off), hi = std::min(e, off + panels(j)), panel = panel_of(j);
         if (lo < hi) {
           const int64_t n0 = (lo - off) * panel, n1 = std::min(j.w->rows, (hi - off) * panel);
-          if (j.w->int4)
-            kern_.q4_linear(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1, j.w->half_scales);
+          if (j.w->int8 && j.w->bits < 8)
+            kern_.qbits_linear(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1, j.w->bits,
+                               j.w->half_scales);
           else if (j.w->int8)
             kern_.q8_linear(f32(j.y), q8, j.w->data, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1);
           else kern_.linear(f32(j.y), x.data, j.w->data, j.w->bf16, f32(j.bias), x.rows, j.ldy, x.cols, n0, n1);

@@ -15,7 +15,7 @@ namespace {
     isa, &level::rms_norm, &level::paged_attention, &level::linear_panel, &level::packed_linear_elems,      \
         &level::pack_linear, &level::linear, &level::linear_input, &level::silu_and_mul, &level::rotary,    \
         &level::write_kv_cache, &q8::q8_panel, &q8::packed_q8_bytes, &q8::pack_q8, &q8::q8_linear,          \
-        &q8::packed_q4_bytes, &q8::pack_q4, &q8::q4_linear                                                  \
+        &q8::packed_qbits_bytes, &q8::pack_qbits, &q8::qbits_linear                                                 \
   }
 constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar, ref);
 #ifdef FLASHPAGE_HAS_ISA_avx2

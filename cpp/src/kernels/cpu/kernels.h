@@ -114,15 +114,17 @@ struct Q8Rows {
   /* the same bits on every level, whatever M, the other rows and the split.              */ \
   void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
                  int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);                  \
-  /* The same for 4-bit weights (q in [0, 16): GGUF's Q4_0, Q4_1, Q4_K), stored two per   */ \
-  /* byte by the levels with VNNI: half the bytes of int8, the same results. With         */ \
-  /* half_scales (every scale and min exactly an fp16: Q4_0, Q4_1), those are kept in     */ \
-  /* fp16: a sixth fewer bytes again.                                                     */ \
-  int64_t packed_q4_bytes(int64_t N, int64_t K, bool half_scales);                        \
-  void pack_q4(void* dst, const int8_t* qs, const float* scales, const float* mins,        \
-               int64_t N, int64_t K, int64_t n_begin, int64_t n_end, bool half_scales);    \
-  void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
-                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end, bool half_scales);
+  /* The same for sub-byte weights, q in [0, 2^bits) for bits 4 (GGUF's Q4_0, Q4_1, Q4_K) */ \
+  /* or 5 (Q5_0, Q5_1, Q5_K), packed by the levels with VNNI (4 bits two per byte, the    */ \
+  /* fifth as a bit plane): the same results from half or five eighths of the bytes.      */ \
+  /* With half_scales (every scale and min exactly an fp16), those are kept in fp16.       */ \
+  int64_t packed_qbits_bytes(int64_t N, int64_t K, int bits, bool half_scales);            \
+  void pack_qbits(void* dst, const int8_t* qs, const float* scales, const float* mins,     \
+                  int64_t N, int64_t K, int64_t n_begin, int64_t n_end, int bits,          \
+                  bool half_scales);                                                       \
+  void qbits_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, \
+                    int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end, int bits,      \
+                    bool half_scales);
 
 namespace ref { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS }
@@ -148,9 +150,9 @@ struct KernelTable {
   decltype(&ref::packed_q8_bytes) packed_q8_bytes;
   decltype(&ref::pack_q8) pack_q8;
   decltype(&ref::q8_linear) q8_linear;
-  decltype(&ref::packed_q4_bytes) packed_q4_bytes;
-  decltype(&ref::pack_q4) pack_q4;
-  decltype(&ref::q4_linear) q4_linear;
+  decltype(&ref::packed_qbits_bytes) packed_qbits_bytes;
+  decltype(&ref::pack_qbits) pack_qbits;
+  decltype(&ref::qbits_linear) qbits_linear;
 };
 
 // Panels of `panel` columns covering N output columns (the last padded).

@@ -20,18 +20,22 @@ namespace {
 constexpr int64_t kPanel = 16;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
 
-// Bytes of one (panel, block): the weights (8-bit: 512; 4-bit, two per byte: 256), then the
-// 16 columns' scales and mins (fp32: 64 bytes each; fp16 when kHalf: 32). 4-bit: byte j of
-// 64-byte row i holds group i's byte j in its low nibble and group i + 4's in its high one.
-template <bool kFour, bool kHalf>
-constexpr int64_t block_bytes() { return (kFour ? 256 : 512) + (kHalf ? 64 : 128); }
+// Bytes of one (panel, block): the weights (8 bits: 512; 4 bits, two per byte: 256; 5 bits: those
+// 256 and a 64-byte plane of fifth bits, 8 bytes a group, bit j for the group's byte j), then
+// the 16 columns' scales and mins (fp32: 64 bytes each; fp16 when kHalf: 32). Sub-byte: byte j
+// of 64-byte row i holds group i's byte j in its low nibble and group i + 4's in its high one.
+template <int kBits>
+constexpr int64_t weight_bytes() { return kBits == 8 ? 512 : kBits == 5 ? 320 : 256; }
+template <int kBits, bool kHalf>
+constexpr int64_t block_bytes() { return weight_bytes<kBits>() + (kHalf ? 64 : 128); }
 
 // Written straight into the panel (no local arrays: ASan's fake stack frames do not keep the
 // 64-byte alignment that vectorised stores to them assume).
-template <bool kFour, bool kHalf = false>
+template <int kBits, bool kHalf = false>
 void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
           int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>(), wbytes = kFour ? 256 : 512;
+  constexpr bool kSub = kBits < 8;
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
     for (int64_t b = 0; b < B; ++b) {
@@ -39,12 +43,17 @@ void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_
       // The unsigned weight of column c at position k of the block (padding columns: 0).
       auto u = [&](int64_t c, int64_t k) -> uint8_t {
         const int64_t n = p * kPanel + c;
-        return n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kFour ? 0 : 128)) : uint8_t(kFour ? 0 : 128);
+        return n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kSub ? 0 : 128)) : uint8_t(kSub ? 0 : 128);
       };
+      if (kBits == 5) std::memset(blk + 256, 0, 64);
       for (int64_t j = 0; j < 64; ++j) {  // byte j of a group: column j / 4, position j % 4
         const int64_t c = j / 4, t = j % 4;
-        if (kFour) {
-          for (int64_t i = 0; i < 4; ++i) blk[i * 64 + j] = uint8_t(u(c, 4 * i + t) | (u(c, 4 * (i + 4) + t) << 4));
+        if (kSub) {
+          for (int64_t i = 0; i < 4; ++i)
+            blk[i * 64 + j] = uint8_t((u(c, 4 * i + t) & 0xF) | ((u(c, 4 * (i + 4) + t) & 0xF) << 4));
+          if (kBits == 5)
+            for (int64_t g = 0; g < 8; ++g)
+              if (u(c, 4 * g + t) & 0x10) blk[256 + g * 8 + j / 8] |= uint8_t(1u << (j % 8));
         } else {
           for (int64_t g = 0; g < 8; ++g) blk[g * 64 + j] = u(c, 4 * g + t);
         }
@@ -65,12 +74,13 @@ void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_
   }
 }
 
-template <bool kFour, bool kHalf = false>
+template <int kBits, bool kHalf = false>
 void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
             int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kFour, kHalf>(), wbytes = kFour ? 256 : 512;
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
   // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
-  const int32_t bias128 = kFour ? 0 : -128;
+  const int32_t bias128 = kBits < 8 ? 0 : -128;
+  const __m512i sixteen = _mm512_set1_epi8(16);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     const auto* panel = static_cast<const uint8_t*>(w) + p * B * bb;
@@ -83,12 +93,18 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
       for (int64_t b = 0; b < B; ++b) {
         const uint8_t* blk = panel + b * bb;
         __m512i wv[8];
-        if (kFour) {
+        if (kBits < 8) {
           for (int i = 0; i < 4; ++i) {
             const __m512i z = _mm512_loadu_si512(blk + i * 64);
             wv[i] = _mm512_and_si512(z, low4);
             wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
           }
+          if (kBits == 5)
+            for (int g = 0; g < 8; ++g) {
+              __mmask64 fifth;
+              std::memcpy(&fifth, blk + 256 + g * 8, 8);
+              wv[g] = _mm512_mask_add_epi8(wv[g], fifth, wv[g], sixteen);
+            }
         } else {
           for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
         }
@@ -133,31 +149,40 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
 
 int64_t q8_panel() { return kPanel; }
 
-int64_t packed_q8_bytes(int64_t N, int64_t K) {
-  return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<false, false>();
-}
-int64_t packed_q4_bytes(int64_t N, int64_t K, bool half_scales) {
-  return (N + kPanel - 1) / kPanel * (K / 32) * (half_scales ? block_bytes<true, true>() : block_bytes<true, false>());
+int64_t packed_q8_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<8, false>(); }
+int64_t packed_qbits_bytes(int64_t N, int64_t K, int bits, bool half_scales) {
+  const int64_t weights = bits == 5 ? weight_bytes<5>() : weight_bytes<4>();
+  return (N + kPanel - 1) / kPanel * (K / 32) * (weights + (half_scales ? 64 : 128));
 }
 
 void pack_q8(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
              int64_t n_end) {
-  pack<false>(dst, qs, d, mins, N, K, n_begin, n_end);
+  pack<8>(dst, qs, d, mins, N, K, n_begin, n_end);
 }
-void pack_q4(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
-             int64_t n_end, bool half_scales) {
-  if (half_scales) pack<true, true>(dst, qs, d, mins, N, K, n_begin, n_end);
-  else pack<true, false>(dst, qs, d, mins, N, K, n_begin, n_end);
+void pack_qbits(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
+                int64_t n_end, int bits, bool half_scales) {
+  if (bits == 5) {
+    if (half_scales) pack<5, true>(dst, qs, d, mins, N, K, n_begin, n_end);
+    else pack<5, false>(dst, qs, d, mins, N, K, n_begin, n_end);
+  } else {
+    if (half_scales) pack<4, true>(dst, qs, d, mins, N, K, n_begin, n_end);
+    else pack<4, false>(dst, qs, d, mins, N, K, n_begin, n_end);
+  }
 }
 
 void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
                int64_t n_begin, int64_t n_end) {
-  linear<false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+  linear<8>(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
-void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
-               int64_t n_begin, int64_t n_end, bool half_scales) {
-  if (half_scales) linear<true, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
-  else linear<true, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+void qbits_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+                  int64_t n_begin, int64_t n_end, int bits, bool half_scales) {
+  if (bits == 5) {
+    if (half_scales) linear<5, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+    else linear<5, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+  } else {
+    if (half_scales) linear<4, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+    else linear<4, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
+  }
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA

@@ -136,14 +136,14 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
   }
 }
 
-// 4-bit weights: the reference keeps them a byte each, in the int8 layout (fp32 scales).
-int64_t packed_q4_bytes(int64_t N, int64_t K, bool) { return packed_q8_bytes(N, K); }
-void pack_q4(void* dst, const int8_t* qs, const float* scales, const float* mins, int64_t N, int64_t K,
-             int64_t n_begin, int64_t n_end, bool) {
+// Sub-byte weights: the reference keeps them a byte each, in the int8 layout (fp32 scales).
+int64_t packed_qbits_bytes(int64_t N, int64_t K, int, bool) { return packed_q8_bytes(N, K); }
+void pack_qbits(void* dst, const int8_t* qs, const float* scales, const float* mins, int64_t N, int64_t K,
+                int64_t n_begin, int64_t n_end, int, bool) {
   pack_q8(dst, qs, scales, mins, N, K, n_begin, n_end);
 }
-void q4_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
-               int64_t n_begin, int64_t n_end, bool) {
+void qbits_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+                  int64_t n_begin, int64_t n_end, int, bool) {
   q8_linear(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 
