@@ -120,7 +120,9 @@ void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* m) {
 
 // One block of each type as 32-value sub-blocks of small integers q with a scale and a min
 // (value = q * scale + min): every type here but Q6_K has that form, which is what lets
-// their weights run as int8 exactly. Layouts as ggml defines them (ggml-common.h).
+// their weights run as int8 exactly. The 4- and 5-bit types keep q unsigned, in [0, 2^bits)
+// (Q4_0's q - 8 and Q5_0's q - 16 put their offset in the min: -8 or -16 x scale, exact), so
+// that they can be packed below a byte. Layouts as ggml defines them (ggml-common.h).
 struct Sub {
   int8_t q[32];
   float scale, min;
@@ -128,10 +130,10 @@ struct Sub {
 
 void sub_q4_0(const uint8_t* b, Sub* o) {  // f16 d; u8 qs[16]: low nibbles first
   o->scale = half(b);
-  o->min = 0.f;
+  o->min = -8.f * o->scale;
   for (int j = 0; j < 16; ++j) {
-    o->q[j] = int8_t((b[2 + j] & 0xF) - 8);
-    o->q[j + 16] = int8_t((b[2 + j] >> 4) - 8);
+    o->q[j] = int8_t(b[2 + j] & 0xF);
+    o->q[j + 16] = int8_t(b[2 + j] >> 4);
   }
 }
 void sub_q4_1(const uint8_t* b, Sub* o) {  // f16 d, m; u8 qs[16]
@@ -143,23 +145,23 @@ void sub_q4_1(const uint8_t* b, Sub* o) {  // f16 d, m; u8 qs[16]
   }
 }
 // The fifth bits: bit j of qh for value j, bit j + 16 for value j + 16.
-void fifth_bits(const uint8_t* qh_bytes, const uint8_t* qs, int8_t* q, int offset) {
+void fifth_bits(const uint8_t* qh_bytes, const uint8_t* qs, int8_t* q) {
   uint32_t qh;
   std::memcpy(&qh, qh_bytes, 4);
   for (int j = 0; j < 16; ++j) {
-    q[j] = int8_t(((qs[j] & 0xF) | int(((qh >> j) << 4) & 0x10)) - offset);
-    q[j + 16] = int8_t(((qs[j] >> 4) | int((qh >> (j + 12)) & 0x10)) - offset);
+    q[j] = int8_t((qs[j] & 0xF) | int(((qh >> j) << 4) & 0x10));
+    q[j + 16] = int8_t((qs[j] >> 4) | int((qh >> (j + 12)) & 0x10));
   }
 }
 void sub_q5_0(const uint8_t* b, Sub* o) {  // f16 d; u32 qh; u8 qs[16]
   o->scale = half(b);
-  o->min = 0.f;
-  fifth_bits(b + 2, b + 6, o->q, 16);
+  o->min = -16.f * o->scale;
+  fifth_bits(b + 2, b + 6, o->q);
 }
 void sub_q5_1(const uint8_t* b, Sub* o) {  // f16 d, m; u32 qh; u8 qs[16]
   o->scale = half(b);
   o->min = half(b + 2);
-  fifth_bits(b + 4, b + 8, o->q, 0);
+  fifth_bits(b + 4, b + 8, o->q);
 }
 void sub_q8_0(const uint8_t* b, Sub* o) {  // f16 d; i8 qs[32]
   o->scale = half(b);
@@ -210,14 +212,15 @@ struct TypeInfo {
   const char* name;
   int64_t block_values, block_bytes;
   void (*subs)(const uint8_t*, Sub*);  // the block as 32-value sub-blocks, where it has that form
+  int bits;                            // then the width of their q (8: signed int8)
 };
 constexpr TypeInfo kTypes[] = {
-    {GgmlType::kF32, "F32", 1, 4, nullptr},        {GgmlType::kF16, "F16", 1, 2, nullptr},
-    {GgmlType::kBF16, "BF16", 1, 2, nullptr},      {GgmlType::kQ8_0, "Q8_0", 32, 34, sub_q8_0},
-    {GgmlType::kQ4_0, "Q4_0", 32, 18, sub_q4_0},   {GgmlType::kQ4_1, "Q4_1", 32, 20, sub_q4_1},
-    {GgmlType::kQ5_0, "Q5_0", 32, 22, sub_q5_0},   {GgmlType::kQ5_1, "Q5_1", 32, 24, sub_q5_1},
-    {GgmlType::kQ4_K, "Q4_K", 256, 144, sub_q4_k}, {GgmlType::kQ5_K, "Q5_K", 256, 176, sub_q5_k},
-    {GgmlType::kQ6_K, "Q6_K", 256, 210, nullptr},
+    {GgmlType::kF32, "F32", 1, 4, nullptr, 0},        {GgmlType::kF16, "F16", 1, 2, nullptr, 0},
+    {GgmlType::kBF16, "BF16", 1, 2, nullptr, 0},      {GgmlType::kQ8_0, "Q8_0", 32, 34, sub_q8_0, 8},
+    {GgmlType::kQ4_0, "Q4_0", 32, 18, sub_q4_0, 4},   {GgmlType::kQ4_1, "Q4_1", 32, 20, sub_q4_1, 4},
+    {GgmlType::kQ5_0, "Q5_0", 32, 22, sub_q5_0, 5},   {GgmlType::kQ5_1, "Q5_1", 32, 24, sub_q5_1, 5},
+    {GgmlType::kQ4_K, "Q4_K", 256, 144, sub_q4_k, 4}, {GgmlType::kQ5_K, "Q5_K", 256, 176, sub_q5_k, 5},
+    {GgmlType::kQ6_K, "Q6_K", 256, 210, nullptr, 0},
 };
 const TypeInfo* type_info(uint32_t t) {
   for (const TypeInfo& i : kTypes)
@@ -302,6 +305,11 @@ void dequantize(GgmlType type, const void* src, float* dst, int64_t n) {
       }
     }
   }
+}
+
+int int8_block_bits(GgmlType type) {
+  const TypeInfo* info = type_info(uint32_t(type));
+  return info && info->subs ? info->bits : 0;
 }
 
 bool to_int8_blocks(GgmlType type, const void* src, int64_t n, int8_t* qs, float* scales, float* mins) {

@@ -32,6 +32,9 @@ void dequantize(GgmlType type, const void* src, float* dst, int64_t n);
 // The same as int8 blocks of 32 (value = qs * scale + min, exactly), for the types of that form
 // (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K); false for the others.
 bool to_int8_blocks(GgmlType type, const void* src, int64_t n, int8_t* qs, float* scales, float* mins);
+// The width of to_int8_blocks' q for a type: 4 or 5 (q in [0, 2^bits)), 8 (signed: Q8_0), 0 (no
+// such form).
+int int8_block_bits(GgmlType type);
 
 // A metadata value: scalars widened (integers to int64 or uint64, floats to double), strings,
 // and arrays of one of those.

@@ -120,10 +120,32 @@ class Loader {
         }
       }
     }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
-    Matrix m{dst, bf16, rows, cols};
+    keep(std::move(buf));
+    return {dst, bf16, rows, cols};
+  }
+
+  // The int8 blocks of a [rows, cols] Linear (Matrix::int8's layout: q, then the blocks' scales,
+  // then their mins), owned by the weights, for the caller to fill.
+  struct Int8Blocks {
+    Matrix m;
+    int8_t* qs;
+    float *scales, *mins;
+  };
+  Int8Blocks int8_blocks(int64_t rows, int64_t cols, int bits) {
+    const int64_t B = cols / 32;
+    runtime::HostBuffer buf(size_t(rows * cols) + size_t(rows * B) * 8);
+    auto* qs = static_cast<int8_t*>(buf.data());
+    auto* scales = reinterpret_cast<float*>(qs + rows * cols);
+    Matrix m{buf.data(), false, rows, cols};
+    m.int8 = true;
+    m.bits = bits;
+    keep(std::move(buf));
+    return {m, qs, scales, scales + rows * B};
+  }
+
+  void keep(runtime::HostBuffer buf) {
     w_.owned_bytes += int64_t(buf.size());
     w_.owned.push_back(std::move(buf));
-    return m;
   }
 
   // A Linear of flashpage's canonical quantized formats (python/flashpage/quantization.py) as
@@ -146,12 +168,9 @@ class Loader {
     }
     if (cols % 32 != 0)
       throw std::runtime_error(prefix + ": K=" + std::to_string(cols) + " is not a multiple of 32 (the CPU's int8 blocks)");
-    runtime::HostBuffer buf(size_t(rows * cols) + size_t(rows * B) * 8);
-    auto* qs = static_cast<int8_t*>(buf.data());
-    auto* scales = reinterpret_cast<float*>(qs + rows * cols);
-    float* mins = scales + rows * B;
-    Matrix m{buf.data(), false, rows, cols};
-    m.int8 = true;
+    const Int8Blocks out = int8_blocks(rows, cols, q.format == "w4a16" ? 4 : 8);
+    int8_t* qs = out.qs;
+    float *scales = out.scales, *mins = out.mins;
     if (q.format == "w8a8-int8") {
       const TensorInfo& w = store_->get(prefix + ".qweight", {rows, cols});
       if (w.dtype != DType::kI8) throw std::runtime_error(w.file + ": " + w.name + " must be I8 in format w8a8-int8");
@@ -181,11 +200,8 @@ class Loader {
           mins[r * B + b] = -(z * s);
         }
       }
-      m.bits = 4;
     }
-    w_.owned_bytes += int64_t(buf.size());
-    w_.owned.push_back(std::move(buf));
-    return m;
+    return out.m;
   }
 
   const GgufTensor& gguf_tensor(const std::string& hf, const std::vector<int64_t>& shape) {
@@ -231,44 +247,26 @@ class Loader {
   }
 
   // Int8 blocks of 32 (Matrix::int8): exact for the types of that form (gguf.h,
-  // to_int8_blocks), others (Q6_K) dequantized and requantized per block as activations are.
+  // to_int8_blocks, which keeps 4- and 5-bit q unsigned), others (Q6_K) dequantized and
+  // requantized per block as activations are.
   template <class SourceRow>
   Matrix int8_matrix(const GgufTensor& t, int64_t rows, int64_t cols, size_t row_bytes, SourceRow&& source_row) {
     const int64_t B = cols / 32;
-    runtime::HostBuffer buf(size_t(rows * cols) + size_t(rows * B) * 8);
-    auto* qs = static_cast<int8_t*>(buf.data());
-    auto* scales = reinterpret_cast<float*>(qs + rows * cols);
-    float* mins = scales + rows * B;
-    // 4- and 5-bit types keep q in [0, 2^bits): Q4_0's q - 8 and Q5_0's q - 16 move their offset
-    // into the min (exact: -8 or -16 x scale).
     const GgmlType type = GgmlType(t.type);
-    const int bits = type == GgmlType::kQ4_0 || type == GgmlType::kQ4_1 || type == GgmlType::kQ4_K   ? 4
-                     : type == GgmlType::kQ5_0 || type == GgmlType::kQ5_1 || type == GgmlType::kQ5_K ? 5
-                                                                                                      : 8;
+    const int bits = int8_block_bits(type);
+    const Int8Blocks out = int8_blocks(rows, cols, bits ? bits : 8);  // requantized: signed int8
     runtime::ThreadPool::global().parallel_for(rows, [&](int64_t b, int64_t e) {
       std::vector<float> tmp(static_cast<size_t>(cols));
       std::vector<int32_t> sums(static_cast<size_t>(B));
       for (int64_t r = b; r < e; ++r) {
         const uint8_t* src = t.data + size_t(source_row(r)) * row_bytes;
-        if (to_int8_blocks(type, src, cols, qs + r * cols, scales + r * B, mins + r * B)) {
-          if (type == GgmlType::kQ4_0 || type == GgmlType::kQ5_0) {
-            const int offset = type == GgmlType::kQ4_0 ? 8 : 16;
-            for (int64_t k = 0; k < cols; ++k) qs[r * cols + k] = int8_t(qs[r * cols + k] + offset);
-            for (int64_t k = 0; k < B; ++k) mins[r * B + k] = -float(offset) * scales[r * B + k];
-          }
-          continue;
-        }
-        dequantize(GgmlType(t.type), src, tmp.data(), cols);
-        cpu::quantize_q8_rows(tmp.data(), 1, cols, qs + r * cols, scales + r * B, sums.data());
-        std::fill(mins + r * B, mins + (r + 1) * B, 0.f);
+        if (to_int8_blocks(type, src, cols, out.qs + r * cols, out.scales + r * B, out.mins + r * B)) continue;
+        dequantize(type, src, tmp.data(), cols);
+        cpu::quantize_q8_rows(tmp.data(), 1, cols, out.qs + r * cols, out.scales + r * B, sums.data());
+        std::fill(out.mins + r * B, out.mins + (r + 1) * B, 0.f);
       }
     }, std::max<int64_t>(1, (int64_t(1) << 16) / cols));
-    Matrix m{buf.data(), false, rows, cols};
-    m.int8 = true;
-    m.bits = bits;
-    w_.owned_bytes += int64_t(buf.size());
-    w_.owned.push_back(std::move(buf));
-    return m;
+    return out.m;
   }
 
   LlamaWeights& w_;
