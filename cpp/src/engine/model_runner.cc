@@ -49,10 +49,10 @@ int64_t ModelRunner::kv_bytes_per_token() const {
 void ModelRunner::allocate_kv_cache(int64_t num_blocks) {
   if (num_blocks <= 0) throw std::invalid_argument("ModelRunner: the KV pool needs at least one block");
   const int64_t regions = 2 * config_.num_hidden_layers;
-  const size_t block_bytes = size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim *
-                                    backend_->capabilities().kv_bytes);
-  const size_t region_bytes = block_bytes * size_t(num_blocks);
-  kv_ = backend_->allocate_kv_cache(regions, region_bytes, block_bytes);
+  block_bytes_ = size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim *
+                        backend_->capabilities().kv_bytes);
+  const size_t region_bytes = block_bytes_ * size_t(num_blocks);
+  kv_ = backend_->allocate_kv_cache(regions, region_bytes, block_bytes_);
   caches_.clear();
   for (int64_t r = 0; r < regions; ++r) caches_.push_back(static_cast<char*>(kv_.data) + size_t(r) * region_bytes);
   num_blocks_ = num_blocks;
@@ -141,10 +141,8 @@ StepLogits ModelRunner::execute(const SchedulerOutput& st, std::span<const int32
     a.max_query_len = std::max<int64_t>(a.max_query_len, st.query_start_loc[s + 1] - st.query_start_loc[s]);
     a.max_context_len = std::max<int64_t>(a.max_context_len, st.context_lens[s]);
   }
-  const size_t block_bytes = size_t(config_.num_key_value_heads * options_.block_size * config_.head_dim *
-                                    backend_->capabilities().kv_bytes);
   float* out = static_cast<float*>(logits_.data);
-  model_->forward(x, workspace_.data, {caches_, options_.block_size, block_bytes}, out);
+  model_->forward(x, workspace_.data, {caches_, options_.block_size, block_bytes_}, out);
   backend_->finish_step();
   return {out, x.num_logits, V};
 }

@@ -69,6 +69,7 @@ class ModelRunner {
   backends::DeviceBuffer rotary_;  // [max_model_len, head_dim]: cos in the first half, sin after
   backends::DeviceBuffer kv_;
   std::vector<void*> caches_;  // per layer: K, V
+  size_t block_bytes_ = 0;     // one block of one cache
   int64_t num_blocks_ = 0;
   backends::DeviceBuffer workspace_;
   int64_t max_tokens_ = 0, max_seqs_ = 0, max_rows_ = 0, max_table_ = 0;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "runtime/aligned.h"
+#include "runtime/half.h"
 #include "runtime/host_buffer.h"
 #include "runtime/memory.h"
 #include "runtime/thread_pool.h"
@@ -118,10 +119,7 @@ class CpuBackend final : public Backend {
         continue;
       }
       const uint16_t* src = static_cast<const uint16_t*>(E.data) + int64_t(ids[t]) * H;
-      for (int64_t i = 0; i < H; ++i) {
-        const uint32_t bits = uint32_t(src[i]) << 16;
-        std::memcpy(dst + i, &bits, 4);
-      }
+      for (int64_t i = 0; i < H; ++i) dst[i] = runtime::bf16_to_f32(src[i]);
     }
   }
 
