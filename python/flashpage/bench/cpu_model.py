@@ -310,16 +310,22 @@ class LlamaCppEngine:
     attention spans every sequence's cells (masked) and so grows with the batch."""
 
     def __init__(self, shape: Shape, cache: Path, dtype: str) -> None:
+        self._open(write_gguf(shape, cache, dtype))
+
+    def _open(self, path: Path | str, extra_bufts: bool = True) -> None:
+        """Loads a GGUF file (extra_bufts: llama.cpp's extra buffer types, e.g. AMX) and makes the
+        context and the batch."""
         import llama_cpp as L
         import numpy as np
 
-        self.L, self.np, self.vocab = L, np, shape.vocab
-        path = write_gguf(shape, cache, dtype)
+        self.L, self.np = L, np
         L.llama_backend_init()
         params = L.llama_model_default_params()
+        params.use_extra_bufts = extra_bufts
         self.model = L.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
+        self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         p = L.llama_context_default_params()
         p.n_seq_max = max(BATCH_SIZES)
         p.kv_unified = False

@@ -48,27 +48,7 @@ class LlamaCppGguf(cm.LlamaCppEngine):
     """cpu_model's llama.cpp engine (one llama_batch for every sequence) on a given file."""
 
     def __init__(self, path: str, extra_bufts: bool) -> None:
-        import llama_cpp as L
-        import numpy as np
-        self.L, self.np = L, np
-        L.llama_backend_init()
-        params = L.llama_model_default_params()
-        params.use_extra_bufts = extra_bufts
-        self.model = L.llama_model_load_from_file(path.encode(), params)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
-        self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
-        p = L.llama_context_default_params()
-        p.n_seq_max = max(cm.BATCH_SIZES)
-        p.kv_unified = False
-        p.n_ctx = p.n_seq_max * cm.LLAMACPP_CTX_PER_SEQ
-        p.n_batch = p.n_ubatch = cm.LLAMACPP_BATCH
-        p.n_threads = p.n_threads_batch = cm.THREADS
-        p.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, p)
-        if not self.ctx:
-            raise RuntimeError("llama_init_from_model failed")
-        self.batch = L.llama_batch_init(p.n_batch, 0, 1)
+        self._open(path, extra_bufts)
 
 
 def worker(path: str, engine: str, repeats: int) -> dict:

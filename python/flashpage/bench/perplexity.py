@@ -45,28 +45,14 @@ def nll_flashpage(path: str, wins: list[list[int]], quantization: str) -> tuple[
 
 
 def nll_llamacpp(path: str, wins: list[list[int]]) -> tuple[float, int]:
-    import llama_cpp as L
-    L.llama_backend_init()
-    mp = L.llama_model_default_params()
-    mp.use_extra_bufts = False  # its AMX buffers crash this machine's build on some types
-    model = L.llama_model_load_from_file(path.encode(), mp)
-    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-    p = L.llama_context_default_params()
-    ctx_len = max(len(w) for w in wins)
-    p.n_ctx = p.n_batch = p.n_ubatch = ctx_len
-    p.n_threads = p.n_threads_batch = 2
-    ctx = L.llama_init_from_model(model, p)
-    batch = L.llama_batch_init(ctx_len, 0, 1)
+    from flashpage.bench.gguf import LlamaCppGguf
+    # Without its extra (AMX) buffer types: they crash this machine's build on some types.
+    e = LlamaCppGguf(path, extra_bufts=False)
     total, n = 0.0, 0
     for w in wins:
-        L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        for i, t in enumerate(w):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = len(w)
-        if L.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-        logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(w), vocab)).astype(np.float64)
+        e.L.llama_memory_clear(e.L.llama_get_memory(e.ctx), True)
+        e._decode([(t, i, 0, True) for i, t in enumerate(w)])
+        logits = np.ctypeslib.as_array(e.L.llama_get_logits(e.ctx), shape=(len(w), e.vocab)).astype(np.float64)
         for i in range(len(w) // 2, len(w)):
             row = logits[i - 1]  # row i - 1 predicts token i
             total -= row[w[i]] - (row.max() + math.log(np.exp(row - row.max()).sum()))
