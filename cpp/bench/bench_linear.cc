@@ -1,7 +1,8 @@
 // Times the CPU Linear kernel (y = x . W^T) the way the executor calls it: weights packed at
 // "load", the panels split across ThreadPool::global(), weights not in cache. Prints GFLOP/s
 // and, at M = 1, the weight bytes read per second next to the machine's plain read bandwidth.
-// Usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]
+// Usage: bench_linear [--isa avx2|avx512|...] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]
+//                     [--formats bf16,fp32,q8,q4,q5]   (q8/q4/q5: the int8 Linear's GGUF-style weights)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -100,6 +101,42 @@ double read_bandwidth(const std::vector<std::vector<float>>& bufs, int reps) {
   return blocks * kBlock / sec / 1e9;
 }
 
+// Times the int8 Linear on `bits`-bit weights (8: Q8_0-like; 4/5 with fp16 scales: Q4_0 / Q5_0
+// like) as the CPU backend runs it: activations quantized in 16-row tiles once, panels split
+// over the pool. Returns seconds per call.
+double time_q8(const cpu::KernelTable& t, int bits, const Shape& s, int64_t M, int reps, std::mt19937& rng) {
+  const int64_t B = s.K / 32;
+  std::vector<int8_t> qs(s.N * s.K);
+  std::vector<float> d(s.N * B), mins(s.N * B, 0.f);
+  std::uniform_int_distribution<int> q(bits == 8 ? -127 : 0, bits == 8 ? 127 : (1 << bits) - 1);
+  for (auto& v : qs) v = int8_t(q(rng));
+  for (auto& v : d) v = 1.f / 1024;
+  const int64_t bytes = bits == 8 ? t.packed_q8_bytes(s.N, s.K) : t.packed_qbits_bytes(s.N, s.K, bits, true);
+  std::vector<runtime::AlignedVector<uint8_t>> ws(size_t(std::max<int64_t>(1, kColdBytes / bytes)));
+  for (auto& w : ws) {
+    w.resize(size_t(bytes));
+    if (bits == 8) t.pack_q8(w.data(), qs.data(), d.data(), mins.data(), s.N, s.K, 0, s.N);
+    else t.pack_qbits(w.data(), qs.data(), d.data(), mins.data(), s.N, s.K, 0, s.N, bits, true);
+  }
+  std::normal_distribution<float> dist;
+  std::vector<float> x(M * s.K), y(M * s.N), xd(M * B), xdu(M * B);
+  for (auto& v : x) v = dist(rng);
+  std::vector<int8_t> xq((M + 15) / 16 * 16 * s.K), xq2(xq.size());
+  std::vector<int32_t> xs(M * B), xs2(M * B);
+  cpu::quantize_q8_rows(x.data(), M, s.K, xq.data(), xd.data(), xs.data(), xq2.data(), xs2.data(), xdu.data(), true);
+  const cpu::Q8Rows rows{xq.data(), xq2.data(), xd.data(), xs.data(), xs2.data(), xdu.data(), true};
+  const int64_t panel = t.q8_panel();
+  size_t next = 0;
+  return time_call([&] {
+    const void* w = ws[next++ % ws.size()].data();
+    runtime::ThreadPool::global().parallel_for(cpu::linear_panels(panel, s.N), [&](int64_t p0, int64_t p1) {
+      const int64_t n0 = p0 * panel, n1 = std::min(s.N, p1 * panel);
+      if (bits == 8) t.q8_linear(y.data(), rows, w, nullptr, M, s.N, s.K, n0, n1);
+      else t.qbits_linear(y.data(), rows, w, nullptr, M, s.N, s.K, n0, n1, bits, true);
+    }, 1);
+  }, reps);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -107,12 +144,21 @@ int main(int argc, char** argv) {
   int reps = 7;
   std::vector<int64_t> ms = {1, 128, 512};
   std::vector<Shape> shapes = {{2048, 2048}, {5632, 2048}, {2048, 5632}};
+  std::vector<std::string> formats = {"bf16", "fp32"};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--isa" && i + 1 < argc) isa = runtime::parse_isa(argv[++i]);
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     else if (a == "--m" && i + 1 < argc) ms = parse_list(argv[++i]);
     else if (a == "--quick") shapes.resize(1);
+    else if (a == "--formats" && i + 1 < argc) {
+      formats.clear();
+      for (std::string f = argv[++i]; !f.empty();) {
+        const size_t comma = f.find(',');
+        formats.push_back(f.substr(0, comma));
+        f = comma == std::string::npos ? "" : f.substr(comma + 1);
+      }
+    }
     else if (a == "--shapes" && i + 1 < argc) {  // NxK,NxK,...
       shapes.clear();
       for (const char* q = argv[++i]; *q;) {
@@ -125,7 +171,8 @@ int main(int argc, char** argv) {
       }
     }
     else {
-      std::fprintf(stderr, "usage: bench_linear [--isa avx2|avx512] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]\n");
+      std::fprintf(stderr, "usage: bench_linear [--isa LEVEL] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...] "
+                           "[--formats bf16,fp32,q8,q4,q5]\n");
       return 2;
     }
   }
@@ -142,7 +189,25 @@ int main(int argc, char** argv) {
     std::vector<uint16_t> w16(w32.size());
     std::transform(w32.begin(), w32.end(), w16.begin(), to_bf16);
     std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(copies(w32), reps));
+    for (const std::string& f : formats) {
+      if (f[0] != 'q') continue;
+      const int bits = std::atoi(f.c_str() + 1);
+      if (bits != 4 && bits != 5 && bits != 8) {
+        std::fprintf(stderr, "bench_linear: unknown format %s\n", f.c_str());
+        return 2;
+      }
+      for (int64_t M : ms) {
+        const double sec = time_q8(table, bits, s, M, reps, rng);
+        const double wbytes = double(s.N) * s.K * (bits / 8.0 + (bits == 8 ? 8.0 : 4.0) / 32);
+        char extra[64] = "";
+        if (M == 1) std::snprintf(extra, sizeof extra, "  %.1f GB/s", wbytes / sec / 1e9);
+        std::printf("%5lld %5lld %5lld %5s %10.3f %10.1f%s\n", static_cast<long long>(M), static_cast<long long>(s.N),
+                    static_cast<long long>(s.K), f.c_str(), sec * 1e3, 2.0 * M * s.N * s.K / sec / 1e9, extra);
+        std::fflush(stdout);
+      }
+    }
     for (bool bf16 : {true, false}) {
+      if (std::find(formats.begin(), formats.end(), bf16 ? "bf16" : "fp32") == formats.end()) continue;
       const auto ws = packed_copies(table, bf16 ? static_cast<const void*>(w16.data()) : w32.data(), bf16, s.N, s.K);
       for (int64_t M : ms) {
         std::vector<float> x(M * s.K), y(M * s.N);

@@ -202,7 +202,7 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
   for (const int variant : {0, 1, 2, 3, 4})
   for (int64_t K : {32, 96, 576})
     for (int64_t N : {16, 40})
-      for (int64_t M : {1, 3, 4, 5, 17}) {
+      for (int64_t M : {1, 3, 4, 5, 17, 35}) {
         const bool four = variant > 0, half = variant % 2 == 0 && variant > 0;
         const int bits = variant == 0 ? 8 : variant <= 2 ? 4 : 5;
         std::vector<int8_t> wq(N * K);
@@ -220,16 +220,24 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
         for (auto& v : bias) v = dist(rng);
         for (auto& v : x) v = dist(rng);
         std::vector<int8_t> xq(M * K), xq2(M * K);
-        std::vector<float> xd(M * (K / 32));
+        std::vector<float> xd(M * (K / 32)), xdu(xd.size());
         std::vector<int32_t> xs(M * (K / 32)), xs2(M * (K / 32));
-        cpu::quantize_q8_rows(x.data(), M, K, xq.data(), xd.data(), xs.data(), xq2.data(), xs2.data());
+        cpu::quantize_q8_rows(x.data(), M, K, xq.data(), xd.data(), xs.data(), xq2.data(), xs2.data(), xdu.data());
         for (int64_t i = 0; i < M * K; ++i) {  // within half a step of each level
           CHECK(std::fabs(float(xq[i]) * xd[i / 32] - x[i]) <= 0.5001f * xd[i / 32] + 1e-7f);
           const float two = xd[i / 32] * (float(xq[i]) + float(xq2[i]) * cpu::kQ8Level2);
           CHECK(std::fabs(two - x[i]) <= 0.5001f * xd[i / 32] * cpu::kQ8Level2 + 1e-6f * std::fabs(x[i]) + 1e-7f);
         }
-        const cpu::Q8Rows rows{xq.data(), xq2.data(), xd.data(), xs.data(), xs2.data()};
-        auto run = [&](const cpu::KernelTable& t, int64_t ldy) {
+        const cpu::Q8Rows rows{xq.data(), xq2.data(), xd.data(), xs.data(), xs2.data(), xdu.data()};
+        // The same activations in 16-row tiles (what the CPU backend passes): the same results.
+        std::vector<int8_t> tq((M + 15) / 16 * 16 * K), tq2(tq.size());
+        std::vector<float> td(xd.size()), tdu(xd.size());
+        std::vector<int32_t> ts(xs.size()), ts2(xs2.size());
+        cpu::quantize_q8_rows(x.data(), M, K, tq.data(), td.data(), ts.data(), tq2.data(), ts2.data(), tdu.data(), true);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < K; ++k) CHECK_EQ(tq[cpu::q8_offset(true, m, k, K)], xq[m * K + k]);
+        const cpu::Q8Rows tiled{tq.data(), tq2.data(), td.data(), ts.data(), ts2.data(), tdu.data(), true};
+        auto run = [&](const cpu::KernelTable& t, int64_t ldy, const cpu::Q8Rows& rows) {
           runtime::AlignedVector<uint8_t> packed(
               size_t(four ? t.packed_qbits_bytes(N, K, bits, half) : t.packed_q8_bytes(N, K)));
           if (four) t.pack_qbits(packed.data(), wq.data(), wd.data(), wm.data(), N, K, 0, N, bits, half);
@@ -242,7 +250,7 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
           }
           return y;
         };
-        const std::vector<float> want = run(ref_table(), N + 3);
+        const std::vector<float> want = run(ref_table(), N + 3, rows);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t n = 0; n < N; ++n) {
             double exact = bias[n];
@@ -252,15 +260,17 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
             CHECK(std::fabs(want[m * (N + 3) + n] - exact) <= 2e-4 * (1 + std::fabs(exact)));
             CHECK_EQ(want[m * (N + 3) + N], -7.f);  // beyond N: untouched
           }
-        for (runtime::Isa isa : runtime::supported_isas()) {
-          const std::vector<float> got = run(cpu::kernels_for(isa), N + 3);
-          for (size_t i = 0; i < got.size(); ++i)
-            if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
-              fptest::report(__FILE__, __LINE__, "q" + std::to_string(bits) + (half ? " (fp16 scales)" : "") + "_linear on " + runtime::isa_name(isa) + " M=" +
-                                                     std::to_string(M) + " N=" + std::to_string(N) + " K=" +
-                                                     std::to_string(K) + " differs at " + std::to_string(i));
-              break;
-            }
-        }
+        CHECK(run(ref_table(), N + 3, tiled) == want);
+        for (runtime::Isa isa : runtime::supported_isas())
+          for (const cpu::Q8Rows* layout : {&rows, &tiled}) {
+            const std::vector<float> got = run(cpu::kernels_for(isa), N + 3, *layout);
+            for (size_t i = 0; i < got.size(); ++i)
+              if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
+                fptest::report(__FILE__, __LINE__, "q" + std::to_string(bits) + (half ? " (fp16 scales)" : "") + "_linear on " + runtime::isa_name(isa) + " M=" +
+                                                       std::to_string(M) + " N=" + std::to_string(N) + " K=" +
+                                                       std::to_string(K) + (layout->tiled ? " tiled" : "") + " differs at " + std::to_string(i));
+                break;
+              }
+          }
       }
 }

@@ -104,7 +104,7 @@ class CpuBackend final : public Backend {
   void reserve(int64_t tokens, int64_t cols) override {
     if (cpu::takes_bf16_input(kern_, bf16_) && int64_t(x16_.size()) < cpu::bf16_input_elems(tokens, cols))
       x16_.resize(size_t(cpu::bf16_input_elems(tokens, cols)));
-    if (has_int8_) reserve_q8(tokens * cols);
+    if (has_int8_) reserve_q8(tokens, cols);
   }
 
   void plan_attention(const AttentionStep& st, const AttentionShape& shape) override;
@@ -223,23 +223,28 @@ class CpuBackend final : public Backend {
   }
   void prefault(runtime::HostBuffer& kv, int64_t regions, size_t region_bytes, size_t block_bytes,
                 std::chrono::milliseconds budget, size_t max_bytes);
-  void reserve_q8(int64_t values) {
+  void reserve_q8(int64_t rows, int64_t cols) {
+    const int64_t values = (rows + 15) / 16 * 16 * cols;  // whole 16-row tiles
     if (int64_t(x8_.size()) >= values) return;
     x8_.resize(size_t(values));
     x8b_.resize(size_t(values));
     x8_scale_.resize(size_t(values / 32 + 1));
     x8_sum_.resize(size_t(values / 32 + 1));
     x8b_sum_.resize(size_t(values / 32 + 1));
+    x8_du_.resize(size_t(values / 32 + 1));
   }
-  // x [rows, cols] quantized for the int8 Linears, rows split across threads when large.
+  // x [rows, cols] quantized for the int8 Linears in 16-row tiles (cpu::q8_offset), tiles split
+  // across threads when large: a tile's first row starts at the same offset in either layout.
   cpu::Q8Rows quantize(const float* x, int64_t rows, int64_t cols) {
-    reserve_q8(rows * cols);  // grows only for a step larger than reserved
+    reserve_q8(rows, cols);  // grows only for a step larger than reserved
     const int64_t B = cols / 32;
-    for_rows(rows, cols, [&](int64_t b, int64_t e) {
+    for_rows((rows + 15) / 16, 16 * cols, [&](int64_t t0, int64_t t1) {
+      const int64_t b = t0 * 16, e = std::min(rows, t1 * 16);
       cpu::quantize_q8_rows(x + b * cols, e - b, cols, x8_.data() + b * cols, x8_scale_.data() + b * B,
-                            x8_sum_.data() + b * B, x8b_.data() + b * cols, x8b_sum_.data() + b * B);
+                            x8_sum_.data() + b * B, x8b_.data() + b * cols, x8b_sum_.data() + b * B,
+                            x8_du_.data() + b * B, true);
     });
-    return {x8_.data(), x8b_.data(), x8_scale_.data(), x8_sum_.data(), x8b_sum_.data()};
+    return {x8_.data(), x8b_.data(), x8_scale_.data(), x8_sum_.data(), x8b_sum_.data(), x8_du_.data(), true};
   }
 
   const cpu::KernelTable& kern_;
@@ -249,7 +254,7 @@ class CpuBackend final : public Backend {
   bool has_int8_ = false;                 // some Linear runs int8 weights
   // A Linear's input quantized for int8 weights: values, block scales, block sums.
   runtime::AlignedVector<int8_t> x8_, x8b_;
-  runtime::AlignedVector<float> x8_scale_;
+  runtime::AlignedVector<float> x8_scale_, x8_du_;
   runtime::AlignedVector<int32_t> x8_sum_, x8b_sum_;
   // The step's attention plan: the kernel's arguments and its work items split per thread.
   struct AttentionItem {

@@ -89,12 +89,21 @@ struct PagedAttentionArgs {
 // (the min term, and the VNNI kernels' unsigned-weight correction). See quantize_q8_rows.
 constexpr float kQ8Level2 = 1.f / 254.f;
 struct Q8Rows {
-  const int8_t* qs;      // [M, K]
-  const int8_t* qs2;     // [M, K]
+  const int8_t* qs;      // [M, K], laid out as q8_offset says
+  const int8_t* qs2;     // [M, K], the same
   const float* d;        // [M, K / 32]
   const int32_t* sums;   // [M, K / 32]: sum of qs per block
   const int32_t* sums2;  // [M, K / 32]: sum of qs2 per block
+  const float* du;       // [M, K / 32]: d * (sums + sums2 / 254), the factor of the weights' min
+  bool tiled = false;    // qs and qs2 in 16-row tiles (below)
 };
+
+// Where value k of row m is in Q8Rows::qs: row-major, or tiled: each 16 rows (M rounded up to 16)
+// a run of K / 32 blocks of 16 rows x 32 values, 512 contiguous bytes — AMX's A tile of a block,
+// which loads markedly faster than 16 rows a stride of K apart.
+inline int64_t q8_offset(bool tiled, int64_t m, int64_t k, int64_t K) {
+  return tiled ? (m / 16 * (K / 32) + k / 32) * 512 + m % 16 * 32 + k % 32 : m * K + k;
+}
 
 // The int8 Linear: weights in 32-value blocks along K, each int8 values q with an fp32 scale
 // and min (w = q * scale + min: GGUF's Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K exactly), with
@@ -236,10 +245,11 @@ void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t l
 
 // x [M, K] (K a multiple of 32) quantized per row in blocks of 32: d = max |x| / 127, qs =
 // round(x / d), qs2 = round((x - qs * d) * 254 / d) (ties away from zero), and the blocks' sums
-// of each. qs2 and sums2 may be null (one level: what weights are requantized to). Depends
-// on each row alone.
+// of each, and du (Q8Rows::du). qs2, sums2 and du may be null (one level: what weights are
+// requantized to). qs and qs2 laid out as q8_offset(tiled) says (tiled: rounded up to 16 rows).
+// Depends on each row alone.
 void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums, int8_t* qs2 = nullptr,
-                      int32_t* sums2 = nullptr);
+                      int32_t* sums2 = nullptr, float* du = nullptr, bool tiled = false);
 
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();

@@ -6,12 +6,19 @@
 // block along K: 8 groups of 4 positions x 16 columns (512 bytes: column c of group g at
 // g * 64 + c * 4), then the 16 columns' scales and their mins (64 bytes each). 4-bit weights
 // (0..15) are unsigned already and need no correction.
+//
+// On the amx level, each 16 full rows run on AMX-INT8 tiles instead (linear_amx): the 8-bit
+// layout above is already an 8 x 64-byte B tile per block (4 positions x 16 columns a row).
+// Both paths get each block's integer dot products exactly and apply the same float operations
+// in the same order per output, so a row's result does not depend on which path ran it (batch
+// invariance across batch sizes holds bitwise).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "kernels/cpu/amx.h"
 #include "kernels/cpu/kernels.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
@@ -74,47 +81,66 @@ void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_
   }
 }
 
-template <int kBits, bool kHalf = false>
-void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
-            int64_t n_begin, int64_t n_end) {
+// The 16 columns' unsigned weights of block `blk`, as VPDPBUSD's 8 groups of 4 positions.
+template <int kBits>
+inline void load_groups(__m512i (&wv)[8], const uint8_t* blk) {
+  if constexpr (kBits < 8) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int i = 0; i < 4; ++i) {
+      const __m512i z = _mm512_loadu_si512(blk + i * 64);
+      wv[i] = _mm512_and_si512(z, low4);
+      wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
+    }
+    if constexpr (kBits == 5)
+      for (int g = 0; g < 8; ++g) {
+        __mmask64 fifth;
+        std::memcpy(&fifth, blk + 256 + g * 8, 8);
+        wv[g] = _mm512_mask_add_epi8(wv[g], fifth, wv[g], _mm512_set1_epi8(16));
+      }
+  } else {
+    for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
+  }
+}
+
+template <bool kHalf>
+inline __m512 load_scales(const uint8_t* p) {
+  if constexpr (kHalf) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
+// One block's contribution to 16 outputs of a row, from its exact integer dots s (level 1) and
+// s2 (level 2) and the row's d and du for the block: the one sequence of float operations both
+// paths (and the reference) use.
+inline __m512 add_block(__m512 acc, __m512i s, __m512i s2, float d, float du, __m512 ws, __m512 wm) {
+  const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(kQ8Level2), _mm512_cvtepi32_ps(s));
+  acc = _mm512_fmadd_ps(t, _mm512_mul_ps(ws, _mm512_set1_ps(d)), acc);
+  return _mm512_fmadd_ps(wm, _mm512_set1_ps(du), acc);
+}
+
+// Rows [m_begin, M) with VPDPBUSD.
+template <int kBits, bool kHalf>
+void linear_vnni(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t m_begin, int64_t M,
+                 int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end) {
   const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
   // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
   const int32_t bias128 = kBits < 8 ? 0 : -128;
-  const __m512i sixteen = _mm512_set1_epi8(16);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     const auto* panel = static_cast<const uint8_t*>(w) + p * B * bb;
     const int64_t c0 = p * kPanel, cols = std::min(kPanel, n_end - c0);
     const __mmask16 mask = __mmask16((1u << cols) - 1);
     const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
-    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    for (int64_t m0 = m_begin; m0 < M; m0 += kRows) {
       const int64_t rows = std::min(kRows, M - m0);
       __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t b = 0; b < B; ++b) {
         const uint8_t* blk = panel + b * bb;
         __m512i wv[8];
-        if (kBits < 8) {
-          for (int i = 0; i < 4; ++i) {
-            const __m512i z = _mm512_loadu_si512(blk + i * 64);
-            wv[i] = _mm512_and_si512(z, low4);
-            wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
-          }
-          if (kBits == 5)
-            for (int g = 0; g < 8; ++g) {
-              __mmask64 fifth;
-              std::memcpy(&fifth, blk + 256 + g * 8, 8);
-              wv[g] = _mm512_mask_add_epi8(wv[g], fifth, wv[g], sixteen);
-            }
-        } else {
-          for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
-        }
-        const __m512 ws = kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + wbytes)))
-                                : _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes));
-        const __m512 wm = kHalf ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + wbytes + 32)))
-                                : _mm512_loadu_ps(reinterpret_cast<const float*>(blk + wbytes + 64));
+        load_groups<kBits>(wv, blk);
+        const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
-          const int8_t *xq = x.qs + m * K + b * 32, *xq2 = x.qs2 + m * K + b * 32;
+          const int64_t at = q8_offset(x.tiled, m, b * 32, K);
+          const int8_t *xq = x.qs + at, *xq2 = x.qs2 + at;
           // Four chains per level (groups g mod 4), added at the end: VPDPBUSD's latency would
           // otherwise serialise a one-row step; integer sums, so the same result.
           __m512i a[4] = {_mm512_set1_epi32(bias128 * x.sums[m * B + b]), _mm512_setzero_si512(),
@@ -130,11 +156,7 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
           }
           const __m512i s = _mm512_add_epi32(_mm512_add_epi32(a[0], a[1]), _mm512_add_epi32(a[2], a[3]));
           const __m512i s2 = _mm512_add_epi32(_mm512_add_epi32(a2[0], a2[1]), _mm512_add_epi32(a2[2], a2[3]));
-          const float dx = x.d[m * B + b];
-          const float u = std::fma(float(x.sums2[m * B + b]), kQ8Level2, float(x.sums[m * B + b]));
-          const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s2), _mm512_set1_ps(kQ8Level2), _mm512_cvtepi32_ps(s));
-          acc[i] = _mm512_fmadd_ps(t, _mm512_mul_ps(ws, _mm512_set1_ps(dx)), acc[i]);
-          acc[i] = _mm512_fmadd_ps(wm, _mm512_set1_ps(dx * u), acc[i]);
+          acc[i] = add_block(acc[i], s, s2, x.d[m * B + b], x.du[m * B + b], ws, wm);
         }
       }
       for (int64_t i = 0; i < rows; ++i) {
@@ -143,6 +165,95 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
       }
     }
   }
+}
+
+#if defined(__AMX_INT8__)
+// Tiles: 0 and 1 the activations of 16 rows for one block (levels 1 and 2: 16 rows of 32 int8),
+// 2 the block's weights (8 rows of 4 positions x 16 columns), 4 and 5 the two levels' int32 dots.
+const TileConfig kQ8Tiles{{16, 32}, {16, 32}, {8, 64}, {0, 0}, {16, 64}, {16, 64}};
+
+// Scratch of a thread: a panel's weights as signed bytes and the two C tiles. Grows once to the
+// largest K; a step allocates nothing after the first.
+struct AmxScratch {
+  runtime::AlignedVector<int8_t> weights;
+  runtime::AlignedVector<int32_t> c = runtime::AlignedVector<int32_t>(2 * 256);
+};
+
+// A panel's blocks as signed int8 in the B-tile layout (512 bytes a block): TDPBSSD then gives
+// each block's exact dot with no correction term.
+template <int kBits, bool kHalf>
+void signed_panel(int8_t* dst, const uint8_t* panel, int64_t B) {
+  const __m512i shift = _mm512_set1_epi8(kBits == 8 ? -128 : 0);  // 8 bits: u - 128; else q
+  for (int64_t b = 0; b < B; ++b) {
+    __m512i wv[8];
+    load_groups<kBits>(wv, panel + b * block_bytes<kBits, kHalf>());
+    for (int g = 0; g < 8; ++g) _mm512_storeu_si512(dst + b * 512 + g * 64, _mm512_add_epi8(wv[g], shift));
+  }
+}
+
+// Rows [0, M) (M a multiple of 16) on AMX-INT8. A panel's blocks are converted once and reused
+// by every 16-row tile; each block's two dots (TDPBSSD: signed x signed, exact) go through
+// memory to the vector registers that sum them as add_block does. (Two panels sharing the
+// activation tiles, and the dots issued a block ahead of their sums, measured no faster: the
+// tile stores and the float sums of each 32-wide block are the cost.)
+template <int kBits, bool kHalf>
+void linear_amx(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+                int64_t n_begin, int64_t n_end) {
+  static thread_local AmxScratch scratch;
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
+  if (int64_t(scratch.weights.size()) < B * 512) scratch.weights.resize(size_t(B * 512));
+  // Plain pointers: the thread_local's address is a call in a shared library, which would
+  // clobber every vector register inside the loop.
+  int32_t* const c = scratch.c.data();
+  int8_t* const wts = scratch.weights.data();
+  const int64_t a_stride = x.tiled ? 32 : K;
+  const float* const xd = x.d;
+  const float* const xdu = x.du;
+  TileScope tiles(kQ8Tiles);
+  for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
+    const auto* panel = static_cast<const uint8_t*>(w) + p * B * bb;
+    signed_panel<kBits, kHalf>(wts, panel, B);
+    const int64_t c0 = p * kPanel, cols = std::min(kPanel, n_end - c0);
+    const __mmask16 mask = __mmask16((1u << cols) - 1);
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      __m512 acc[16];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t at = q8_offset(x.tiled, m0, b * 32, K);
+        _tile_loadd(0, x.qs + at, a_stride);
+        _tile_loadd(1, x.qs2 + at, a_stride);
+        _tile_loadd(2, wts + b * 512, 64);
+        _tile_zero(4);
+        _tile_zero(5);
+        _tile_dpbssd(4, 0, 2);
+        _tile_dpbssd(5, 1, 2);
+        _tile_stored(4, c, 64);
+        _tile_stored(5, c + 256, 64);
+        const uint8_t* blk = panel + b * bb;
+        const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
+        const int64_t r = m0 * B + b;
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i)
+          acc[i] = add_block(acc[i], _mm512_loadu_si512(c + 16 * i), _mm512_loadu_si512(c + 256 + 16 * i), xd[r + i * B],
+                             xdu[r + i * B], ws, wm);
+      }
+      const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
+      for (int i = 0; i < 16; ++i)
+        _mm512_mask_storeu_ps(y + (m0 + i) * ldy + c0, mask, bias ? _mm512_add_ps(acc[i], bias_v) : acc[i]);
+    }
+  }
+}
+#endif
+
+template <int kBits, bool kHalf = false>
+void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
+            int64_t n_begin, int64_t n_end) {
+  int64_t m_begin = 0;
+#if defined(__AMX_INT8__)
+  m_begin = M / 16 * 16;
+  if (m_begin) linear_amx<kBits, kHalf>(y, x, w, bias, m_begin, ldy, K, n_begin, n_end);
+#endif
+  if (m_begin < M) linear_vnni<kBits, kHalf>(y, x, w, bias, m_begin, M, ldy, K, n_begin, n_end);
 }
 
 }  // namespace

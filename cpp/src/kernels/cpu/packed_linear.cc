@@ -36,12 +36,13 @@ inline int32_t round_q8(float v) {
 }  // namespace
 
 void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d, int32_t* sums, int8_t* qs2,
-                      int32_t* sums2) {
+                      int32_t* sums2, float* du, bool tiled) {
   const int64_t B = K / 32;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const float* v = x + m * K + b * 32;
-      int8_t* q = qs + m * K + b * 32;
+      const int64_t at = q8_offset(tiled, m, b * 32, K);
+      int8_t* q = qs + at;
       float amax = 0.f;
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
@@ -51,7 +52,7 @@ void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d
         sum += q[j];
       }
       if (qs2) {  // the rounding error, |r| <= scale / 2, in steps of scale / 254
-        int8_t* q2 = qs2 + m * K + b * 32;
+        int8_t* q2 = qs2 + at;
         for (int j = 0; j < 32; ++j) {
           q2[j] = int8_t(round_q8((v[j] - float(q[j]) * scale) * inv * 254.f));
           sum2 += q2[j];
@@ -60,6 +61,7 @@ void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d
       d[m * B + b] = scale;
       sums[m * B + b] = sum;
       if (sums2) sums2[m * B + b] = sum2;
+      if (du) du[m * B + b] = scale * std::fma(float(sum2), kQ8Level2, float(sum));
     }
 }
 

@@ -119,17 +119,17 @@ void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int6
       float acc = 0.f;
       for (int64_t b = 0; b < B; ++b) {
         int32_t s = 0, s2 = 0;
+        const int64_t at = q8_offset(x.tiled, m, b * 32, K);
         for (int64_t j = 0; j < 32; ++j) {
-          s += int32_t(x.qs[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
-          s2 += int32_t(x.qs2[m * K + b * 32 + j]) * int32_t(wr[b * 32 + j]);
+          s += int32_t(x.qs[at + j]) * int32_t(wr[b * 32 + j]);
+          s2 += int32_t(x.qs2[at + j]) * int32_t(wr[b * 32 + j]);
         }
         float scale, min;
         std::memcpy(&scale, wr + K + b * 4, 4);
         std::memcpy(&min, wr + K + K / 8 + b * 4, 4);
         const float t = std::fma(float(s2), kQ8Level2, float(s));
-        const float u = std::fma(float(x.sums2[m * B + b]), kQ8Level2, float(x.sums[m * B + b]));
         acc = std::fma(t, x.d[m * B + b] * scale, acc);
-        acc = std::fma(min, x.d[m * B + b] * u, acc);
+        acc = std::fma(min, x.du[m * B + b], acc);
       }
       y[m * ldy + n] = bias ? acc + bias[n] : acc;
     }
