@@ -102,6 +102,17 @@ inline void load_groups(__m512i (&wv)[8], const uint8_t* blk) {
   }
 }
 
+// The weight stream of a thread is one run of panels in memory: requesting the bytes ~12 KB
+// ahead into L2, a block at a time, keeps enough misses in flight for one core to read at ~11-13
+// GB/s instead of ~7-9 (M = 1, measured with bench_linear: 12-30 KB ahead equal, L1 hints and
+// nearer distances slower).
+constexpr int64_t kPrefetchBytes = 12 << 10;
+template <int64_t kBytes>
+inline void prefetch_ahead(const uint8_t* blk) {
+  for (int64_t line = 0; line < kBytes; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T1);
+}
+
 template <bool kHalf>
 inline __m512 load_scales(const uint8_t* p) {
   if constexpr (kHalf) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -134,6 +145,7 @@ void linear_vnni(float* y, const Q8Rows& x, const void* w, const float* bias, in
       __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t b = 0; b < B; ++b) {
         const uint8_t* blk = panel + b * bb;
+        if (m0 == m_begin) prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
         __m512i wv[8];
         load_groups<kBits>(wv, blk);
         const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
@@ -185,8 +197,10 @@ template <int kBits, bool kHalf>
 void signed_panel(int8_t* dst, const uint8_t* panel, int64_t B) {
   const __m512i shift = _mm512_set1_epi8(kBits == 8 ? -128 : 0);  // 8 bits: u - 128; else q
   for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* blk = panel + b * block_bytes<kBits, kHalf>();
+    prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
     __m512i wv[8];
-    load_groups<kBits>(wv, panel + b * block_bytes<kBits, kHalf>());
+    load_groups<kBits>(wv, blk);
     for (int g = 0; g < 8; ++g) _mm512_storeu_si512(dst + b * 512 + g * 64, _mm512_add_epi8(wv[g], shift));
   }
 }
