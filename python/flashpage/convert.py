@@ -43,7 +43,7 @@ def read_tensors(src: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _is_linear(name: str) -> bool:
+def is_linear(name: str) -> bool:
     return any(name.endswith(f"{suffix}.weight") for suffix in LINEARS)
 
 
@@ -149,7 +149,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
         out, group_size, symmetric = _from_4bit(qc, tensors)
         fmt = "w4a16"
     else:
-        linears = [n for n in tensors if _is_linear(n) and tensors[n].dim() == 2]
+        linears = [n for n in tensors if is_linear(n) and tensors[n].dim() == 2]
         if not linears:
             raise ValueError(f"{src}: no decoder Linear weights ({', '.join(LINEARS)}) to quantize")
         out = {n: t for n, t in tensors.items() if n not in linears}

@@ -173,6 +173,20 @@ def from_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
     return W4A16(pack_int4(q.T), scales.T.contiguous(), zeros.T.to(torch.uint8).contiguous(), group_size)
 
 
+def to_awq(w: W4A16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """from_awq's inverse, for asymmetric W4A16: (qweight int32 [K, N / 8], qzeros int32
+    [K / group, N / 8], scales [K / group, N]) as AutoAWQ's GEMM layout stores them."""
+    if w.qzeros is None:
+        raise ValueError("to_awq: AWQ checkpoints are asymmetric (quantize with symmetric=False)")
+
+    def words(nibbles: torch.Tensor) -> torch.Tensor:  # [R, C] columns -> int32 [R, C / 8]
+        m = nibbles.to(torch.int64).reshape(nibbles.shape[0], -1, 8)[..., list(AWQ_ORDER)]
+        packed = (m << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
+        return (packed - (packed >= 1 << 31).to(torch.int64) * (1 << 32)).to(torch.int32)
+
+    return words(unpack_int4(w.qweight).T), words(w.qzeros.T), w.scales.T.contiguous()
+
+
 def quantize_w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel: (qweight int8 [N, K], scales float32 [N])."""
     scale = w.float().abs().amax(1).clamp_min(1e-8) / 127.0
