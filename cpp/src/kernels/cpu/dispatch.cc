@@ -9,7 +9,7 @@
 namespace flashpage::cpu {
 
 namespace {
-// q8: the namespace whose int8 Linear the level uses (its own where it has VNNI).
+// q8: the namespace whose int8 Linear the level uses.
 #define FLASHPAGE_KERNEL_TABLE(level, isa, q8)                                                               \
   KernelTable {                                                                                             \
     isa, &level::rms_norm, &level::paged_attention, &level::linear_panel, &level::packed_linear_elems,      \
@@ -19,10 +19,10 @@ namespace {
   }
 constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar, ref);
 #ifdef FLASHPAGE_HAS_ISA_avx2
-constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, ref);
+constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, avx2);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, ref);
+constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, avx512);
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512_bf16
 constexpr KernelTable kAvx512Bf16 = FLASHPAGE_KERNEL_TABLE(avx512_bf16, runtime::Isa::kAvx512Bf16, avx512_bf16);

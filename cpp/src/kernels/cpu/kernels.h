@@ -136,8 +136,8 @@ inline int64_t q8_offset(bool tiled, int64_t m, int64_t k, int64_t K) {
                     bool half_scales);
 
 namespace ref { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
-namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS }
-namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS }
+namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
+namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace amx { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace generic { FLASHPAGE_CPU_KERNEL_DECLS }

@@ -1,11 +1,9 @@
-// The int8 and 4-bit Linears on AVX512-VNNI (the avx512_bf16 and amx levels): panels of 16 output
-// columns, one int32 lane per column, so that each VPDPBUSD multiplies 4 values of one input
-// row (broadcast) by the same 4 positions of 16 weight rows. The weights are stored unsigned
-// (w + 128, the instruction's unsigned operand) and the activation block's sum corrects it:
-// sum((w + 128) x) - 128 sum(x) = sum(w x), exact in int32. Layout of a panel, block after
-// block along K: 8 groups of 4 positions x 16 columns (512 bytes: column c of group g at
-// g * 64 + c * 4), then the 16 columns' scales and their mins (64 bytes each). 4-bit weights
-// (0..15) are unsigned already and need no correction.
+// The int8, 4-bit and 5-bit Linears on AVX512-VNNI (the avx512_bf16 and amx levels), on the
+// layout of q8_layout.h: one int32 lane per column of a 16-column panel, so that each VPDPBUSD
+// multiplies 4 values of one input row (broadcast) by the same 4 positions of 16 weight rows.
+// 8-bit weights are stored unsigned (w + 128, the instruction's unsigned operand) and the
+// activation block's sum corrects it: sum((w + 128) x) - 128 sum(x) = sum(w x), exact in int32.
+// Sub-byte weights (0..31) are unsigned already and need no correction.
 //
 // On the amx level, each 16 full rows run on AMX-INT8 tiles instead (linear_amx): the 8-bit
 // layout above is already an 8 x 64-byte B tile per block (4 positions x 16 columns a row).
@@ -20,66 +18,15 @@
 
 #include "kernels/cpu/amx.h"
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/q8_layout.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
 
 namespace {
-constexpr int64_t kPanel = 16;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
-
-// Bytes of one (panel, block): the weights (8 bits: 512; 4 bits, two per byte: 256; 5 bits: those
-// 256 and a 64-byte plane of fifth bits, 8 bytes a group, bit j for the group's byte j), then
-// the 16 columns' scales and mins (fp32: 64 bytes each; fp16 when kHalf: 32). Sub-byte: byte j
-// of 64-byte row i holds group i's byte j in its low nibble and group i + 4's in its high one.
-template <int kBits>
-constexpr int64_t weight_bytes() { return kBits == 8 ? 512 : kBits == 5 ? 320 : 256; }
-template <int kBits, bool kHalf>
-constexpr int64_t block_bytes() { return weight_bytes<kBits>() + (kHalf ? 64 : 128); }
-
-// Written straight into the panel (no local arrays: ASan's fake stack frames do not keep the
-// 64-byte alignment that vectorised stores to them assume).
-template <int kBits, bool kHalf = false>
-void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
-          int64_t n_end) {
-  constexpr bool kSub = kBits < 8;
-  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
-  for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
-    auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
-    for (int64_t b = 0; b < B; ++b) {
-      uint8_t* blk = panel + b * bb;
-      // The unsigned weight of column c at position k of the block (padding columns: 0).
-      auto u = [&](int64_t c, int64_t k) -> uint8_t {
-        const int64_t n = p * kPanel + c;
-        return n < N ? uint8_t(int(qs[n * K + b * 32 + k]) + (kSub ? 0 : 128)) : uint8_t(kSub ? 0 : 128);
-      };
-      if (kBits == 5) std::memset(blk + 256, 0, 64);
-      for (int64_t j = 0; j < 64; ++j) {  // byte j of a group: column j / 4, position j % 4
-        const int64_t c = j / 4, t = j % 4;
-        if (kSub) {
-          for (int64_t i = 0; i < 4; ++i)
-            blk[i * 64 + j] = uint8_t((u(c, 4 * i + t) & 0xF) | ((u(c, 4 * (i + 4) + t) & 0xF) << 4));
-          if (kBits == 5)
-            for (int64_t g = 0; g < 8; ++g)
-              if (u(c, 4 * g + t) & 0x10) blk[256 + g * 8 + j / 8] |= uint8_t(1u << (j % 8));
-        } else {
-          for (int64_t g = 0; g < 8; ++g) blk[g * 64 + j] = u(c, 4 * g + t);
-        }
-      }
-      for (int64_t c = 0; c < kPanel; ++c) {  // scales and mins (padding columns: 0)
-        const int64_t n = p * kPanel + c;
-        const float sc = n < N ? d[n * B + b] : 0.f, mn = n < N ? mins[n * B + b] : 0.f;
-        if (kHalf) {
-          const uint16_t hs = _cvtss_sh(sc, _MM_FROUND_TO_NEAREST_INT), hm = _cvtss_sh(mn, _MM_FROUND_TO_NEAREST_INT);
-          std::memcpy(blk + wbytes + 2 * c, &hs, 2);
-          std::memcpy(blk + wbytes + 32 + 2 * c, &hm, 2);
-        } else {
-          std::memcpy(blk + wbytes + 4 * c, &sc, 4);
-          std::memcpy(blk + wbytes + 64 + 4 * c, &mn, 4);
-        }
-      }
-    }
-  }
-}
+using q8::kPanel;
+using q8::block_bytes;
+using q8::weight_bytes;
 
 // The 16 columns' unsigned weights of block `blk`, as VPDPBUSD's 8 groups of 4 positions.
 template <int kBits>
@@ -100,17 +47,6 @@ inline void load_groups(__m512i (&wv)[8], const uint8_t* blk) {
   } else {
     for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
   }
-}
-
-// The weight stream of a thread is one run of panels in memory: requesting the bytes ~12 KB
-// ahead into L2, a block at a time, keeps enough misses in flight for one core to read at ~11-13
-// GB/s instead of ~7-9 (M = 1, measured with bench_linear: 12-30 KB ahead equal, L1 hints and
-// nearer distances slower).
-constexpr int64_t kPrefetchBytes = 12 << 10;
-template <int64_t kBytes>
-inline void prefetch_ahead(const uint8_t* blk) {
-  for (int64_t line = 0; line < kBytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetchBytes + line, _MM_HINT_T1);
 }
 
 template <bool kHalf>
@@ -145,7 +81,7 @@ void linear_vnni(float* y, const Q8Rows& x, const void* w, const float* bias, in
       __m512 acc[kRows] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t b = 0; b < B; ++b) {
         const uint8_t* blk = panel + b * bb;
-        if (m0 == m_begin) prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
+        if (m0 == m_begin) q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
         __m512i wv[8];
         load_groups<kBits>(wv, blk);
         const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
@@ -198,7 +134,7 @@ void signed_panel(int8_t* dst, const uint8_t* panel, int64_t B) {
   const __m512i shift = _mm512_set1_epi8(kBits == 8 ? -128 : 0);  // 8 bits: u - 128; else q
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* blk = panel + b * block_bytes<kBits, kHalf>();
-    prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
+    q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
     __m512i wv[8];
     load_groups<kBits>(wv, blk);
     for (int g = 0; g < 8; ++g) _mm512_storeu_si512(dst + b * 512 + g * 64, _mm512_add_epi8(wv[g], shift));
@@ -272,42 +208,14 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
 
 }  // namespace
 
-int64_t q8_panel() { return kPanel; }
-
-int64_t packed_q8_bytes(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * (K / 32) * block_bytes<8, false>(); }
-int64_t packed_qbits_bytes(int64_t N, int64_t K, int bits, bool half_scales) {
-  const int64_t weights = bits == 5 ? weight_bytes<5>() : weight_bytes<4>();
-  return (N + kPanel - 1) / kPanel * (K / 32) * (weights + (half_scales ? 64 : 128));
-}
-
-void pack_q8(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
-             int64_t n_end) {
-  pack<8>(dst, qs, d, mins, N, K, n_begin, n_end);
-}
-void pack_qbits(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
-                int64_t n_end, int bits, bool half_scales) {
-  if (bits == 5) {
-    if (half_scales) pack<5, true>(dst, qs, d, mins, N, K, n_begin, n_end);
-    else pack<5, false>(dst, qs, d, mins, N, K, n_begin, n_end);
-  } else {
-    if (half_scales) pack<4, true>(dst, qs, d, mins, N, K, n_begin, n_end);
-    else pack<4, false>(dst, qs, d, mins, N, K, n_begin, n_end);
-  }
-}
-
 void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
                int64_t n_begin, int64_t n_end) {
   linear<8>(y, x, w, bias, M, ldy, K, n_begin, n_end);
 }
 void qbits_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
                   int64_t n_begin, int64_t n_end, int bits, bool half_scales) {
-  if (bits == 5) {
-    if (half_scales) linear<5, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
-    else linear<5, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
-  } else {
-    if (half_scales) linear<4, true>(y, x, w, bias, M, ldy, K, n_begin, n_end);
-    else linear<4, false>(y, x, w, bias, M, ldy, K, n_begin, n_end);
-  }
+  q8::with_qbits(bits, half_scales,
+                 [&]<int kBits, bool kHalf>() { linear<kBits, kHalf>(y, x, w, bias, M, ldy, K, n_begin, n_end); });
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA
