@@ -108,7 +108,9 @@ def test_quantized_weights_run_int4_close_to_dequantized_and_batch_invariant(smo
     kw = dict(kv_cache_bytes=64 << 20, max_num_seqs=8, max_model_len=1024)
     q, f = _core.Engine(smol_gguf, **kw), _core.Engine(smol_gguf, quantization="none", **kw)
     assert q.info["weight_bytes_owned"] < 0.7 * f.info["weight_bytes_owned"]
-    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(100, 140)), [1, 2, 3]]
+    # Real text (a prompt of special ids makes nearly flat logits, whose cosine depends on the
+    # reference's ISA level more than on the quantization).
+    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(100, 140)), [6403, 1980, 253, 655]]
     batched = run_greedy(q, prompts, 5)
     ref = run_greedy(f, prompts, 5, first_id=1 << 41, feed=[t for t, _ in batched])
     for (_, lq), (_, lf) in zip(batched, ref):
