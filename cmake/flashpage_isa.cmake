@@ -13,20 +13,29 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   set(FLASHPAGE_ISA_FLAGS_avx512_bf16 ${FLASHPAGE_ISA_FLAGS_avx512} -mavx512bf16 -mavx512vnni)
   # The tile unit (Sapphire Rapids and later); the vector code is the avx512_bf16 level's.
   set(FLASHPAGE_ISA_FLAGS_amx ${FLASHPAGE_ISA_FLAGS_avx512_bf16} -mamx-tile -mamx-bf16 -mamx-int8)
+  # Builds of single kernels that a level picks at run time, not levels (compiled only where a
+  # source names them): the int8 Linear for AVX-512 CPUs with VNNI but no BF16 (Ice Lake,
+  # Cooper Lake's avx512 level).
+  set(FLASHPAGE_ISA_VARIANTS avx512_vnni)
+  set(FLASHPAGE_ISA_FLAGS_avx512_vnni ${FLASHPAGE_ISA_FLAGS_avx512} -mavx512vnni)
 else()
   set(FLASHPAGE_X86 OFF)
   set(FLASHPAGE_BASELINE_FLAGS "")
   set(FLASHPAGE_ISA_LEVELS generic)
   set(FLASHPAGE_ISA_FLAGS_generic "")
+  set(FLASHPAGE_ISA_VARIANTS "")
 endif()
 
 # Compiles each source once per ISA level into `target`, with FLASHPAGE_ISA set to the level's
 # name so the source defines its entry points in namespace flashpage::cpu::<level>. With
-# `LEVELS a b ...`, only for those of the build's levels.
+# `LEVELS a b ...`, only for those of the build's levels (and variants, which only LEVELS names).
 function(flashpage_add_isa_kernels target)
   cmake_parse_arguments(ARG "" "" "LEVELS" ${ARGN})
-  foreach(level IN LISTS FLASHPAGE_ISA_LEVELS)
+  foreach(level IN LISTS FLASHPAGE_ISA_LEVELS FLASHPAGE_ISA_VARIANTS)
     if(ARG_LEVELS AND NOT level IN_LIST ARG_LEVELS)
+      continue()
+    endif()
+    if(NOT ARG_LEVELS AND level IN_LIST FLASHPAGE_ISA_VARIANTS)
       continue()
     endif()
     set(objlib ${target}_isa_${level})

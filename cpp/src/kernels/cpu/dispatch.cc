@@ -23,6 +23,9 @@ constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, 
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
 constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, avx512);
+#ifdef FLASHPAGE_HAS_ISA_avx512_vnni
+constexpr KernelTable kAvx512Vnni = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, avx512_vnni);
+#endif
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512_bf16
 constexpr KernelTable kAvx512Bf16 = FLASHPAGE_KERNEL_TABLE(avx512_bf16, runtime::Isa::kAvx512Bf16, avx512_bf16);
@@ -42,7 +45,11 @@ const KernelTable& kernels_for(runtime::Isa isa) {
       case runtime::Isa::kAvx2: return kAvx2;
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
-      case runtime::Isa::kAvx512: return kAvx512;
+      case runtime::Isa::kAvx512:
+#ifdef FLASHPAGE_HAS_ISA_avx512_vnni
+        if (runtime::cpu_features().avx512_vnni) return kAvx512Vnni;  // Ice Lake, Cooper Lake
+#endif
+        return kAvx512;
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512_bf16
       case runtime::Isa::kAvx512Bf16: return kAvx512Bf16;

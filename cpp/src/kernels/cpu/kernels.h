@@ -140,6 +140,7 @@ namespace avx2 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace amx { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
+namespace avx512_vnni { FLASHPAGE_CPU_Q8_DECLS }  // the avx512 level's int8 Linear where VNNI exists
 namespace generic { FLASHPAGE_CPU_KERNEL_DECLS }
 
 struct KernelTable {
