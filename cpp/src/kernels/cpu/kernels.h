@@ -124,8 +124,8 @@ inline int64_t q8_offset(bool tiled, int64_t m, int64_t k, int64_t K) {
   void q8_linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M,   \
                  int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end);                  \
   /* The same for sub-byte weights, q in [0, 2^bits) for bits 4 (GGUF's Q4_0, Q4_1, Q4_K) */ \
-  /* or 5 (Q5_0, Q5_1, Q5_K), packed by the levels with VNNI (4 bits two per byte, the    */ \
-  /* fifth as a bit plane): the same results from half or five eighths of the bytes.      */ \
+  /* or 5 (Q5_0, Q5_1, Q5_K), packed by the vector levels (4 bits two per byte, the fifth */ \
+  /* as a bit plane; the reference keeps a byte each): the same results from fewer bytes. */ \
   /* With half_scales (every scale and min exactly an fp16), those are kept in fp16.       */ \
   int64_t packed_qbits_bytes(int64_t N, int64_t K, int bits, bool half_scales);            \
   void pack_qbits(void* dst, const int8_t* qs, const float* scales, const float* mins,     \

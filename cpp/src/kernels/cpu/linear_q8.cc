@@ -1,4 +1,5 @@
-// The int8, 4-bit and 5-bit Linears on AVX512-VNNI (the avx512_bf16 and amx levels), on the
+// The int8, 4-bit and 5-bit Linears on AVX512-VNNI (the avx512_bf16 and amx levels, and the
+// avx512 level's avx512_vnni build for CPUs with VNNI but no BF16), on the
 // layout of q8_layout.h: one int32 lane per column of a 16-column panel, so that each VPDPBUSD
 // multiplies 4 values of one input row (broadcast) by the same 4 positions of 16 weight rows.
 // 8-bit weights are stored unsigned (w + 128, the instruction's unsigned operand) and the
@@ -24,9 +25,8 @@ namespace flashpage::cpu::FLASHPAGE_ISA {
 
 namespace {
 constexpr int64_t kRows = 4;  // input rows that share each weight load
-using q8::kPanel;
 using q8::block_bytes;
-using q8::weight_bytes;
+using q8::kPanel;
 
 // The 16 columns' unsigned weights of block `blk`, as VPDPBUSD's 8 groups of 4 positions.
 template <int kBits>
@@ -68,7 +68,7 @@ inline __m512 add_block(__m512 acc, __m512i s, __m512i s2, float d, float du, __
 template <int kBits, bool kHalf>
 void linear_vnni(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t m_begin, int64_t M,
                  int64_t ldy, int64_t K, int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>();
   // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
   const int32_t bias128 = kBits < 8 ? 0 : -128;
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
@@ -84,7 +84,8 @@ void linear_vnni(float* y, const Q8Rows& x, const void* w, const float* bias, in
         if (m0 == m_begin) q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
         __m512i wv[8];
         load_groups<kBits>(wv, blk);
-        const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
+        const __m512 ws = load_scales<kHalf>(blk + q8::scales_at<kBits>());
+        const __m512 wm = load_scales<kHalf>(blk + q8::mins_at<kBits, kHalf>());
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t m = m0 + i;
           const int64_t at = q8_offset(x.tiled, m, b * 32, K);
@@ -150,7 +151,7 @@ template <int kBits, bool kHalf>
 void linear_amx(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
                 int64_t n_begin, int64_t n_end) {
   static thread_local AmxScratch scratch;
-  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>();
   if (int64_t(scratch.weights.size()) < B * 512) scratch.weights.resize(size_t(B * 512));
   // Plain pointers: the thread_local's address is a call in a shared library, which would
   // clobber every vector register inside the loop.
@@ -180,7 +181,8 @@ void linear_amx(float* y, const Q8Rows& x, const void* w, const float* bias, int
         _tile_stored(4, c, 64);
         _tile_stored(5, c + 256, 64);
         const uint8_t* blk = panel + b * bb;
-        const __m512 ws = load_scales<kHalf>(blk + wbytes), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64));
+        const __m512 ws = load_scales<kHalf>(blk + q8::scales_at<kBits>());
+        const __m512 wm = load_scales<kHalf>(blk + q8::mins_at<kBits, kHalf>());
         const int64_t r = m0 * B + b;
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i)

@@ -1,5 +1,5 @@
-// The int8, 4-bit and 5-bit Linears on AVX2 (the avx2 and avx512 levels: CPUs without
-// AVX512-VNNI and BF16), on q8_layout.h's layout, each 16-column panel as two halves of 8
+// The int8, 4-bit and 5-bit Linears on AVX2 (the avx2 level, and the avx512 level on CPUs
+// without AVX512-VNNI), on q8_layout.h's layout, each 16-column panel as two halves of 8
 // columns (one int32 lane a column). VPMADDUBSW multiplies unsigned weight bytes by signed
 // activation bytes into int16 pairs, which must not saturate: a sub-byte weight (0..31) makes at
 // most 2 x 31 x 127 a pair, so 8 groups of 4-bit (4 of 5-bit) add up in int16 before VPMADDWD
@@ -19,7 +19,6 @@ namespace flashpage::cpu::FLASHPAGE_ISA {
 namespace {
 using q8::block_bytes;
 using q8::kPanel;
-using q8::weight_bytes;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
 
 // Half h (columns 8h..8h+7) of block `blk`: the 8 groups' low nibbles (sub-byte: the weights) in
@@ -91,7 +90,7 @@ inline __m256 load_scales(const uint8_t* p, int h) {  // 8 columns' scales (or m
 template <int kBits, bool kHalf>
 void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t M, int64_t ldy, int64_t K,
             int64_t n_begin, int64_t n_end) {
-  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>();
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     const auto* panel = static_cast<const uint8_t*>(w) + p * B * bb;
     for (int h = 0; h < 2; ++h) {
@@ -107,7 +106,8 @@ void linear(float* y, const Q8Rows& x, const void* w, const float* bias, int64_t
           if (h == 0 && m0 == 0) q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
           __m256i lo[8], hi[8];
           load_half<kBits>(lo, hi, blk, h);
-          const __m256 ws = load_scales<kHalf>(blk + wbytes, h), wm = load_scales<kHalf>(blk + wbytes + (kHalf ? 32 : 64), h);
+          const __m256 ws = load_scales<kHalf>(blk + q8::scales_at<kBits>(), h);
+          const __m256 wm = load_scales<kHalf>(blk + q8::mins_at<kBits, kHalf>(), h);
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t m = m0 + i, at = q8_offset(x.tiled, m, b * 32, K), j = m * B + b;
             const __m256i s = block_dot<kBits>(lo, hi, x.qs + at, x.sums[j]);

@@ -26,6 +26,11 @@ template <int kBits>
 constexpr int64_t weight_bytes() { return kBits == 8 ? 512 : kBits == 5 ? 320 : 256; }
 template <int kBits, bool kHalf>
 constexpr int64_t block_bytes() { return weight_bytes<kBits>() + (kHalf ? 64 : 128); }
+// Where a block's 16 scales and its 16 mins start.
+template <int kBits>
+constexpr int64_t scales_at() { return weight_bytes<kBits>(); }
+template <int kBits, bool kHalf>
+constexpr int64_t mins_at() { return weight_bytes<kBits>() + (kHalf ? 32 : 64); }
 
 // Written straight into the panel (no local arrays: ASan's fake stack frames do not keep the
 // 64-byte alignment that vectorised stores to them assume).
@@ -33,7 +38,8 @@ template <int kBits, bool kHalf = false>
 void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_t N, int64_t K, int64_t n_begin,
           int64_t n_end) {
   constexpr bool kSub = kBits < 8;
-  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>(), wbytes = weight_bytes<kBits>();
+  const int64_t B = K / 32, bb = block_bytes<kBits, kHalf>();
+  constexpr int64_t kScales = scales_at<kBits>(), kMins = mins_at<kBits, kHalf>(), kWidth = kHalf ? 2 : 4;
   for (int64_t p = n_begin / kPanel; p * kPanel < n_end; ++p) {
     auto* panel = static_cast<uint8_t*>(dst) + p * B * bb;
     for (int64_t b = 0; b < B; ++b) {
@@ -61,11 +67,11 @@ void pack(void* dst, const int8_t* qs, const float* d, const float* mins, int64_
         const float sc = n < N ? d[n * B + b] : 0.f, mn = n < N ? mins[n * B + b] : 0.f;
         if (kHalf) {
           const uint16_t hs = _cvtss_sh(sc, _MM_FROUND_TO_NEAREST_INT), hm = _cvtss_sh(mn, _MM_FROUND_TO_NEAREST_INT);
-          std::memcpy(blk + wbytes + 2 * c, &hs, 2);
-          std::memcpy(blk + wbytes + 32 + 2 * c, &hm, 2);
+          std::memcpy(blk + kScales + kWidth * c, &hs, 2);
+          std::memcpy(blk + kMins + kWidth * c, &hm, 2);
         } else {
-          std::memcpy(blk + wbytes + 4 * c, &sc, 4);
-          std::memcpy(blk + wbytes + 64 + 4 * c, &mn, 4);
+          std::memcpy(blk + kScales + kWidth * c, &sc, 4);
+          std::memcpy(blk + kMins + kWidth * c, &mn, 4);
         }
       }
     }
