@@ -128,8 +128,6 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
     """Writes src as a canonical quantized checkpoint into dst; returns its quantization_config.
     A GPTQ/AWQ src is converted (w4a16, its own group size); a float src is quantized to fmt
     (group_size None: pick_group_size)."""
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -160,15 +158,22 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "w4a16", gr
     qconfig: dict[str, Any] = {"quant_method": "flashpage", "format": fmt}
     if fmt == "w4a16":
         qconfig.update(group_size=group_size, symmetric=symmetric)
+    write_checkpoint(src, dst, out, {**config, "quantization_config": qconfig})
+    return qconfig
+
+
+def write_checkpoint(src: Path, dst: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """dst as src with these tensors (one model.safetensors) and config.json; src's other files
+    (tokenizer, chat template, generation config) copied as they are."""
+    from safetensors.torch import save_file
+
     dst.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.contiguous() for n, t in out.items()}, dst / "model.safetensors", metadata={"format": "pt"})
-    config["quantization_config"] = qconfig
+    save_file({n: t.contiguous() for n, t in tensors.items()}, dst / "model.safetensors", metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json" and not f.name.startswith(("model", ".")) \
                 and not f.name.endswith(".safetensors"):
             shutil.copy2(f, dst / f.name)
-    return qconfig
 
 
 def converted_for_cpu(model: str) -> str:

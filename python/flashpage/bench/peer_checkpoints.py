@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from flashpage import quantization as Q
-from flashpage.convert import is_linear, read_tensors
+from flashpage.convert import is_linear, read_tensors, write_checkpoint
 
 
 def _ct_args(strategy: str, dynamic: bool) -> dict[str, Any]:
@@ -63,13 +61,7 @@ def convert(src: Path, dst: Path, fmt: str, group_size: int = 64) -> dict[str, A
     qc = (W8A8_CT_CONFIG if fmt == "w8a8-ct" else
           {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
            "modules_to_not_convert": None})
-    dst.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, dst / "model.safetensors", metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps({**config, "quantization_config": qc}, indent=2) + "\n")
-    for f in src.iterdir():  # tokenizer, chat template, generation config
-        if f.is_file() and f.suffix not in (".safetensors", ".py") and f.name != "config.json" \
-                and not f.name.startswith(("model.", ".")):
-            shutil.copy2(f, dst / f.name)
+    write_checkpoint(src, dst, out, {**config, "quantization_config": qc})
     return qc
 
 
