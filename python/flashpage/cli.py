@@ -1,10 +1,14 @@
 """The ``flashpage`` command.
 
-  flashpage serve MODEL [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] [engine options]
+  flashpage serve [MODEL] [--host 127.0.0.1] [--port 8000] [--grpc-port 50051] [engine options]
       the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
       /health, /metrics) and the gRPC API (flashpage.v1) over one engine
-  flashpage generate MODEL PROMPT [--max-tokens 64] [--temperature 0] [--chat]
+  flashpage generate [MODEL] PROMPT [--max-tokens 64] [--temperature 0] [--chat]
       one completion, printed as it is generated
+
+MODEL is a local Hugging Face model directory or a .gguf file (also --model MODEL); without
+one, the tiny story model that ships in the wheel (stories260K) runs.
+Errors print one line; --debug (or FLASHPAGE_DEBUG=1) prints the traceback too.
   flashpage quantize SRC DST [--format w4a16|w8a8-int8|fp8] [--group-size 128] [--asymmetric]
       a checkpoint in flashpage's quantized format (from a float, GPTQ or AWQ checkpoint)
   flashpage info                 version, CPU ISA in use, CUDA backend status
@@ -61,6 +65,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flashpage.sampling_params import SamplingParams
     from flashpage.serving.server import build_llm
 
+    if len(args.words) > 2:
+        raise ValueError(f"flashpage generate takes [MODEL] PROMPT; got {len(args.words)} arguments (quote the prompt)")
+    args.model, args.prompt = (None, *args.words) if len(args.words) == 1 else args.words
     args.verbose = False
     llm: LLM = build_llm(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
@@ -85,28 +92,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from flashpage.convert import quantize_checkpoint
 
-    try:
-        qconfig = quantize_checkpoint(args.src, args.dst, args.format, args.group_size, not args.asymmetric)
-    except (ValueError, OSError) as e:
-        print(f"flashpage quantize: {e}", file=sys.stderr)
-        return 2
+    qconfig = quantize_checkpoint(args.src, args.dst, args.format, args.group_size, not args.asymmetric)
     print(json.dumps(qconfig))
     return 0
 
 
+# What a person got wrong (a path, a flag's value, a model we do not run): the message names it,
+# a traceback would only bury it. Anything else is our bug: the message asks for --debug.
+_USER_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("FLASHPAGE_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from flashpage.serving.server import add_engine_args, add_serve_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the top of the program: one readable line
+        if debug:
+            raise
+        command = next((a for a in argv if not a.startswith("-")), "")
+        message = str(e) or type(e).__name__
+        if isinstance(e, KeyError):
+            message = str(e.args[0]) if e.args else message
+        hint = "" if isinstance(e, _USER_ERRORS) else f" ({type(e).__name__}; --debug shows the traceback)"
+        print(f"flashpage {command}: error: {message}{hint}".replace("  ", " "), file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
+    from flashpage.serving.server import add_engine_args, add_model_args, add_serve_args
 
     parser = argparse.ArgumentParser(prog="flashpage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not just its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,quantize,info,bench}")
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI API) and gRPC",
                            description="Serve a model: OpenAI-compatible HTTP on --port, gRPC on --grpc-port.")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="generate one completion and print it")
-    gen.add_argument("model", help="a local Hugging Face model directory")
-    gen.add_argument("prompt")
+    gen.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
+                     help="the prompt, after the model (a Hugging Face directory or a .gguf file; default: the "
+                          "embedded stories260K)")
+    add_model_args(gen, positional=False)
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -5,6 +5,8 @@ arguments, `flashpage serve` / `flashpage generate` as flags (the same names, da
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -18,25 +20,60 @@ CUDA_EXECUTOR_AVAILABLE = True
 CUDA_EXECUTOR_VERIFIED = False
 
 
+# dtype names as vLLM takes them; half/float16 keep float16 weights' exact values (widened).
+DTYPES = ("auto", "bfloat16", "float32", "float", "float16", "half")
+# vLLM's --quantization value -> the checkpoint kind it must match (checkpoint_quantization)
+QUANTIZATION_METHODS = {None: None, "auto": None, "none": None, "awq": "awq", "awq_marlin": "awq",
+                        "gptq": "gptq", "gptq_marlin": "gptq", "gguf": "gguf", "fp8": "fp8", "w4a16": "w4a16",
+                        "w8a8-int8": "w8a8-int8"}
+
+
+def checkpoint_quantization(model: str) -> str | None:
+    """What a checkpoint holds: "gguf", "awq", "gptq", flashpage's formats (w4a16, w8a8-int8,
+    fp8), another config.json quant_method as named there, or None (float weights)."""
+    if model.endswith(".gguf"):
+        return "gguf"
+    cfg = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    method = qc.get("quant_method")
+    return qc.get("format") if method == "flashpage" else method
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
 class EngineArgs:
-    model: str = field(default="", metadata={"help": "a local Hugging Face model directory", "positional": True})
+    model: str = field(default="", metadata={"help": "a local Hugging Face model directory or a .gguf file (default: "
+                                                     "stories260K, the tiny story model in the wheel)",
+                                             "positional": True})
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
     device: str = _opt("auto", "where the model runs: auto (the GPU once the CUDA executor is verified there, else "
                                "the CPU), cpu or cuda", ("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "weights in memory: auto (the checkpoint's), bfloat16 or float32",
-                      ("auto", "bfloat16", "float32"))
+    dtype: str = _opt("auto", "weights in memory: auto (the checkpoint's), bfloat16, float32 (float), or float16 "
+                              "(half): the CPU has no float16 kernels, so float16 weights run exactly, widened to "
+                              "float32 (bfloat16 halves their memory)", DTYPES)
     compute_dtype: str = _opt("auto", "CPU arithmetic: auto = bf16 for bf16 weights where the CPU has bf16 dot "
                                       "products (AVX512-BF16, AMX), float32 always fp32", ("auto", "bfloat16", "float32"))
     load_format: str = _opt("auto", "auto (a .gguf file as GGUF, else safetensors), gguf, or dummy (random weights "
                                     "of the config's shape)",
                             ("auto", "gguf", "dummy"))
-    quantization: str = _opt("auto", "a GGUF's quantized weights: auto (run as int8, Q8_0 blocks) or none "
-                                     "(dequantized to dtype)", ("auto", "none"))
+    quantization: str | None = _opt(
+        None, "the checkpoint's quantization, detected when not given (None or auto); a method given is checked "
+              "against the checkpoint (awq, gptq, gguf, fp8, w4a16, w8a8-int8; vLLM's awq_marlin / gptq_marlin "
+              "mean awq / gptq); none runs a GGUF's weights dequantized to dtype", tuple(q for q in QUANTIZATION_METHODS if q))
+    tensor_parallel_size: int = _opt(1, "devices one model is split across: 1 (tensor parallelism is not "
+                                        "implemented; larger values are refused)", flag="-tp")
+    pipeline_parallel_size: int = _opt(1, "pipeline stages: 1 (larger values are refused)", flag="-pp")
+    enforce_eager: bool = _opt(False, "accepted for vLLM's scripts: flashpage captures no CUDA graphs, every step "
+                                      "runs eagerly")
+    trust_remote_code: bool = _opt(False, "accepted for vLLM's scripts: flashpage never runs code from a model "
+                                          "directory; it runs the architectures it implements (Llama, Mistral, "
+                                          "Qwen2/3) and refuses others by name")
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     block_size: int = _opt(16, "tokens per KV-cache block")
     max_num_seqs: int = _opt(256, "sequences in one step at most")
@@ -78,7 +115,8 @@ class EngineArgs:
                 continue
             kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
             default = f.default if f.default is not MISSING else None
-            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+            names = [f"--{f.name.replace('_', '-')}"] + ([meta["flag"]] if meta.get("flag") else [])
+            group.add_argument(*names, dest=f.name, type=kind, default=default,
                                choices=meta.get("choices"), help=meta["help"])
 
     @classmethod
@@ -99,8 +137,13 @@ class EngineArgs:
     def validate(self) -> None:
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            value = getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) != 1:
+                raise ValueError(f"{name}={getattr(self, name)}: flashpage runs a model on one device (this CPU, or "
+                                 f"one GPU); splitting it across devices is not implemented yet: use {name}=1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
         if self.device == "cuda":
@@ -108,6 +151,21 @@ class EngineArgs:
             if not info["available"]:
                 raise ValueError(f"device='cuda': the CUDA backend is not available here ({info['reason']}); "
                                  "use device='cpu' (or 'auto')")
+
+    def check_quantization(self, model: str) -> None:
+        """A quantization method given by name must be what the checkpoint at `model` holds."""
+        wanted = QUANTIZATION_METHODS[self.quantization]
+        if wanted is None and self.quantization != "none":
+            return
+        held = checkpoint_quantization(model)
+        if self.quantization == "none":
+            if held not in (None, "gguf"):
+                raise ValueError(f"quantization='none': {model} holds {held}-quantized weights, which run only "
+                                 "quantized (none applies to GGUF files, whose weights it dequantizes)")
+        elif held != wanted:
+            raise ValueError(f"quantization={self.quantization!r}, but {model} "
+                             + (f"holds {held}-quantized weights" if held else "is not quantized")
+                             + ": leave quantization unset and it is detected")
 
     def resolved_device(self) -> str:
         """The device the engine gets: "auto" is the GPU only where the CUDA executor is verified."""
@@ -118,7 +176,7 @@ class EngineArgs:
     def core_kwargs(self) -> dict[str, Any]:
         """The C++ engine's constructor arguments (its names; 0 means "choose")."""
         return dict(dtype=self.dtype, compute_dtype=self.compute_dtype, load_format=self.load_format,
-                    quantization=self.quantization,
+                    quantization="none" if self.quantization == "none" else "auto",
                     max_model_len=self.max_model_len or 0, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens or 0,
                     enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,

@@ -10,6 +10,7 @@ from typing import Any
 from flashpage import _core
 from flashpage.engine import LLMEngine, PromptType
 from flashpage.engine_args import EngineArgs
+from flashpage.models import resolve_model
 from flashpage.outputs import RequestOutput
 from flashpage.sampling_params import SamplingParams
 from flashpage.tokenizer import Tokenizer
@@ -26,20 +27,19 @@ class LLM:
     keeps fp32 arithmetic (bf16 weights widened). ``verbose`` prints the start-up report (weights mapped/loaded, KV-cache sizing) to stderr.
     """
 
-    def __init__(self, model: str, tokenizer: str | None = None, **engine_options: Any) -> None:
-        """engine_options: the fields of flashpage.engine_args.EngineArgs (vLLM's names):
-        dtype, compute_dtype, load_format, max_model_len, block_size, max_num_seqs,
-        max_num_batched_tokens, enable_prefix_caching, scheduling_policy ("fcfs" or "priority"),
-        kv_cache_memory_bytes, kv_cache_memory_fraction, seed, skip_tokenizer_init, verbose."""
+    def __init__(self, model: str = "", tokenizer: str | None = None, **engine_options: Any) -> None:
+        """model: a local Hugging Face model directory, a .gguf file, or "" for the tiny model
+        that ships in the wheel (stories260K). engine_options: the fields of
+        flashpage.engine_args.EngineArgs (vLLM's names: dtype, max_model_len, max_num_seqs,
+        scheduling_policy, seed, quantization, tensor_parallel_size, ...)."""
         args = EngineArgs.from_kwargs(model, tokenizer=tokenizer, **engine_options)
         self.engine_args = args
+        model = resolve_model(model)
+        args.check_quantization(model)
         gguf = model.endswith(".gguf")
-        if not gguf and os.path.isdir(model):  # GPTQ / AWQ: repacked once into flashpage's format
+        if not gguf:  # GPTQ / AWQ: repacked once into flashpage's format
             from flashpage.convert import converted_for_cpu
             model = converted_for_cpu(model)
-        if not (os.path.isfile(model) if gguf else os.path.isdir(model)):
-            raise FileNotFoundError(f"{model}: not a directory or a .gguf file (flashpage loads local Hugging Face "
-                                    "model directories and GGUF files)")
         self.core = _core.Engine(model, **args.core_kwargs())
         self.model_info: dict = self.core.info
         self.tokenizer: Tokenizer | None = None

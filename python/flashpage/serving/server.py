@@ -36,7 +36,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a local Hugging Face model directory")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (OpenAI API)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC server)")
@@ -72,10 +72,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
+def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The model, positionally (flashpage's, vllm serve's) or as --model (vLLM's api_server)."""
+    from flashpage.engine_args import EngineArgs
+
+    help = EngineArgs.__dataclass_fields__["model"].metadata["help"]
+    if positional:
+        p.add_argument("model", nargs="?", default=None, help=help)
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL", help="the same, as a flag")
+
+
+def model_arg(args: argparse.Namespace) -> str:
+    """The model given positionally or by --model ("" for the embedded one); both, differing: an error."""
+    flag, given = getattr(args, "model_flag", None), getattr(args, "model", None)
+    if flag and given and flag != given:
+        raise ValueError(f"two models given: {given!r} and --model {flag!r}")
+    return flag or given or ""
+
+
 def build_llm(args: argparse.Namespace):
     from flashpage.engine_args import EngineArgs
     from flashpage.llm import LLM
+    from flashpage.models import resolve_model
 
+    args.model = resolve_model(model_arg(args))  # served_name reads the path
     options = vars(EngineArgs.from_cli_args(args))
     return LLM(options.pop("model"), **options)
 
