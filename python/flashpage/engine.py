@@ -8,7 +8,8 @@ RequestOutputs. Not thread-safe: one thread drives it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from flashpage.detokenizer import IncrementalDetokenizer, find_stop
 from flashpage.outputs import CompletionOutput, Logprob, RequestOutput
 from flashpage.sampler import TokenLogprobs, sample, token_logprobs
 from flashpage.sampling_params import SamplingParams
+from flashpage.structured_outputs import GrammarError, StructuredOutputs, StructuredOutputsParams
 from flashpage.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any] | Sequence[int]
@@ -35,6 +37,7 @@ class _Sequence:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer | None
     finished: bool = False
+    matcher: Any = None  # llguidance.LLMatcher of a structured output: what may come next
 
 
 @dataclass(eq=False)
@@ -66,6 +69,23 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[int, _Sequence] = {}
         self._next_core_id = 0
+        # Structured-output requests whose grammar is compiling (off this thread): they reach
+        # the scheduler once it has, so a slow grammar never holds up other requests' steps.
+        self._pending: dict[str, tuple[Future, Callable[[], None]]] = {}
+        self._structured: StructuredOutputs | None = None
+
+    @property
+    def structured_outputs(self) -> StructuredOutputs:
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer (this engine has none)")
+            self._structured = StructuredOutputs(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids)
+        return self._structured
+
+    def compile_structured(self, params: StructuredOutputsParams) -> Future:
+        """A future that raises GrammarError where the constraint does not compile (servers
+        await it to answer 400 before accepting the request); compiled grammars are cached."""
+        return self.structured_outputs.compile(params)
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -125,13 +145,20 @@ class LLMEngine:
         first = req.seqs[0]
         # Prompt logprobs need every prompt token computed: no prefix-cache hits (a key of its own).
         cache_key = (first.core_id + 1) if params.prompt_logprobs is not None else 0
-        self.scheduler.add_request(
-            first.core_id, np.asarray(ids, dtype=np.int32), max_tokens=max(1, max_tokens),
-            min_tokens=params.min_tokens, stop_token_ids=params.stop_token_ids,
-            eos_token_ids=self.eos_token_ids, ignore_eos=params.ignore_eos, priority=priority,
-            cache_key=cache_key)
+
+        def admit() -> None:
+            self.scheduler.add_request(
+                first.core_id, np.asarray(ids, dtype=np.int32), max_tokens=max(1, max_tokens),
+                min_tokens=params.min_tokens, stop_token_ids=params.stop_token_ids,
+                eos_token_ids=self.eos_token_ids, ignore_eos=params.ignore_eos, priority=priority,
+                cache_key=cache_key)
+            self._seqs[first.core_id] = first
+
+        if params.structured_outputs is not None:
+            self._pending[request_id] = (self.compile_structured(params.structured_outputs), admit)
+        else:
+            admit()
         self._requests[request_id] = req
-        self._seqs[first.core_id] = first
 
     def _check_vocab(self, params: SamplingParams) -> None:
         """Token ids in the parameters must be in the vocabulary; top_k at most its size."""
@@ -149,6 +176,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        self._pending.pop(request_id, None)
         req.output.error = error
         for seq in req.seqs:
             self.scheduler.abort_request(seq.core_id)
@@ -170,10 +198,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules, runs the model, samples and updates; returns the outputs of the requests
         that changed (text and token ids so far; finished=True once all n sequences are done)."""
+        ended = self._admit_compiled() if self._pending else []
         st = self.scheduler.schedule()
         S = st.num_seqs
         if S == 0:
-            return []
+            if self._pending and not ended:  # only grammars compiling: wait a little, not spin
+                wait([f for f, _ in self._pending.values()], timeout=0.01, return_when=FIRST_COMPLETED)
+            return ended
         seqs = [self._seqs[i] for i in np.asarray(st.request_ids).tolist()]
         forked: list[int] = []
         try:
@@ -184,7 +215,26 @@ class LLMEngine:
                 self.abort_request(seq.request.request_id, error=e)
             self.scheduler.update(np.zeros(S, dtype=np.int32), np.zeros(len(forked), dtype=np.int32))
             raise
-        return self._process_updates(sampled, fork_tokens, lp, by_seq, failed)
+        return ended + self._process_updates(sampled, fork_tokens, lp, by_seq, failed)
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedules the requests whose grammar has compiled; ends those whose grammar failed."""
+        ended = []
+        for rid, (fut, admit) in list(self._pending.items()):
+            if not fut.done():
+                continue
+            del self._pending[rid]
+            req = self._requests[rid]
+            try:
+                template = fut.result()
+            except Exception as e:  # noqa: BLE001 - GrammarError, or the compiler's own fault: this request's
+                self.abort_request(rid, error=e)
+                ended.append(req.output)
+                continue
+            for seq in req.seqs:
+                seq.matcher = template.deep_copy()
+            admit()
+        return ended
 
     def _forward_and_sample(self, st, seqs: list[_Sequence], forked: list[int]):
         S = len(seqs)
@@ -229,6 +279,9 @@ class LLMEngine:
         if plan:
             picked = [r for r, _ in plan]
             x = logits if picked == list(range(rows)) else logits[torch.tensor(picked)]
+            constrained = [j for j, (_, q) in enumerate(plan) if q.matcher is not None]
+            if constrained:
+                self.structured_outputs.mask(x, constrained, [plan[j][1].matcher for j in constrained])
             res = sample(x, [q.params for _, q in plan], [q.generator for _, q in plan],
                          [q.request.prompt_ids for _, q in plan], [q.output.token_ids for _, q in plan],
                          default_generator=self._generator)
@@ -282,10 +335,13 @@ class LLMEngine:
                       j: int | None) -> None:
         stop = None
         if tok >= 0:
+            if seq.matcher is not None and not seq.matcher.consume_token(tok):
+                raise GrammarError(f"structured output: {seq.matcher.get_error().strip()}")
             # A stop id or eos ends the sequence: its text is left out unless asked for (as vLLM).
             text = reason != "stop" or seq.params.include_stop_str_in_output
             stop = self._append(seq, tok, lp, j, text)
-        if reason is None and stop is not None:
+        grammar_done = seq.matcher is not None and seq.matcher.is_stopped()  # nothing but eos may follow
+        if reason is None and (stop is not None or grammar_done):
             self.scheduler.finish_request(cid, "stop")
             reason = "stop"
         if reason is not None:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flashpage.structured_outputs import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5  # as vLLM: temperatures below this sample greedily
 
 # A logits processor, as vLLM's: (output token ids, logits row) -> logits row, or with the
@@ -53,9 +55,17 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's name before 0.10: the same
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.structured_outputs is None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams (or a dict of its fields)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
