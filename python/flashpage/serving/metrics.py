@@ -40,8 +40,16 @@ class Metrics:
                                                "Mean time between a request's tokens after the first.",
                                                _TOKEN_BUCKETS)
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        # vLLM's cache_config_info: an inference gateway's prefix-cache scorer reads the block
+        # size and the block count from its labels (num_gpu_blocks whatever the device).
+        self._cache_info = Gauge("flashpage:cache_config_info", "KV-cache geometry (in the labels); value 1.",
+                                 ["model_name", "block_size", "num_gpu_blocks"], registry=r)
         self._model_name = model_name
         self._preemptions_seen = 0
+
+    def cache_config(self, block_size: int, num_blocks: int) -> None:
+        self._cache_info.clear()
+        self._cache_info.labels(self._model_name, str(block_size), str(num_blocks)).set(1)
 
     def finished(self, reason: str) -> None:
         self.requests_finished.labels(self._model_name, reason).inc()

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server (FastAPI): /v1/completions, /v1/chat/completions (with
-the model's chat template), /v1/models, /health, /metrics. Streams are server-sent events
+the model's chat template), /v1/models, /health, /metrics; OpenAI's other routes (embeddings,
+audio, ...) are refused by name with a 404. Streams are server-sent events
 ending in `data: [DONE]`, with a usage chunk when stream_options.include_usage; errors use
 OpenAI's error body ({"error": {"message", "type", "param", "code"}}) whatever goes wrong, and
 a stream that fails midway ends with an error event and `[DONE]`.
@@ -15,7 +16,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,7 +26,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashpage.chat_template import RESERVED_KWARGS, ChatTemplateError
-from flashpage.outputs import RequestOutput
+from flashpage.detokenizer import IncrementalDetokenizer
+from flashpage.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from flashpage.serving.async_engine import AsyncLLMEngine, EngineOverloaded, EngineUnavailable
 from flashpage.serving.http_guard import Guard, error_dict
 from flashpage.serving.limits import LimitExceeded, RequestLimits
@@ -51,6 +54,8 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
     the operator's template, used instead of the model's; requests never bring their own."""
     app = FastAPI(title="flashpage", docs_url=None, redoc_url=None)
     max_model_len = limits.max_model_len
+    cache = engine.engine.scheduler.config
+    engine.metrics.cache_config(block_size=cache.block_size, num_blocks=cache.num_blocks)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -68,7 +73,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         if e.status_code == 404:
-            return ApiError(404, f"no route {request.method} {request.url.path}", code="not_found").response()
+            return _not_found(request.method, request.url.path).response()
         if e.status_code == 405:
             return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
                             code="method_not_allowed").response()
@@ -205,20 +210,31 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         ids = [await encode(x) for x in prompts]
         max_tokens = [check_lengths(len(i), body.max_tokens) for i in ids]
         params = [params_of(body, m, body.logprobs) for m in max_tokens]
+        want_lp = body.logprobs is not None
+        echoes = [await engine.run_cpu(_echo, tokenizer, x, i, want_lp) if body.echo else _NO_ECHO
+                  for x, i in zip(prompts, ids)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await start_all(ids, params, [x if isinstance(x, str) else None for x in prompts], body.priority)
         n = body.n
-        echo = [(x if isinstance(x, str) else "") if body.echo else "" for x in prompts]
-        offsets: dict[int, int] = {}  # choice index -> characters of its text so far (text_offset)
+        texts: dict[int, IncrementalDetokenizer | None] = {}  # choice index -> its text so far (text_offset)
 
-        def choice(k: int, c, prefix: str = "") -> dict:
-            index = k * n + c.index
-            start = offsets.get(index, 0)
-            text = prefix + c.text
-            offsets[index] = start + len(text)
-            return {"index": index, "text": text,
-                    "logprobs": _completion_logprobs(c, start + len(prefix)),
+        def choice(k: int, c: CompletionOutput, first: bool, prompt_lp: PromptLogprobs | None) -> dict:
+            """A choice, or a streamed chunk of one: the first carries the echoed prompt (and,
+            with logprobs, its tokens' logprobs, as vLLM)."""
+            index, echo = k * n + c.index, echoes[k] if first else _NO_ECHO
+            lp = None
+            if want_lp:
+                if index not in texts:
+                    texts[index] = (IncrementalDetokenizer.after_prompt(tokenizer, ids[k], body.skip_special_tokens)
+                                    if tokenizer is not None else None)
+                tokens, entries = list(c.token_ids), list(c.logprobs or [])
+                starts = _text_starts(texts[index], tokens, len(echoes[k].text))
+                if echo.offsets is not None:
+                    tokens, entries = ids[k] + tokens, list(prompt_lp or [None] * len(ids[k])) + entries
+                    starts = echo.offsets + starts
+                lp = _completion_logprobs(tokens, entries, starts, tokenizer)
+            return {"index": index, "text": echo.text + c.text, "logprobs": lp,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
 
         if body.stream:
@@ -226,14 +242,16 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 usage = _Usage()
                 try:
                     for k, gen in enumerate(streams):
-                        first = set()
+                        started: set[int] = set()
+                        prompt_lp = None
                         async for out in gen:
                             usage.add(out)
+                            prompt_lp = out.prompt_logprobs or prompt_lp  # with the first tokens
                             for c in out.outputs:
-                                prefix = echo[k] if c.index not in first else ""
-                                first.add(c.index)
+                                first = c.index not in started
+                                started.add(c.index)
                                 yield _sse({"id": rid, "object": "text_completion", "created": created,
-                                            "model": model_name, "choices": [choice(k, c, prefix)]})
+                                            "model": model_name, "choices": [choice(k, c, first, prompt_lp)]})
                 except Exception as e:  # noqa: BLE001 - the stream ends with the error, then [DONE]
                     yield _sse_error(e)
                 finally:
@@ -247,11 +265,12 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
 
         async def collect_all():
             usage = _Usage()
-            choices = []
-            for k, gen in enumerate(streams):
-                final = await _collect(gen, usage)
-                choices += [choice(k, c, echo[k]) for c in final.outputs]
-            return choices, usage
+            finals = [await _collect(gen, usage) for gen in streams]
+
+            def build() -> list[dict]:
+                return [choice(k, c, True, f.prompt_logprobs) for k, f in enumerate(finals) for c in f.outputs]
+            # text_offset detokenizes every returned token once more: off the event loop.
+            return (await engine.run_cpu(build) if want_lp else build()), usage
 
         try:
             collected = await _unless_disconnected(request, collect_all())
@@ -411,6 +430,8 @@ async def _join(gen: AsyncIterator[RequestOutput], usage: _Usage) -> RequestOutp
         if final is None:
             final = out
             continue
+        if out.prompt_logprobs is not None:  # they come with the first tokens, maybe not the first delta
+            final.prompt_logprobs = out.prompt_logprobs
         by_index = {c.index: c for c in final.outputs}
         for c in out.outputs:
             acc = by_index.get(c.index)
@@ -435,19 +456,89 @@ def _token_text(token: int, lp) -> str:
     return lp.decoded_token if lp.decoded_token is not None else str(token)
 
 
-def _completion_logprobs(c, offset: int = 0) -> dict | None:
-    """OpenAI's completion logprobs; text_offset counts characters from the choice's start
-    (after the echoed prompt when echo), one entry per token."""
-    if c.logprobs is None:
-        return None
-    tokens, lps, tops, offsets = [], [], [], []
-    for tok, entry in zip(c.token_ids, c.logprobs):
+def _finite(logprob: float) -> float:
+    """JSON has no -Infinity (a token the sampler ruled out): OpenAI's and vLLM's floor."""
+    return max(logprob, -9999.0)
+
+
+@dataclass(frozen=True)
+class _Echo:
+    """What a completion choice returns of its prompt: its text and, with logprobs, where each
+    prompt token's text begins in it."""
+    text: str = ""
+    offsets: list[int] | None = None
+
+
+_NO_ECHO = _Echo()
+
+
+def _echo(tokenizer: Tokenizer | None, prompt: str | list[int], ids: list[int], with_offsets: bool) -> _Echo:
+    """A text prompt echoes as sent; token ids as the tokenizer decodes them, special tokens
+    included (as vLLM). Without a tokenizer there is no text (as for the generated text)."""
+    if tokenizer is None:
+        return _Echo(prompt if isinstance(prompt, str) else "", [0] * len(ids) if with_offsets else None)
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+    if not with_offsets:
+        return _Echo(text)
+    # The beginning-of-sequence token the tokenizer put before a text prompt has no text in it.
+    added = int(isinstance(prompt, str) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+                and not prompt.startswith(tokenizer.bos_token or ""))
+    starts = [0] * added + _text_starts(IncrementalDetokenizer(tokenizer, skip_special_tokens=False), ids[added:], 0)
+    return _Echo(text, [min(s, len(text)) for s in starts])  # a prompt the tokenizer normalized
+
+
+def _text_starts(text: IncrementalDetokenizer | None, ids: Sequence[int], base: int) -> list[int]:
+    """text_offset: where each token's text begins, counting from base, found by detokenizing
+    the tokens one by one as the engine does (text continues across calls, hence across
+    streamed chunks). A token that completes no character yet begins where the next one does.
+    The tokens' own strings cannot be summed instead: decoded alone, a sentencepiece token
+    loses its leading space."""
+    starts = []
+    for t in ids:
+        starts.append(base + (len(text.text) if text is not None else 0))
+        if text is not None:
+            text.add(t)
+    return starts
+
+
+def _completion_logprobs(ids: list[int], entries: list[dict[int, Logprob] | None], starts: list[int],
+                         tokenizer: Tokenizer | None) -> dict:
+    """OpenAI's completion logprobs, as vLLM fills them: top_logprobs holds the chosen token
+    and the top k; a prompt's first token, which nothing scores, has None for both."""
+    tokens, lps, tops = [], [], []
+    for tok, entry in zip(ids, entries):
+        if entry is None:
+            tokens.append(tokenizer.decode([tok], skip_special_tokens=False) if tokenizer else str(tok))
+            lps.append(None)
+            tops.append(None)
+            continue
         tokens.append(_token_text(tok, entry[tok]))
-        offsets.append(offset)
-        offset += len(tokens[-1])
-        lps.append(entry[tok].logprob)
-        tops.append({_token_text(t, lp): lp.logprob for t, lp in entry.items() if t != tok or len(entry) == 1})
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        lps.append(_finite(entry[tok].logprob))
+        tops.append({_token_text(t, lp): _finite(lp.logprob) for t, lp in entry.items()})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": starts}
+
+
+# OpenAI (and vLLM) routes for what flashpage does not do: refused by name, not as a typo.
+_UNSUPPORTED: tuple[tuple[str, str], ...] = (
+    ("/v1/embeddings", "embeddings"), ("/v1/audio", "audio"), ("/v1/images", "image generation"),
+    ("/v1/moderations", "moderation"), ("/v1/files", "files"), ("/v1/batches", "batches"),
+    ("/v1/fine_tuning", "fine-tuning"), ("/v1/responses", "the Responses API"), ("/v1/assistants", "assistants"),
+    ("/v1/threads", "assistants"), ("/v1/vector_stores", "vector stores"), ("/v1/realtime", "the Realtime API"),
+    ("/v1/rerank", "reranking"), ("/v2/rerank", "reranking"), ("/rerank", "reranking"), ("/v1/score", "scoring"),
+    ("/score", "scoring"), ("/pooling", "pooling"), ("/classify", "classification"),
+    ("/tokenize", "tokenizing over HTTP (gRPC has Tokenize)"),
+    ("/detokenize", "detokenizing over HTTP (gRPC has Detokenize)"),
+)
+
+
+def _not_found(method: str, path: str) -> ApiError:
+    """404 for a route that does not exist. 404 as vLLM answers a route its model's task lacks,
+    and because OpenAI's clients retry 5xx (a 501 would be sent again, twice)."""
+    what = next((w for prefix, w in _UNSUPPORTED if path == prefix or path.startswith(prefix + "/")), None)
+    if what is None:
+        return ApiError(404, f"no route {method} {path}", code="not_found")
+    return ApiError(404, f"{method} {path} is not supported: flashpage serves generative models "
+                         f"(/v1/completions, /v1/chat/completions), not {what}", code="unsupported_endpoint")
 
 
 def _chat_logprobs(c) -> dict | None:
@@ -457,7 +548,7 @@ def _chat_logprobs(c) -> dict | None:
     for tok, entry in zip(c.token_ids, c.logprobs):
         text = _token_text(tok, entry[tok])
         top = sorted(((lp.rank or 0, t, lp) for t, lp in entry.items() if t != tok or lp.rank == 1))
-        content.append({"token": text, "logprob": entry[tok].logprob, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": _token_text(t, lp), "logprob": lp.logprob,
+        content.append({"token": text, "logprob": _finite(entry[tok].logprob), "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": _token_text(t, lp), "logprob": _finite(lp.logprob),
                                           "bytes": list(_token_text(t, lp).encode())} for _, t, lp in top]})
     return {"content": content}

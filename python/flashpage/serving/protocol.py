@@ -53,10 +53,13 @@ class _Sampling(BaseModel):
             except ValueError:
                 raise ValueError("logit_bias: keys must be token ids (integers as strings)") from None
         return SamplingParams(n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              logit_bias=bias, prompt_logprobs=self.prompt_logprobs,
+                              logit_bias=bias, prompt_logprobs=self._prompt_logprobs(logprobs),
                               include_stop_str_in_output=self.include_stop_str_in_output,
                               ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                               logprobs=logprobs, skip_special_tokens=self.skip_special_tokens, **given)
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        return self.prompt_logprobs
 
 
 class CompletionRequest(_Sampling):
@@ -64,6 +67,13 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        # As vLLM: echo with logprobs scores the echoed prompt too (its tokens lead the
+        # choice's logprobs), so the engine must compute the prompt's logprobs.
+        if self.prompt_logprobs is None and self.echo:
+            return logprobs
+        return self.prompt_logprobs
 
 
 class ChatMessage(BaseModel):
