@@ -8,6 +8,7 @@ RequestOutputs. Not thread-safe: one thread drives it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -73,14 +74,16 @@ class LLMEngine:
         # the scheduler once it has, so a slow grammar never holds up other requests' steps.
         self._pending: dict[str, tuple[Future, Callable[[], None]]] = {}
         self._structured: StructuredOutputs | None = None
+        self._structured_lock = threading.Lock()
 
     @property
     def structured_outputs(self) -> StructuredOutputs:
-        if self._structured is None:
-            if self.tokenizer is None:
-                raise ValueError("structured outputs need a tokenizer (this engine has none)")
-            self._structured = StructuredOutputs(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids)
-        return self._structured
+        with self._structured_lock:  # servers compile from their own threads
+            if self._structured is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer (this engine has none)")
+                self._structured = StructuredOutputs(self.tokenizer.to_json(), self.vocab_size, self.eos_token_ids)
+            return self._structured
 
     def compile_structured(self, params: StructuredOutputsParams) -> Future:
         """A future that raises GrammarError where the constraint does not compile (servers

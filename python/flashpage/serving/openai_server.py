@@ -32,6 +32,8 @@ from flashpage.serving.async_engine import AsyncLLMEngine, EngineOverloaded, Eng
 from flashpage.serving.http_guard import Guard, error_dict
 from flashpage.serving.limits import LimitExceeded, RequestLimits
 from flashpage.serving.protocol import ChatCompletionRequest, CompletionRequest
+from flashpage.serving.tool_parsers import ToolCalling, parser_for_template
+from flashpage.structured_outputs import GrammarError, StructuredOutputsParams
 from flashpage.tokenizer import Tokenizer
 
 log = logging.getLogger("flashpage.serving")
@@ -49,11 +51,14 @@ class ApiError(Exception):
 
 def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name: str, limits: RequestLimits,
               chat_template: str | None = None, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-              body_timeout: float = 30.0) -> Guard:
+              body_timeout: float = 30.0, tool_call_parser: str | None = None) -> Guard:
     """The app behind its Guard (API key, body limits, last-resort errors). chat_template:
-    the operator's template, used instead of the model's; requests never bring their own."""
+    the operator's template, used instead of the model's; requests never bring their own.
+    tool_call_parser: how the model writes tool calls (default: what its template says)."""
     app = FastAPI(title="flashpage", docs_url=None, redoc_url=None)
     max_model_len = limits.max_model_len
+    tool_parser = tool_call_parser or parser_for_template(
+        chat_template or (tokenizer.chat_template if tokenizer is not None else None))
     cache = engine.engine.scheduler.config
     engine.metrics.cache_config(block_size=cache.block_size, num_blocks=cache.num_blocks)
 
@@ -129,6 +134,13 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
             return await engine.run_cpu(tokenizer.encode, prompt)
         return list(prompt)
 
+    def constraint_field(body) -> str:
+        try:
+            found = body.constraint()
+        except ValueError:
+            return "structured_outputs"
+        return found[0] if found else "tool_choice"
+
     def params_of(body, max_tokens: int | None, logprobs: int | None):
         try:
             params = body.sampling_params(max_tokens, logprobs)
@@ -138,6 +150,19 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
             raise ApiError(400, str(e), param=e.field) from None
         except ValueError as e:
             field = str(e).split(" ", 1)[0].rstrip(":")
+            raise ApiError(400, str(e), param=field) from None
+
+    async def compile_constraint(params, field: str) -> None:
+        """A constraint that does not compile is the request's error (400), found before it
+        is admitted; the compile runs on the grammar thread and is cached for the engine."""
+        so = params.structured_outputs
+        if so is None:
+            return
+        try:
+            await asyncio.wrap_future(engine.engine.compile_structured(so))
+        except GrammarError as e:
+            raise ApiError(400, f"{field}: {e}", param=field, code="invalid_structured_output") from None
+        except ValueError as e:  # no tokenizer
             raise ApiError(400, str(e), param=field) from None
 
     def reserve(sequences: int) -> None:
@@ -210,6 +235,7 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         ids = [await encode(x) for x in prompts]
         max_tokens = [check_lengths(len(i), body.max_tokens) for i in ids]
         params = [params_of(body, m, body.logprobs) for m in max_tokens]
+        await compile_constraint(params[0], constraint_field(body))
         want_lp = body.logprobs is not None
         echoes = [await engine.run_cpu(_echo, tokenizer, x, i, want_lp) if body.echo else _NO_ECHO
                   for x, i in zip(prompts, ids)]
@@ -309,6 +335,15 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         k = (body.top_logprobs or 0) if body.logprobs else None
         params_of(body, None, k)  # the limits, before any rendering
         try:
+            body.check_tools()
+            tooling = ToolCalling.for_request(body.tools, body.tool_choice, body.named_tool(), tool_parser)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=str(e).split(":", 1)[0]) from None
+        tool_schema = tooling.constraint() if tooling is not None else None
+        if tool_schema is not None and body.constraint() is not None:
+            raise ApiError(400, f"tool_choice: a required or named tool choice constrains the output already; "
+                                f"drop {body.constraint()[0]}", param="tool_choice")
+        try:
             text = await engine.run_cpu(lambda: tokenizer.apply_chat_template(
                 messages, chat_template=chat_template, add_generation_prompt=body.add_generation_prompt,
                 tools=body.tools, **kwargs))
@@ -320,6 +355,9 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         ids = await engine.run_cpu(lambda: tokenizer.encode(text, add_special_tokens=False))
         max_tokens = check_lengths(len(ids), body.max_completion_tokens or body.max_tokens)
         params = params_of(body, max_tokens, k)
+        if tool_schema is not None:
+            params.structured_outputs = StructuredOutputsParams(json=tool_schema)
+        await compile_constraint(params, constraint_field(body))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         gen = (await start_all([ids], [params], [text], body.priority))[0]
@@ -332,14 +370,26 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
                 for i in range(body.n):
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
+                calls = {i: tooling.stream() for i in range(body.n)} if tooling is not None else {}
+                made_calls: set[int] = set()
                 try:
                     async for out in gen:
                         usage.add(out)
                         for c in out.outputs:
+                            delta: dict[str, Any] = {"content": c.text} if c.text else {}
+                            finish = c.finish_reason
+                            if tooling is not None:
+                                content, tool_deltas = calls[c.index].feed(c.text, final=finish is not None)
+                                delta = {"content": content} if content else {}
+                                if tool_deltas:
+                                    delta["tool_calls"] = tool_deltas
+                                    made_calls.add(c.index)
+                                if finish == "stop" and c.index in made_calls:
+                                    finish = tooling.finish_reason
                             yield _sse({**head, "choices": [{
-                                "index": c.index, "delta": {"content": c.text} if c.text else {},
+                                "index": c.index, "delta": delta,
                                 "logprobs": _chat_logprobs(c) if want_lp else None,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                                "finish_reason": finish, "stop_reason": c.stop_reason}]})
                 except Exception as e:  # noqa: BLE001 - the stream ends with the error, then [DONE]
                     yield _sse_error(e)
                 finally:
@@ -357,13 +407,21 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         if final is None:
             return Response(status_code=499)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": _chat_logprobs(c) if want_lp else None,
-                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                            for c in final.outputs],
-                "usage": usage.dict()}
+                "choices": [_chat_choice(c, tooling, want_lp) for c in final.outputs], "usage": usage.dict()}
 
     return Guard(app, max_bytes=max_body_bytes, api_key=api_key, body_timeout=body_timeout)
+
+
+def _chat_choice(c: CompletionOutput, tooling: ToolCalling | None, want_lp: bool) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    finish = c.finish_reason
+    if tooling is not None:
+        content, calls = tooling.extract(c.text)
+        message = {"role": "assistant", "content": content, "tool_calls": [t.to_openai() for t in calls]}
+        if calls and finish == "stop":
+            finish = tooling.finish_reason
+    return {"index": c.index, "message": message, "logprobs": _chat_logprobs(c) if want_lp else None,
+            "finish_reason": finish, "stop_reason": c.stop_reason}
 
 
 async def _unless_disconnected(request: Request, work):

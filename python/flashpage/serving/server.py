@@ -49,6 +49,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     keys.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
     keys.add_argument("--chat-template", default=None,
                       help="a chat template (a file, or the template text) used instead of the model's")
+    tools = p.add_argument_group("tool calling")
+    tools.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                       help="how the model writes tool calls, for tool_choice auto (default: from the chat template, "
+                            "where it says: <tool_call> hermes, [TOOL_CALLS] mistral, <|python_tag|> llama3_json)")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM's scripts: tool_choice auto works wherever a parser is known")
     lim = p.add_argument_group("limits (each refusal names the field and the limit)")
     lim.add_argument("--max-waiting-requests", type=int, default=1024,
                      help="beyond this many waiting sequences (n counts n), new requests get 429 / RESOURCE_EXHAUSTED")
@@ -193,7 +199,8 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     engine = AsyncLLMEngine(llm.llm_engine, model_name=name, max_waiting_requests=args.max_waiting_requests,
                             watchdog_seconds=getattr(args, "engine_watchdog_seconds", 60.0))
     app = build_app(engine, llm.tokenizer, model_name=name, limits=limits, chat_template=template, api_key=key,
-                    max_body_bytes=args.max_body_bytes, body_timeout=conn.body_timeout)
+                    max_body_bytes=args.max_body_bytes, body_timeout=conn.body_timeout,
+                    tool_call_parser=getattr(args, "tool_call_parser", None))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            http=guarded_protocol(conn), timeout_keep_alive=conn.keep_alive_timeout,
                                            timeout_graceful_shutdown=5, lifespan="off"))
