@@ -4,6 +4,7 @@ cancelled call that leaves no blocks, and stubs that match the proto."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -137,3 +138,25 @@ def test_committed_stubs_match_the_proto(tmp_path):
         fresh = (tmp_path / "flashpage/serving/v1" / name).read_text()
         committed = open(os.path.join(PYTHON_DIR, "flashpage/serving/v1", name)).read()
         assert _normalized(fresh) == _normalized(committed), f"{name} is stale: regenerate it (see the proto's header)"
+
+
+def test_structured_outputs_over_grpc(server):
+    pytest.importorskip("llguidance")
+    _, stub, _ = server
+    choices = pb.SamplingParams(temperature=1.0, seed=4, max_tokens=20, structured_outputs=pb.StructuredOutputs(
+        choice=pb.Choices(choices=["red ball", "blue kite"])))
+    msgs = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", params=choices), metadata=AUTH, timeout=60))
+    assert "".join(m.text for m in msgs) in ("red ball", "blue kite")
+    regex = pb.SamplingParams(max_tokens=20, structured_outputs=pb.StructuredOutputs(regex=r"[0-9]{2}-[a-z]{3}"))
+    msgs = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", params=regex), metadata=AUTH, timeout=60))
+    assert re.fullmatch(r"[0-9]{2}-[a-z]{3}", "".join(m.text for m in msgs))
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                         "required": ["n"], "additionalProperties": False})
+    js = pb.SamplingParams(max_tokens=30, structured_outputs=pb.StructuredOutputs(json=schema,
+                                                                                   disable_any_whitespace=True))
+    msgs = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", params=js), metadata=AUTH, timeout=60))
+    assert 0 <= json.loads("".join(m.text for m in msgs))["n"] <= 9
+    bad = pb.SamplingParams(structured_outputs=pb.StructuredOutputs(regex="a(b"))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest(text="Once", params=bad), metadata=AUTH, timeout=60))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "structured_outputs.regex" in e.value.details()

@@ -20,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from flashpage.sampling_params import SamplingParams
+from flashpage.structured_outputs import StructuredOutputsParams
 from flashpage.serving.async_engine import AsyncLLMEngine, EngineOverloaded, EngineUnavailable
 from flashpage.serving.v1 import flashpage_pb2 as pb
 from flashpage.serving.v1 import flashpage_pb2_grpc as pb_grpc
@@ -32,12 +33,23 @@ _OPTIONAL = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", 
              "repetition_penalty", "seed", "max_tokens", "logprobs", "skip_special_tokens")
 
 
+def structured_outputs(p: pb.SamplingParams) -> StructuredOutputsParams | None:
+    if not p.HasField("structured_outputs"):
+        return None
+    so = p.structured_outputs
+    which = so.WhichOneof("constraint")
+    if which is None:
+        raise ValueError("structured_outputs: set one of json, regex, choice, grammar, json_object")
+    value = list(so.choice.choices) if which == "choice" else getattr(so, which)
+    return StructuredOutputsParams(**{which: value}, disable_any_whitespace=so.disable_any_whitespace)
+
+
 def sampling_params(p: pb.SamplingParams) -> SamplingParams:
     """The request's parameters; unset optional fields keep vLLM's defaults."""
     given = {f: getattr(p, f) for f in _OPTIONAL if p.HasField(f)}
     return SamplingParams(stop=list(p.stop), stop_token_ids=list(p.stop_token_ids),
                           include_stop_str_in_output=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
-                          min_tokens=p.min_tokens, **given)
+                          min_tokens=p.min_tokens, structured_outputs=structured_outputs(p), **given)
 
 
 class _Auth(grpc.aio.ServerInterceptor):
@@ -80,7 +92,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 prompt = {"prompt": request.text, "prompt_token_ids": ids}
             else:
                 prompt = {"prompt_token_ids": list(request.token_ids.ids)}
-        except (LimitExceeded, ValueError) as e:
+            if params.structured_outputs is not None:  # compiled off this loop, cached for the engine
+                await asyncio.wrap_future(self.engine.engine.compile_structured(params.structured_outputs))
+        except (LimitExceeded, ValueError) as e:  # GrammarError is a ValueError naming structured_outputs
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"  # the client's label, echoed back
         prompt_tokens = completion = 0

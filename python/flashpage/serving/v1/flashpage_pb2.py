@@ -24,41 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$flashpage/serving/v1/flashpage.proto\x12\x0c\x66lashpage.v1\"\xe0\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\t\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0b\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.flashpage.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.flashpage.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"M\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"_\n\x08Logprobs\x12*\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1a.flashpage.v1.TokenLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.flashpage.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.flashpage.v1.Logprobs\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.flashpage.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.flashpage.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x9a\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc1\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.flashpage.v1.GenerateRequest\x1a\x1e.flashpage.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.flashpage.v1.TokenizeRequest\x1a\x1e.flashpage.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.flashpage.v1.DetokenizeRequest\x1a .flashpage.v1.DetokenizeResponse\x12J\n\x0cGetModelInfo\x12!.flashpage.v1.GetModelInfoRequest\x1a\x17.flashpage.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$flashpage/serving/v1/flashpage.proto\x12\x0c\x66lashpage.v1\"\x9d\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\t\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0b\x88\x01\x01\x12;\n\x12structured_outputs\x18\x12 \x01(\x0b\x32\x1f.flashpage.v1.StructuredOutputsB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xb5\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x15.flashpage.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xac\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.flashpage.v1.TokenIdsH\x00\x12,\n\x06params\x18\x04 \x01(\x0b\x32\x1c.flashpage.v1.SamplingParams\x12\x10\n\x08priority\x18\x05 \x01(\x05\x42\x08\n\x06prompt\"M\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"_\n\x08Logprobs\x12*\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1a.flashpage.v1.TokenLogprob\x12\'\n\x03top\x18\x02 \x03(\x0b\x32\x1a.flashpage.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.flashpage.v1.Logprobs\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.flashpage.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\"\n\x05usage\x18\x08 \x01(\x0b\x32\x13.flashpage.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x9a\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x15\n\rmax_model_len\x18\x05 \x01(\x05\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc1\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.flashpage.v1.GenerateRequest\x1a\x1e.flashpage.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.flashpage.v1.TokenizeRequest\x1a\x1e.flashpage.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.flashpage.v1.DetokenizeRequest\x1a .flashpage.v1.DetokenizeResponse\x12J\n\x0cGetModelInfo\x12!.flashpage.v1.GetModelInfoRequest\x1a\x17.flashpage.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flashpage.serving.v1.flashpage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1724
-  _globals['_FINISHREASON']._serialized_end=1844
+  _globals['_FINISHREASON']._serialized_start=1997
+  _globals['_FINISHREASON']._serialized_end=2117
   _globals['_SAMPLINGPARAMS']._serialized_start=55
-  _globals['_SAMPLINGPARAMS']._serialized_end=663
-  _globals['_TOKENIDS']._serialized_start=665
-  _globals['_TOKENIDS']._serialized_end=688
-  _globals['_GENERATEREQUEST']._serialized_start=691
-  _globals['_GENERATEREQUEST']._serialized_end=863
-  _globals['_TOKENLOGPROB']._serialized_start=865
-  _globals['_TOKENLOGPROB']._serialized_end=942
-  _globals['_LOGPROBS']._serialized_start=944
-  _globals['_LOGPROBS']._serialized_end=1039
-  _globals['_USAGE']._serialized_start=1041
-  _globals['_USAGE']._serialized_end=1098
-  _globals['_GENERATERESPONSE']._serialized_start=1101
-  _globals['_GENERATERESPONSE']._serialized_end=1337
-  _globals['_TOKENIZEREQUEST']._serialized_start=1339
-  _globals['_TOKENIZEREQUEST']._serialized_end=1398
-  _globals['_TOKENIZERESPONSE']._serialized_start=1400
-  _globals['_TOKENIZERESPONSE']._serialized_end=1437
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1439
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1506
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1508
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1542
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1544
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1565
-  _globals['_MODELINFO']._serialized_start=1568
-  _globals['_MODELINFO']._serialized_end=1722
-  _globals['_GENERATION']._serialized_start=1847
-  _globals['_GENERATION']._serialized_end=2168
+  _globals['_SAMPLINGPARAMS']._serialized_end=724
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=727
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=908
+  _globals['_CHOICES']._serialized_start=910
+  _globals['_CHOICES']._serialized_end=936
+  _globals['_TOKENIDS']._serialized_start=938
+  _globals['_TOKENIDS']._serialized_end=961
+  _globals['_GENERATEREQUEST']._serialized_start=964
+  _globals['_GENERATEREQUEST']._serialized_end=1136
+  _globals['_TOKENLOGPROB']._serialized_start=1138
+  _globals['_TOKENLOGPROB']._serialized_end=1215
+  _globals['_LOGPROBS']._serialized_start=1217
+  _globals['_LOGPROBS']._serialized_end=1312
+  _globals['_USAGE']._serialized_start=1314
+  _globals['_USAGE']._serialized_end=1371
+  _globals['_GENERATERESPONSE']._serialized_start=1374
+  _globals['_GENERATERESPONSE']._serialized_end=1610
+  _globals['_TOKENIZEREQUEST']._serialized_start=1612
+  _globals['_TOKENIZEREQUEST']._serialized_end=1671
+  _globals['_TOKENIZERESPONSE']._serialized_start=1673
+  _globals['_TOKENIZERESPONSE']._serialized_end=1710
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1712
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1779
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1781
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1815
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1817
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1838
+  _globals['_MODELINFO']._serialized_start=1841
+  _globals['_MODELINFO']._serialized_end=1995
+  _globals['_GENERATION']._serialized_start=2120
+  _globals['_GENERATION']._serialized_end=2441
 # @@protoc_insertion_point(module_scope)
