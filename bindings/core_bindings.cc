@@ -30,6 +30,24 @@ FinishReason parse_reason(const std::string& s) {
   throw std::invalid_argument("finish reason must be 'stop', 'length' or 'abort', got '" + s + "'");
 }
 
+py::list take_kv_events(BlockManager& bm) {
+  static constexpr const char* kNames[] = {"BlockStored", "BlockRemoved", "AllBlocksCleared"};
+  const KvEventLog& log = bm.kv_events();
+  py::list out(log.events.size());
+  for (size_t i = 0; i < log.events.size(); ++i) {
+    const KvEvent& e = log.events[i];
+    const auto hashes = log.hashes_of(e);
+    const auto tokens = log.tokens_of(e, bm.block_size());
+    py::object parent = py::none();
+    if (e.parent_hash != 0) parent = py::int_(e.parent_hash);
+    out[i] = py::make_tuple(kNames[static_cast<int>(e.type)],
+                            std::vector<uint64_t>(hashes.begin(), hashes.end()), parent,
+                            std::vector<int32_t>(tokens.begin(), tokens.end()), e.extra_key);
+  }
+  bm.clear_kv_events();
+  return out;
+}
+
 using Output = std::shared_ptr<SchedulerOutput>;
 
 // A property of SchedulerOutput exposed as a zero-copy numpy view that keeps the step alive.
@@ -110,6 +128,15 @@ void bind_block_manager(py::module_& m) {
              bm.clear_copies();
              return out;
            }, "Copy-on-write (src, dst) block copies queued since the last call.")
+      .def("reset_prefix_cache", &BlockManager::reset_prefix_cache,
+           "Forgets every cached block; False (nothing changes) while any block is held.")
+      .def_property("kv_events_enabled", &BlockManager::kv_events_enabled,
+                    &BlockManager::set_kv_events_enabled,
+                    "Record prefix-cache changes for take_kv_events (off by default).")
+      .def("take_kv_events", &take_kv_events,
+           "The prefix-cache events since the last call, oldest first, and clears them: tuples "
+           "(type, block_hashes, parent_block_hash or None, token_ids, extra_key) with type "
+           "'BlockStored', 'BlockRemoved' or 'AllBlocksCleared'.")
       .def("ref_count", &BlockManager::ref_count, py::arg("block"))
       .def("is_cached", &BlockManager::is_cached, py::arg("block"))
       .def("block_hash", &BlockManager::block_hash, py::arg("block"))

@@ -5,7 +5,9 @@
 // sequence whose prompt starts like an earlier one reuses that KV instead of recomputing it.
 // Freed blocks that carry a hash stay reusable until evicted, least recently used first.
 // Forked sequences share blocks; a shared, partially filled block is copied before either
-// sequence writes into it (copy-on-write).
+// sequence writes into it (copy-on-write). Optionally, every change to the prefix cache is
+// recorded as an event (blocks stored, blocks removed, all cleared) for routers that track
+// which replica caches which prefix.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +39,43 @@ struct BlockManagerStats {
 struct BlockCopy {
   int32_t src;
   int32_t dst;
+};
+
+enum class KvEventType : int8_t { kBlockStored = 0, kBlockRemoved = 1, kAllBlocksCleared = 2 };
+
+// One change to the prefix cache (vLLM's BlockStored / BlockRemoved / AllBlocksCleared). A
+// stored event is a run of blocks of one sequence, each the parent of the next: its hashes in
+// order, the hash of the block before the first (0: the run starts the sequence) and the
+// run's token ids, block_size per hash. Hashes are BlockManager::block_hash values.
+struct KvEvent {
+  KvEventType type;
+  int32_t hash_begin = 0;   // into KvEventLog::hashes
+  int32_t num_hashes = 0;
+  int64_t token_begin = 0;  // stored: into KvEventLog::tokens
+  uint64_t parent_hash = 0;
+  uint64_t extra_key = 0;   // the key the blocks were hashed under (allocate_prefix)
+};
+
+// The events since the last clear, oldest first. Flat arrays that keep their capacity, so
+// recording does not allocate once the log has grown to a step's worth of events.
+struct KvEventLog {
+  std::vector<KvEvent> events;
+  std::vector<uint64_t> hashes;
+  std::vector<int32_t> tokens;
+
+  bool empty() const { return events.empty(); }
+  void clear() {
+    events.clear();
+    hashes.clear();
+    tokens.clear();
+  }
+  std::span<const uint64_t> hashes_of(const KvEvent& e) const {
+    return {hashes.data() + e.hash_begin, static_cast<size_t>(e.num_hashes)};
+  }
+  std::span<const int32_t> tokens_of(const KvEvent& e, int32_t block_size) const {
+    if (e.type != KvEventType::kBlockStored) return {};
+    return {tokens.data() + e.token_begin, static_cast<size_t>(e.num_hashes) * block_size};
+  }
 };
 
 // The blocks one sequence holds, in position order. Owned by the caller (one per sequence);
@@ -123,6 +162,19 @@ class BlockManager {
   const std::vector<BlockCopy>& pending_copies() const { return copies_; }
   void clear_copies() { copies_.clear(); }
 
+  // Forgets every cached block (an AllBlocksCleared event). Refused (false, nothing changes)
+  // while any block is held: their tables still count on their hashes.
+  bool reset_prefix_cache();
+
+  // The event log: off by default, and then each place that would record costs one branch.
+  // Turn it on before any block is cached (earlier blocks are never announced); turning it
+  // off drops what was recorded. Whoever turns it on drains it (kv_events, clear_kv_events)
+  // after every step, or it grows without bound.
+  void set_kv_events_enabled(bool on);
+  bool kv_events_enabled() const { return events_on_; }
+  const KvEventLog& kv_events() const { return events_; }
+  void clear_kv_events() { events_.clear(); }
+
   int32_t ref_count(int32_t block) const;
   bool is_cached(int32_t block) const;
   // The prefix-cache hash of a full block, or 0 if not registered.
@@ -150,6 +202,8 @@ class BlockManager {
   void unlink_free(int32_t b);
   void uncache(int32_t b);
   void release(int32_t b);
+  void record_stored(uint64_t hash, uint64_t parent, uint64_t extra_key, const int32_t* tokens);
+  void record_removed(uint64_t hash, uint64_t extra_key);
   void check_block(int32_t b) const;
   // The prefix-cache index: an open-addressing table (linear probing, at most half full) from
   // block hash to block id. No allocation after construction, one cache miss per probe.
@@ -177,6 +231,8 @@ class BlockManager {
     int32_t block;
   };
   std::vector<PendingBlock> pending_;  // scratch for cache_blocks_batch
+  bool events_on_ = false;
+  KvEventLog events_;
 };
 
 }  // namespace flashpage

@@ -126,6 +126,7 @@ void BlockManager::unlink_free(int32_t b) {
 void BlockManager::uncache(int32_t b) {
   Block& blk = blocks_[b];
   if (!blk.hashed) return;
+  if (events_on_) record_removed(blk.hash, blk.extra_key);
   if (index_find(blk.hash) == b) index_erase(blk.hash);
   blk.hashed = false;
   blk.hash = 0;
@@ -279,7 +280,53 @@ void BlockManager::cache_blocks_batch(std::span<const CacheUpdate> updates) {
     blk.extra_key = p.extra_key;
     std::memcpy(&block_tokens_[static_cast<size_t>(p.block) * bs], p.tokens, bs * sizeof(int32_t));
     index_insert(p.hash, p.block);  // the probe chain is in cache from index_find
+    if (events_on_) record_stored(p.hash, p.parent, p.extra_key, p.tokens);
   }
+}
+
+void BlockManager::record_stored(uint64_t hash, uint64_t parent, uint64_t extra_key,
+                                 const int32_t* tokens) {
+  // A block whose parent is the last block recorded extends that run: one event per run of a
+  // sequence's newly cached blocks, as vLLM sends them.
+  KvEvent* last = events_.events.empty() ? nullptr : &events_.events.back();
+  if (last == nullptr || last->type != KvEventType::kBlockStored || last->extra_key != extra_key ||
+      parent == 0 || events_.hashes.back() != parent) {
+    events_.events.push_back({KvEventType::kBlockStored, static_cast<int32_t>(events_.hashes.size()), 0,
+                              static_cast<int64_t>(events_.tokens.size()), parent, extra_key});
+    last = &events_.events.back();
+  }
+  events_.hashes.push_back(hash);
+  events_.tokens.insert(events_.tokens.end(), tokens, tokens + config_.block_size);
+  ++last->num_hashes;
+}
+
+void BlockManager::record_removed(uint64_t hash, uint64_t extra_key) {
+  KvEvent* last = events_.events.empty() ? nullptr : &events_.events.back();
+  if (last == nullptr || last->type != KvEventType::kBlockRemoved || last->extra_key != extra_key) {
+    events_.events.push_back({KvEventType::kBlockRemoved, static_cast<int32_t>(events_.hashes.size()), 0,
+                              0, 0, extra_key});
+    last = &events_.events.back();
+  }
+  events_.hashes.push_back(hash);
+  ++last->num_hashes;
+}
+
+void BlockManager::set_kv_events_enabled(bool on) {
+  events_on_ = on;
+  if (!on) events_.clear();
+}
+
+bool BlockManager::reset_prefix_cache() {
+  if (num_free_ != config_.num_blocks) return false;
+  for (Block& blk : blocks_) {
+    blk.hashed = false;
+    blk.hash = blk.parent_hash = blk.extra_key = 0;
+  }
+  std::fill(index_.begin(), index_.end(), IndexSlot{});
+  if (events_on_)
+    events_.events.push_back({KvEventType::kAllBlocksCleared, static_cast<int32_t>(events_.hashes.size()),
+                              0, static_cast<int64_t>(events_.tokens.size()), 0, 0});
+  return true;
 }
 
 void BlockManager::fork(BlockTable& parent, BlockTable& child) {

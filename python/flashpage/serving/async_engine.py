@@ -72,8 +72,10 @@ class _Stream:
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, model_name: str = "flashpage",
                  max_waiting_requests: int = 1024, metrics: Metrics | None = None,
-                 watchdog_seconds: float = 60.0, cpu_workers: int = 2) -> None:
+                 watchdog_seconds: float = 60.0, cpu_workers: int = 2,
+                 on_step: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.on_step = on_step  # run on the engine thread after every step (KV-cache events)
         self.model_name = model_name
         self.max_waiting_requests = max_waiting_requests
         self.watchdog_seconds = watchdog_seconds
@@ -207,6 +209,8 @@ class AsyncLLMEngine:
                         continue
                     finally:
                         self._step_started = None
+                        if self.on_step is not None:
+                            self.on_step()
                     self._deliver(outputs)
                     self._observe()
                 elif applied:  # aborts while idle: the gauges must not wait for the next step

@@ -75,6 +75,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="on SIGTERM/SIGINT, seconds running requests get to finish before they are aborted")
     lim.add_argument("--engine-watchdog-seconds", type=float, default=60.0,
                      help="/health turns 503 when one engine step runs longer than this (a wedged engine)")
+    # -- KV-cache events (flashpage.serving.kv_events) --
+    from flashpage.serving.kv_events import parse_kv_events_config
+
+    p.add_argument("--kv-events-config", type=parse_kv_events_config, default=None, metavar="JSON",
+                   help="publish prefix-cache events for prefix-aware routers (llm-d, Dynamo) in vLLM's format, "
+                        "e.g. '{\"enable_kv_cache_events\": true, \"endpoint\": \"tcp://*:5557\", \"topic\": "
+                        "\"kv-events\"}' (vLLM's keys; needs pip install 'flashpage[kv-events]')")
+    # -- end KV-cache events --
     add_engine_args(p)
 
 
@@ -156,6 +164,7 @@ class Servers:
     http: object  # uvicorn.Server
     http_thread: threading.Thread
     grpc: object | None = None
+    kv_events: object | None = None  # a kv_events.ZmqEventPublisher
 
     def stop(self, drain_seconds: float = 10.0, force: threading.Event | None = None) -> None:
         """Refuses new requests (503 / UNAVAILABLE: the listeners stay open) while running ones
@@ -168,6 +177,8 @@ class Servers:
         while self.engine.num_unfinished() and time.monotonic() < deadline and not (force and force.is_set()):
             time.sleep(0.05)
         self.engine.shutdown(timeout=0, drain=False)  # the rest: a final "abort" chunk each
+        if self.kv_events is not None:  # after the engine's last step: its events go out too
+            self.kv_events.shutdown()
         self.http.should_exit = True  # type: ignore[attr-defined]  # lets the final chunks go out
         if self.grpc is not None:
             self.grpc.stop(grace=2.0)
@@ -196,8 +207,17 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
     if conn.max_connections + 64 > fds:
         conn = replace(conn, max_connections=max(1, fds - 64))
         log.warning("only %d file descriptors: at most %d connections", fds, conn.max_connections)
+    # -- KV-cache events: opened before anything listens, so a bad endpoint fails the start cleanly --
+    from flashpage.serving.kv_events import start_publisher
+
+    kv_events = start_publisher(getattr(args, "kv_events_config", None), llm)
+    on_step = None
+    if kv_events is not None:
+        block_manager = llm.llm_engine.scheduler.block_manager
+        on_step = lambda: kv_events.collect(block_manager)  # noqa: E731
+    # -- end KV-cache events --
     engine = AsyncLLMEngine(llm.llm_engine, model_name=name, max_waiting_requests=args.max_waiting_requests,
-                            watchdog_seconds=getattr(args, "engine_watchdog_seconds", 60.0))
+                            watchdog_seconds=getattr(args, "engine_watchdog_seconds", 60.0), on_step=on_step)
     app = build_app(engine, llm.tokenizer, model_name=name, limits=limits, chat_template=template, api_key=key,
                     max_body_bytes=args.max_body_bytes, body_timeout=conn.body_timeout,
                     tool_call_parser=getattr(args, "tool_call_parser", None))
@@ -219,15 +239,19 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
             except BaseException:
                 server.should_exit = True
                 engine.shutdown(timeout=1)
+                if kv_events is not None:
+                    kv_events.shutdown()
                 raise
     while not server.started and thread.is_alive():
         thread.join(0.05)
     if not server.started:
         engine.shutdown(timeout=1)
+        if kv_events is not None:
+            kv_events.shutdown()
         if grpc_server is not None:
             grpc_server.stop(grace=0)
         raise RuntimeError(f"the HTTP server did not start on {args.host}:{args.port}")
-    return Servers(engine, server, thread, grpc_server)
+    return Servers(engine, server, thread, grpc_server, kv_events)
 
 
 def serve(args: argparse.Namespace) -> int:
