@@ -258,6 +258,9 @@ class LLMEngine:
             indices = np.empty(0, dtype=np.int32)
             last_row = np.arange(S)
         rows = len(indices) or S
+        # Grammar masks of the constrained sequences, computed while the model runs.
+        constrained = [seq for s, seq in enumerate(seqs) if do_sample[s] and seq.matcher is not None]
+        masks = self.structured_outputs.submit_masks([q.matcher for q in constrained]) if constrained else None
         # The logits where the backend computed them (no copy; on a GPU the sampler runs there),
         # valid until the next step.
         logits = torch.from_dlpack(self.core.execute(st, indices))
@@ -282,9 +285,14 @@ class LLMEngine:
         if plan:
             picked = [r for r, _ in plan]
             x = logits if picked == list(range(rows)) else logits[torch.tensor(picked)]
-            constrained = [j for j, (_, q) in enumerate(plan) if q.matcher is not None]
-            if constrained:
-                self.structured_outputs.mask(x, constrained, [plan[j][1].matcher for j in constrained])
+            if masks is not None:  # a new fork's first token: its parent's mask (the same fresh grammar)
+                row_of = {q.core_id: i for i, q in enumerate(constrained)}
+                pairs = [(j, row_of.get(q.core_id, row_of.get(q.request.seqs[0].core_id)))
+                         for j, (_, q) in enumerate(plan) if q.matcher is not None]
+                bits = masks.result()
+                order = [r for _, r in pairs]
+                self.structured_outputs.apply(x, [j for j, _ in pairs],
+                                              bits if order == list(range(len(bits))) else bits[order])
             res = sample(x, [q.params for _, q in plan], [q.generator for _, q in plan],
                          [q.request.prompt_ids for _, q in plan], [q.output.token_ids for _, q in plan],
                          default_generator=self._generator)

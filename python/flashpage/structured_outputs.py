@@ -111,6 +111,7 @@ class StructuredOutputs:
         # Building the tokenizer trie takes ~0.2 s on a 50k vocabulary: first on the pool too.
         self._tokenizer = self._pool.submit(self._build_tokenizer, tokenizer_json, vocab_size, eos_token_ids)
         self._executor = None
+        self._mask_thread: ThreadPoolExecutor | None = None
         self._bitmask = np.zeros((0, (vocab_size + 31) // 32), dtype=np.int32)
 
     @staticmethod
@@ -147,27 +148,50 @@ class StructuredOutputs:
             raise GrammarError(f"{what}: {matcher.get_error().strip()}")
         return matcher
 
-    def mask(self, logits: Any, rows: list[int], matchers: list) -> None:
-        """Sets to -inf, in place, every logit of `rows` (a torch tensor's) that its matcher does
-        not allow next."""
+    def compute_masks(self, matchers: list) -> np.ndarray:
+        """One row of allowed-token bits (int32 words, bit t of word t // 32) per matcher, on
+        llguidance's threads without the GIL: it may run while the model computes."""
         import llguidance as llg
-        import torch
 
-        n = len(rows)
+        n = len(matchers)
         if self._bitmask.shape[0] < n:
             self._bitmask = np.zeros((max(n, 2 * self._bitmask.shape[0]), self._bitmask.shape[1]), dtype=np.int32)
         bits = self._bitmask[:n]
         if n == 1:
             matchers[0].unsafe_compute_mask_ptr(bits.ctypes.data, bits.shape[1] * 4)
-        else:  # llguidance's threads, without the GIL
+        else:
             if self._executor is None:
                 self._executor = llg.LLExecutor()
             self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.ctypes.data,
                                                    bits.shape[1] * 4, n)
-        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
-        index = torch.tensor(rows)
-        block = logits[index]
-        logits[index] = block.masked_fill(torch.from_numpy(allowed == 0), float("-inf"))
+        return bits
+
+    def submit_masks(self, matchers: list) -> Future:
+        """compute_masks on a thread of its own (one step's masks at a time)."""
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="flashpage-masks")
+        return self._mask_thread.submit(self.compute_masks, matchers)
+
+    @staticmethod
+    def apply(logits: Any, rows: list[int], bits: np.ndarray) -> None:
+        """Sets to -inf, in place, the logits of row rows[i] (a torch tensor's) whose bit in
+        bits[i] is clear."""
+        import torch
+
+        V = logits.shape[1]
+        banned = np.unpackbits((~bits).view(np.uint8), axis=1, bitorder="little")[:, :V]
+        banned_t = torch.from_numpy(np.ascontiguousarray(banned)).view(torch.bool)
+        if rows == list(range(len(rows))):  # the usual case: no gather and scatter
+            logits[:len(rows)].masked_fill_(banned_t, float("-inf"))
+        else:
+            index = torch.tensor(rows)
+            logits[index] = logits[index].masked_fill(banned_t, float("-inf"))
+
+    def mask(self, logits: Any, rows: list[int], matchers: list) -> None:
+        """Sets to -inf, in place, every logit of `rows` that its matcher does not allow next."""
+        self.apply(logits, rows, self.compute_masks(matchers))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=False)
