@@ -245,3 +245,18 @@ def test_tools_reach_a_template_that_supports_them():
     text = render(mistral["chat_template"], [{"role": "user", "content": "Weather in Paris?"}],
                                 tools=[WEATHER], bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
     assert "[AVAILABLE_TOOLS]" in text and "get_weather" in text
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=30)
+    unit: str = Field(pattern="^(celsius|fahrenheit)$")
+
+
+def test_the_clients_pydantic_tool_helper(smollm_server):
+    """openai.pydantic_function_tool + parse: the call's arguments come back as the model."""
+    client = _client(smollm_server)
+    r = client.beta.chat.completions.parse(
+        model="smollm2", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[openai.pydantic_function_tool(GetWeather)], tool_choice="required", max_tokens=80, temperature=0)
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "GetWeather" and isinstance(call.function.parsed_arguments, GetWeather)
