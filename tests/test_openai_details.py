@@ -18,20 +18,13 @@ parser = pytest.importorskip("prometheus_client.parser")
 from flashpage import LLM, SamplingParams  # noqa: E402
 from flashpage.serving.server import start  # noqa: E402
 from model_fixtures import STORIES  # noqa: E402
-from test_openai_server import KEY, _args, _client, _idle_and_empty  # noqa: E402
+from test_openai_server import KEY, _args, _client, _idle_and_empty, server  # noqa: E402,F401 - server: the fixture
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K is not present")
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GREEDY = dict(model="stories", temperature=0)
 
 
-@pytest.fixture(scope="module")
-def server():
-    llm = LLM(STORIES, kv_cache_memory_bytes=64 << 20, max_model_len=256, verbose=False)
-    args = _args(STORIES)
-    servers = start(args, llm)
-    yield servers, f"http://127.0.0.1:{args.port}", llm
-    servers.stop(drain_seconds=2)
 
 
 def _pieces(text: str, offsets: list[int]) -> list[str]:
