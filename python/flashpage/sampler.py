@@ -38,6 +38,11 @@ CHUNK = 64  # values per chunk for the chunk-maxima passes
 TOP_P_CANDIDATES = 1024  # the wider candidate set for top-p alone
 FIRST_CANDIDATES = 64  # tried first: most nuclei of a trained model are this narrow
 REJECTION_ROUNDS = 16  # then the rare row left falls back to a full sort
+# exp's vectorised path is ~4x slower on inputs whose result underflows (-inf included: the
+# tokens a grammar or min_p bans). Rows that hold them are floored at EXP_FLOOR, where exp is
+# still a normal float, and results below EXP_ZERO (exp(-87) = 1.6e-38: only floored ones, and
+# tokens ~1e-38 as likely as the best, which no float CDF can draw) set back to exactly 0.
+EXP_FLOOR, EXP_ZERO = -87.0, 2e-38
 
 TokenIds = Sequence[int] | torch.Tensor
 
@@ -289,8 +294,10 @@ def _sample_rows(x: torch.Tensor, params: Sequence[SamplingParams],
     whole = [i for i in range(B) if top_k[i] == V]
     if whole:
         w = torch.tensor(whole, device=dev)
+        # Rows with -inf logits (a grammar's mask, min_p): exp's slow path unless floored.
+        floor = any(params[i].structured_outputs is not None or params[i].min_p > 0 for i in whole)
         tokens[w] = _sample_whole(_rows(x, whole), temp[w], log_min_p[w], [top_p[i] for i in whole],
-                                  [generators[i] for i in whole], u[w])
+                                  [generators[i] for i in whole], u[w], floor)
     return tokens
 
 
@@ -328,15 +335,20 @@ def _draw_candidates(e: torch.Tensor, ids: torch.Tensor, total: torch.Tensor, to
 
 
 def _sample_whole(x: torch.Tensor, temp: torch.Tensor, log_min_p: torch.Tensor, top_p: list[float],
-                  generators: Sequence[torch.Generator | None], u: torch.Tensor) -> torch.Tensor:
+                  generators: Sequence[torch.Generator | None], u: torch.Tensor, floor: bool = False) -> torch.Tensor:
     """Rows without top-k: their whole probabilities, computed in place in x; top-p rows tried
-    on their largest candidates first, the rest drawn from the whole row."""
+    on their largest candidates first, the rest drawn from the whole row. floor: the rows hold
+    -inf (see EXP_FLOOR)."""
     B, V = x.shape
     dev = x.device
     probs = x.sub_(x.amax(-1, keepdim=True)).div_(temp[:, None])
     if bool(torch.isfinite(log_min_p).any()):
         probs.masked_fill_(probs < log_min_p[:, None], -math.inf)
+    if floor:
+        probs.clamp_(min=EXP_FLOOR)
     probs.exp_()  # unnormalised: the most probable token has 1
+    if floor:
+        torch.nn.functional.threshold_(probs, EXP_ZERO, 0.0)  # banned tokens: no mass at all
     chunks = _chunked(probs, CHUNK, fill=0.0)  # padding has no mass: never drawn
     sums = chunks.sum(-1)
     total = sums.sum(-1)
