@@ -260,3 +260,21 @@ def test_the_clients_pydantic_tool_helper(smollm_server):
         tools=[openai.pydantic_function_tool(GetWeather)], tool_choice="required", max_tokens=80, temperature=0)
     call = r.choices[0].message.tool_calls[0]
     assert call.function.name == "GetWeather" and isinstance(call.function.parsed_arguments, GetWeather)
+
+
+def test_parallel_tool_calls_false_keeps_one_call(smollm_server):
+    client = _client(smollm_server)
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": "Weather and time in Paris?"}],
+              tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, max_tokens=120, temperature=0)
+    r = client.chat.completions.create(**kw)
+    assert len(r.choices[0].message.tool_calls) == 1
+    _, streamed, _ = _streamed_calls(client.chat.completions.create(**kw, stream=True))
+    assert list(streamed) == [0]
+    text = RECORDED["hermes"][0]  # two calls: auto with parallel_tool_calls=False reads the first
+    from flashpage.serving.tool_parsers import ToolCalling
+    tc = ToolCalling.for_request([WEATHER, TIME], "auto", None, "hermes", parallel=False)
+    assert [c.name for c in tc.extract(text)[1]] == ["get_weather"]
+    stream, names = tc.stream(), []
+    for ch in text:
+        names += [d["function"]["name"] for d in stream.feed(ch)[1] if "id" in d]
+    assert names == ["get_weather"]

@@ -336,7 +336,8 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         params_of(body, None, k)  # the limits, before any rendering
         try:
             body.check_tools()
-            tooling = ToolCalling.for_request(body.tools, body.tool_choice, body.named_tool(), tool_parser)
+            tooling = ToolCalling.for_request(body.tools, body.tool_choice, body.named_tool(), tool_parser,
+                                              parallel=body.parallel_tool_calls)
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(":", 1)[0]) from None
         tool_schema = tooling.constraint() if tooling is not None else None

@@ -250,16 +250,16 @@ class ToolParser:
         return (p.content or None), [ToolCall(c.name or "", _arguments(text, c), new_call_id(self.format))
                                      for c in calls]
 
-    def stream(self) -> ToolCallStream:
-        return ToolCallStream(self)
+    def stream(self, first_only: bool = False) -> ToolCallStream:
+        return ToolCallStream(self, first_only)
 
 
 class ToolCallStream:
     """Feeds on a response's text as it grows; hands out OpenAI deltas (content and tool_calls)
     whose concatenation is `ToolParser.extract` of the final text."""
 
-    def __init__(self, parser: ToolParser) -> None:
-        self.parser = parser
+    def __init__(self, parser: ToolParser, first_only: bool = False) -> None:
+        self.parser, self.first_only = parser, first_only
         self.text = ""
         self.content_sent = 0
         self.names_sent: list[str] = []  # ids of calls whose name went out
@@ -289,7 +289,7 @@ class ToolCallStream:
         out_content = content[self.content_sent:] if not self.names_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         deltas = []
-        for index, (name, args, _) in enumerate(calls):
+        for index, (name, args, _) in enumerate(calls[:1] if self.first_only else calls):
             if index == len(self.names_sent):
                 self.names_sent.append(new_call_id(self.parser.format))
                 self.args_sent.append(0)
@@ -338,12 +338,13 @@ class ToolCalling:
     arguments, enforced by its parameters' schema)."""
 
     def __init__(self, mode: str, parser: ToolParser | None = None, tool: dict | None = None,
-                 tools: list[dict] | None = None) -> None:
+                 tools: list[dict] | None = None, parallel: bool = True) -> None:
         self.mode, self.parser, self.tool, self.tools = mode, parser, tool, tools or []
+        self.parallel = parallel  # parallel_tool_calls: False keeps the first call only
 
     @staticmethod
     def for_request(tools: list[dict] | None, tool_choice: str | dict | None, named: dict | None,
-                    parser_name: str | None) -> ToolCalling | None:
+                    parser_name: str | None, parallel: bool = True) -> ToolCalling | None:
         """None where the output stays text (no tools, or tool_choice "none"). ValueError naming
         the field where "auto" has no parser to read the model's calls with."""
         if not tools or tool_choice == "none":
@@ -353,31 +354,35 @@ class ToolCalling:
         if tool_choice == "required":
             p = ToolParser.__new__(ToolParser)
             p.format = _REQUIRED
-            return ToolCalling("required", parser=p, tools=tools)
+            return ToolCalling("required", parser=p, tools=tools, parallel=parallel)
         if parser_name is None:
             raise ValueError('tool_choice: "auto" tool calling needs to know how this model writes calls: start '
                              "the server with --tool-call-parser (hermes, llama3_json, mistral)")
-        return ToolCalling("auto", parser=ToolParser(parser_name))
+        return ToolCalling("auto", parser=ToolParser(parser_name), parallel=parallel)
 
     def constraint(self) -> dict | None:
         """The JSON schema the output must follow (required and named choices)."""
         if self.mode == "named":
             return self.tool["function"].get("parameters") or {"type": "object"}
         if self.mode == "required":
-            return required_schema(self.tools)
+            schema = required_schema(self.tools)
+            if not self.parallel:
+                schema["maxItems"] = 1
+            return schema
         return None
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         if self.mode == "named":
             return None, [ToolCall(self.tool["function"]["name"], text, new_call_id(FORMATS["hermes"]))]
         assert self.parser is not None
-        return self.parser.extract(text)
+        content, calls = self.parser.extract(text)
+        return content, calls if self.parallel else calls[:1]
 
     def stream(self) -> ToolCallStream | _NamedStream:
         if self.mode == "named":
             return _NamedStream(self.tool["function"]["name"])
         assert self.parser is not None
-        return self.parser.stream()
+        return self.parser.stream(first_only=not self.parallel)
 
     @property
     def finish_reason(self) -> str:
