@@ -278,3 +278,54 @@ def test_parallel_tool_calls_false_keeps_one_call(smollm_server):
     for ch in text:
         names += [d["function"]["name"] for d in stream.feed(ch)[1] if "id" in d]
     assert names == ["get_weather"]
+
+
+# ---- the parsers on arbitrary text: never raise; well-formed calls stream exactly -------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_FRAGMENTS = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "}", "[", "]", ",", ";", ":",
+              '"', '\\"', "\\", '"name"', '"arguments"', '"parameters"', '"f"', " ", "\n", "a", "1", "null", "é", "🙂"]
+_JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                            lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids,
+                                                                                       max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["hermes", "llama3_json", "mistral"]), st.lists(st.sampled_from(_FRAGMENTS), max_size=40),
+       st.lists(st.integers(1, 60), max_size=6))
+def test_parsers_never_raise_on_arbitrary_text(fmt, fragments, cuts):
+    text = "".join(fragments)
+    ToolParser(fmt).extract(text)
+    stream, at = ToolParser(fmt).stream(), 0
+    for k in sorted(set(c for c in cuts if c < len(text))) + [len(text)]:
+        stream.feed(text[at:k], final=k == len(text))
+        at = k
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["hermes", "llama3_json", "mistral"]), st.text(max_size=10).filter(lambda t: "<" not in t and "[" not in t and "{" not in t),
+       st.lists(st.tuples(st.text(min_size=1, max_size=8), st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=4)),
+                min_size=1, max_size=3), st.randoms(use_true_random=False))
+def test_well_formed_calls_stream_exactly_for_random_splits(fmt, content, calls, rnd):
+    bodies = [json.dumps({"name": n, ("parameters" if fmt == "llama3_json" else "arguments"): a},
+                         ensure_ascii=rnd.random() < 0.5) for n, a in calls]
+    if fmt == "hermes":
+        text = content + "".join(f"<tool_call>\n{b}\n</tool_call>\n" for b in bodies)
+    elif fmt == "mistral":
+        text = content + "[TOOL_CALLS] [" + ", ".join(bodies) + "]"
+    else:
+        content, text = "", "; ".join(bodies)
+    want_content, want_calls = ToolParser(fmt).extract(text)
+    assert [(c.name, json.loads(c.arguments)) for c in want_calls] == [(n, a) for n, a in calls]
+    cuts = sorted(rnd.sample(range(1, len(text)), min(len(text) - 1, rnd.randint(0, 12))))
+    stream, got_content, got = ToolParser(fmt).stream(), "", {}
+    for a, b in zip([0, *cuts], [*cuts, len(text)]):
+        c, deltas = stream.feed(text[a:b], final=b == len(text))
+        got_content += c
+        for d in deltas:
+            entry = got.setdefault(d["index"], ["", ""])
+            entry[0] = d["function"].get("name") or entry[0]
+            entry[1] += d["function"]["arguments"]
+    assert (got_content or None) == want_content
+    assert [tuple(got[i]) for i in sorted(got)] == [(c.name, c.arguments) for c in want_calls]

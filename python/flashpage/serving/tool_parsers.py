@@ -168,6 +168,8 @@ def _scan_call(text: str, i: int, fmt: ToolFormat, call: _Call) -> int:
                 call.name = json.loads(value)
             except ValueError:
                 return -2
+            if not isinstance(call.name, str):
+                return -2
         elif key in fmt.args_keys:
             if call.args_start is not None and call.args_end is None and text[i] == "{":
                 call.args_end = end
