@@ -5,16 +5,16 @@
       /health, /metrics) and the gRPC API (flashpage.v1) over one engine
   flashpage generate [MODEL] PROMPT [--max-tokens 64] [--temperature 0] [--chat]
       one completion, printed as it is generated
-
-MODEL is a local Hugging Face model directory or a .gguf file (also --model MODEL); without
-one, the tiny story model that ships in the wheel (stories260K) runs.
-Errors print one line; --debug (or FLASHPAGE_DEBUG=1) prints the traceback too.
   flashpage quantize SRC DST [--format w4a16|w8a8-int8|fp8] [--group-size 128] [--asymmetric]
       a checkpoint in flashpage's quantized format (from a float, GPTQ or AWQ checkpoint)
   flashpage info                 version, CPU ISA in use, CUDA backend status
   flashpage bench scheduler      the scheduler benchmark shipped with the wheel
   flashpage bench serve [--base-url URL] [--request-rate 1,2,inf] [--plot out.png] ...
       a serving load generator for any OpenAI-compatible server (flashpage, vLLM)
+
+MODEL is a local Hugging Face model directory or a .gguf file (also --model MODEL); without
+one, the tiny story model that ships in the wheel (stories260K) runs.
+Errors print one line; --debug (or FLASHPAGE_DEBUG=1) prints the traceback too.
 """
 
 from __future__ import annotations
