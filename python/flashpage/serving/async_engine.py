@@ -69,6 +69,11 @@ class _Stream:
             pass
 
 
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, *, model_name: str = "flashpage",
                  max_waiting_requests: int = 1024, metrics: Metrics | None = None,
@@ -286,7 +291,13 @@ class AsyncLLMEngine:
         stream.sent_finished = [False] * params.n
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A step's deltas, handed to each event loop in one call (one wake-up of its loop a
+        step, not one per request)."""
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+        def push(stream: _Stream, item: object) -> None:
+            batches.setdefault(stream.loop, []).append((stream.queue, item))
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -300,13 +311,18 @@ class AsyncLLMEngine:
             if out.error is not None:
                 del self._streams[out.request_id]
                 self.metrics.finished("error")
-                stream.push(out.error)
+                push(stream, out.error)
                 continue
-            stream.push(delta)
+            push(stream, delta)
             if out.finished:
                 del self._streams[out.request_id]
                 self._observe_finish(out, stream, now)
-                stream.push(_DONE)
+                push(stream, _DONE)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
 
     def _observe_finish(self, out: RequestOutput, stream: _Stream, now: float) -> None:
         self.metrics.e2e_latency.observe(now - stream.arrival)
