@@ -104,7 +104,6 @@ class StructuredOutputs:
     """Compiles constraints for one tokenizer (cached, off the caller's thread) and masks logits."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]) -> None:
-        self.vocab_size = vocab_size
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flashpage-grammar")
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Future] = OrderedDict()
@@ -180,12 +179,3 @@ class StructuredOutputs:
         else:
             index = torch.tensor(rows)
             logits[index] = logits[index].masked_fill(banned_t, float("-inf"))
-
-    def mask(self, logits: Any, rows: list[int], matchers: list) -> None:
-        """Sets to -inf, in place, every logit of `rows` that its matcher does not allow next."""
-        self.apply(logits, rows, self.compute_masks(matchers))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._mask_thread is not None:
-            self._mask_thread.shutdown(wait=False)

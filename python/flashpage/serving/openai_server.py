@@ -135,10 +135,8 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         return list(prompt)
 
     def constraint_field(body) -> str:
-        try:
-            found = body.constraint()
-        except ValueError:
-            return "structured_outputs"
+        """The request field a constraint came from (params_of refused malformed ones already)."""
+        found = body.constraint()
         return found[0] if found else "tool_choice"
 
     def params_of(body, max_tokens: int | None, logprobs: int | None):
@@ -341,9 +339,10 @@ def build_app(engine: AsyncLLMEngine, tokenizer: Tokenizer | None, *, model_name
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(":", 1)[0]) from None
         tool_schema = tooling.constraint() if tooling is not None else None
-        if tool_schema is not None and body.constraint() is not None:
+        given = body.constraint()
+        if tool_schema is not None and given is not None:
             raise ApiError(400, f"tool_choice: a required or named tool choice constrains the output already; "
-                                f"drop {body.constraint()[0]}", param="tool_choice")
+                                f"drop {given[0]}", param="tool_choice")
         try:
             text = await engine.run_cpu(lambda: tokenizer.apply_chat_template(
                 messages, chat_template=chat_template, add_generation_prompt=body.add_generation_prompt,

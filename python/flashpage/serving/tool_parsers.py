@@ -74,7 +74,6 @@ class Parsed:
     content: str  # text before the calls (all of it when there are none)
     calls: list[_Call] = field(default_factory=list)
     in_calls: bool = False  # the calls section has begun
-    complete: bool = True  # the text ends where nothing is half-read (no open call, no partial marker)
     error: bool = False  # the calls section is not what the format says
 
 
@@ -195,8 +194,7 @@ def scan(text: str, fmt: ToolFormat) -> Parsed:
     if start < 0:
         # No calls (yet): hold back a tail that may be the start of a marker.
         hold = max([j for m in fmt.start if m for j in range(1, len(m)) if text.endswith(m[:j])] or [0])
-        llama_start = "" in fmt.start and not text.strip()  # only whitespace: a JSON call may follow
-        return Parsed(text[:len(text) - hold], complete=hold == 0 and not llama_start)
+        return Parsed(text[:len(text) - hold])
     parsed = Parsed(text[:start], in_calls=True)
     i, n = start, len(text)
     while True:
@@ -208,7 +206,6 @@ def scan(text: str, fmt: ToolFormat) -> Parsed:
             i += len(noise)
             continue
         if any(m.startswith(text[i:]) for m in fmt.noise):  # a marker still arriving
-            parsed.complete = False
             return parsed
         if text[i] != "{":
             parsed.error = not parsed.calls  # after calls: text that is not a call ends them (ignored)
@@ -219,8 +216,7 @@ def scan(text: str, fmt: ToolFormat) -> Parsed:
             parsed.error = True
             return parsed
         parsed.calls.append(call)
-        if end == -1:
-            parsed.complete = False
+        if end == -1:  # the text ends inside it
             return parsed
         call.end = end
         i = end
@@ -235,7 +231,10 @@ def _arguments(text: str, call: _Call) -> str:
 class ToolParser:
     """A format's parser: `extract` for a whole text; `stream` for one streamed response."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str | ToolFormat) -> None:
+        if isinstance(name, ToolFormat):
+            self.format = name
+            return
         if name not in FORMATS:
             raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(FORMATS)}")
         self.format = FORMATS[name]
@@ -272,7 +271,7 @@ class ToolCallStream:
         self.text += delta
         if final:
             content, calls = self.parser.extract(self.text)
-            return self._emit(content or "", [(c.name, c.arguments, True) for c in calls] if calls else [])
+            return self._emit(content or "", [(c.name, c.arguments) for c in calls])
         p = scan(self.text, self.parser.format)
         if p.error:
             return "", []  # undecided until the end: extract() then says content or calls
@@ -281,17 +280,18 @@ class ToolCallStream:
             if c.name is None:
                 break
             if c.args_value is not None or c.args_start is None:
-                live.append((c.name, "", False))  # a string or not-yet-started arguments: at the end
+                live.append((c.name, ""))  # a string or not-yet-started arguments: at the end
                 continue
             end = c.args_end if c.args_end is not None else len(self.text)
-            live.append((c.name, self.text[c.args_start:end], c.args_end is not None))
+            live.append((c.name, self.text[c.args_start:end]))
         return self._emit(p.content, live)
 
-    def _emit(self, content: str, calls: list[tuple[str, str, bool]]) -> tuple[str, list[dict]]:
+    def _emit(self, content: str, calls: list[tuple[str, str]]) -> tuple[str, list[dict]]:
+        """The new content, and each call's name once and the arguments not yet sent."""
         out_content = content[self.content_sent:] if not self.names_sent else ""
         self.content_sent = max(self.content_sent, len(content))
         deltas = []
-        for index, (name, args, _) in enumerate(calls[:1] if self.first_only else calls):
+        for index, (name, args) in enumerate(calls[:1] if self.first_only else calls):
             if index == len(self.names_sent):
                 self.names_sent.append(new_call_id(self.parser.format))
                 self.args_sent.append(0)
@@ -354,9 +354,7 @@ class ToolCalling:
         if named is not None:
             return ToolCalling("named", tool=named)
         if tool_choice == "required":
-            p = ToolParser.__new__(ToolParser)
-            p.format = _REQUIRED
-            return ToolCalling("required", parser=p, tools=tools, parallel=parallel)
+            return ToolCalling("required", parser=ToolParser(_REQUIRED), tools=tools, parallel=parallel)
         if parser_name is None:
             raise ValueError('tool_choice: "auto" tool calling needs to know how this model writes calls: start '
                              "the server with --tool-call-parser (hermes, llama3_json, mistral)")
