@@ -183,11 +183,9 @@ def converted_for_cpu(model: str) -> str:
     import hashlib
     import os
 
-    cfg = Path(model) / "config.json"
-    if not cfg.is_file():
-        return model
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") not in ("gptq", "awq"):
+    from flashpage.models import checkpoint_quantization
+
+    if checkpoint_quantization(model) not in ("gptq", "awq"):
         return model
     src = Path(model).resolve()
     stamp = hashlib.sha256(str(src).encode() + b"".join(

@@ -5,12 +5,11 @@ arguments, `flashpage serve` / `flashpage generate` as flags (the same names, da
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from flashpage import _core
+from flashpage.models import checkpoint_quantization
 
 
 # The CUDA executor (cpp/src/backends/cuda) exists; device="cuda" runs on it where a GPU and
@@ -26,20 +25,6 @@ DTYPES = ("auto", "bfloat16", "float32", "float", "float16", "half")
 QUANTIZATION_METHODS = {None: None, "auto": None, "none": None, "awq": "awq", "awq_marlin": "awq",
                         "gptq": "gptq", "gptq_marlin": "gptq", "gguf": "gguf", "fp8": "fp8", "w4a16": "w4a16",
                         "w8a8-int8": "w8a8-int8"}
-
-
-def checkpoint_quantization(model: str) -> str | None:
-    """What a checkpoint holds: "gguf", "awq", "gptq", flashpage's formats (w4a16, w8a8-int8,
-    fp8), another config.json quant_method as named there, or None (float weights)."""
-    if model.endswith(".gguf"):
-        return "gguf"
-    cfg = os.path.join(model, "config.json")
-    if not os.path.isfile(cfg):
-        return None
-    with open(cfg, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config") or {}
-    method = qc.get("quant_method")
-    return qc.get("format") if method == "flashpage" else method
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, flag: str | None = None) -> Any:

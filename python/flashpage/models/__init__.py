@@ -1,9 +1,11 @@
 """Where a model argument points: a local Hugging Face directory, a .gguf file, or, when none is
 given, the tiny model that ships in the wheel (stories260K, MIT: a user's first command needs no
-download). Mistakes people make get a message that says what to do instead."""
+download). Mistakes people make get a message that says what to do instead. And what a
+checkpoint holds (checkpoint_quantization), for the checks and conversions that depend on it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -40,3 +42,17 @@ def resolve_model(model: str | None) -> str:
             f"models: fetch it first (`huggingface-cli download {model} --local-dir DIR`) and pass DIR")
     raise FileNotFoundError(f"{model}: no such directory or .gguf file (flashpage loads local Hugging Face model "
                             "directories and GGUF files)")
+
+
+def checkpoint_quantization(model: str) -> str | None:
+    """What a checkpoint holds: "gguf", "awq", "gptq", flashpage's formats (w4a16, w8a8-int8,
+    fp8), another config.json quant_method as named there, or None (float weights)."""
+    if model.endswith(".gguf"):
+        return "gguf"
+    cfg = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config") or {}
+    method = qc.get("quant_method")
+    return qc.get("format") if method == "flashpage" else method
