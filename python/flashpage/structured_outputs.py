@@ -14,7 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,9 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     disable_any_whitespace: bool = False
     whitespace_pattern: str | None = None
+    # llguidance_grammar's result: a server builds it to check the constraint, the engine again
+    # to find the compiled grammar (the same params object).
+    _grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = self._given()
@@ -57,6 +60,11 @@ class StructuredOutputsParams:
 
     def llguidance_grammar(self) -> str:
         """The constraint as llguidance's top-level grammar text (also the cache key)."""
+        if self._grammar is None:
+            self._grammar = self._build_grammar()
+        return self._grammar
+
+    def _build_grammar(self) -> str:
         import llguidance as llg
 
         if self.json is not None or self.json_object:
