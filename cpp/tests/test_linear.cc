@@ -85,7 +85,8 @@ TEST(linear_matches_reference) {
   std::mt19937 rng(3);
   for (bool bf16 : {false, true})
     for (auto [M, N, K] : {std::array<int64_t, 3>{1, 1, 1}, {1, 70, 37}, {3, 33, 16}, {7, 45, 100},
-                           {8, 64, 64}, {13, 96, 128}, {37, 77, 301}, {70, 130, 5}}) {
+                           {8, 64, 64}, {13, 96, 128}, {37, 77, 301}, {70, 130, 5},
+                           {70, 100, 2100}}) {  // K in slices (amx: over 64 k blocks)
       const Weights w = make_weights(N, K, bf16, rng);
       const auto x = randn(M * K, rng), bias = randn(N, rng);
       const auto x16 = rounded(x);
@@ -126,7 +127,7 @@ TEST(linear_is_batch_invariant) {
   std::mt19937 rng(11);
   const int64_t M = 37;
   for (bool bf16 : {false, true})
-    for (auto [N, K] : {std::array<int64_t, 2>{45, 301}, {77, 67}, {33, 5}, {50, 1040}}) {
+    for (auto [N, K] : {std::array<int64_t, 2>{45, 301}, {77, 67}, {33, 5}, {50, 1040}, {40, 2100}}) {
       const Weights w = make_weights(N, K, bf16, rng);
       const auto x = randn(M * K, rng), bias = randn(N, rng);
       std::vector<int64_t> perm(M);

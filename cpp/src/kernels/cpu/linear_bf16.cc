@@ -12,8 +12,9 @@
 // values (1 KB, contiguous: a tile whose rows straddle cache lines or sit a row stride apart
 // loads markedly slower).
 //
-// Batch invariance: an output's sum runs over the 32-wide k blocks in order, from zero, in one
-// piece (no k splitting); each block's products are summed by the same instruction whatever the
+// Batch invariance: an output's sum runs over the 32-wide k blocks in order, from zero (a long K
+// is done in slices one after the other, the fp32 sums parked in memory between them: the same
+// additions in the same order; never split across threads); each block's products are summed by the same instruction whatever the
 // other rows of the tile hold (the dot-product instructions define each output lane from its own
 // row and column only). The bias is added last. So y[m, n] depends on nothing but row m, as the
 // fp32 kernels guarantee too (tests/test_batch_invariance.py). The amx and avx512_bf16 levels
@@ -27,6 +28,7 @@
 #include "kernels/cpu/amx.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/linear_bf16.h"
+#include "runtime/aligned.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
 
@@ -39,6 +41,9 @@ constexpr int kBlock = 2 * kHalf;     // bf16 elements per block of a panel
 // Rows of inputs whose bf16 copy (rows x K) fits half the L2 share a pass over the thread's panels
 // (fewer passes over the weights: 1 MB beat 512 KB by 5-25 % at K = 2048 and 5632, M = 1024).
 constexpr int64_t kChunkBytes = int64_t(1) << 20;
+// K beyond this many k blocks is done in slices, so that a long K (an MLP's down projection) still
+// shares each pass over the weights among 16 row tiles rather than 4.
+constexpr int64_t kSliceBlocks = 64;
 
 // Where input row m's block kb starts (see above).
 inline const uint16_t* input_at(const uint16_t* x, int64_t Kp, int64_t m, int64_t kb) {
@@ -80,21 +85,44 @@ inline void prefetch_block(const uint16_t* block) {  // the 2 KB of a panel's k 
     _mm_prefetch(reinterpret_cast<const char*>(block) + 64 * line, _MM_HINT_T0);
 }
 
+// Where a row-tile pair's panel fetches ahead from, and how many lines a k block into L2.
+struct Ahead {
+  const uint16_t* at = nullptr;
+  int64_t l2_lines = 0;  // 0: a whole block into L1 each step (prefetch_block)
+};
+
 // MT (1 or 2) row tiles of 16 inputs (x: the first tile's blocks, the next tile's 16 Kp values
-// further) times one panel: C = A . B over every k block in order. With `ahead`, also prefetches
-// a panel's worth from there, block by block (the next panel, or this one a little ahead).
+// further) times one panel: C = A . B over kblocks k blocks in order, starting from zero or, with
+// `resume`, from the sums in c (32 rows of 32 floats), where it leaves them. Fetches ahead as
+// `ahead` says (see Ahead).
 template <int MT>
 void tile_block(float* c, const uint16_t* x, int64_t Kp, const uint16_t* panel, int64_t kblocks,
-                const uint16_t* ahead) {
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (MT == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
+                Ahead ahead, bool resume = false) {
+  constexpr int64_t cs = kPanel * 4;  // bytes per row of c
+  if (resume) {
+    _tile_loadd(0, c, cs);
+    _tile_loadd(1, c + 16, cs);
+    if constexpr (MT == 2) {
+      _tile_loadd(2, c + 16 * kPanel, cs);
+      _tile_loadd(3, c + 16 * kPanel + 16, cs);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (MT == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
   }
+  const char* l2 = reinterpret_cast<const char*>(ahead.at);
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* b = panel + kb * kBlock;
-    if (ahead) prefetch_block(ahead + kb * kBlock);
+    if (ahead.l2_lines) {
+      for (int64_t i = 0; i < ahead.l2_lines; ++i) _mm_prefetch(l2 + 64 * i, _MM_HINT_T1);
+      l2 += 64 * ahead.l2_lines;
+    } else if (ahead.at) {
+      prefetch_block(ahead.at + kb * kBlock);
+    }
     _tile_loadd(4, x + kb * kHalf, 64);
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kHalf, 64);
@@ -106,7 +134,6 @@ void tile_block(float* c, const uint16_t* x, int64_t Kp, const uint16_t* panel, 
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  constexpr int64_t cs = kPanel * 4;  // bytes per row of c
   _tile_stored(0, c, cs);
   _tile_stored(1, c + 16, cs);
   if constexpr (MT == 2) {
@@ -157,31 +184,49 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
       store_block(y + n0, ldy, c, 2 * kPanel, bias ? bias + n0 : nullptr, M, std::min<int64_t>(2 * kPanel, n_end - n0));
     }
     for (; n0 < n_end; n0 += kPanel) {
-      tile_block<1>(c, x, Kp, w + n0 * Kp, kblocks, nullptr);
+      tile_block<1>(c, x, Kp, w + n0 * Kp, kblocks, Ahead{});
       store_block(y + n0, ldy, c, kPanel, bias ? bias + n0 : nullptr, M, std::min<int64_t>(kPanel, n_end - n0));
     }
     return;
   }
-  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / (16 * Kp * 2)) & ~int64_t(1);
+  const int64_t slice = std::min(kblocks, kSliceBlocks);
+  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / (16 * slice * kKBlock * 2)) & ~int64_t(1);
+  const int64_t panels = (n_end - n_begin + kPanel - 1) / kPanel;
+  // The sums of every (tile pair, panel) of a chunk between K slices; grown once per thread.
+  static thread_local runtime::AlignedVector<float> parked;
+  if (slice < kblocks) parked.resize(std::max<size_t>(parked.size(), size_t(chunk / 2 * panels * 32 * kPanel)));
   alignas(64) float c[32 * kPanel];
   TileScope tiles(kLinearTiles);
   for (int64_t t0 = 0; t0 < row_tiles; t0 += chunk) {
-    const int64_t t1 = std::min(row_tiles, t0 + chunk);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
-      const uint16_t* panel = w + n0 * Kp;
-      const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_end - n0));
-      for (int64_t t = t0; t < t1; t += 2) {
-        const int64_t m0 = t * 16;
-        const uint16_t* xt = x + m0 * Kp;  // row tile t
-        // The first tile pair fetches ahead: with many row tiles sharing the panel, the next
-        // panel (measured: +30 % at 16 tiles with K = 1536, -15 % at 4); with few, this one's
-        // next blocks, as the weights stream by.
-        const uint16_t* ahead =
-            t != t0 ? nullptr : t1 - t0 >= 8 ? panel + kPanel * Kp : panel + kPrefetchBlocks * kBlock;
-        if (t + 1 < t1) tile_block<2>(c, xt, Kp, panel, kblocks, ahead);
-        else tile_block<1>(c, xt, Kp, panel, kblocks, ahead);
-        store_block(y + m0 * ldy + n0, ldy, c, kPanel, bias ? bias + n0 : nullptr,
-                    std::min<int64_t>(M - m0, t + 1 < t1 ? 32 : 16), cols);
+    const int64_t t1 = std::min(row_tiles, t0 + chunk), pairs = (t1 - t0 + 1) / 2;
+    for (int64_t k0 = 0; k0 < kblocks; k0 += slice) {
+      const int64_t kn = std::min(slice, kblocks - k0);
+      const bool first = k0 == 0, last = k0 + kn == kblocks;
+      // With 4 or more row tiles, every pair fetches its share of the next panel's slice into L2
+      // as it goes (+10-25 % over the first pair fetching all of it into L1: those fetches
+      // crowded the tile loads); with fewer, the first pair this panel's blocks a little ahead.
+      const int64_t spread = (32 * kn + pairs * kn - 1) / (pairs * kn);  // lines per k block
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
+        const uint16_t* panel = w + n0 * Kp + k0 * kBlock;
+        const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_end - n0));
+        float* park = parked.data() + (n0 - n_begin) / kPanel * 32 * kPanel;
+        for (int64_t t = t0; t < t1; t += 2) {
+          const int64_t m0 = t * 16, p = (t - t0) / 2;
+          const uint16_t* xt = x + m0 * Kp + k0 * kHalf;  // row tile t, from k block k0
+          Ahead ahead;
+          if (t1 - t0 < 4) {
+            if (t == t0) ahead.at = panel + kPrefetchBlocks * kBlock;
+          } else if (n0 + kPanel < n_end && p * spread < 32) {
+            ahead.at = panel + kPanel * Kp + p * spread * kn * 32;
+            ahead.l2_lines = std::min(spread, 32 - p * spread);
+          }
+          float* cb = first && last ? c : park + p * panels * 32 * kPanel;
+          if (t + 1 < t1) tile_block<2>(cb, xt, Kp, panel, kn, ahead, !first);
+          else tile_block<1>(cb, xt, Kp, panel, kn, ahead, !first);
+          if (last)
+            store_block(y + m0 * ldy + n0, ldy, cb, kPanel, bias ? bias + n0 : nullptr,
+                        std::min<int64_t>(M - m0, t + 1 < t1 ? 32 : 16), cols);
+        }
       }
     }
   }
