@@ -38,6 +38,23 @@ inline __mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
   return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
 }
 
+// exp(x) for x <= 0, to ~3e-6 relative: 2^(x log2 e) as 2^n times a degree-5 polynomial of 2^f,
+// |f| <= 1/2. P goes to the product in bf16 (2^-9 relative), so the full-precision exp's extra
+// terms bought nothing. Below -87 (-inf included) ~1e-38, a normal float (no denormal slow
+// path; the callers mask what must be 0); 0 gives exactly 1.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(1.3333558146e-3f);  // ln2^5 / 120 ... ln2, 1: the Taylor series of 2^f
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108665e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650696e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718056e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
 inline void store_bf16(uint16_t* dst, __m512 v) {
   _mm256_store_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -50,7 +67,7 @@ struct TileState {
   alignas(64) float pv[kRows * 64];
   alignas(64) float o[kRows * kMaxD];
   alignas(64) uint16_t v_clean[kGroup * kMaxD];    // a group reaching past the context, zeroed there
-  float m[kRows], l[kRows], corr[kRows];
+  alignas(64) float m[kRows], l[kRows], corr[kRows];  // every row, those past nt at -inf / 0
   int64_t pos[kRows];
   float* out[kRows];
 };
@@ -139,29 +156,38 @@ void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArg
         v[gi] = st.v_clean;
       }
     }
+    // The online softmax of the step: first every row's new maximum, then the rescale factors
+    // of all 16 rows in one vector exp (a scalar exp per row cost as much as a group's P), then
+    // P and its row sums.
+    alignas(64) float mnew[kRows], sums[kRows];
+    _mm512_store_ps(mnew, neg_inf);  // rows past nt: as they were (-inf, 0)
+    _mm512_store_ps(sums, _mm512_setzero_ps());
     for (int i = 0; i < nt; ++i) {
       const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
-      __m512 sc[kGroups];
-      __mmask16 mask[kGroups];
       __m512 mx = neg_inf;
-      for (int gi = 0; gi < kGroups; ++gi) {
-        mask[gi] = gi < groups ? first_lanes(valid - gi * kGroup) : 0;
-        sc[gi] = _mm512_mask_blend_ps(mask[gi], neg_inf, _mm512_maskz_load_ps(mask[gi], st.s + i * kStep + gi * kGroup));
-        mx = _mm512_max_ps(mx, sc[gi]);
+      for (int gi = 0; gi < groups; ++gi) {
+        const __mmask16 mask = first_lanes(valid - gi * kGroup);
+        mx = _mm512_mask_max_ps(mx, mask, mx, _mm512_load_ps(st.s + i * kStep + gi * kGroup));
       }
-      const float mnew = std::max(st.m[i], vmax_all(mx));
-      const float c = std::exp(st.m[i] - mnew);
-      const __m512 mv = _mm512_set1_ps(-mnew);
+      mnew[i] = std::max(st.m[i], vmax_all(mx));
+      const __m512 mv = _mm512_set1_ps(mnew[i]);
       __m512 sum = _mm512_setzero_ps();
       for (int gi = 0; gi < groups; ++gi) {
-        const __m512 p = _mm512_maskz_mov_ps(mask[gi], vexp(_mm512_add_ps(sc[gi], mv)));
+        const __mmask16 mask = first_lanes(valid - gi * kGroup);
+        const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(st.s + i * kStep + gi * kGroup), mv)));
         sum = _mm512_add_ps(sum, p);
         store_bf16(st.p[gi] + i * kGroup, p);
       }
-      st.l[i] = st.l[i] * c + vsum(sum);
-      st.m[i] = mnew;
-      st.corr[i] = c;
+      sums[i] = vsum(sum);
     }
+    const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
+    // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves the
+    // maximum as it was by exactly 1 (exp_nonpositive(0) is 1).
+    const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
+                                         exp_nonpositive(_mm512_sub_ps(m_old, m_new)));
+    _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
+    _mm512_store_ps(st.m, m_new);
+    _mm512_store_ps(st.corr, c);
     for (int64_t j0 = 0; j0 < dtiles; j0 += 4) {
       const int64_t here = std::min<int64_t>(4, dtiles - j0);
       values(st, v, groups, D, j0, here);
@@ -234,11 +260,11 @@ void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64
           }
           st.pos[i] = ctx - q_len + r;
           st.out[i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
-          st.m[i] = -INFINITY;
-          st.l[i] = 0.f;
           std::memset(st.o + i * kMaxD, 0, size_t(D) * 4);
           max_pos = std::max(max_pos, st.pos[i]);
         }
+        std::fill_n(st.m, kRows, -INFINITY);
+        std::fill_n(st.l, kRows, 0.f);
         attend_tile(st, nt, max_pos, a, bt, ctx, kvh);
         for (int i = 0; i < nt; ++i) {
           const __m512 inv = _mm512_set1_ps(st.l[i] > 0.f ? 1.f / st.l[i] : 0.f);
