@@ -195,6 +195,7 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
   // The sums of every (tile pair, panel) of a chunk between K slices; grown once per thread.
   static thread_local runtime::AlignedVector<float> parked;
   if (slice < kblocks) parked.resize(std::max<size_t>(parked.size(), size_t(chunk / 2 * panels * 32 * kPanel)));
+  float* const parked_at = parked.data();  // (a thread_local's address is a call: once, here)
   alignas(64) float c[32 * kPanel];
   TileScope tiles(kLinearTiles);
   for (int64_t t0 = 0; t0 < row_tiles; t0 += chunk) {
@@ -205,11 +206,11 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
       // With 4 or more row tiles, every pair fetches its share of the next panel's slice into L2
       // as it goes (+10-25 % over the first pair fetching all of it into L1: those fetches
       // crowded the tile loads); with fewer, the first pair this panel's blocks a little ahead.
-      const int64_t spread = (32 * kn + pairs * kn - 1) / (pairs * kn);  // lines per k block
+      const int64_t spread = (32 + pairs - 1) / pairs;  // lines a pair fetches per k block (of 32)
       for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
         const uint16_t* panel = w + n0 * Kp + k0 * kBlock;
         const int cols = static_cast<int>(std::min<int64_t>(kPanel, n_end - n0));
-        float* park = parked.data() + (n0 - n_begin) / kPanel * 32 * kPanel;
+        float* park = parked_at + (n0 - n_begin) / kPanel * 32 * kPanel;
         for (int64_t t = t0; t < t1; t += 2) {
           const int64_t m0 = t * 16, p = (t - t0) / 2;
           const uint16_t* xt = x + m0 * Kp + k0 * kHalf;  // row tile t, from k block k0
