@@ -164,17 +164,19 @@ void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArg
     _mm512_store_ps(sums, _mm512_setzero_ps());
     for (int i = 0; i < nt; ++i) {
       const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
+      __m512 sc[kGroups];
+      __mmask16 mask[kGroups];
       __m512 mx = neg_inf;
       for (int gi = 0; gi < groups; ++gi) {
-        const __mmask16 mask = first_lanes(valid - gi * kGroup);
-        mx = _mm512_mask_max_ps(mx, mask, mx, _mm512_load_ps(st.s + i * kStep + gi * kGroup));
+        mask[gi] = first_lanes(valid - gi * kGroup);
+        sc[gi] = _mm512_load_ps(st.s + i * kStep + gi * kGroup);
+        mx = _mm512_mask_max_ps(mx, mask[gi], mx, sc[gi]);
       }
       mnew[i] = std::max(st.m[i], vmax_all(mx));
       const __m512 mv = _mm512_set1_ps(mnew[i]);
       __m512 sum = _mm512_setzero_ps();
       for (int gi = 0; gi < groups; ++gi) {
-        const __mmask16 mask = first_lanes(valid - gi * kGroup);
-        const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(st.s + i * kStep + gi * kGroup), mv)));
+        const __m512 p = _mm512_maskz_mov_ps(mask[gi], exp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
         sum = _mm512_add_ps(sum, p);
         store_bf16(st.p[gi] + i * kGroup, p);
       }

@@ -14,9 +14,9 @@
 //
 // Batch invariance: an output's sum runs over the 32-wide k blocks in order, from zero (a long K
 // is done in slices one after the other, the fp32 sums parked in memory between them: the same
-// additions in the same order; never split across threads); each block's products are summed by the same instruction whatever the
-// other rows of the tile hold (the dot-product instructions define each output lane from its own
-// row and column only). The bias is added last. So y[m, n] depends on nothing but row m, as the
+// additions in the same order; never split across threads); each block's products are summed by
+// the same instruction whatever the other rows of the tile hold (the dot-product instructions
+// define each output lane from its own row and column only). The bias is added last. So y[m, n] depends on nothing but row m, as the
 // fp32 kernels guarantee too (tests/test_batch_invariance.py). The amx and avx512_bf16 levels
 // differ from each other in the last bits; a process uses one.
 #include <immintrin.h>
