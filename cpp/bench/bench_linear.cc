@@ -64,10 +64,16 @@ double time_call(Fn&& fn, int reps) {
 // copies, so the weights come from memory as they do in a model (decode streams them all).
 constexpr int64_t kColdBytes = int64_t(256) << 20;
 
-template <class T>
-std::vector<std::vector<T>> copies(const std::vector<T>& w) {
-  const int64_t n = std::max<int64_t>(1, kColdBytes / static_cast<int64_t>(w.size() * sizeof(T)));
-  return std::vector<std::vector<T>>(n, w);
+// On 2 MB pages where the OS gives them (HostBuffer), as the engine holds its weights: on 4 KB
+// pages one core streams markedly slower, which would understate both the kernels and the plain
+// read beside them.
+std::vector<runtime::HostBuffer> copies(const void* w, int64_t bytes) {
+  std::vector<runtime::HostBuffer> out;
+  for (int64_t i = 0, n = std::max<int64_t>(1, kColdBytes / bytes); i < n; ++i) {
+    out.emplace_back(size_t(bytes));
+    if (w) std::memcpy(out.back().data(), w, size_t(bytes));
+  }
+  return out;
 }
 
 // The same, packed for table t.
@@ -80,9 +86,9 @@ std::vector<cpu::PackedLinear> packed_copies(const cpu::KernelTable& t, const vo
 
 // GB/s of plainly reading the copies, split over the pool like the kernels: what M = 1 should
 // reach (the machine's bandwidth varies with whatever else runs on it).
-double read_bandwidth(const std::vector<std::vector<float>>& bufs, int reps) {
+double read_bandwidth(const std::vector<runtime::HostBuffer>& bufs, int reps) {
   constexpr int64_t kBlock = 4096;  // bytes
-  const int64_t blocks = static_cast<int64_t>(bufs[0].size() * sizeof(float) / kBlock);
+  const int64_t blocks = static_cast<int64_t>(bufs[0].size() / kBlock);
   std::vector<uint64_t> sink(64);
   size_t next = 0;
   const double sec = time_call([&] {
@@ -112,9 +118,8 @@ double time_q8(const cpu::KernelTable& t, int bits, const Shape& s, int64_t M, i
   for (auto& v : qs) v = int8_t(q(rng));
   for (auto& v : d) v = 1.f / 1024;
   const int64_t bytes = bits == 8 ? t.packed_q8_bytes(s.N, s.K) : t.packed_qbits_bytes(s.N, s.K, bits, true);
-  std::vector<runtime::AlignedVector<uint8_t>> ws(size_t(std::max<int64_t>(1, kColdBytes / bytes)));
+  std::vector<runtime::HostBuffer> ws = copies(nullptr, bytes);
   for (auto& w : ws) {
-    w.resize(size_t(bytes));
     if (bits == 8) t.pack_q8(w.data(), qs.data(), d.data(), mins.data(), s.N, s.K, 0, s.N);
     else t.pack_qbits(w.data(), qs.data(), d.data(), mins.data(), s.N, s.K, 0, s.N, bits, true);
   }
@@ -188,7 +193,7 @@ int main(int argc, char** argv) {
     for (auto& v : w32) v = dist(rng) * 0.02f;
     std::vector<uint16_t> w16(w32.size());
     std::transform(w32.begin(), w32.end(), w16.begin(), to_bf16);
-    std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(copies(w32), reps));
+    std::printf("reading the fp32 weights from memory: %.1f GB/s\n", read_bandwidth(copies(w32.data(), int64_t(w32.size() * sizeof(float))), reps));
     for (const std::string& f : formats) {
       if (f[0] != 'q') continue;
       const int bits = std::atoi(f.c_str() + 1);

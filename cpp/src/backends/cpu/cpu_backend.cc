@@ -52,6 +52,11 @@ class CpuBackend final : public Backend {
   const Capabilities& capabilities() const override { return caps_; }
 
   DeviceBuffer allocate(size_t bytes) override { return host_buffer(runtime::HostBuffer(bytes)); }
+  // Packed weights, one after another in large mappings (runtime::HostArena): on 2 MiB pages.
+  DeviceBuffer weight_buffer(size_t bytes) {
+    std::shared_ptr<void> piece = weights_.take(bytes);
+    return {piece.get(), bytes, std::move(piece)};
+  }
 
   DeviceBuffer allocate_kv_cache(int64_t regions, size_t region_bytes, size_t block_bytes) override {
     runtime::HostBuffer kv(size_t(regions) * region_bytes);
@@ -76,20 +81,20 @@ class CpuBackend final : public Backend {
       const bool half = sub && std::all_of(scales, scales + 2 * N * (K / 32), [](float v) {
         return cpu::fp16_exact(v);
       });
-      runtime::HostBuffer packed(size_t(sub ? kern_.packed_qbits_bytes(N, K, w.bits, half) : kern_.packed_q8_bytes(N, K)));
+      const size_t bytes = size_t(sub ? kern_.packed_qbits_bytes(N, K, w.bits, half) : kern_.packed_q8_bytes(N, K));
+      storage = weight_buffer(bytes);
       pool().parallel_for(cpu::linear_panels(panel, N), [&](int64_t b, int64_t e) {
-        if (sub) kern_.pack_qbits(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel), w.bits, half);
-        else kern_.pack_q8(packed.data(), qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
+        if (sub) kern_.pack_qbits(storage.data, qs, scales, mins, N, K, b * panel, std::min(N, e * panel), w.bits, half);
+        else kern_.pack_q8(storage.data, qs, scales, mins, N, K, b * panel, std::min(N, e * panel));
       });
-      storage = host_buffer(std::move(packed));
       Matrix m{storage.data, false, N, K, true};
       m.int8 = true;
       m.bits = w.bits;
       m.half_scales = half;
       return m;
     }
-    cpu::PackedLinear p = cpu::pack_linear_weight(kern_, w.data, w.bf16, w.rows, w.cols);
-    storage = host_buffer(std::move(p.data));
+    storage = weight_buffer(cpu::packed_linear_bytes(kern_, w.bf16, w.rows, w.cols));
+    cpu::pack_linear_weight(kern_, storage.data, w.data, w.bf16, w.rows, w.cols);
     return {storage.data, w.bf16, w.rows, w.cols, true};
   }
   Matrix load_embedding(const Matrix& w, DeviceBuffer& storage) override {
@@ -176,7 +181,9 @@ class CpuBackend final : public Backend {
         off += panels(j);
       }
     };
-    pool().parallel_for(total, part, 1);
+    // int8 kernels run panels in pairs (two weight streams read faster than one): chunks of
+    // an even count keep a lone panel to the end of a job.
+    pool().parallel_for(total, part, int8 ? 2 : 1);
   }
 
   void logits(float* out, const LinearInput& x, const Matrix& w) override {
@@ -252,6 +259,7 @@ class CpuBackend final : public Backend {
   Capabilities caps_;
   runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
   bool has_int8_ = false;                 // some Linear runs int8 weights
+  runtime::HostArena weights_;            // the packed Linear weights (weight_buffer)
   // A Linear's input quantized for int8 weights: values, block scales, block sums.
   runtime::AlignedVector<int8_t> x8_, x8b_;
   runtime::AlignedVector<float> x8_scale_, x8_du_;

@@ -207,8 +207,11 @@ struct PackedLinear {
   bool bf16 = false;
   int64_t N = 0, K = 0;
 };
-// Packs w [N, K] with table t, split across the global thread pool.
+// Packs w [N, K] with table t, split across the global thread pool: into a buffer of its own,
+// or into dst (packed_linear_bytes of it).
 PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K);
+size_t packed_linear_bytes(const KernelTable& t, bool w_bf16, int64_t N, int64_t K);
+void pack_linear_weight(const KernelTable& t, void* dst, const void* w, bool w_bf16, int64_t N, int64_t K);
 // What t's linear takes for weights of this dtype: x itself, or x rounded to bf16 into `buf`
 // (resized) — after make(begin, end) has written rows [begin, end) of x, when given: the
 // producing op and the rounding run in one parallel pass, each thread rounding the rows it has

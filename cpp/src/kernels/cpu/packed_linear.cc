@@ -8,12 +8,20 @@
 
 namespace flashpage::cpu {
 
-PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K) {
+size_t packed_linear_bytes(const KernelTable& t, bool w_bf16, int64_t N, int64_t K) {
+  return size_t(t.packed_linear_elems(w_bf16, N, K)) * (w_bf16 ? 2 : 4);
+}
+
+void pack_linear_weight(const KernelTable& t, void* dst, const void* w, bool w_bf16, int64_t N, int64_t K) {
   const int64_t panel = t.linear_panel();
-  PackedLinear p{runtime::HostBuffer(size_t(t.packed_linear_elems(w_bf16, N, K)) * (w_bf16 ? 2 : 4)), w_bf16, N, K};
   runtime::ThreadPool::global().parallel_for(linear_panels(panel, N), [&](int64_t b, int64_t e) {
-    t.pack_linear(p.data.data(), w, w_bf16, N, K, b * panel, std::min(N, e * panel));
+    t.pack_linear(dst, w, w_bf16, N, K, b * panel, std::min(N, e * panel));
   }, std::max<int64_t>(1, (int64_t(1) << 18) / (panel * K + 1)));
+}
+
+PackedLinear pack_linear_weight(const KernelTable& t, const void* w, bool w_bf16, int64_t N, int64_t K) {
+  PackedLinear p{runtime::HostBuffer(packed_linear_bytes(t, w_bf16, N, K)), w_bf16, N, K};
+  pack_linear_weight(t, p.data.data(), w, w_bf16, N, K);
   return p;
 }
 
