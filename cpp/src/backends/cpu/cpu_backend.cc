@@ -93,6 +93,7 @@ class CpuBackend final : public Backend {
       m.half_scales = half;
       return m;
     }
+    has_float_ = true;
     storage = weight_buffer(cpu::packed_linear_bytes(kern_, w.bf16, w.rows, w.cols));
     cpu::pack_linear_weight(kern_, storage.data, w.data, w.bf16, w.rows, w.cols);
     return {storage.data, w.bf16, w.rows, w.cols, true};
@@ -137,13 +138,13 @@ class CpuBackend final : public Backend {
                              float eps) override {
     // The norm and the rounding to bf16 in one pass, each thread rounding the rows it has just
     // normalised while they are in its cache.
-    return {cpu::linear_input_for(kern_, bf16_, f32(out), rows, dim, x16_,
+    return {cpu::linear_input_for(kern_, round_inputs(), f32(out), rows, dim, x16_,
                                   [&](int64_t b, int64_t e) { norm_rows(out, x, residual, w, dim, eps, b, e); }),
             rows, dim, out};
   }
 
   LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) override {
-    return {cpu::linear_input_for(kern_, bf16_, f32(out), rows, inter, x16_,
+    return {cpu::linear_input_for(kern_, round_inputs(), f32(out), rows, inter, x16_,
                                   [&](int64_t b, int64_t e) {
                                     kern_.silu_and_mul(f32(out) + b * inter, f32(gate_up) + b * 2 * inter, e - b, inter);
                                   }),
@@ -151,7 +152,7 @@ class CpuBackend final : public Backend {
   }
 
   LinearInput linear_input(const void* x, int64_t rows, int64_t cols) override {
-    return {cpu::linear_input_for(kern_, bf16_, f32(x), rows, cols, x16_), rows, cols, x};
+    return {cpu::linear_input_for(kern_, round_inputs(), f32(x), rows, cols, x16_), rows, cols, x};
   }
 
   void linears(const LinearInput& x, std::span<const LinearJob> jobs) override {
@@ -242,6 +243,10 @@ class CpuBackend final : public Backend {
   }
   // x [rows, cols] quantized for the int8 Linears in 16-row tiles (cpu::q8_offset), tiles split
   // across threads when large: a tile's first row starts at the same offset in either layout.
+  // Whether Linear inputs are rounded to bf16 for the bf16 kernels: not where every Linear
+  // runs int8 weights, which quantize the fp32 input themselves.
+  bool round_inputs() const { return bf16_ && (has_float_ || !has_int8_); }
+
   cpu::Q8Rows quantize(const float* x, int64_t rows, int64_t cols) {
     reserve_q8(rows, cols);  // grows only for a step larger than reserved
     const int64_t B = cols / 32;
@@ -259,6 +264,7 @@ class CpuBackend final : public Backend {
   Capabilities caps_;
   runtime::AlignedVector<uint16_t> x16_;  // a Linear's input rounded to bf16 (bf16 compute)
   bool has_int8_ = false;                 // some Linear runs int8 weights
+  bool has_float_ = false;                // some Linear runs bf16 / fp32 weights
   runtime::HostArena weights_;            // the packed Linear weights (weight_buffer)
   // A Linear's input quantized for int8 weights: values, block scales, block sums.
   runtime::AlignedVector<int8_t> x8_, x8b_;
