@@ -101,6 +101,7 @@ void vnni_tile(float* y, const Q8Rows& x, const uint8_t* panel, const float* bia
   // The unsigned 8-bit weights are w + 128: each level's dot carries 128 x its block sum.
   constexpr int32_t kBias128 = kBits < 8 ? 0 : -128;
   const int64_t xstep = x.tiled ? 512 : 32;  // a row's next block in Q8Rows::qs
+  const int64_t ahead = (q8::kPairPrefetchBytes + bb - 1) / bb;  // blocks
   const int8_t *xq[kR], *xq2[kR];
   for (int r = 0; r < kR; ++r) {
     const int64_t at = q8_offset(x.tiled, m0 + r, 0, K);
@@ -112,8 +113,17 @@ void vnni_tile(float* y, const Q8Rows& x, const uint8_t* panel, const float* bia
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* blk = panel + b * bb;
-    if (prefetch)  // the first rows' pass brings the panels in; the others find them in L2
-      for (int j = 0; j < kP; ++j) q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk + j * pstride);
+    if (prefetch) {  // the first rows' pass brings the panels in; the others find them in L2
+      if constexpr (kP == 1) {
+        q8::prefetch_ahead<block_bytes<kBits, kHalf>()>(blk);
+      } else {
+        // Each stream's block `ahead` further on: in these panels, or past their end in the
+        // next pair's (a short K's panels end within the distance).
+        const int64_t t = b + ahead;
+        const uint8_t* at = t < B ? panel + t * bb : panel + 2 * pstride + (t - B) * bb;
+        for (int j = 0; j < kP; ++j) q8::prefetch_ahead<block_bytes<kBits, kHalf>(), 0>(at + j * pstride);
+      }
+    }
     __m512i lo[kR][kP], hi[kR][kP], lo2[kR][kP], hi2[kR][kP];
     for (int r = 0; r < kR; ++r)
       for (int j = 0; j < kP; ++j) {
