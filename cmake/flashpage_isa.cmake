@@ -15,9 +15,11 @@ if(CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   set(FLASHPAGE_ISA_FLAGS_amx ${FLASHPAGE_ISA_FLAGS_avx512_bf16} -mamx-tile -mamx-bf16 -mamx-int8)
   # Builds of single kernels that a level picks at run time, not levels (compiled only where a
   # source names them): the int8 Linear for AVX-512 CPUs with VNNI but no BF16 (Ice Lake,
-  # Cooper Lake's avx512 level).
-  set(FLASHPAGE_ISA_VARIANTS avx512_vnni)
+  # Cooper Lake's avx512 level), and the AVX2 one with AVX-VNNI's 256-bit VPDPBUSD for CPUs
+  # without AVX-512 (Alder Lake and later clients, Sierra Forest).
+  set(FLASHPAGE_ISA_VARIANTS avx512_vnni avx_vnni)
   set(FLASHPAGE_ISA_FLAGS_avx512_vnni ${FLASHPAGE_ISA_FLAGS_avx512} -mavx512vnni)
+  set(FLASHPAGE_ISA_FLAGS_avx_vnni ${FLASHPAGE_ISA_FLAGS_avx2} -mavxvnni)
 else()
   set(FLASHPAGE_X86 OFF)
   set(FLASHPAGE_BASELINE_FLAGS "")

@@ -262,12 +262,14 @@ TEST(q8_linear_matches_reference_bit_for_bit_on_every_isa) {
             CHECK_EQ(want[m * (N + 3) + N], -7.f);  // beyond N: untouched
           }
         CHECK(run(ref_table(), N + 3, tiled) == want);
+        // Each level, with and without its VNNI build (avx2: AVX-VNNI, avx512: AVX512-VNNI).
         for (runtime::Isa isa : runtime::supported_isas())
+          for (const bool variant : {true, false})
           for (const cpu::Q8Rows* layout : {&rows, &tiled}) {
-            const std::vector<float> got = run(cpu::kernels_for(isa), N + 3, *layout);
+            const std::vector<float> got = run(cpu::kernels_for(isa, variant), N + 3, *layout);
             for (size_t i = 0; i < got.size(); ++i)
               if (!(got[i] == want[i]) && !(std::isnan(got[i]) && std::isnan(want[i]))) {
-                fptest::report(__FILE__, __LINE__, "q" + std::to_string(bits) + (half ? " (fp16 scales)" : "") + "_linear on " + runtime::isa_name(isa) + " M=" +
+                fptest::report(__FILE__, __LINE__, "q" + std::to_string(bits) + (half ? " (fp16 scales)" : "") + "_linear on " + runtime::isa_name(isa) + (variant ? "" : " (no VNNI build)") + " M=" +
                                                        std::to_string(M) + " N=" + std::to_string(N) + " K=" +
                                                        std::to_string(K) + (layout->tiled ? " tiled" : "") + " differs at " + std::to_string(i));
                 break;

@@ -20,6 +20,9 @@ namespace {
 constexpr KernelTable kRef = FLASHPAGE_KERNEL_TABLE(ref, runtime::Isa::kScalar, ref);
 #ifdef FLASHPAGE_HAS_ISA_avx2
 constexpr KernelTable kAvx2 = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, avx2);
+#ifdef FLASHPAGE_HAS_ISA_avx_vnni
+constexpr KernelTable kAvx2Vnni = FLASHPAGE_KERNEL_TABLE(avx2, runtime::Isa::kAvx2, avx_vnni);
+#endif
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
 constexpr KernelTable kAvx512 = FLASHPAGE_KERNEL_TABLE(avx512, runtime::Isa::kAvx512, avx512);
@@ -36,18 +39,22 @@ constexpr KernelTable kAmx = FLASHPAGE_KERNEL_TABLE(amx, runtime::Isa::kAmx, amx
 #undef FLASHPAGE_KERNEL_TABLE
 }  // namespace
 
-const KernelTable& kernels_for(runtime::Isa isa) {
+const KernelTable& kernels_for(runtime::Isa isa, bool int8_variants) {
   for (runtime::Isa s : runtime::supported_isas()) {
     if (s != isa) continue;
     switch (isa) {
       case runtime::Isa::kScalar: return kRef;
 #ifdef FLASHPAGE_HAS_ISA_avx2
-      case runtime::Isa::kAvx2: return kAvx2;
+      case runtime::Isa::kAvx2:
+#ifdef FLASHPAGE_HAS_ISA_avx_vnni
+        if (int8_variants && runtime::cpu_features().avx_vnni) return kAvx2Vnni;  // Alder Lake, Sierra Forest
+#endif
+        return kAvx2;
 #endif
 #ifdef FLASHPAGE_HAS_ISA_avx512
       case runtime::Isa::kAvx512:
 #ifdef FLASHPAGE_HAS_ISA_avx512_vnni
-        if (runtime::cpu_features().avx512_vnni) return kAvx512Vnni;  // Ice Lake, Cooper Lake
+        if (int8_variants && runtime::cpu_features().avx512_vnni) return kAvx512Vnni;  // Ice Lake, Cooper Lake
 #endif
         return kAvx512;
 #endif

@@ -141,6 +141,7 @@ namespace avx512 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx512_bf16 { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace amx { FLASHPAGE_CPU_KERNEL_DECLS FLASHPAGE_CPU_Q8_DECLS }
 namespace avx512_vnni { FLASHPAGE_CPU_Q8_DECLS }  // the avx512 level's int8 Linear where VNNI exists
+namespace avx_vnni { FLASHPAGE_CPU_Q8_DECLS }     // the avx2 level's where AVX-VNNI exists
 namespace generic { FLASHPAGE_CPU_KERNEL_DECLS }
 
 struct KernelTable {
@@ -258,7 +259,10 @@ void quantize_q8_rows(const float* x, int64_t M, int64_t K, int8_t* qs, float* d
 // The table for the active ISA (runtime::active_isa()).
 const KernelTable& kernels();
 // The table for a given level; throws std::invalid_argument if this build or CPU lacks it.
-const KernelTable& kernels_for(runtime::Isa isa);
+// With int8_variants (the default), a level takes the VNNI build of the int8 Linear where the
+// CPU has the extension (avx2: AVX-VNNI, avx512: AVX512-VNNI); false keeps the level's own
+// (tests run both).
+const KernelTable& kernels_for(runtime::Isa isa, bool int8_variants = true);
 // The table a model runs with, by its compute dtype: "auto" (the active level: bf16 weights
 // compute in bf16 where the level has bf16 dot products), "float32" (the best fp32 level, for
 // bf16 weights too: widened in registers) or "bfloat16" (needs bf16 weights and a level with

@@ -5,7 +5,9 @@
 // most 2 x 31 x 127 a pair, so 8 groups of 4-bit (4 of 5-bit) add up in int16 before VPMADDWD
 // widens them; 8-bit weights (w + 128, 0..255) run as their two nibbles (16 hi + lo), each a
 // 4-bit dot. So each block's dot is the exact integer, and the float sums are the VNNI kernels'
-// (linear_q8.cc): every level computes the same bits.
+// (linear_q8.cc): every level computes the same bits. Built again with AVX-VNNI (the avx_vnni
+// variant, for CPUs with it but no AVX-512): VPDPBUSD on 8 lanes sums straight into int32, with
+// no int16 step, and takes 8-bit weights whole.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -20,6 +22,11 @@ namespace {
 using q8::block_bytes;
 using q8::kPanel;
 constexpr int64_t kRows = 4;  // input rows that share each weight load
+#if defined(__AVXVNNI__)
+constexpr bool kVnni = true;
+#else
+constexpr bool kVnni = false;
+#endif
 
 // Half h (columns 8h..8h+7) of block `blk`: the 8 groups' low nibbles (sub-byte: the weights) in
 // lo, and for 8-bit weights the high nibbles in hi.
@@ -45,6 +52,8 @@ inline void load_half(__m256i (&lo)[8], __m256i (&hi)[8], const uint8_t* blk, in
         lo[g] = _mm256_add_epi8(lo[g], _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(16)));
       }
     }
+  } else if constexpr (kVnni) {
+    for (int g = 0; g < 8; ++g) lo[g] = at(g * 64);
   } else {
     for (int g = 0; g < 8; ++g) {
       const __m256i z = at(g * 64);
@@ -55,9 +64,18 @@ inline void load_half(__m256i (&lo)[8], __m256i (&hi)[8], const uint8_t* blk, in
 }
 
 // sum over the 8 groups of w[g] x (the 4 activation bytes of group g, broadcast), exact: int16
-// sums of kRun groups at a time, widened to int32.
+// sums of kRun groups at a time, widened to int32 (with AVX-VNNI, int32 sums directly).
 template <int kRun>
 inline __m256i dot(const __m256i (&w)[8], const int8_t* xq) {
+#if defined(__AVXVNNI__)
+  __m256i a[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  // two chains: the latency
+  for (int g = 0; g < 8; ++g) {
+    int32_t f;
+    std::memcpy(&f, xq + 4 * g, 4);
+    a[g % 2] = _mm256_dpbusd_avx_epi32(a[g % 2], w[g], _mm256_set1_epi32(f));
+  }
+  return _mm256_add_epi32(a[0], a[1]);
+#else
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc = _mm256_setzero_si256(), run = _mm256_setzero_si256();
   for (int g = 0; g < 8; ++g) {
@@ -70,12 +88,14 @@ inline __m256i dot(const __m256i (&w)[8], const int8_t* xq) {
     }
   }
   return acc;
+#endif
 }
 
 // The exact dot of one level's block with the weights (the 8-bit correction included).
 template <int kBits>
 inline __m256i block_dot(const __m256i (&lo)[8], const __m256i (&hi)[8], const int8_t* xq, int32_t sum) {
-  if constexpr (kBits == 8)
+  if constexpr (kBits == 8 && kVnni) return _mm256_add_epi32(dot<8>(lo, xq), _mm256_set1_epi32(-128 * sum));
+  else if constexpr (kBits == 8)
     return _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(dot<8>(hi, xq), 4), dot<8>(lo, xq)),
                             _mm256_set1_epi32(-128 * sum));
   else return dot<kBits == 5 ? 4 : 8>(lo, xq);
