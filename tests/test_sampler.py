@@ -110,6 +110,27 @@ def test_greedy_is_argmax_and_ignores_seed():
     assert torch.equal(out.tokens, logits.argmax(-1))
 
 
+def test_plain_greedy_rows_take_the_numpy_path_with_torchs_answers(monkeypatch):
+    """Small all-greedy batches skip torch (numpy's argmax): the same tokens, first maximum on
+    ties, NaN winning as in torch; anything else on a row (a penalty, a bias, logprobs, a
+    processor) takes the torch path."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4099, generator=g)
+    x[1] = torch.randint(0, 3, (4099,), generator=g).float()  # ties
+    x[2, 17] = math.nan
+    x[3] = -math.inf
+    greedy = [SamplingParams(temperature=0) for _ in range(5)]
+    assert S._plain_greedy(x, greedy)
+    out = S.sample(x.clone(), greedy)
+    assert out.tokens.dtype == torch.int64 and torch.equal(out.tokens, x.argmax(-1))
+    assert out.tokens[2] == 17 and out.tokens[3] == 0
+    for other in (dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(logit_bias={1: 2.0}),
+                  dict(logprobs=2), dict(temperature=0.5), dict(logits_processors=[lambda ids, row: row])):
+        assert not S._plain_greedy(x, greedy[:4] + [SamplingParams(**{"temperature": 0, **other})])
+    monkeypatch.setattr(S, "SMALL_ON_CPU", 100)
+    assert not S._plain_greedy(x, greedy)  # large batches keep torch's threads
+
+
 def test_seeded_draws_do_not_depend_on_the_batch():
     rows = [_logits(i) for i in range(6)]
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=42)

@@ -230,8 +230,21 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     (log_softmax of the logits after processors and penalties, before temperature and
     truncation). Rows without a generator of their own draw from default_generator (torch's
     global one when None)."""
+    if _plain_greedy(logits, params):
+        return SamplerOutput(tokens=torch.from_numpy(logits.numpy().argmax(axis=1)))
     with _cpu_threads_for(logits):
         return _sample(logits, params, generators, prompt_tokens, output_tokens, default_generator)
+
+
+def _plain_greedy(logits: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
+    """A small batch on the CPU of greedy rows that nothing else touches: numpy's argmax (the
+    first maximum, NaN first, as torch's) in one pass. In the engine, torch's first operations
+    after a model step cost 0.1-0.3 ms each (warm: ~5 us), which made greedy sampling ~0.9 ms
+    of SmolLM2's ~12 ms decode step; numpy's argmax of the same fresh logits takes ~50 us."""
+    return (logits.device.type == "cpu" and logits.numel() < SMALL_ON_CPU and logits.is_contiguous()
+            and all(p.greedy and not p.logits_processors and not p.logit_bias and p.logprobs is None
+                    and p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty
+                    for p in params))
 
 
 def _sample(logits: torch.Tensor, params: Sequence[SamplingParams],
