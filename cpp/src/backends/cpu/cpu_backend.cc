@@ -52,11 +52,6 @@ class CpuBackend final : public Backend {
   const Capabilities& capabilities() const override { return caps_; }
 
   DeviceBuffer allocate(size_t bytes) override { return host_buffer(runtime::HostBuffer(bytes)); }
-  // Packed weights, one after another in large mappings (runtime::HostArena): on 2 MiB pages.
-  DeviceBuffer weight_buffer(size_t bytes) {
-    std::shared_ptr<void> piece = weights_.take(bytes);
-    return {piece.get(), bytes, std::move(piece)};
-  }
 
   DeviceBuffer allocate_kv_cache(int64_t regions, size_t region_bytes, size_t block_bytes) override {
     runtime::HostBuffer kv(size_t(regions) * region_bytes);
@@ -241,12 +236,18 @@ class CpuBackend final : public Backend {
     x8b_sum_.resize(size_t(values / 32 + 1));
     x8_du_.resize(size_t(values / 32 + 1));
   }
-  // x [rows, cols] quantized for the int8 Linears in 16-row tiles (cpu::q8_offset), tiles split
-  // across threads when large: a tile's first row starts at the same offset in either layout.
   // Whether Linear inputs are rounded to bf16 for the bf16 kernels: not where every Linear
   // runs int8 weights, which quantize the fp32 input themselves.
   bool round_inputs() const { return bf16_ && (has_float_ || !has_int8_); }
 
+  // Packed weights, one after another in large mappings (runtime::HostArena): on 2 MiB pages.
+  DeviceBuffer weight_buffer(size_t bytes) {
+    std::shared_ptr<void> piece = weights_.take(bytes);
+    return {piece.get(), bytes, std::move(piece)};
+  }
+
+  // x [rows, cols] quantized for the int8 Linears in 16-row tiles (cpu::q8_offset), tiles split
+  // across threads when large: a tile's first row starts at the same offset in either layout.
   cpu::Q8Rows quantize(const float* x, int64_t rows, int64_t cols) {
     reserve_q8(rows, cols);  // grows only for a step larger than reserved
     const int64_t B = cols / 32;

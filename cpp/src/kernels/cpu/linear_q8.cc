@@ -27,27 +27,6 @@ namespace {
 using q8::block_bytes;
 using q8::kPanel;
 
-// The 16 columns' unsigned weights of block `blk`, as VPDPBUSD's 8 groups of 4 positions.
-template <int kBits>
-inline void load_groups(__m512i (&wv)[8], const uint8_t* blk) {
-  if constexpr (kBits < 8) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int i = 0; i < 4; ++i) {
-      const __m512i z = _mm512_loadu_si512(blk + i * 64);
-      wv[i] = _mm512_and_si512(z, low4);
-      wv[i + 4] = _mm512_and_si512(_mm512_srli_epi16(z, 4), low4);
-    }
-    if constexpr (kBits == 5)
-      for (int g = 0; g < 8; ++g) {
-        __mmask64 fifth;
-        std::memcpy(&fifth, blk + 256 + g * 8, 8);
-        wv[g] = _mm512_mask_add_epi8(wv[g], fifth, wv[g], _mm512_set1_epi8(16));
-      }
-  } else {
-    for (int g = 0; g < 8; ++g) wv[g] = _mm512_loadu_si512(blk + g * 64);
-  }
-}
-
 // Groups i and i + 4 of a block (i < 4), the ones that share a byte in the sub-byte layouts. The
 // 4-bit high nibble stays in place, 16 x its value: its dots are multiples of 16, shifted back
 // exactly once per block (kHighShift), which saves a shift per 64 weights.
@@ -71,6 +50,18 @@ inline void load_group_pair(__m512i& lo, __m512i& hi, const uint8_t* blk, int i)
       lo = _mm512_mask_add_epi8(lo, f_lo, lo, _mm512_set1_epi8(16));
       hi = _mm512_mask_add_epi8(hi, f_hi, hi, _mm512_set1_epi8(16));
     }
+  }
+}
+
+// The 16 columns' unsigned weights of block `blk`, as VPDPBUSD's 8 groups of 4 positions.
+template <int kBits>
+inline void load_groups(__m512i (&wv)[8], const uint8_t* blk) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    load_group_pair<kBits>(wv[i], wv[i + 4], blk, i);
+    // The in-place high nibble back to its value: each byte's low 4 bits are zero, so the
+    // 16-bit shift carries nothing across bytes.
+    if constexpr (kHighShift<kBits> > 0) wv[i + 4] = _mm512_srli_epi16(wv[i + 4], kHighShift<kBits>);
   }
 }
 
