@@ -187,7 +187,7 @@ TEST(backend_ops_linears_and_their_inputs) {
   std::mt19937 rng(12);
   for (Subject& s : subjects()) {
     const int64_t K = 96, N1 = 48, N2 = 24, I = 64;  // 16-byte rows: what GPU GEMMs need
-    for (int64_t M : {1, 5, 17, 40}) {
+    for (int64_t M : {1, 5, 17, 40, 345}) {  // 345: the inputs made and rounded in parallel, a tile at a time
       HostMatrix w1 = host_matrix(N1, K, s.bf16, rng), w2 = host_matrix(N2, K, s.bf16, rng);
       HostMatrix wd = host_matrix(N2, I, s.bf16, rng), head = host_matrix(N1, K, s.bf16, rng);
       const std::vector<float> x0 = randn(M * K, rng), nw = randn(K, rng), bias = randn(N2, rng);

@@ -249,7 +249,7 @@ void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int
     default: break;
   }
   thread_local std::vector<float> x_buf, state_buf, wide_buf;
-  const int64_t tiles_per_pass = std::max<int64_t>(1, kMaxPackedX / (K * kMr));
+  const int64_t tiles_per_pass = balanced_piece((M + kMr - 1) / kMr, std::max<int64_t>(1, kMaxPackedX / (K * kMr)), 1);
   float* state = scratch(state_buf, kGroupTiles * kMr * kNr);
   float* wide = scratch(wide_buf, kChunk * kNr);
   for (int64_t m0 = 0; m0 < M; m0 += tiles_per_pass * kMr) {
