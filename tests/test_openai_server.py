@@ -243,6 +243,37 @@ def test_draining_refuses_new_requests(server):
         servers.engine._draining = False
 
 
+def test_a_signal_once_clients_can_be_served_shuts_down_cleanly(monkeypatch, capsys):
+    """SIGINT after the HTTP server listens but before start() returns (a client may already
+    have been answered) is a clean shutdown, not the exit of a signal during loading."""
+    import signal
+    import types
+
+    from flashpage.serving import server as server_mod
+
+    stopped: list[float] = []
+    fake = types.SimpleNamespace(grpc=types.SimpleNamespace(port=4321),
+                                 http_thread=types.SimpleNamespace(is_alive=lambda: True),
+                                 stop=lambda drain_seconds, force: stopped.append(drain_seconds))
+
+    def fake_start(args, on_listen=None):
+        on_listen()
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next bytecode: still inside start()
+        return fake
+
+    monkeypatch.setattr(server_mod, "start", fake_start)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args = argparse.Namespace(served_model_name="m", model="m", host="127.0.0.1", port=1234, shutdown_timeout=3.0)
+        assert server_mod.serve(args) == 0
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    out = capsys.readouterr()
+    assert "http://127.0.0.1:1234 and grpc 127.0.0.1:4321" in out.out and "stopped" in out.err
+    assert stopped == [3.0]
+
+
 def test_flashpage_serve_command(tmp_path):
     """`flashpage serve` as users run it: up, answers, and stops cleanly on SIGINT."""
     import signal

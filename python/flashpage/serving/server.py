@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from flashpage.serving.limits import ConnectionLimits, RequestLimits
@@ -185,8 +186,10 @@ class Servers:
         self.http_thread.join(10)
 
 
-def start(args: argparse.Namespace, llm=None) -> Servers:
-    """Builds the engine and starts the servers in background threads; returns once HTTP is up."""
+def start(args: argparse.Namespace, llm=None, on_listen: Callable[[], None] | None = None) -> Servers:
+    """Builds the engine and starts the servers in background threads; returns once HTTP is up.
+    on_listen is called just before the HTTP server starts listening (from then on, a client may
+    be served before this returns)."""
     import uvicorn
 
     from flashpage.serving.async_engine import AsyncLLMEngine
@@ -225,6 +228,8 @@ def start(args: argparse.Namespace, llm=None) -> Servers:
                                            http=guarded_protocol(conn), timeout_keep_alive=conn.keep_alive_timeout,
                                            timeout_graceful_shutdown=5, lifespan="off"))
     thread = threading.Thread(target=server.run, name="flashpage-http", daemon=True)
+    if on_listen is not None:
+        on_listen()
     thread.start()
     grpc_server = None
     if args.grpc_port:
@@ -267,8 +272,9 @@ def serve(args: argparse.Namespace) -> int:
     started = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # explicitly: a background job inherits SIGINT ignored
         signal.signal(sig, on_signal)
-    servers = start(args)
-    started.set()
+    # A signal while the model loads leaves at once; from the moment clients can be served (the
+    # HTTP server may answer before start() returns), it shuts down cleanly like any other.
+    servers = start(args, on_listen=started.set)
     if first.is_set():
         force.set()
     print(f"flashpage: serving {served_name(args)} on http://{args.host}:{args.port}"
