@@ -273,7 +273,7 @@ class CpuBackend final : public Backend {
   runtime::AlignedVector<int32_t> x8_sum_, x8b_sum_;
   // The step's attention plan: the kernel's arguments and its work items split per thread.
   struct AttentionItem {
-    int64_t seq, kv_head, row_begin, row_end;
+    int64_t seq, kv_head, kv_head_end, row_begin, row_end;
     double cost;
   };
   cpu::PagedAttentionArgs attn_{};
@@ -315,17 +315,27 @@ void CpuBackend::plan_attention(const AttentionStep& st, const AttentionShape& s
   // contiguous runs of items of about equal cost (rows x the keys they attend to). The same
   // plan serves every layer of the step.
   constexpr int64_t kPieceRows = 64;  // a multiple of the AMX kernel's 16-row tiles
+  constexpr int64_t kOneTileRows = 16;
+  // Whole sequences as items only where there are enough of them to share out evenly.
+  const bool group_heads = st.num_seqs >= 2 * pool().num_threads();
   const int64_t nkv = sh.num_kv_heads, group = sh.num_q_heads / nkv;
   items_.clear();
   double total = 0;
   for (int64_t s = 0; s < st.num_seqs; ++s) {
     const int64_t q_len = st.host_query_start_loc[s + 1] - st.host_query_start_loc[s], rows = q_len * group;
     const int64_t first_pos = st.host_context_lens[s] - q_len;
+    if (rows <= kOneTileRows && group_heads) {  // a decode (or a short chunk): every KV head in
+      // one item, which the AMX kernel runs two heads at a time
+      const double cost = double(rows * nkv) * (double(first_pos) + double(rows) / (2.0 * double(group)) + 1.0);
+      items_.push_back({s, 0, nkv, 0, rows, cost});
+      total += cost;
+      continue;
+    }
     for (int64_t h = 0; h < nkv; ++h)
       for (int64_t r0 = 0; r0 < rows; r0 += kPieceRows) {
         const int64_t r1 = std::min(rows, r0 + kPieceRows);
         const double cost = double(r1 - r0) * (double(first_pos) + double(r0 + r1) / (2.0 * double(group)) + 1.0);
-        items_.push_back({s, h, r0, r1, cost});
+        items_.push_back({s, h, h + 1, r0, r1, cost});
         total += cost;
       }
   }
@@ -351,7 +361,7 @@ void CpuBackend::paged_attention(void* out, const void* q, const void* k_cache, 
       const AttentionItem& it = items_[size_t(i)];
       cpu::PagedAttentionArgs ai = a;
       ai.kv_head_begin = it.kv_head;
-      ai.kv_head_end = it.kv_head + 1;
+      ai.kv_head_end = it.kv_head_end;
       ai.row_begin = it.row_begin;
       ai.row_end = it.row_end;
       kern_.paged_attention(ai, it.seq, it.seq + 1);

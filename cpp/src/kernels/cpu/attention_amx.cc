@@ -117,8 +117,14 @@ inline void values(TileState& st, const uint16_t* const* v, int groups, int64_t 
 }
 #undef FLASHPAGE_VALUES
 
-void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArgs& a, const int32_t* bt,
-                 int64_t ctx, int64_t kvh) {
+// H KV heads of one sequence (the same rows and positions: decode rows, or a short chunk) in one
+// pass over the keys, step by step: the heads' tile products and their vector softmaxes are
+// independent, so the core overlaps one head's softmax with the next head's products (a decode
+// step is a chain of tile products and tile <-> vector hand-offs for a few rows). Every head's
+// arithmetic is the same as alone.
+template <int H>
+void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAttentionArgs& a, const int32_t* bt,
+                  int64_t ctx, int64_t kvh0) {
   const int64_t D = a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
   const int64_t dblocks = D / 32, dtiles = D / 16;
   const auto* kc = static_cast<const uint16_t*>(a.k_cache);
@@ -127,77 +133,87 @@ void attend_tile(TileState& st, int nt, int64_t max_pos, const PagedAttentionArg
   // The next step's K and V (2 KB each per group at block_size 16) are fetched while this step
   // computes: tile loads that miss the caches wait for memory one after another.
   auto prefetch_step = [&](int64_t k0) {
-    for (int64_t p0 = k0; p0 <= std::min(max_pos, k0 + kStep - 1); p0 += kGroup) {
-      const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh) * bs * D;
-      const char* k = reinterpret_cast<const char*>(kc + base + (p0 % bs) * 2);
-      const char* v = reinterpret_cast<const char*>(vc + base + (p0 % bs / 2) * D * 2);
-      for (int64_t r = 0; r < D / 2; ++r) _mm_prefetch(k + r * bs * 4, _MM_HINT_T0);  // 64 B of pairs per row
-      for (int64_t line = 0; line < kGroup * D * 2 / 64; ++line) _mm_prefetch(v + line * 64, _MM_HINT_T0);
-    }
+    for (int64_t p0 = k0; p0 <= std::min(max_pos, k0 + kStep - 1); p0 += kGroup)
+      for (int h = 0; h < H; ++h) {
+        const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh0 + h) * bs * D;
+        const char* k = reinterpret_cast<const char*>(kc + base + (p0 % bs) * 2);
+        const char* v = reinterpret_cast<const char*>(vc + base + (p0 % bs / 2) * D * 2);
+        for (int64_t r = 0; r < D / 2; ++r) _mm_prefetch(k + r * bs * 4, _MM_HINT_T0);  // 64 B of pairs per row
+        for (int64_t line = 0; line < kGroup * D * 2 / 64; ++line) _mm_prefetch(v + line * 64, _MM_HINT_T0);
+      }
   };
   prefetch_step(0);
   for (int64_t k0 = 0; k0 <= max_pos; k0 += kStep) {
     const int groups = int(std::min<int64_t>(kGroups, (max_pos - k0) / kGroup + 1));
     if (k0 + kStep <= max_pos) prefetch_step(k0 + kStep);
-    const uint16_t* v[kGroups];
-    for (int gi = 0; gi < groups; ++gi) {
-      const int64_t p0 = k0 + gi * kGroup, off = p0 % bs;
-      const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh) * bs * D;
-      scores(st, gi, kc + base + off * 2, dblocks, bs);
-      v[gi] = vc + base + (off / 2) * D * 2;
-      if (p0 + kGroup > ctx) {  // slots past the context may hold anything: their P is 0, V too
-        const int64_t valid = ctx - p0;  // keys of the group in the context, 1..15
-        for (int64_t r = 0; r < kGroup / 2; ++r) {  // pair row r: keys 2r (low halves), 2r + 1
-          const __mmask32 keep = 2 * r + 1 < valid ? 0xFFFFFFFFu : 2 * r < valid ? 0x55555555u : 0u;
-          for (int64_t d = 0; d < D; d += 16)
-            _mm512_store_si512(st.v_clean + r * D * 2 + d * 2,
-                               _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(v[gi] + r * D * 2 + d * 2)));
+    const uint16_t* v[H][kGroups];
+    for (int h = 0; h < H; ++h) {
+      TileState& st = *sts[h];
+      for (int gi = 0; gi < groups; ++gi) {
+        const int64_t p0 = k0 + gi * kGroup, off = p0 % bs;
+        const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh0 + h) * bs * D;
+        scores(st, gi, kc + base + off * 2, dblocks, bs);
+        v[h][gi] = vc + base + (off / 2) * D * 2;
+        if (p0 + kGroup > ctx) {  // slots past the context may hold anything: their P is 0, V too
+          const int64_t valid = ctx - p0;  // keys of the group in the context, 1..15
+          for (int64_t r = 0; r < kGroup / 2; ++r) {  // pair row r: keys 2r (low halves), 2r + 1
+            const __mmask32 keep = 2 * r + 1 < valid ? 0xFFFFFFFFu : 2 * r < valid ? 0x55555555u : 0u;
+            for (int64_t d = 0; d < D; d += 16)
+              _mm512_store_si512(st.v_clean + r * D * 2 + d * 2,
+                                 _mm512_maskz_mov_epi16(keep, _mm512_loadu_si512(v[h][gi] + r * D * 2 + d * 2)));
+          }
+          v[h][gi] = st.v_clean;
         }
-        v[gi] = st.v_clean;
       }
     }
-    // The online softmax of the step: first every row's new maximum, then the rescale factors
-    // of all 16 rows in one vector exp (a scalar exp per row cost as much as a group's P), then
-    // P and its row sums.
-    alignas(64) float mnew[kRows], sums[kRows];
-    _mm512_store_ps(mnew, neg_inf);  // rows past nt: as they were (-inf, 0)
-    _mm512_store_ps(sums, _mm512_setzero_ps());
-    for (int i = 0; i < nt; ++i) {
-      const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
-      __m512 sc[kGroups];
-      __mmask16 mask[kGroups];
-      __m512 mx = neg_inf;
-      for (int gi = 0; gi < groups; ++gi) {
-        mask[gi] = first_lanes(valid - gi * kGroup);
-        sc[gi] = _mm512_load_ps(st.s + i * kStep + gi * kGroup);
-        mx = _mm512_mask_max_ps(mx, mask[gi], mx, sc[gi]);
-      }
-      mnew[i] = std::max(st.m[i], vmax_all(mx));
-      const __m512 mv = _mm512_set1_ps(mnew[i]);
-      __m512 sum = _mm512_setzero_ps();
-      for (int gi = 0; gi < groups; ++gi) {
-        const __m512 p = _mm512_maskz_mov_ps(mask[gi], exp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
-        sum = _mm512_add_ps(sum, p);
-        store_bf16(st.p[gi] + i * kGroup, p);
-      }
-      sums[i] = vsum(sum);
-    }
-    const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
-    // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves the
-    // maximum as it was by exactly 1 (exp_nonpositive(0) is 1).
-    const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
-                                         exp_nonpositive(_mm512_sub_ps(m_old, m_new)));
-    _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
-    _mm512_store_ps(st.m, m_new);
-    _mm512_store_ps(st.corr, c);
-    for (int64_t j0 = 0; j0 < dtiles; j0 += 4) {
-      const int64_t here = std::min<int64_t>(4, dtiles - j0);
-      values(st, v, groups, D, j0, here);
+    for (int h = 0; h < H; ++h) {
+      TileState& st = *sts[h];
+      // The online softmax of the step: first every row's new maximum, then the rescale factors
+      // of all 16 rows in one vector exp (a scalar exp per row cost as much as a group's P),
+      // then P and its row sums.
+      alignas(64) float mnew[kRows], sums[kRows];
+      _mm512_store_ps(mnew, neg_inf);  // rows past nt: as they were (-inf, 0)
+      _mm512_store_ps(sums, _mm512_setzero_ps());
       for (int i = 0; i < nt; ++i) {
-        const __m512 c = _mm512_set1_ps(st.corr[i]);
-        for (int64_t j = 0; j < here; ++j) {
-          float* o = st.o + i * kMaxD + (j0 + j) * 16;
-          _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(o), c, _mm512_load_ps(st.pv + i * 64 + j * 16)));
+        const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
+        __m512 sc[kGroups];
+        __mmask16 mask[kGroups];
+        __m512 mx = neg_inf;
+        for (int gi = 0; gi < groups; ++gi) {
+          mask[gi] = first_lanes(valid - gi * kGroup);
+          sc[gi] = _mm512_load_ps(st.s + i * kStep + gi * kGroup);
+          mx = _mm512_mask_max_ps(mx, mask[gi], mx, sc[gi]);
+        }
+        mnew[i] = std::max(st.m[i], vmax_all(mx));
+        const __m512 mv = _mm512_set1_ps(mnew[i]);
+        __m512 sum = _mm512_setzero_ps();
+        for (int gi = 0; gi < groups; ++gi) {
+          const __m512 p = _mm512_maskz_mov_ps(mask[gi], exp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
+          sum = _mm512_add_ps(sum, p);
+          store_bf16(st.p[gi] + i * kGroup, p);
+        }
+        sums[i] = vsum(sum);
+      }
+      const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
+      // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves
+      // the maximum as it was by exactly 1 (exp_nonpositive(0) is 1).
+      const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
+                                           exp_nonpositive(_mm512_sub_ps(m_old, m_new)));
+      _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
+      _mm512_store_ps(st.m, m_new);
+      _mm512_store_ps(st.corr, c);
+    }
+    for (int h = 0; h < H; ++h) {
+      TileState& st = *sts[h];
+      for (int64_t j0 = 0; j0 < dtiles; j0 += 4) {
+        const int64_t here = std::min<int64_t>(4, dtiles - j0);
+        values(st, v[h], groups, D, j0, here);
+        for (int i = 0; i < nt; ++i) {
+          const __m512 c = _mm512_set1_ps(st.corr[i]);
+          for (int64_t j = 0; j < here; ++j) {
+            float* o = st.o + i * kMaxD + (j0 + j) * 16;
+            _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(o), c, _mm512_load_ps(st.pv + i * 64 + j * 16)));
+          }
         }
       }
     }
@@ -239,41 +255,66 @@ void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cach
 void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
   const __m512 scale = _mm512_set1_ps(a.scale);
-  TileState st;
-  std::memset(st.p, 0, sizeof st.p);
+  TileState states[2];
+  for (TileState& st : states) std::memset(st.p, 0, sizeof st.p);
   TileScope tiles(kAttentionTiles);
   for (int64_t s = seq_begin; s < seq_end; ++s) {
     const int64_t r0 = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - r0, ctx = a.context_lens[s];
     const int32_t* bt = a.block_tables + s * a.block_table_stride;
     const int64_t kv_end = a.kv_head_end > 0 ? a.kv_head_end : nkv;
     const int64_t n_rows = a.row_end > 0 ? std::min(a.row_end, q_len * group) : q_len * group;
-    for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh)
+    // Rows t0 .. t0 + nt of KV head kvh into st (Q scaled to bf16, positions, outputs); returns
+    // the last position they attend to.
+    auto load = [&](TileState& st, int64_t kvh, int64_t t0, int nt) {
+      for (int64_t db = 0; db < D / 32; ++db)  // rows past nt stay zero: padding of the A tiles
+        std::memset(st.q[db] + nt * 32, 0, size_t(kRows - nt) * 64);
+      int64_t max_pos = 0;
+      for (int i = 0; i < nt; ++i) {
+        const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
+        const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
+        for (int64_t db = 0; db < D / 32; ++db) {
+          store_bf16(st.q[db] + i * 32, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32), scale));
+          store_bf16(st.q[db] + i * 32 + 16, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32 + 16), scale));
+        }
+        st.pos[i] = ctx - q_len + r;
+        st.out[i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
+        std::memset(st.o + i * kMaxD, 0, size_t(D) * 4);
+        max_pos = std::max(max_pos, st.pos[i]);
+      }
+      std::fill_n(st.m, kRows, -INFINITY);
+      std::fill_n(st.l, kRows, 0.f);
+      return max_pos;
+    };
+    auto store = [&](const TileState& st, int nt) {
+      for (int i = 0; i < nt; ++i) {
+        const __m512 inv = _mm512_set1_ps(st.l[i] > 0.f ? 1.f / st.l[i] : 0.f);
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(st.out[i] + d, _mm512_mul_ps(_mm512_load_ps(st.o + i * kMaxD + d), inv));
+      }
+    };
+    // Rows that fit one tile per head (decodes, short chunks) go two KV heads at a time.
+    const bool one_tile = n_rows > a.row_begin && n_rows - a.row_begin <= kRows;
+    for (int64_t kvh = a.kv_head_begin; kvh < kv_end;) {
+      if (one_tile && kvh + 1 < kv_end) {
+        const int nt = int(n_rows - a.row_begin);
+        const int64_t max_pos = load(states[0], kvh, a.row_begin, nt);
+        load(states[1], kvh + 1, a.row_begin, nt);  // the same rows: the same positions
+        TileState* const pair[2] = {&states[0], &states[1]};
+        attend_tiles<2>(pair, nt, max_pos, a, bt, ctx, kvh);
+        store(states[0], nt);
+        store(states[1], nt);
+        kvh += 2;
+        continue;
+      }
       for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kRows) {
         const int nt = int(std::min<int64_t>(kRows, n_rows - t0));
-        for (int64_t db = 0; db < D / 32; ++db)  // rows past nt stay zero: padding of the A tiles
-          std::memset(st.q[db] + nt * 32, 0, size_t(kRows - nt) * 64);
-        int64_t max_pos = 0;
-        for (int i = 0; i < nt; ++i) {
-          const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
-          const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
-          for (int64_t db = 0; db < D / 32; ++db) {
-            store_bf16(st.q[db] + i * 32, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32), scale));
-            store_bf16(st.q[db] + i * 32 + 16, _mm512_mul_ps(_mm512_loadu_ps(q + db * 32 + 16), scale));
-          }
-          st.pos[i] = ctx - q_len + r;
-          st.out[i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
-          std::memset(st.o + i * kMaxD, 0, size_t(D) * 4);
-          max_pos = std::max(max_pos, st.pos[i]);
-        }
-        std::fill_n(st.m, kRows, -INFINITY);
-        std::fill_n(st.l, kRows, 0.f);
-        attend_tile(st, nt, max_pos, a, bt, ctx, kvh);
-        for (int i = 0; i < nt; ++i) {
-          const __m512 inv = _mm512_set1_ps(st.l[i] > 0.f ? 1.f / st.l[i] : 0.f);
-          for (int64_t d = 0; d < D; d += 16)
-            _mm512_storeu_ps(st.out[i] + d, _mm512_mul_ps(_mm512_load_ps(st.o + i * kMaxD + d), inv));
-        }
+        const int64_t max_pos = load(states[0], kvh, t0, nt);
+        TileState* const one[1] = {&states[0]};
+        attend_tiles<1>(one, nt, max_pos, a, bt, ctx, kvh);
+        store(states[0], nt);
       }
+      ++kvh;
+    }
   }
 }
 
