@@ -17,8 +17,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from flashpage.serving.limits import ConnectionLimits, RequestLimits

@@ -174,6 +174,10 @@ inline int64_t linear_panels(int64_t panel, int64_t N) { return (N + panel - 1) 
 // blocks of 16 x 32 values — so that every tile is 1 KB of contiguous memory.
 inline int64_t bf16_input_stride(int64_t K) { return (K + 31) / 32 * 32; }
 inline int64_t bf16_input_rows(int64_t M) { return (M + 15) / 16 * 16; }
+inline int64_t bf16_input_elems(int64_t M, int64_t K) { return bf16_input_rows(M) * bf16_input_stride(K); }
+inline int64_t bf16_input_index(int64_t m, int64_t k, int64_t K) {
+  return (m / 16) * 16 * bf16_input_stride(K) + (k / 32) * 512 + (m % 16) * 32 + k % 32;
+}
 
 // The rows of a Linear call go through the weights in passes of at most `max_piece` (a multiple
 // of `unit`) that share each weight's trip from memory. This is the pass size for n rows: the
@@ -184,10 +188,7 @@ inline int64_t balanced_piece(int64_t n, int64_t max_piece, int64_t unit) {
   const int64_t passes = std::max<int64_t>(1, (n + max_piece - 1) / max_piece);
   return ((n + passes - 1) / passes + unit - 1) / unit * unit;
 }
-inline int64_t bf16_input_elems(int64_t M, int64_t K) { return bf16_input_rows(M) * bf16_input_stride(K); }
-inline int64_t bf16_input_index(int64_t m, int64_t k, int64_t K) {
-  return (m / 16) * 16 * bf16_input_stride(K) + (k / 32) * 512 + (m % 16) * 32 + k % 32;
-}
+
 // Whether table t multiplies weights of this dtype in bf16 (its linear wants linear_input's
 // bf16 rows): bf16 weights on a level with bf16 dot products.
 inline bool takes_bf16_input(const KernelTable& t, bool w_bf16) { return w_bf16 && runtime::isa_has_bf16_dot(t.isa); }

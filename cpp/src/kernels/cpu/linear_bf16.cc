@@ -193,7 +193,7 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
   // Up to a quarter more than the chunk in one pass (x 1.25 MB of a 2 MB L2) rather than a second
   // pass over the weights: passes of fewer than ~16 tiles wait on the weights' stream.
   const int64_t chunk_max = std::max<int64_t>(2, kChunkBytes / (16 * slice * kKBlock * 2)) & ~int64_t(1);
-  const int64_t chunk = balanced_piece(row_tiles, chunk_max + chunk_max / 4 / 2 * 2, 2);
+  const int64_t chunk = balanced_piece(row_tiles, (chunk_max + chunk_max / 4) & ~int64_t(1), 2);
   const int64_t panels = (n_end - n_begin + kPanel - 1) / kPanel;
   // The sums of every (tile pair, panel) of a chunk between K slices; grown once per thread.
   static thread_local runtime::AlignedVector<float> parked;
