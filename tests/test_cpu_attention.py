@@ -69,6 +69,8 @@ CASES = [
     ([2, 9], [31, 9], 6, 2, 20, 1),                  # odd head dim, block size 1
     ([100, 1, 37, 5], [130, 77, 37, 200], 12, 4, 64, 16),  # long chunks: many key steps and row tiles
     ([17, 2], [50, 33], 32, 2, 128, 16),             # GQA group of 16: a position's heads fill a tile
+    ([1, 3, 1], [70, 130, 200], 10, 5, 64, 16),      # decodes, short chunk: passes of 4 + 1 KV heads
+    ([1, 2], [200, 90], 16, 8, 64, 16),              # 8 KV heads: two passes of 4
 ]
 ALL_ISAS = ["ref", "avx2", "avx512", "avx512_bf16", "amx"]
 

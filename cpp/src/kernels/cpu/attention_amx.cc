@@ -118,16 +118,18 @@ inline void values(TileState& st, const uint16_t* const* v, int groups, int64_t 
 }
 #undef FLASHPAGE_VALUES
 
-// Fetches the K and V of one step, keys [k0, min(k0 + kStep - 1, last)] of KV heads [kvh0, kvh0 +
-// heads), into L2 (2 KB each per head and group at block_size 16): tile loads that miss the
-// caches wait for memory one after another. A step ahead, and into L2 rather than L1 (a step of
-// three heads is 48 KB, L1's size): decode attention 9.5 -> 11.1 GB/s of K+V on one core.
-void prefetch_keys(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh0, int64_t heads, int64_t k0,
+// Fetches the K and V of the key groups at positions first, first + 16, ... <= last of KV heads
+// [kvh0, kvh0 + heads) into L2 (2 KB each per head and group at block_size 16): tile loads that
+// miss the caches wait for memory one after another. The passes fetch each group a step (64
+// keys) ahead, one group before each group's scores, into L2 rather than L1 (a step of three
+// heads is L1's 48 KB): decode attention 9.2 -> 11.3 GB/s of K+V on one core. (Two steps ahead,
+// fetching each step whole, or the next pass's first step during this one's last: no better.)
+void prefetch_keys(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh0, int64_t heads, int64_t first,
                    int64_t last) {
   const int64_t D = a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
   const auto* kc = static_cast<const uint16_t*>(a.k_cache);
   const auto* vc = static_cast<const uint16_t*>(a.v_cache);
-  for (int64_t p0 = k0; p0 <= std::min(last, k0 + kStep - 1); p0 += kGroup)
+  for (int64_t p0 = first; p0 <= last; p0 += kGroup)
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh0 + h) * bs * D;
       const char* k = reinterpret_cast<const char*>(kc + base + (p0 % bs) * 2);
@@ -150,16 +152,16 @@ void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAtt
   const auto* kc = static_cast<const uint16_t*>(a.k_cache);
   const auto* vc = static_cast<const uint16_t*>(a.v_cache);
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-  prefetch_keys(a, bt, kvh0, H, 0, max_pos);
+  prefetch_keys(a, bt, kvh0, H, 0, std::min<int64_t>(max_pos, kStep - 1));
   for (int64_t k0 = 0; k0 <= max_pos; k0 += kStep) {
     const int groups = int(std::min<int64_t>(kGroups, (max_pos - k0) / kGroup + 1));
-    if (k0 + kStep <= max_pos) prefetch_keys(a, bt, kvh0, H, k0 + kStep, max_pos);
     const uint16_t* v[H][kGroups];
     for (int h = 0; h < H; ++h) {
       TileState& st = *sts[h];
       for (int gi = 0; gi < groups; ++gi) {
         const int64_t p0 = k0 + gi * kGroup, off = p0 % bs;
         const int64_t base = (int64_t(bt[p0 / bs]) * nkv + kvh0 + h) * bs * D;
+        if (p0 + kStep <= max_pos) prefetch_keys(a, bt, kvh0 + h, 1, p0 + kStep, p0 + kStep);
         scores(st, gi, kc + base + off * 2, dblocks, bs);
         v[h][gi] = vc + base + (off / 2) * D * 2;
         if (p0 + kGroup > ctx) {  // slots past the context may hold anything: their P is 0, V too
