@@ -3,12 +3,15 @@
 // sampling and aborts, on each model variant and weight storage. Small enough to run under the
 // sanitizer build, where it checks the executor, the kernels it dispatches to and the KV cache
 // for memory errors and undefined behaviour.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/sampler.h"
 #include "flashpage/engine.h"
 #include "runtime/cuda_loader.h"
 #include "test_files.h"
@@ -197,4 +200,32 @@ TEST(engine_names_the_device_it_cannot_use) {
   c.device = "cuda";
   c.dtype = "float32";
   CHECK_THROWS(std::invalid_argument, Engine(c), "keeps weights in bfloat16");
+}
+
+// Greedy takes the first maximum, as std::max_element: ties go to the lowest id, a NaN counts only
+// as the first value, lengths that are not a multiple of the vectorized pass's lanes included.
+TEST(sampler_greedy_takes_the_first_maximum) {
+  engine::Sampler sampler;
+  std::mt19937_64 rng(1);
+  SamplingOptions greedy;
+  greedy.temperature = 0.f;
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-4.f, 4.f);
+  for (int n : {1, 7, 8, 9, 33, 49152}) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& v : x) v = u(gen);
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    if (n > 3) x[size_t(n) / 2] = nan;  // ignored in the middle
+    const int64_t want = std::max_element(x.begin(), x.end()) - x.begin();
+    CHECK(sampler.sample(x, greedy, rng) == want);
+    x[size_t(want)] -= 1.f;  // a tie between two later positions: the first of them
+    if (n > 8) {
+      x[size_t(n) - 1] = x[size_t(n) - 2] = 10.f;
+      CHECK(sampler.sample(x, greedy, rng) == n - 2);
+    }
+    x[0] = nan;  // a NaN first wins, as it does for std::max_element
+    CHECK(sampler.sample(x, greedy, rng) == 0);
+  }
+  const std::vector<float> flat(100, -std::numeric_limits<float>::infinity());
+  CHECK(sampler.sample(flat, greedy, rng) == 0);
 }

@@ -1,5 +1,7 @@
 #include "engine/sampler.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -16,6 +18,31 @@ constexpr float kGreedyBelow = 1e-5f;  // as vLLM: temperatures below this are g
   throw std::invalid_argument(field + " must be " + rule + ", got " + buf);
 }
 
+// The first maximum, as std::max_element (a NaN wins only as the first value), in two passes:
+// the largest value in 8 lanes (SSE's maxps is x > m ? x : m, lane by lane, which GCC does not
+// vectorize from the plain loop), then its first index. std::max_element's compare-and-branch per
+// value took ~4 % of a 64-sequence SmolLM2 run.
+int64_t first_max(std::span<const float> logits) {
+  const float* x = logits.data();
+  const int64_t n = int64_t(logits.size());
+  if (n == 0 || std::isnan(x[0])) return 0;
+  __m128 m0 = _mm_set1_ps(x[0]), m1 = m0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    m0 = _mm_max_ps(_mm_loadu_ps(x + i), m0);
+    m1 = _mm_max_ps(_mm_loadu_ps(x + i + 4), m1);
+  }
+  alignas(16) float lanes[8];
+  _mm_store_ps(lanes, m0);
+  _mm_store_ps(lanes + 4, m1);
+  float best = x[0];
+  for (float v : lanes) best = v > best ? v : best;
+  for (; i < n; ++i) best = x[i] > best ? x[i] : best;
+  for (i = 0; i < n; ++i)
+    if (x[i] == best) return i;
+  return 0;  // unreachable: best is one of the values
+}
+
 }  // namespace
 
 void Sampler::validate(const SamplingOptions& o) {
@@ -30,7 +57,7 @@ void Sampler::validate(const SamplingOptions& o) {
 int32_t Sampler::sample(std::span<const float> logits, const SamplingOptions& o, std::mt19937_64& rng) {
   const int64_t V = int64_t(logits.size());
   if (o.temperature < kGreedyBelow) {
-    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    return int32_t(first_max(logits));
   }
   const double inv_t = 1.0 / o.temperature;
   const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
