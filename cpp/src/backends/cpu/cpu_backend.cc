@@ -327,7 +327,7 @@ void CpuBackend::plan_attention(const AttentionStep& st, const AttentionShape& s
     const int64_t q_len = st.host_query_start_loc[s + 1] - st.host_query_start_loc[s], rows = q_len * group;
     const int64_t first_pos = st.host_context_lens[s] - q_len;
     if (rows <= kOneTileRows && group_heads) {  // a decode (or a short chunk): every KV head in
-      // one item, which the AMX kernel runs two heads at a time
+      // one item, which the AMX kernel runs up to four heads at a time
       const double cost = double(rows * nkv) * (double(first_pos) + double(rows) / (2.0 * double(group)) + 1.0);
       items_.push_back({s, 0, nkv, 0, rows, cost});
       total += cost;
