@@ -265,7 +265,9 @@ void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cach
 void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
   const __m512 scale = _mm512_set1_ps(a.scale);
-  TileState states[4];
+  // ~170 KB: per thread, not on the stack of whatever thread calls (an embedding program's
+  // threads may have small stacks).
+  static thread_local TileState states[kMaxHeads];
   for (TileState& st : states) std::memset(st.p, 0, sizeof st.p);
   TileScope tiles(kAttentionTiles);
   for (int64_t s = seq_begin; s < seq_end; ++s) {
