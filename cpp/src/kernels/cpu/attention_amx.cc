@@ -269,6 +269,7 @@ void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64
   // threads may have small stacks).
   static thread_local TileState states[kMaxHeads];
   for (TileState& st : states) std::memset(st.p, 0, sizeof st.p);
+  TileState* const sts[kMaxHeads] = {&states[0], &states[1], &states[2], &states[3]};
   TileScope tiles(kAttentionTiles);
   for (int64_t s = seq_begin; s < seq_end; ++s) {
     const int64_t r0 = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - r0, ctx = a.context_lens[s];
@@ -304,30 +305,24 @@ void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64
           _mm512_storeu_ps(st.out[i] + d, _mm512_mul_ps(_mm512_load_ps(st.o + i * kMaxD + d), inv));
       }
     };
-    // Rows that fit one tile per head (decodes, short chunks) go several KV heads at a time.
+    // Rows that fit one tile per head (decodes, short chunks) go several KV heads at a time, the
+    // same rows of each (the same positions); longer chunks one head, a row tile at a time.
     const bool one_tile = n_rows > a.row_begin && n_rows - a.row_begin <= kRows;
     for (int64_t kvh = a.kv_head_begin; kvh < kv_end;) {
       const int64_t together = one_tile ? std::min<int64_t>(kMaxHeads, kv_end - kvh) : 1;
-      if (together > 1) {
-        const int nt = int(n_rows - a.row_begin);
-        TileState* const sts[4] = {&states[0], &states[1], &states[2], &states[3]};
-        const int64_t max_pos = load(states[0], kvh, a.row_begin, nt);
-        for (int64_t h = 1; h < together; ++h) load(states[h], kvh + h, a.row_begin, nt);  // the same positions
-        if (together == 2) attend_tiles<2>(sts, nt, max_pos, a, bt, ctx, kvh);
-        else if (together == 3) attend_tiles<3>(sts, nt, max_pos, a, bt, ctx, kvh);
-        else attend_tiles<4>(sts, nt, max_pos, a, bt, ctx, kvh);
-        for (int64_t h = 0; h < together; ++h) store(states[h], nt);
-        kvh += together;
-        continue;
-      }
       for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kRows) {
         const int nt = int(std::min<int64_t>(kRows, n_rows - t0));
         const int64_t max_pos = load(states[0], kvh, t0, nt);
-        TileState* const one[1] = {&states[0]};
-        attend_tiles<1>(one, nt, max_pos, a, bt, ctx, kvh);
-        store(states[0], nt);
+        for (int64_t h = 1; h < together; ++h) load(states[h], kvh + h, t0, nt);
+        switch (together) {
+          case 1: attend_tiles<1>(sts, nt, max_pos, a, bt, ctx, kvh); break;
+          case 2: attend_tiles<2>(sts, nt, max_pos, a, bt, ctx, kvh); break;
+          case 3: attend_tiles<3>(sts, nt, max_pos, a, bt, ctx, kvh); break;
+          default: attend_tiles<4>(sts, nt, max_pos, a, bt, ctx, kvh); break;
+        }
+        for (int64_t h = 0; h < together; ++h) store(states[h], nt);
       }
-      ++kvh;
+      kvh += together;
     }
   }
 }
