@@ -326,20 +326,20 @@ void CpuBackend::plan_attention(const AttentionStep& st, const AttentionShape& s
   for (int64_t s = 0; s < st.num_seqs; ++s) {
     const int64_t q_len = st.host_query_start_loc[s + 1] - st.host_query_start_loc[s], rows = q_len * group;
     const int64_t first_pos = st.host_context_lens[s] - q_len;
-    if (rows <= kOneTileRows && group_heads) {  // a decode (or a short chunk): every KV head in
-      // one item, which the AMX kernel runs up to four heads at a time
-      const double cost = double(rows * nkv) * (double(first_pos) + double(rows) / (2.0 * double(group)) + 1.0);
-      items_.push_back({s, 0, nkv, 0, rows, cost});
+    auto add = [&](int64_t h0, int64_t h1, int64_t r0, int64_t r1) {  // rows x the keys they see
+      const double cost =
+          double((r1 - r0) * (h1 - h0)) * (double(first_pos) + double(r0 + r1) / (2.0 * double(group)) + 1.0);
+      items_.push_back({s, h0, h1, r0, r1, cost});
       total += cost;
+    };
+    // A decode (or a short chunk): every KV head in one item, which the AMX kernel runs up to
+    // four heads at a time.
+    if (rows <= kOneTileRows && group_heads) {
+      add(0, nkv, 0, rows);
       continue;
     }
     for (int64_t h = 0; h < nkv; ++h)
-      for (int64_t r0 = 0; r0 < rows; r0 += kPieceRows) {
-        const int64_t r1 = std::min(rows, r0 + kPieceRows);
-        const double cost = double(r1 - r0) * (double(first_pos) + double(r0 + r1) / (2.0 * double(group)) + 1.0);
-        items_.push_back({s, h, h + 1, r0, r1, cost});
-        total += cost;
-      }
+      for (int64_t r0 = 0; r0 < rows; r0 += kPieceRows) add(h, h + 1, r0, std::min(rows, r0 + kPieceRows));
   }
   const int threads = pool().num_threads();
   const int64_t n = int64_t(items_.size());
