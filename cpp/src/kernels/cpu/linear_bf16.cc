@@ -28,6 +28,7 @@
 #include "kernels/cpu/amx.h"
 #include "kernels/cpu/kernels.h"
 #include "kernels/cpu/linear_bf16.h"
+#include "kernels/cpu/simd.h"
 #include "runtime/aligned.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
@@ -82,7 +83,7 @@ constexpr int64_t kPrefetchBlocks = 2;
 
 inline void prefetch_block(const uint16_t* block) {  // the 2 KB of a panel's k block
   for (int line = 0; line < kBlock * 2 / 64; ++line)
-    _mm_prefetch(reinterpret_cast<const char*>(block) + 64 * line, _MM_HINT_T0);
+    prefetch_l1(reinterpret_cast<const char*>(block) + 64 * line);
 }
 
 // Where a row-tile pair's panel fetches ahead from, and how many lines a k block into L2.
@@ -118,7 +119,7 @@ void tile_block(float* c, const uint16_t* x, int64_t Kp, const uint16_t* panel, 
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* b = panel + kb * kBlock;
     if (ahead.l2_lines) {
-      for (int64_t i = 0; i < ahead.l2_lines; ++i) _mm_prefetch(l2 + 64 * i, _MM_HINT_T1);
+      for (int64_t i = 0; i < ahead.l2_lines; ++i) prefetch_l2(l2 + 64 * i);
       l2 += 64 * ahead.l2_lines;
     } else if (ahead.at) {
       prefetch_block(ahead.at + kb * kBlock);

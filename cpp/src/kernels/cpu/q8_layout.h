@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "kernels/cpu/kernels.h"
+#include "kernels/cpu/simd.h"
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
 
@@ -89,7 +90,7 @@ constexpr int64_t kPairPrefetchBytes = 3 << 10;
 template <int64_t kBytes, int64_t kAhead = kPrefetchBytes>
 inline void prefetch_ahead(const uint8_t* blk) {
   for (int64_t line = 0; line < kBytes; line += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(blk) + kAhead + line, _MM_HINT_T1);
+    prefetch_l2(blk + kAhead + line);
 }
 
 // Calls fn.template operator()<kBits, kHalf>() for the formats qbits_linear takes at run time.

@@ -14,6 +14,7 @@ namespace flashpage::cpu::FLASHPAGE_ISA {
 // Software prefetches GCC cannot drop. __builtin_prefetch has no side effects, so GCC's IPA
 // deems a function or lambda that only prefetches const and deletes the calls to it: every
 // prefetch of the AMX attention's prefetch-ahead lambda was gone from the object (GCC 12, -O2).
+// Every kernel's prefetch-only helper goes through these, inlined or not.
 inline void prefetch_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
 inline void prefetch_l2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
 
