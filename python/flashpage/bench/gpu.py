@@ -69,8 +69,17 @@ def main() -> None:
     ap.add_argument("--prompts", default="512,256,128", help="prompts per case")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--json", help="also write the results to this file (rewritten after each case)")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds from the start after which no further case is begun (0: none)")
     a = ap.parse_args()
+    started = time.perf_counter()
+
+    def save() -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+
     import torch
 
     from flashpage import LLM, SamplingParams
@@ -91,21 +100,25 @@ def main() -> None:
         result["engine"] = {k: llm.model_info[k] for k in ("backend", "num_kv_blocks", "kv_cache_report",
                                                              "load_seconds", "max_num_batched_tokens")}
         print(json.dumps(result, indent=1), flush=True)
+        save()
         # Batch 1: time per output token after the first, against weight bytes / bandwidth.
         one = run_case(llm, 128, 257, 1)
         tpot = one["seconds"] / one["output_tokens"]
         bound = weight_bytes(LLAMA3_8B) / bw
         result["batch1"] = dict(tpot_ms=tpot * 1e3, bound_ms=bound * 1e3, ratio_to_bound=tpot / bound)
         print(json.dumps(result["batch1"]), flush=True)
+        save()
         result["throughput"] = []
         for case, n in zip(a.cases.split(","), [int(x) for x in a.prompts.split(",")]):
+            if a.deadline and time.perf_counter() - started > a.deadline:
+                result.setdefault("skipped_past_deadline", []).append(case)
+                continue
             i, o = (int(x) for x in case.split("/"))
             row = run_case(llm, i, o, n)
             result["throughput"].append(row)
             print(json.dumps(row), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+            save()
+    save()
 
 
 if __name__ == "__main__":
