@@ -58,7 +58,9 @@ FLASHPAGE_CUBLASLT=$(find $(python3 -c 'import site; print(" ".join(site.getsite
 export FLASHPAGE_CUBLASLT
 echo "cublasLt: $FLASHPAGE_CUBLASLT" >> "$LOG/env.log"
 cat "$LOG/env.log" | grep -v "^WARNING"
-PYTEST="python3 -m pytest -q -p no:cacheprovider -rfE --tb=short"
+# The test models copied into shared/ inside the checkout (../shared does not travel).
+[ -d shared/models ] && export FLASHPAGE_SHARED=$PWD/shared
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short"
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST="$PYTEST --timeout=150"
 
 step info 30 python3 -c "import json, flashpage; print(json.dumps(flashpage.platform_info(), indent=1))"
@@ -70,9 +72,12 @@ step cpp-tests 90 env FLASHPAGE_CUDA_LIBRARY=/tmp/fp/flashpage/libflashpage_cuda
 step e2e 180 $PYTEST tests/test_cuda_e2e.py
 # Every CUDA kernel against its reference, the C ABI table, the platform probe.
 step cuda-tests 150 $PYTEST tests/test_cuda_kernels.py tests/test_cuda_abi.py tests/test_platform.py
+# Where a decode step's time goes (kernels by GPU time; wall against kernel time).
+step profile 90 python3 tools/gpu_profile.py
 # The engine's GPU benchmark: the dummy Llama-3-8B shape (start-up, batch-1 TPOT against the
 # bandwidth bound, offline throughput at 128/128, 1000/1000, 2048/2048).
-step bench-gpu 240 python3 -m flashpage.bench.gpu --json "$LOG/engine.json" --deadline 150 \
+step bench-gpu 300 python3 -m flashpage.bench.gpu --json "$LOG/engine.json" --deadline 200 \
+  --cases 1000/1000,128/128,2048/2048 --prompts 1000,1024,200 \
   ${BENCH_GPU_ARGS:-}
 step bench-gemm 60 python3 -m flashpage.bench.cuda_gemm --repeats 20 --json "$LOG/gemm.json"
 step bench-attention 60 python3 -m flashpage.bench.cuda_attention --json

@@ -156,11 +156,13 @@ TEST(backend_ops_embed_norm_gather) {
       DeviceBuffer keep;
       const backends::Matrix E = be->load_embedding(table.m, keep);
       DeviceBuffer d_ids = raw_in(*be, ids), x = acts_in(*be, std::vector<float>(T * H)), out = acts_in(*be, std::vector<float>(T * H));
-      DeviceBuffer res = acts_in(*be, res0), wd = raw_in(*be, w), g = acts_in(*be, std::vector<float>(3 * H));
+      // Norm weights in the backend's layout, as the model loads them (bf16 on the GPU).
+      DeviceBuffer res = acts_in(*be, res0), keep_w, g = acts_in(*be, std::vector<float>(3 * H));
+      const void* wd = be->load_vector(w, keep_w);
       be->embed(x.data, E, static_cast<const int32_t*>(d_ids.data), T);
       auto& r = results[side++];
       r.push_back(acts_out(*be, x.data, T * H));
-      be->rms_norm(out.data, x.data, res.data, wd.data, T, H, 1e-5f);
+      be->rms_norm(out.data, x.data, res.data, wd, T, H, 1e-5f);
       r.push_back(acts_out(*be, out.data, T * H));
       r.push_back(acts_out(*be, res.data, T * H));
       const std::vector<int32_t> rows = {8, 0, 4};
@@ -200,7 +202,8 @@ TEST(backend_ops_linears_and_their_inputs) {
         const backends::Matrix p1 = be->load_linear(w1.m, k1), p2 = be->load_linear(w2.m, k2);
         const backends::Matrix pd = be->load_linear(wd.m, kd), ph = be->load_linear(head.m, kh);
         const void* b = be->load_vector(bias, kb);
-        DeviceBuffer x = acts_in(*be, x0), normed = acts_in(*be, std::vector<float>(M * K)), nwd = raw_in(*be, nw);
+        DeviceBuffer x = acts_in(*be, x0), normed = acts_in(*be, std::vector<float>(M * K)), keep_nw;
+        const void* nwd = be->load_vector(nw, keep_nw);
         // Both outputs into one wider buffer (ldy N1 + N2), the way QKV share a pass.
         DeviceBuffer y = acts_in(*be, std::vector<float>(M * (N1 + N2))), g = acts_in(*be, gu);
         DeviceBuffer act = acts_in(*be, std::vector<float>(M * I)), yd = acts_in(*be, std::vector<float>(M * N2));
@@ -208,7 +211,7 @@ TEST(backend_ops_linears_and_their_inputs) {
         const int64_t e = be->capabilities().activation_bytes;
         auto& r = results[side++];
         const backends::LinearInput in =
-            be->rms_norm_input(normed.data, x.data, nullptr, nwd.data, M, K, 1e-5f);
+            be->rms_norm_input(normed.data, x.data, nullptr, nwd, M, K, 1e-5f);
         const backends::LinearJob jobs[] = {{y.data, N1 + N2, &p1, nullptr},
                                             {static_cast<char*>(y.data) + N1 * e, N1 + N2, &p2, b}};
         be->linears(in, jobs);

@@ -63,7 +63,8 @@ class EngineArgs:
     block_size: int = _opt(16, "tokens per KV-cache block")
     max_num_seqs: int = _opt(256, "sequences in one step at most")
     max_num_batched_tokens: int | None = _opt(
-        None, "tokens per step (default: room for max_num_seqs decodes + ~0.1 s of prefill at this machine's speed)")
+        None, "tokens per step (default: on a CPU room for max_num_seqs decodes + ~0.1 s of prefill at this "
+              "machine's speed, at most 2048; on a GPU 8192, as vLLM)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of shared prompt prefixes",
                                        flag="--no-enable-prefix-caching")
     scheduling_policy: str = _opt("fcfs", "fcfs (arrival order) or priority (lower value first, then arrival; "

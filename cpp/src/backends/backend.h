@@ -113,7 +113,8 @@ class Backend {
   // out[t] = table[ids[t]] (ids already checked against the vocabulary).
   virtual void embed(void* out, const Matrix& table, const int32_t* ids, int64_t tokens) = 0;
   // RMSNorm over rows, fused with the residual add when residual is non-null:
-  // residual += x; out = residual * rsqrt(mean(residual^2) + eps) * weight. out may be x.
+  // residual += x; out = residual * rsqrt(mean(residual^2) + eps) * weight. out may be x;
+  // weight comes from load_vector (its format is the backend's: bf16 on a GPU).
   virtual void rms_norm(void* out, const void* x, void* residual, const void* weight, int64_t rows,
                         int64_t dim, float eps) = 0;
   // The same, its result (in `out`) made the next Linears' input in one pass.

@@ -109,9 +109,12 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   m.runner = std::make_unique<engine::ModelRunner>(mc, std::move(weights), std::move(made), ro);
   backends::Backend& backend = m.runner->backend();
   // The workspace first, at the largest step the budget allows (the automatic budget is at
-  // most 2048 tokens or max_num_seqs), then the KV pool from what is left.
+  // most auto_step tokens or max_num_seqs), then the KV pool from what is left. On a GPU the
+  // automatic budget is vLLM's there, 8192: a step's time is the tensor cores' until thousands of
+  // rows, and a prompt split into smaller chunks re-reads every weight once per chunk.
+  const int32_t auto_step = gpu >= 0 ? 8192 : 2048;
   const int32_t step_cap = config.max_num_batched_tokens > 0 ? std::max(config.max_num_batched_tokens, config.max_num_seqs)
-                                                             : std::max(2048, config.max_num_seqs);
+                                                             : std::max(auto_step, config.max_num_seqs);
   m.runner->reserve(step_cap, config.max_num_seqs);
 
   engine::KvCacheSpec spec{mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, config.block_size,
@@ -147,8 +150,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
   SchedulerConfig sc;
   sc.max_model_len = int32_t(max_len);
   sc.max_num_seqs = config.max_num_seqs;
-  if (config.max_num_batched_tokens > 0) {
-    sc.max_num_batched_tokens = std::max(config.max_num_batched_tokens, config.max_num_seqs);
+  if (config.max_num_batched_tokens > 0 || gpu >= 0) {
+    sc.max_num_batched_tokens = step_cap;
   } else {
     // A step's budget from this machine's measured speed: room for every running decode plus
     // about kStepSeconds of prefill, so that a long prompt does not stall the running decodes

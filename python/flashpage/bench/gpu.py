@@ -1,13 +1,14 @@
 """The engine on the GPU: a dummy Llama-3-8B shape (hidden 4096, 32 layers, 32 query / 8 KV
 heads, FFN 14336, vocabulary 128256) in bf16 with random weights, through `LLM(device="cuda")`.
 
-    python -m flashpage.bench.gpu [--cases 128/128,1000/1000,2048/2048] [--prompts 512,256,128]
-                                  [--json out.json]
+    python -m flashpage.bench.gpu [--cases 128/128,1000/1000,2048/2048] [--prompts 1024,1000,200]
+                                  [--max-num-seqs 384] [--json out.json] [--deadline SECONDS]
 
 Reports, on the same GPU in the same run: start-up to the first token (weights generated on
 the host, uploaded, KV pool sized, first step), offline output throughput (output tokens per
 second over the whole run, every prompt submitted at once, EOS ignored) for each input/output
-length pair, and batch-1 time per output token against the bound: weight bytes per token over
+length pair (as vLLM's benchmark_throughput: 1000 prompts by default, more than run at once, so
+the batch stays full while the first finish), and batch-1 time per output token against the bound: weight bytes per token over
 the device's copy bandwidth (a device-to-device copy measured here).
 """
 
@@ -66,8 +67,11 @@ def run_case(llm, in_len: int, out_len: int, n: int, seed: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="128/128,1000/1000,2048/2048")
-    ap.add_argument("--prompts", default="512,256,128", help="prompts per case")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    # 2048/2048: 200 sequences of 4096 tokens fit an H200's KV pool (884k tokens at 0.9
+    # utilization); more at once would be preempted and recomputed.
+    ap.add_argument("--prompts", default="1024,1000,200", help="prompts per case")
+    # 384 sequences of 2000 tokens fill 87 % of that pool.
+    ap.add_argument("--max-num-seqs", type=int, default=384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--json", help="also write the results to this file (rewritten after each case)")
     ap.add_argument("--deadline", type=float, default=0.0,
