@@ -106,6 +106,9 @@ class Backend {
   // Scratch for steps of up to `tokens` rows of Linear inputs of up to `cols` values; called
   // once at start-up (and again only for a larger step), so that steps allocate nothing.
   virtual void reserve(int64_t tokens, int64_t cols) = 0;
+  // Throws std::runtime_error, naming the shape, where the backend's attention cannot run a
+  // model's heads (called once at load, so that such a model fails then, not at its first step).
+  virtual void check_attention(const AttentionShape&) const {}
   virtual void plan_attention(const AttentionStep& step, const AttentionShape& shape) = 0;
   virtual void finish_step() = 0;  // waits for the step's ops; lets worker threads rest
 

@@ -25,6 +25,8 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, model::LlamaWeights w
     : config_(config), options_(options), backend_(std::move(backend)) {
   if (options_.block_size <= 0 || options_.max_model_len <= 0)
     throw std::invalid_argument("ModelRunner: block_size and max_model_len must be positive");
+  backend_->check_attention({config_.num_attention_heads, config_.num_key_value_heads, config_.head_dim,
+                             options_.block_size, 1.f});
   model_ = std::make_unique<model::LlamaModel>(config_, std::move(weights), *backend_);
   // Rotary tables as Hugging Face computes them: fp32 inverse frequencies times the fp32
   // position, then cos/sin of that fp32 angle.

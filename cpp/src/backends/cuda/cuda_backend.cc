@@ -92,21 +92,38 @@ class CudaBackend final : public Backend {
   }
 
   void reserve(int64_t, int64_t) override {}
-  void plan_attention(const AttentionStep& st, const AttentionShape& sh) override {
-    const int supported = ops_->attention_supported(int(sh.head_dim), int(sh.block_size), int(sh.num_q_heads),
-                                                    int(sh.num_kv_heads));
-    step_ = st;
-    shape_ = sh;
-    decode_ = st.max_query_len == 1 && (supported & 1);
-    if (!decode_ && !(supported & 2))
+  void check_attention(const AttentionShape& sh) const override {
+    // The prefill kernel runs every step that is not all decodes: a model needs it.
+    if (!(supported(sh) & 2))
       throw std::runtime_error("CUDA attention does not support head_dim " + std::to_string(sh.head_dim) +
                                ", block_size " + std::to_string(sh.block_size) + ", " +
                                std::to_string(sh.num_q_heads) + " query heads over " +
                                std::to_string(sh.num_kv_heads) + " KV heads");
-    if (decode_) {
-      const int64_t floats = ops_->paged_decode_workspace(int(st.num_seqs), int(sh.num_q_heads), int(sh.num_kv_heads),
+  }
+  void plan_attention(const AttentionStep& st, const AttentionShape& sh) override {
+    check_attention(sh);
+    step_ = st;
+    shape_ = sh;
+    // Decode rows (one query token) lead a step: the scheduler schedules them before prefill
+    // chunks. They run through the split-KV decode kernel and the rest through the prefill
+    // kernel, which would read each decode's whole context once per query head and fill a
+    // 64-row tile with one row.
+    num_decodes_ = 0;
+    decode_max_context_ = 0;
+    if (supported(sh) & 1) {
+      const std::span<const int32_t> qsl = st.host_query_start_loc, ctx = st.host_context_lens;
+      if (st.max_query_len == 1) {
+        num_decodes_ = st.num_seqs;
+        decode_max_context_ = st.max_context_len;
+      } else if (qsl.size() > size_t(st.num_seqs) && ctx.size() >= size_t(st.num_seqs)) {
+        while (num_decodes_ < st.num_seqs && qsl[size_t(num_decodes_) + 1] - qsl[size_t(num_decodes_)] == 1)
+          decode_max_context_ = std::max<int64_t>(decode_max_context_, ctx[size_t(num_decodes_++)]);
+      }
+    }
+    if (num_decodes_ > 0) {
+      const int64_t floats = ops_->paged_decode_workspace(int(num_decodes_), int(sh.num_q_heads), int(sh.num_kv_heads),
                                                           int(sh.head_dim), int(sh.block_size),
-                                                          int(st.max_context_len), num_sms_, 0);
+                                                          int(decode_max_context_), num_sms_, 0);
       if (size_t(floats) * 4 > decode_ws_.size) decode_ws_ = allocate(size_t(floats) * 4);  // grows, rarely
     }
   }
@@ -167,18 +184,19 @@ class CudaBackend final : public Backend {
   void paged_attention(void* out, const void* q, const void* kc, const void* vc) override {
     const AttentionStep& st = step_;
     const AttentionShape& sh = shape_;
-    if (decode_) {
+    if (num_decodes_ > 0)
       check(ops_->paged_decode(kBf16, q, kc, vc, st.block_tables, st.context_lens, out,
-                               static_cast<float*>(decode_ws_.data), int(st.num_seqs), int(sh.num_q_heads),
+                               static_cast<float*>(decode_ws_.data), int(num_decodes_), int(sh.num_q_heads),
                                int(sh.num_kv_heads), int(sh.head_dim), int(sh.block_size), int(st.block_table_stride),
-                               int(st.max_context_len), num_sms_, sh.scale, 0, stream_, err_, sizeof err_),
+                               int(decode_max_context_), num_sms_, sh.scale, 0, stream_, err_, sizeof err_),
             "paged_decode");
-      return;
-    }
-    check(ops_->paged_prefill(kBf16, q, kc, vc, st.block_tables, st.query_start_loc, st.context_lens, out,
-                              int(st.num_seqs), int(sh.num_q_heads), int(sh.num_kv_heads), int(sh.head_dim),
-                              int(sh.block_size), int(st.block_table_stride), int(st.max_query_len), sh.scale, stream_,
-                              err_, sizeof err_),
+    if (num_decodes_ == st.num_seqs) return;
+    // The rest: query_start_loc holds absolute rows, so q and out stay as they are.
+    const int64_t d = num_decodes_;
+    check(ops_->paged_prefill(kBf16, q, kc, vc, st.block_tables + d * st.block_table_stride, st.query_start_loc + d,
+                              st.context_lens + d, out, int(st.num_seqs - d), int(sh.num_q_heads),
+                              int(sh.num_kv_heads), int(sh.head_dim), int(sh.block_size), int(st.block_table_stride),
+                              int(st.max_query_len), sh.scale, stream_, err_, sizeof err_),
           "paged_prefill");
   }
   void gather_rows(void* out, const void* x, const int32_t* indices, int64_t n, int64_t dim) override {
@@ -186,6 +204,10 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Bit 0: the decode kernel takes this shape; bit 1: the prefill kernel does.
+  int supported(const AttentionShape& sh) const {
+    return ops_->attention_supported(int(sh.head_dim), int(sh.block_size), int(sh.num_q_heads), int(sh.num_kv_heads));
+  }
   void check(int rc, const char* what) {
     if (rc != 0) throw std::runtime_error(std::string("CUDA ") + what + ": " + err_);
   }
@@ -230,7 +252,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer decode_ws_, logits16_;
   AttentionStep step_;
   AttentionShape shape_{};
-  bool decode_ = false;
+  int64_t num_decodes_ = 0, decode_max_context_ = 0;  // the step's leading decode rows
 };
 
 }  // namespace
