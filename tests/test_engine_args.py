@@ -118,3 +118,23 @@ def test_priority_over_http_and_grpc():
                     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         finally:
             servers.stop(drain_seconds=1)
+
+
+def test_device_auto_is_the_gpu_where_one_runs_the_weights(monkeypatch, tmp_path):
+    import json
+    import types
+
+    from flashpage import engine_args
+    plain, quantized = tmp_path / "plain", tmp_path / "awq"
+    plain.mkdir()
+    quantized.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (quantized / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    for available in (False, True):
+        monkeypatch.setattr(engine_args, "_core", types.SimpleNamespace(cuda_info=lambda a=available: {"available": a}))
+        gpu = "cuda" if available else "cpu"
+        assert EngineArgs(model=str(plain)).resolved_device() == gpu
+        assert EngineArgs(model=str(quantized)).resolved_device() == "cpu"  # int8 / 4-bit kernels: the CPU's
+        assert EngineArgs(model="m.gguf").resolved_device() == "cpu"
+        assert EngineArgs(model="m.gguf", quantization="none").resolved_device() == gpu  # dequantized
+        assert EngineArgs(model=str(plain), device="cpu").resolved_device() == "cpu"

@@ -12,11 +12,11 @@ from flashpage import _core
 from flashpage.models import checkpoint_quantization
 
 
-# The CUDA executor (cpp/src/backends/cuda) exists; device="cuda" runs on it where a GPU and
-# libflashpage_cuda are present. device="auto" picks it only once tools/gpu_check.sh has verified
-# it end to end on a GPU (then this becomes True): until then "auto" means the CPU.
+# The CUDA executor (cpp/src/backends/cuda): device="cuda" runs on it where a GPU and
+# libflashpage_cuda are present. device="auto" picks it since tools/gpu_check.sh verified it end
+# to end on an H200 (greedy paths against transformers, the OpenAI server on --device cuda).
 CUDA_EXECUTOR_AVAILABLE = True
-CUDA_EXECUTOR_VERIFIED = False
+CUDA_EXECUTOR_VERIFIED = True
 
 
 # dtype names as vLLM takes them; half/float16 keep float16 weights' exact values (widened).
@@ -154,10 +154,15 @@ class EngineArgs:
                              + ": leave quantization unset and it is detected")
 
     def resolved_device(self) -> str:
-        """The device the engine gets: "auto" is the GPU only where the CUDA executor is verified."""
+        """The device the engine gets. "auto": the GPU where the CUDA backend is present and runs the
+        checkpoint's weights as they are (float weights, or a GGUF file with quantization="none",
+        dequantized); quantized weights stay on the CPU, whose int8 / 4-bit kernels run them."""
         if self.device != "auto":
             return self.device
-        return "cuda" if CUDA_EXECUTOR_VERIFIED and _core.cuda_info()["available"] else "cpu"
+        if not (CUDA_EXECUTOR_VERIFIED and _core.cuda_info()["available"]):
+            return "cpu"
+        quantized = checkpoint_quantization(self.model) is not None and self.quantization != "none"
+        return "cpu" if quantized else "cuda"
 
     def core_kwargs(self) -> dict[str, Any]:
         """The C++ engine's constructor arguments (its names; 0 means "choose")."""
