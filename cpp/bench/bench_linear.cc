@@ -3,6 +3,8 @@
 // and, at M = 1, the weight bytes read per second next to the machine's plain read bandwidth.
 // Usage: bench_linear [--isa avx2|avx512|...] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...]
 //                     [--formats bf16,fp32,q8,q4,q5]   (q8/q4/q5: the int8 Linear's GGUF-style weights)
+//                     [--warm]   (one copy of the bf16/fp32 weights, cached once they fit: the
+//                                 kernel's arithmetic without the weights' stream)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -63,6 +65,7 @@ double time_call(Fn&& fn, int reps) {
 // Copies of one weight matrix, together larger than any cache: successive calls use successive
 // copies, so the weights come from memory as they do in a model (decode streams them all).
 constexpr int64_t kColdBytes = int64_t(256) << 20;
+bool g_warm = false;  // --warm: one packed copy
 
 // On 2 MB pages where the OS gives them (HostBuffer), as the engine holds its weights: on 4 KB
 // pages one core streams markedly slower, which would understate both the kernels and the plain
@@ -78,7 +81,7 @@ std::vector<runtime::HostBuffer> copies(const void* w, int64_t bytes) {
 
 // The same, packed for table t.
 std::vector<cpu::PackedLinear> packed_copies(const cpu::KernelTable& t, const void* w, bool bf16, int64_t N, int64_t K) {
-  const int64_t n = std::max<int64_t>(1, kColdBytes / (N * K * (bf16 ? 2 : 4)));
+  const int64_t n = g_warm ? 1 : std::max<int64_t>(1, kColdBytes / (N * K * (bf16 ? 2 : 4)));
   std::vector<cpu::PackedLinear> out;
   for (int64_t i = 0; i < n; ++i) out.push_back(cpu::pack_linear_weight(t, w, bf16, N, K));
   return out;
@@ -156,6 +159,7 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, std::atoi(argv[++i]));
     else if (a == "--m" && i + 1 < argc) ms = parse_list(argv[++i]);
     else if (a == "--quick") shapes.resize(1);
+    else if (a == "--warm") g_warm = true;
     else if (a == "--formats" && i + 1 < argc) {
       formats.clear();
       for (std::string f = argv[++i]; !f.empty();) {
@@ -177,7 +181,7 @@ int main(int argc, char** argv) {
     }
     else {
       std::fprintf(stderr, "usage: bench_linear [--isa LEVEL] [--reps 7] [--m 1,128,512] [--quick] [--shapes NxK,...] "
-                           "[--formats bf16,fp32,q8,q4,q5]\n");
+                           "[--formats bf16,fp32,q8,q4,q5] [--warm]\n");
       return 2;
     }
   }

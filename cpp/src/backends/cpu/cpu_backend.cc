@@ -1,5 +1,7 @@
 #include "backends/cpu/cpu_backend.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -112,16 +114,26 @@ class CpuBackend final : public Backend {
   void finish_step() override { pool().rest(); }  // the sampler runs next, maybe on torch's threads
 
   void embed(void* out, const Matrix& E, const int32_t* ids, int64_t tokens) override {
-    const int64_t H = E.cols;
-    for (int64_t t = 0; t < tokens; ++t) {
-      float* dst = f32(out) + t * H;
-      if (!E.bf16) {
-        std::memcpy(dst, f32(E.data) + int64_t(ids[t]) * H, size_t(H) * 4);
-        continue;
+    // Rows at random in a table of tens of MB: each row's loads wait on memory, so rows are
+    // fetched a few ahead and split over the pool (it was ~1 % of a SmolLM2 step, 93 % of it the
+    // first load of each row).
+    constexpr int64_t kAhead = 4;
+    const int64_t H = E.cols, row_bytes = H * (E.bf16 ? 2 : 4);
+    const char* table = static_cast<const char*>(E.data);
+    for_rows(tokens, 16 * H, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        for (int64_t a = t == b ? t : t + kAhead; a <= std::min(e - 1, t + kAhead); ++a)
+          for (int64_t o = 0; o < row_bytes; o += 64)
+            _mm_prefetch(table + int64_t(ids[a]) * row_bytes + o, _MM_HINT_T0);
+        float* dst = f32(out) + t * H;
+        if (!E.bf16) {
+          std::memcpy(dst, f32(E.data) + int64_t(ids[t]) * H, size_t(H) * 4);
+          continue;
+        }
+        const uint16_t* src = static_cast<const uint16_t*>(E.data) + int64_t(ids[t]) * H;
+        for (int64_t i = 0; i < H; ++i) dst[i] = runtime::bf16_to_f32(src[i]);
       }
-      const uint16_t* src = static_cast<const uint16_t*>(E.data) + int64_t(ids[t]) * H;
-      for (int64_t i = 0; i < H; ++i) dst[i] = runtime::bf16_to_f32(src[i]);
-    }
+    });
   }
 
   void rms_norm(void* out, const void* x, void* residual, const void* w, int64_t rows, int64_t dim,
