@@ -129,6 +129,11 @@ def test_plain_greedy_rows_take_the_numpy_path_with_torchs_answers(monkeypatch):
         assert not S._plain_greedy(x, greedy[:4] + [SamplingParams(**{"temperature": 0, **other})])
     monkeypatch.setattr(S, "SMALL_ON_CPU", 100)
     assert S._plain_greedy(x, greedy)  # a batch too large for one thread in torch: numpy still
+    # Logits numpy cannot take in place (a GPU's; here a strided view) get torch's one argmax,
+    # with argmax_rows' answers on ties and NaN.
+    wide = torch.cat([x, x], dim=1)[:, :4099]  # sample() overwrites it: a fresh one
+    assert not wide.is_contiguous()
+    assert torch.equal(S.sample(wide, greedy).tokens, S.argmax_rows(x.clone()))
 
 
 def test_seeded_draws_do_not_depend_on_the_batch():
