@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on this (CPU) machine, the wheel the GPU machine installs: CPython 3.12 (the device's
-# Python), the CUDA backend for sm_90 (H100/H200), into dist/. Then, with device time:
-#   run(command="bash tools/gpu_check.sh", carry=["dist"], timeout_s=560)
+# Python), the CUDA backend for sm_90 (H100/H200), into dist/. Then tools/gpu_wheels.sh (the
+# server's packages, into .whl/), cp -r ../shared/models/stories260K shared/models/, and with
+# device time (a whole run takes ~5.5 minutes on an H200):
+#   run(command="bash tools/gpu_check.sh", carry=["dist", ".whl"], timeout_s=560)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY312:-$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -1)}
