@@ -36,6 +36,8 @@ py::dict info_dict(const ModelInfo& i) {
   d["kv_cache_report"] = i.kv_cache_report;
   d["load_seconds"] = i.load_seconds;
   d["max_num_batched_tokens"] = i.max_num_batched_tokens;
+  d["cuda_graph_max_batch"] = i.cuda_graph_max_batch;
+  d["cuda_graphs"] = i.cuda_graphs;
   d["prefill_tokens_per_second"] = i.prefill_tokens_per_second;
   return d;
 }
@@ -49,8 +51,10 @@ void bind_engine(py::module_& m) {
                        int32_t max_num_batched_tokens, bool enable_prefix_caching, const std::string& policy,
                        int64_t kv_cache_bytes, double kv_cache_memory_fraction,
                        uint64_t seed, bool verbose, const std::string& compute_dtype, const std::string& device,
-                       double gpu_memory_utilization, const std::string& quantization) {
+                       double gpu_memory_utilization, const std::string& quantization,
+                       int32_t cuda_graph_max_batch) {
              EngineConfig c;
+             c.cuda_graph_max_batch = cuda_graph_max_batch;
              c.quantization = quantization;
              c.model = model;
              c.device = device;
@@ -77,7 +81,8 @@ void bind_engine(py::module_& m) {
            py::arg("policy") = "fcfs", py::arg("kv_cache_bytes") = 0,
            py::arg("kv_cache_memory_fraction") = 0.25, py::arg("seed") = 0,
            py::arg("verbose") = false, py::arg("compute_dtype") = "auto", py::arg("device") = "cpu",
-           py::arg("gpu_memory_utilization") = 0.9, py::arg("quantization") = "auto")
+           py::arg("gpu_memory_utilization") = 0.9, py::arg("quantization") = "auto",
+           py::arg("cuda_graph_max_batch") = 0)
       .def_property_readonly("info", [](const Engine& e) { return info_dict(e.info()); })
       .def("add_request",
            [](Engine& e, IntArray prompt, float temperature, int32_t top_k, float top_p, float min_p,

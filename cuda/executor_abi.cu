@@ -102,3 +102,29 @@ FLASHPAGE_INTERNAL int flashpage_cuda_attention_supported(int head_dim, int bloc
   return (flashpage::cuda::paged_decode_supported(head_dim, block_size, num_q_heads, num_kv_heads) ? 1 : 0) |
          (flashpage::cuda::paged_prefill_supported(head_dim, block_size, num_q_heads, num_kv_heads) ? 2 : 0);
 }
+
+// Capture mode ThreadLocal: another thread's CUDA calls (torch's sampler, say) neither join
+// nor break the capture.
+FLASHPAGE_INTERNAL int flashpage_cuda_graph_begin(void* stream, char* err, size_t err_len) {
+  return report(cudaStreamBeginCapture(as_stream(stream), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture",
+                err, err_len);
+}
+
+FLASHPAGE_INTERNAL int flashpage_cuda_graph_end(void* stream, void** graph, char* err, size_t err_len) {
+  cudaGraph_t g = nullptr;
+  if (report(cudaStreamEndCapture(as_stream(stream), &g), "cudaStreamEndCapture", err, err_len) != 0) return -1;
+  cudaGraphExec_t exec = nullptr;
+  const int rc = report(cudaGraphInstantiate(&exec, g, 0), "cudaGraphInstantiate", err, err_len);
+  cudaGraphDestroy(g);
+  *graph = exec;
+  return rc;
+}
+
+FLASHPAGE_INTERNAL int flashpage_cuda_graph_launch(void* graph, void* stream, char* err, size_t err_len) {
+  return report(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), as_stream(stream)), "cudaGraphLaunch", err,
+                err_len);
+}
+
+FLASHPAGE_INTERNAL int flashpage_cuda_graph_destroy(void* graph, char* err, size_t err_len) {
+  return report(cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)), "cudaGraphExecDestroy", err, err_len);
+}

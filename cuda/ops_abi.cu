@@ -317,6 +317,10 @@ FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::gather_row
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::linear)> flashpage_cuda_linear;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::widen_to_float)> flashpage_cuda_widen_to_float;
 FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::attention_supported)> flashpage_cuda_attention_supported;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::graph_begin)> flashpage_cuda_graph_begin;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::graph_end)> flashpage_cuda_graph_end;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::graph_launch)> flashpage_cuda_graph_launch;
+FLASHPAGE_INTERNAL std::remove_pointer_t<decltype(flashpage_cuda_ops::graph_destroy)> flashpage_cuda_graph_destroy;
 
 namespace {
 
@@ -364,6 +368,10 @@ flashpage_cuda_ops make_ops() {
   t.linear = &flashpage_cuda_linear;
   t.widen_to_float = &flashpage_cuda_widen_to_float;
   t.attention_supported = &flashpage_cuda_attention_supported;
+  t.graph_begin = &flashpage_cuda_graph_begin;
+  t.graph_end = &flashpage_cuda_graph_end;
+  t.graph_launch = &flashpage_cuda_graph_launch;
+  t.graph_destroy = &flashpage_cuda_graph_destroy;
   return t;
 }
 

@@ -108,9 +108,12 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[
             for o in outs]
 
 
-def test_greedy_continuations_follow_transformers_and_a_batch_equals_each_alone(smol_random):
-    llm = LLM(smol_random, device="cuda", max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.3)
+@pytest.mark.parametrize("graphs", [0, 16], ids=["eager", "cuda-graphs"])
+def test_greedy_continuations_follow_transformers_and_a_batch_equals_each_alone(smol_random, graphs):
+    llm = LLM(smol_random, device="cuda", max_model_len=512, max_num_seqs=16, gpu_memory_utilization=0.3,
+              cuda_graph_max_batch=graphs)
     assert llm.model_info["backend"].startswith("cuda:")
+    assert llm.model_info["cuda_graphs"] == (graphs > 0)
     prompts = _prompts(16)
     batched = _generate(llm, prompts)
     ref = Reference(smol_random)

@@ -79,6 +79,9 @@ step profile 90 python3 tools/gpu_profile.py
 step bench-gpu 300 python3 -m flashpage.bench.gpu --json "$LOG/engine.json" --deadline 200 \
   --cases 1000/1000,128/128,2048/2048 --prompts 1000,1024,200 \
   ${BENCH_GPU_ARGS:-}
+# Decode steps as CUDA graphs (off by default until verified): batch 1 and the shortest case.
+step bench-gpu-graphs 120 python3 -m flashpage.bench.gpu --json "$LOG/engine-graphs.json" --cuda-graph-max-batch 384 \
+  --cases 128/128 --prompts 1024
 step bench-gemm 60 python3 -m flashpage.bench.cuda_gemm --repeats 20 --json "$LOG/gemm.json"
 step bench-attention 60 python3 -m flashpage.bench.cuda_attention --json
 echo "== summary (at $((SECONDS - T0))s)"

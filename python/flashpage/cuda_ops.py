@@ -62,6 +62,10 @@ OPS_TABLE: list[tuple[str, Any, list[Any]]] = [
     ("linear", _i, [_i, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _sz]),
     ("widen_to_float", _i, [_i, _p, _p, _i64, _p, _p, _sz]),
     ("attention_supported", _i, [_i, _i, _i, _i]),
+    ("graph_begin", _i, [_p, _p, _sz]),
+    ("graph_end", _i, [_p, _p, _p, _sz]),
+    ("graph_launch", _i, [_p, _p, _p, _sz]),
+    ("graph_destroy", _i, [_p, _p, _sz]),
 ]
 ABI_VERSION = 2  # FLASHPAGE_CUDA_ABI_VERSION
 

@@ -17,6 +17,9 @@ from flashpage.models import checkpoint_quantization
 # to end on an H200 (greedy paths against transformers, the OpenAI server on --device cuda).
 CUDA_EXECUTOR_AVAILABLE = True
 CUDA_EXECUTOR_VERIFIED = True
+# Decode steps as CUDA graphs (cuda_graph_max_batch): built and tested on the CPU's side (padded
+# steps), not yet run on a GPU, so off unless asked for; tools/gpu_check.sh's end-to-end test asks.
+CUDA_GRAPHS_VERIFIED = False
 
 
 # dtype names as vLLM takes them; half/float16 keep float16 weights' exact values (widened).
@@ -54,8 +57,11 @@ class EngineArgs:
     tensor_parallel_size: int = _opt(1, "devices one model is split across: 1 (tensor parallelism is not "
                                         "implemented; larger values are refused)", flag="-tp")
     pipeline_parallel_size: int = _opt(1, "pipeline stages: 1 (larger values are refused)", flag="-pp")
-    enforce_eager: bool = _opt(False, "accepted for vLLM's scripts: flashpage captures no CUDA graphs, every step "
-                                      "runs eagerly")
+    enforce_eager: bool = _opt(False, "launch every GPU step op by op: no CUDA graphs (vLLM's meaning)")
+    cuda_graph_max_batch: int | None = _opt(
+        None, "on a GPU, decode steps of up to this many sequences replay CUDA graphs (padded to 1, 2, 4, 8 or a "
+              "multiple of 8 rows; default: max_num_seqs once graphs are verified on a GPU, until then 0; "
+              "0: none)")
     trust_remote_code: bool = _opt(False, "accepted for vLLM's scripts: flashpage never runs code from a model "
                                           "directory; it runs the architectures it implements (Llama, Mistral, "
                                           "Qwen2/3) and refuses others by name")
@@ -173,4 +179,13 @@ class EngineArgs:
                     enable_prefix_caching=self.enable_prefix_caching, policy=self.scheduling_policy,
                     kv_cache_bytes=self.kv_cache_memory_bytes or 0,
                     kv_cache_memory_fraction=self.kv_cache_memory_fraction, seed=self.seed, verbose=self.verbose,
-                    device=self.resolved_device(), gpu_memory_utilization=self.gpu_memory_utilization)
+                    device=self.resolved_device(), gpu_memory_utilization=self.gpu_memory_utilization,
+                    cuda_graph_max_batch=self.resolved_graph_max_batch())
+
+    def resolved_graph_max_batch(self) -> int:
+        """Decode steps of up to this many sequences run as CUDA graphs (0: none)."""
+        if self.enforce_eager:
+            return 0
+        if self.cuda_graph_max_batch is not None:
+            return self.cuda_graph_max_batch
+        return self.max_num_seqs if CUDA_GRAPHS_VERIFIED and self.resolved_device() == "cuda" else 0

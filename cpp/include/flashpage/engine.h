@@ -44,6 +44,11 @@ struct EngineConfig {
   // On a GPU: the fraction of its memory this engine may use (vLLM's meaning); the KV pool gets
   // what the weights and the workspace leave of it.
   double gpu_memory_utilization = 0.9;
+  // Decode steps of up to this many sequences run as CUDA graphs on a GPU: padded to 1, 2, 4, 8
+  // or a multiple of 8 rows, captured at the first step of each size, replayed after (vLLM's
+  // capture sizes). 0: every step launched op by op (vLLM's enforce_eager). On the CPU the
+  // steps are padded the same way and run as they come.
+  int32_t cuda_graph_max_batch = 0;
   uint64_t seed = 0;  // seeds requests that bring no seed of their own
   bool verbose = false;  // print the start-up report to stderr
 };
@@ -77,6 +82,8 @@ struct ModelInfo {
   std::string kv_cache_report;
   double load_seconds = 0;
   int32_t max_num_batched_tokens = 0;     // the step budget in use
+  int32_t cuda_graph_max_batch = 0;       // decode steps of up to this many sequences run padded / as graphs
+  bool cuda_graphs = false;               // and are captured as graphs (the backend has them)
   double prefill_tokens_per_second = 0;  // measured at start-up when the budget is automatic
 };
 

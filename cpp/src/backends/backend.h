@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <stdexcept>
 #include <string>
 
 #include "flashpage/scheduler.h"
@@ -111,6 +112,14 @@ class Backend {
   virtual void check_attention(const AttentionShape&) const {}
   virtual void plan_attention(const AttentionStep& step, const AttentionShape& shape) = 0;
   virtual void finish_step() = 0;  // waits for the step's ops; lets worker threads rest
+
+  // --- graphs (capabilities().graphs): the ops issued between begin_capture and end_capture
+  // are recorded, not run; replay runs them again, reading whatever the same buffers then hold.
+  // The graph (end_capture's, freed with it) holds the addresses it was captured with: every
+  // buffer it touches must stay where it was.
+  virtual void begin_capture() { throw std::logic_error(name() + " has no graphs"); }
+  virtual std::shared_ptr<void> end_capture() { throw std::logic_error(name() + " has no graphs"); }
+  virtual void replay(const void* /*graph*/) { throw std::logic_error(name() + " has no graphs"); }
 
   // --- ops (rows of `dim` activations unless said otherwise)
   // out[t] = table[ids[t]] (ids already checked against the vocabulary).

@@ -105,7 +105,9 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     const bool bf16 = storage == model::StorageType::kBF16;
     made = backends::make_cpu_backend(cpu::kernels_for_compute(config.compute_dtype, bf16), bf16);
   }
-  engine::RunnerOptions ro{max_len, config.block_size};
+  if (config.cuda_graph_max_batch < 0)
+    throw std::invalid_argument("cuda_graph_max_batch must be >= 0, got " + std::to_string(config.cuda_graph_max_batch));
+  engine::RunnerOptions ro{max_len, config.block_size, std::min(config.cuda_graph_max_batch, config.max_num_seqs)};
   m.runner = std::make_unique<engine::ModelRunner>(mc, std::move(weights), std::move(made), ro);
   backends::Backend& backend = m.runner->backend();
   // The workspace first, at the largest step the budget allows (the automatic budget is at
@@ -164,6 +166,8 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
         int32_t(std::min<int64_t>(config.max_num_seqs + prefill, std::max(2048, config.max_num_seqs)));
   }
   info.max_num_batched_tokens = sc.max_num_batched_tokens;
+  info.cuda_graph_max_batch = int32_t(ro.graph_max_batch);
+  info.cuda_graphs = ro.graph_max_batch > 0 && backend.capabilities().graphs;
   sc.policy = config.policy;
   sc.cache.num_blocks = int32_t(num_blocks);
   sc.cache.block_size = config.block_size;

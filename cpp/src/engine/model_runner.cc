@@ -67,6 +67,7 @@ void ModelRunner::reserve(int64_t tokens, int64_t seqs) {
 
 void ModelRunner::ensure(int64_t tokens, int64_t seqs, int64_t rows, int64_t table) {
   if (tokens <= max_tokens_ && seqs <= max_seqs_ && rows <= max_rows_ && table <= max_table_) return;
+  graphs_.clear();  // they point into the buffers about to move
   max_tokens_ = std::max<int64_t>({max_tokens_, tokens, 1});
   max_seqs_ = std::max<int64_t>({max_seqs_, seqs, 1});
   max_table_ = std::max<int64_t>({max_table_, table, 1});
@@ -117,13 +118,89 @@ StepLogits ModelRunner::execute(const SchedulerOutput& st, std::span<const int32
     if (p < 0 || p >= options_.max_model_len)
       throw std::invalid_argument("position " + std::to_string(p) + " is beyond max_model_len=" +
                                   std::to_string(options_.max_model_len));
+  // A decode step (a token per sequence, logits for each in order, no block copies) of few
+  // enough sequences runs padded to a fixed size, as a graph where the backend has them.
+  bool rows_in_order = int64_t(indices.size()) == T;
+  for (size_t i = 0; rows_in_order && i < indices.size(); ++i) rows_in_order = indices[i] == int32_t(i);
+  if (options_.graph_max_batch > 0 && T == st.num_seqs() && T <= options_.graph_max_batch && rows_in_order &&
+      st.block_copies.empty())
+    return execute_padded(st);
   upload_inputs(st, indices);
+  model::StepInputs x = step_inputs(st, int64_t(indices.size()));
+  for (int64_t s = 0; s < x.attention.num_seqs; ++s) {
+    x.attention.max_query_len =
+        std::max<int64_t>(x.attention.max_query_len, st.query_start_loc[s + 1] - st.query_start_loc[s]);
+    x.attention.max_context_len = std::max<int64_t>(x.attention.max_context_len, st.context_lens[s]);
+  }
+  float* out = static_cast<float*>(logits_.data);
+  model_->forward(x, workspace_.data, {caches_, options_.block_size, block_bytes_}, out);
+  backend_->finish_step();
+  return {out, x.num_logits, V};
+}
 
+int64_t ModelRunner::graph_bucket(int64_t n) {
+  if (n <= 8) return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : 8;
+  return (n + 7) / 8 * 8;
+}
+
+StepLogits ModelRunner::execute_padded(const SchedulerOutput& st) {
+  const int64_t n = st.num_seqs(), B = std::min(graph_bucket(n), options_.graph_max_batch), V = config_.vocab_size;
+  const int64_t W = (options_.max_model_len + options_.block_size - 1) / options_.block_size;
+  // The step as a graph sees it: B rows (the padding writes no KV: slot -1, and attends to one
+  // token of block 0), every block table W wide, the attention planned for max_model_len.
+  SchedulerOutput& p = padded_;
+  auto pad = [B](std::vector<int32_t>& dst, const std::vector<int32_t>& src, int32_t fill) {
+    dst.assign(src.begin(), src.end());
+    dst.resize(size_t(B), fill);
+  };
+  pad(p.token_ids, st.token_ids, 0);
+  pad(p.positions, st.positions, 0);
+  pad(p.slot_mapping, st.slot_mapping, -1);
+  pad(p.context_lens, st.context_lens, 1);
+  p.request_ids.resize(size_t(B));
+  p.query_start_loc.resize(size_t(B) + 1);
+  p.logits_indices.resize(size_t(B));
+  for (int64_t i = 0; i <= B; ++i) p.query_start_loc[size_t(i)] = int32_t(i);
+  for (int64_t i = 0; i < B; ++i) p.logits_indices[size_t(i)] = int32_t(i);
+  p.block_table_width = int32_t(W);
+  p.block_tables.assign(size_t(B * W), 0);
+  for (int64_t s = 0; s < n; ++s) {
+    const auto row = st.block_tables.begin() + s * st.block_table_width;
+    std::fill(std::copy(row, row + st.block_table_width, p.block_tables.begin() + s * W),
+              p.block_tables.begin() + (s + 1) * W, -1);
+  }
+  upload_inputs(p, p.logits_indices);
+  model::StepInputs x = step_inputs(p, B);
+  x.attention.max_query_len = 1;
+  x.attention.max_context_len = options_.max_model_len;
+  float* out = static_cast<float*>(logits_.data);
+  const model::KvCacheView kv{caches_, options_.block_size, block_bytes_};
+  if (!backend_->capabilities().graphs) {
+    model_->forward(x, workspace_.data, kv, out);
+  } else {
+    if (graphs_.size() <= size_t(B)) graphs_.resize(size_t(B) + 1);
+    std::shared_ptr<void>& graph = graphs_[size_t(B)];
+    if (graph) {
+      backend_->replay(graph.get());
+    } else {
+      // This step eagerly (which also sizes what a capture cannot allocate: plans, workspaces),
+      // then the same launches recorded for the steps to come.
+      model_->forward(x, workspace_.data, kv, out);
+      backend_->begin_capture();
+      model_->forward(x, workspace_.data, kv, out);
+      graph = backend_->end_capture();
+    }
+  }
+  backend_->finish_step();
+  return {out, n, V};
+}
+
+model::StepInputs ModelRunner::step_inputs(const SchedulerOutput& st, int64_t num_logits) const {
   const InputLayout at(max_tokens_, max_seqs_, max_rows_, max_table_);
   const int32_t* in = static_cast<const int32_t*>(inputs_.data);
   model::StepInputs x;
-  x.num_tokens = T;
-  x.num_logits = int64_t(indices.size());
+  x.num_tokens = st.num_tokens();
+  x.num_logits = num_logits;
   x.token_ids = in + at.token_ids;
   x.positions = in + at.positions;
   x.slot_mapping = in + at.slot_mapping;
@@ -138,15 +215,8 @@ StepLogits ModelRunner::execute(const SchedulerOutput& st, std::span<const int32
   a.host_query_start_loc = st.query_start_loc;
   a.host_context_lens = st.context_lens;
   a.num_seqs = st.num_seqs();
-  a.num_tokens = T;
-  for (int64_t s = 0; s < a.num_seqs; ++s) {
-    a.max_query_len = std::max<int64_t>(a.max_query_len, st.query_start_loc[s + 1] - st.query_start_loc[s]);
-    a.max_context_len = std::max<int64_t>(a.max_context_len, st.context_lens[s]);
-  }
-  float* out = static_cast<float*>(logits_.data);
-  model_->forward(x, workspace_.data, {caches_, options_.block_size, block_bytes_}, out);
-  backend_->finish_step();
-  return {out, x.num_logits, V};
+  a.num_tokens = st.num_tokens();
+  return x;
 }
 
 double ModelRunner::measure_prefill_rate() {

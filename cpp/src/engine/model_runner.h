@@ -20,6 +20,11 @@ namespace flashpage::engine {
 struct RunnerOptions {
   int64_t max_model_len = 0;  // the rotary table covers positions below this
   int64_t block_size = 16;
+  // Decode steps of up to this many sequences run padded to a fixed size (1, 2, 4, 8, then
+  // multiples of 8) with the attention planned for max_model_len, and, where the backend has
+  // graphs, as a graph captured at the first such step and replayed after; 0: every step as it
+  // comes. (On a backend without graphs the padding still runs: what tests check on the CPU.)
+  int64_t graph_max_batch = 0;
 };
 
 // Logits of a step in the backend's memory: [rows, vocab] fp32, valid until the next step.
@@ -61,6 +66,10 @@ class ModelRunner {
   // `table` block-table entries.
   void ensure(int64_t tokens, int64_t seqs, int64_t rows, int64_t table);
   void upload_inputs(const SchedulerOutput& step, std::span<const int32_t> indices);
+  // The forward pass's view of the inputs just uploaded (attention maxima left to the caller).
+  model::StepInputs step_inputs(const SchedulerOutput& step, int64_t num_logits) const;
+  StepLogits execute_padded(const SchedulerOutput& step);  // see RunnerOptions::graph_max_batch
+  static int64_t graph_bucket(int64_t num_seqs);
 
   model::ModelConfig config_;
   RunnerOptions options_;
@@ -77,6 +86,8 @@ class ModelRunner {
   std::vector<int32_t> staging_;
   backends::DeviceBuffer inputs_;
   backends::DeviceBuffer logits_;  // [max_rows_, vocab] fp32
+  SchedulerOutput padded_;                     // a padded decode step (its vectors reused)
+  std::vector<std::shared_ptr<void>> graphs_;  // by padded size; dropped when the buffers move
 };
 
 }  // namespace flashpage::engine

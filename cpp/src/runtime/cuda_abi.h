@@ -97,6 +97,12 @@ struct flashpage_cuda_ops {
       size_t err_len);
   // Bit 0: paged_decode supports the shape; bit 1: paged_prefill does.
   int (*attention_supported)(int head_dim, int block_size, int num_q_heads, int num_kv_heads);
+  // CUDA graphs: what is launched on `stream` between graph_begin and graph_end is recorded,
+  // not run, into an executable graph; graph_launch runs it again on `stream`.
+  int (*graph_begin)(void* stream, char* err, size_t err_len);
+  int (*graph_end)(void* stream, void** graph, char* err, size_t err_len);
+  int (*graph_launch)(void* graph, void* stream, char* err, size_t err_len);
+  int (*graph_destroy)(void* graph, char* err, size_t err_len);
 };
 
 // The library's only export; the table is static and lives as long as the library.

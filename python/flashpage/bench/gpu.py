@@ -73,6 +73,8 @@ def main() -> None:
     # 384 sequences of 2000 tokens fill 87 % of that pool.
     ap.add_argument("--max-num-seqs", type=int, default=384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--cuda-graph-max-batch", type=int, default=None,
+                    help="decode steps of up to this many sequences as CUDA graphs (default: the engine's)")
     ap.add_argument("--json", help="also write the results to this file (rewritten after each case)")
     ap.add_argument("--deadline", type=float, default=0.0,
                     help="seconds from the start after which no further case is begun (0: none)")
@@ -97,12 +99,14 @@ def main() -> None:
         t0 = time.perf_counter()
         llm = LLM(d, device="cuda", load_format="dummy", dtype="bfloat16", max_model_len=4352,
                   max_num_seqs=a.max_num_seqs, gpu_memory_utilization=a.gpu_memory_utilization,
+                  cuda_graph_max_batch=a.cuda_graph_max_batch,
                   skip_tokenizer_init=True, verbose=True)
         llm.generate({"prompt_token_ids": list(range(10, 26))}, SamplingParams(temperature=0, max_tokens=1),
                      use_tqdm=False)
         result["startup_to_first_token_s"] = time.perf_counter() - t0
         result["engine"] = {k: llm.model_info[k] for k in ("backend", "num_kv_blocks", "kv_cache_report",
-                                                             "load_seconds", "max_num_batched_tokens")}
+                                                             "load_seconds", "max_num_batched_tokens",
+                                                             "cuda_graph_max_batch", "cuda_graphs")}
         print(json.dumps(result, indent=1), flush=True)
         save()
         # Batch 1: time per output token after the first, against weight bytes / bandwidth.

@@ -34,7 +34,7 @@ class CudaBackend final : public Backend {
     caps_.device = DeviceType::kCuda;
     caps_.device_id = device;
     caps_.batch_invariant = false;  // cuBLASLt picks its algorithm (and split) by M
-    caps_.graphs = false;           // captured decode steps: not yet
+    caps_.graphs = ops_->size >= offsetof(flashpage_cuda_ops, graph_destroy) + sizeof(ops_->graph_destroy);
     caps_.activation_bytes = 2;
     caps_.kv_bytes = 2;
     caps_.compute_dtype = "bfloat16";
@@ -124,10 +124,23 @@ class CudaBackend final : public Backend {
       const int64_t floats = ops_->paged_decode_workspace(int(num_decodes_), int(sh.num_q_heads), int(sh.num_kv_heads),
                                                           int(sh.head_dim), int(sh.block_size),
                                                           int(decode_max_context_), num_sms_, 0);
-      if (size_t(floats) * 4 > decode_ws_.size) decode_ws_ = allocate(size_t(floats) * 4);  // grows, rarely
+      if (size_t(floats) * 4 > decode_ws_.size) grow(decode_ws_, size_t(floats) * 4);
     }
   }
   void finish_step() override { check(ops_->stream_synchronize(stream_, err_, sizeof err_), "stream_synchronize"); }
+  void begin_capture() override { check(ops_->graph_begin(stream_, err_, sizeof err_), "graph_begin"); }
+  std::shared_ptr<void> end_capture() override {
+    void* g = nullptr;
+    check(ops_->graph_end(stream_, &g, err_, sizeof err_), "graph_end");
+    const flashpage_cuda_ops* ops = ops_;
+    return std::shared_ptr<void>(g, [ops](void* q) {
+      char e[256];
+      if (q) ops->graph_destroy(q, e, sizeof e);
+    });
+  }
+  void replay(const void* graph) override {
+    check(ops_->graph_launch(const_cast<void*>(graph), stream_, err_, sizeof err_), "graph_launch");
+  }
 
   void embed(void* out, const Matrix& table, const int32_t* ids, int64_t tokens) override {
     check(ops_->gather_rows(table.data, ids, out, int(tokens), table.cols * 2, stream_, err_, sizeof err_), "embed");
@@ -155,7 +168,7 @@ class CudaBackend final : public Backend {
   }
   void logits(float* out, const LinearInput& x, const Matrix& w) override {
     const size_t bytes = size_t(x.rows * w.rows) * 2;
-    if (bytes > logits16_.size) logits16_ = allocate(bytes);  // grows to the largest step, once
+    if (bytes > logits16_.size) grow(logits16_, bytes);  // to the largest step, once
     const LinearJob job{logits16_.data, w.rows, &w, nullptr};
     linears(x, {&job, 1});
     check(ops_->widen_to_float(kBf16, logits16_.data, out, x.rows * w.rows, stream_, err_, sizeof err_), "logits");
@@ -204,6 +217,11 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // Scratch grows, rarely; the old piece stays allocated, since a captured graph may point into it.
+  void grow(DeviceBuffer& b, size_t bytes) {
+    if (b.data) retired_.push_back(std::move(b));
+    b = allocate(bytes);
+  }
   // Bit 0: the decode kernel takes this shape; bit 1: the prefill kernel does.
   int supported(const AttentionShape& sh) const {
     return ops_->attention_supported(int(sh.head_dim), int(sh.block_size), int(sh.num_q_heads), int(sh.num_kv_heads));
@@ -250,6 +268,7 @@ class CudaBackend final : public Backend {
   char err_[512] = {};
   std::shared_ptr<void> staging_;
   DeviceBuffer decode_ws_, logits16_;
+  std::vector<DeviceBuffer> retired_;
   AttentionStep step_;
   AttentionShape shape_{};
   int64_t num_decodes_ = 0, decode_max_context_ = 0;  // the step's leading decode rows
