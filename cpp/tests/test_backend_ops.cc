@@ -64,16 +64,18 @@ std::vector<float> randn(int64_t n, std::mt19937& rng, float scale = 1.f) {
 }
 
 // Activations in and out of a backend's memory, in its activation width.
-DeviceBuffer acts_in(Backend& be, const std::vector<float>& x) {
-  const int64_t e = be.capabilities().activation_bytes;
-  DeviceBuffer d = be.allocate(std::max<size_t>(1, x.size() * size_t(e)));
-  if (e == 4) {
-    be.copy_to_device(d.data, x.data(), x.size() * 4);
+void write_acts(Backend& be, void* dst, const std::vector<float>& x) {
+  if (be.capabilities().activation_bytes == 4) {
+    be.copy_to_device(dst, x.data(), x.size() * 4);
   } else {
     std::vector<uint16_t> h(x.size());
     for (size_t i = 0; i < x.size(); ++i) h[i] = cpu::bf16_round(x[i]);
-    be.copy_to_device(d.data, h.data(), h.size() * 2);
+    be.copy_to_device(dst, h.data(), h.size() * 2);
   }
+}
+DeviceBuffer acts_in(Backend& be, const std::vector<float>& x) {
+  DeviceBuffer d = be.allocate(std::max<size_t>(1, x.size() * size_t(be.capabilities().activation_bytes)));
+  write_acts(be, d.data, x);
   return d;
 }
 std::vector<float> acts_out(Backend& be, const void* p, int64_t n) {
@@ -358,6 +360,44 @@ TEST(backend_ops_rotary_kv_blocks_attention) {
         }
     }
     expect_close(results[1][2], want, 1e-4f, s.name + " reference paged_attention against plain attention");
+  }
+}
+
+// Where a backend has graphs: a captured norm + Linears + logits sequence, replayed on new inputs
+// written into the same buffers, gives what running it eagerly on those inputs gives.
+TEST(backend_graphs_replay_what_they_captured) {
+  std::mt19937 rng(14);
+  for (Subject& s : subjects()) {
+    Backend& be = *s.backend;
+    if (!be.capabilities().graphs) continue;
+    const int64_t M = 8, K = 96, N = 48;
+    HostMatrix w = host_matrix(N, K, s.bf16, rng), head = host_matrix(N, K, s.bf16, rng);
+    be.reserve(M, K);
+    DeviceBuffer kw, kh, knw;
+    const backends::Matrix pw = be.load_linear(w.m, kw), ph = be.load_linear(head.m, kh);
+    const void* nw = be.load_vector(randn(K, rng), knw);
+    DeviceBuffer x = acts_in(be, randn(M * K, rng)), normed = acts_in(be, std::vector<float>(M * K));
+    DeviceBuffer y = acts_in(be, std::vector<float>(M * N)), logits = be.allocate(size_t(M * N) * 4);
+    auto run = [&] {
+      const backends::LinearJob job[] = {{y.data, N, &pw, nullptr}};
+      be.linears(be.rms_norm_input(normed.data, x.data, nullptr, nw, M, K, 1e-5f), job);
+      be.logits(static_cast<float*>(logits.data), be.linear_input(y.data, M, N), ph);
+    };
+    run();  // eagerly first: what a capture cannot allocate
+    be.finish_step();
+    be.begin_capture();
+    run();
+    const std::shared_ptr<void> graph = be.end_capture();
+    for (int round = 0; round < 2; ++round) {
+      write_acts(be, x.data, randn(M * K, rng));
+      be.replay(graph.get());
+      be.finish_step();
+      const std::vector<float> replayed = raw_out<float>(be, logits.data, size_t(M * N));
+      run();
+      be.finish_step();
+      expect_close(replayed, raw_out<float>(be, logits.data, size_t(M * N)), 0.f,
+                   s.name + " graph replay, round " + std::to_string(round));
+    }
   }
 }
 
