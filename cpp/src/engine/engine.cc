@@ -163,7 +163,7 @@ Engine::Engine(const EngineConfig& config) : impl_(std::make_unique<Impl>()) {
     info.prefill_tokens_per_second = m.runner->measure_prefill_rate();
     const int64_t prefill = std::max<int64_t>(64, int64_t(info.prefill_tokens_per_second * kStepSeconds) / 64 * 64);
     sc.max_num_batched_tokens =
-        int32_t(std::min<int64_t>(config.max_num_seqs + prefill, std::max(2048, config.max_num_seqs)));
+        int32_t(std::min<int64_t>(config.max_num_seqs + prefill, step_cap));
   }
   info.max_num_batched_tokens = sc.max_num_batched_tokens;
   info.cuda_graph_max_batch = int32_t(ro.graph_max_batch);

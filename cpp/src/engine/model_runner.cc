@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -60,10 +61,11 @@ void ModelRunner::allocate_kv_cache(int64_t num_blocks) {
   num_blocks_ = num_blocks;
 }
 
-void ModelRunner::reserve(int64_t tokens, int64_t seqs) {
-  const int64_t table_width = (options_.max_model_len + options_.block_size - 1) / options_.block_size;
-  ensure(tokens, seqs, seqs, seqs * table_width);
+int64_t ModelRunner::max_table_width() const {
+  return (options_.max_model_len + options_.block_size - 1) / options_.block_size;
 }
+
+void ModelRunner::reserve(int64_t tokens, int64_t seqs) { ensure(tokens, seqs, seqs, seqs * max_table_width()); }
 
 void ModelRunner::ensure(int64_t tokens, int64_t seqs, int64_t rows, int64_t table) {
   if (tokens <= max_tokens_ && seqs <= max_seqs_ && rows <= max_rows_ && table <= max_table_) return;
@@ -145,7 +147,7 @@ int64_t ModelRunner::graph_bucket(int64_t n) {
 
 StepLogits ModelRunner::execute_padded(const SchedulerOutput& st) {
   const int64_t n = st.num_seqs(), B = std::min(graph_bucket(n), options_.graph_max_batch), V = config_.vocab_size;
-  const int64_t W = (options_.max_model_len + options_.block_size - 1) / options_.block_size;
+  const int64_t W = max_table_width();
   // The step as a graph sees it: B rows (the padding writes no KV: slot -1, and attends to one
   // token of block 0), every block table W wide, the attention planned for max_model_len.
   SchedulerOutput& p = padded_;
@@ -160,8 +162,8 @@ StepLogits ModelRunner::execute_padded(const SchedulerOutput& st) {
   p.request_ids.resize(size_t(B));
   p.query_start_loc.resize(size_t(B) + 1);
   p.logits_indices.resize(size_t(B));
-  for (int64_t i = 0; i <= B; ++i) p.query_start_loc[size_t(i)] = int32_t(i);
-  for (int64_t i = 0; i < B; ++i) p.logits_indices[size_t(i)] = int32_t(i);
+  std::iota(p.query_start_loc.begin(), p.query_start_loc.end(), 0);
+  std::iota(p.logits_indices.begin(), p.logits_indices.end(), 0);
   p.block_table_width = int32_t(W);
   p.block_tables.assign(size_t(B * W), 0);
   for (int64_t s = 0; s < n; ++s) {

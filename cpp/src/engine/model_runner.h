@@ -70,6 +70,7 @@ class ModelRunner {
   model::StepInputs step_inputs(const SchedulerOutput& step, int64_t num_logits) const;
   StepLogits execute_padded(const SchedulerOutput& step);  // see RunnerOptions::graph_max_batch
   static int64_t graph_bucket(int64_t num_seqs);
+  int64_t max_table_width() const;  // blocks of a sequence at max_model_len
 
   model::ModelConfig config_;
   RunnerOptions options_;

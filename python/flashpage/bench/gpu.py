@@ -8,8 +8,9 @@ Reports, on the same GPU in the same run: start-up to the first token (weights g
 the host, uploaded, KV pool sized, first step), offline output throughput (output tokens per
 second over the whole run, every prompt submitted at once, EOS ignored) for each input/output
 length pair (as vLLM's benchmark_throughput: 1000 prompts by default, more than run at once, so
-the batch stays full while the first finish), and batch-1 time per output token against the bound: weight bytes per token over
-the device's copy bandwidth (a device-to-device copy measured here).
+the batch stays full while the first finish), and batch-1 time per output token against the
+bound: weight bytes per token over the device's copy bandwidth (a device-to-device copy measured
+here).
 """
 
 from __future__ import annotations

@@ -126,11 +126,12 @@ class CpuBackend final : public Backend {
           for (int64_t o = 0; o < row_bytes; o += 64)
             _mm_prefetch(table + int64_t(ids[a]) * row_bytes + o, _MM_HINT_T0);
         float* dst = f32(out) + t * H;
+        const char* row = table + int64_t(ids[t]) * row_bytes;
         if (!E.bf16) {
-          std::memcpy(dst, f32(E.data) + int64_t(ids[t]) * H, size_t(H) * 4);
+          std::memcpy(dst, row, size_t(row_bytes));
           continue;
         }
-        const uint16_t* src = static_cast<const uint16_t*>(E.data) + int64_t(ids[t]) * H;
+        const auto* src = reinterpret_cast<const uint16_t*>(row);
         for (int64_t i = 0; i < H; ++i) dst[i] = runtime::bf16_to_f32(src[i]);
       }
     });

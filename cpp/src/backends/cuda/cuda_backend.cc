@@ -101,7 +101,8 @@ class CudaBackend final : public Backend {
                                std::to_string(sh.num_kv_heads) + " KV heads");
   }
   void plan_attention(const AttentionStep& st, const AttentionShape& sh) override {
-    check_attention(sh);
+    const int sup = supported(sh);
+    if (!(sup & 2)) check_attention(sh);  // throws, naming the shape
     step_ = st;
     shape_ = sh;
     // Decode rows (one query token) lead a step: the scheduler schedules them before prefill
@@ -110,7 +111,7 @@ class CudaBackend final : public Backend {
     // 64-row tile with one row.
     num_decodes_ = 0;
     decode_max_context_ = 0;
-    if (supported(sh) & 1) {
+    if (sup & 1) {
       const std::span<const int32_t> qsl = st.host_query_start_loc, ctx = st.host_context_lens;
       if (st.max_query_len == 1) {
         num_decodes_ = st.num_seqs;
