@@ -34,8 +34,6 @@ constexpr int kMr = kLanes == 16 ? 12 : 6;
 constexpr int64_t kChunk = 192;
 // Tiles per group: their accumulators stay in L1 across the pieces.
 constexpr int64_t kGroupTiles = 8;
-// The packed input rows of one pass are capped at this many floats (a thread_local buffer).
-constexpr int64_t kMaxPackedX = int64_t(1) << 21;
 
 // Panel columns [n0, n0 + cols) of w (cols <= kNr; the rest zero), transposed kLanes x kLanes
 // at a time into K rows of kNr.
@@ -60,15 +58,6 @@ void pack_panel(W* dst, const W* w, int64_t K, int64_t n0, int cols) {
   }
 }
 
-// How a pass of `tiles` tiles (kMr input rows each) cuts k into pieces of up to kChunk steps.
-// The packed inputs are stored piece-major (all tiles' rows for a piece together, tile after
-// tile, kMr values per k step), so a group's inputs for a piece are one sequential stream.
-struct Plan {
-  int64_t K, tiles;
-  // Where tile t's inputs for the piece starting at `off` (of `steps` steps) begin, in floats.
-  int64_t x_at(int64_t off, int64_t steps, int64_t t) const { return (off * tiles + t * steps) * kMr; }
-};
-
 // The micro-kernel variant a tile of `rows` input rows runs: fewer rows, fewer FMAs. Each row's
 // arithmetic is the same in every variant.
 inline int tile_width(int64_t rows) {
@@ -79,35 +68,21 @@ inline int tile_width(int64_t rows) {
   return kMr;
 }
 
-// Input rows [0, rows) of x as tile t of the pass, zero-padded to the tile's width.
-void pack_rows(float* xp, const Plan& plan, int64_t t, const float* x, int64_t rows) {
-  const int width = tile_width(rows);
-  for (int64_t off = 0; off < plan.K; off += kChunk) {
-    const int64_t steps = std::min(kChunk, plan.K - off);
-    float* dst = xp + plan.x_at(off, steps, t);
-    for (int r = 0; r < width; ++r) {
-      if (r >= rows) {
-        for (int64_t s = 0; s < steps; ++s) dst[s * kMr + r] = 0.f;
-        continue;
-      }
-      const float* src = x + r * plan.K + off;
-      for (int64_t s = 0; s < steps; ++s) dst[s * kMr + r] = src[s];
-    }
-  }
-}
-
 using Tile = Vec[kMr][2];
 
-// acc[r][v] += x_r[s] * w[s][v] over `steps` k steps, for rows r < MR.
-// With `ahead` set, also prefetches one weight row per step from there (the next piece).
+// acc[r][v] += x[r * ldx + s] * w[s][v] over `steps` k steps, for rows r < MR. The inputs are
+// read where they lie: packing them into a tile layout cost a pass over all M rows for every
+// chunk of panels a thread claimed (~8 a call), half the Linear's time in a long prefill,
+// against no measurable gain per FMA. With `ahead` set, also prefetches one weight row per step
+// from there (the next piece).
 template <int MR, class W, class A>
-inline void fma_steps(Tile& acc, const float* xp, const W* wp, int64_t steps, const A* ahead) {
-  for (int64_t s = 0; s < steps; ++s, xp += kMr, wp += kNr) {
+inline void fma_steps(Tile& acc, const float* x, int64_t ldx, const W* wp, int64_t steps, const A* ahead) {
+  for (int64_t s = 0; s < steps; ++s, ++x, wp += kNr) {
     if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * kNr), _MM_HINT_T0);
     const Vec w0 = vload_as_f32(wp), w1 = vload_as_f32(wp + kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const Vec xv = vset1(xp[r]);
+      const Vec xv = vset1(x[r * ldx]);
       acc[r][0] = vfma(xv, w0, acc[r][0]);
       acc[r][1] = vfma(xv, w1, acc[r][1]);
     }
@@ -115,12 +90,12 @@ inline void fma_steps(Tile& acc, const float* xp, const W* wp, int64_t steps, co
 }
 
 template <class W, class A>
-inline void fma_tile(Tile& acc, const float* xp, const W* wp, int64_t steps, int width, const A* ahead) {
-  if (width == 1) fma_steps<1>(acc, xp, wp, steps, ahead);
-  else if (width == 2) fma_steps<2>(acc, xp, wp, steps, ahead);
-  else if (width == kMr / 3) fma_steps<kMr / 3>(acc, xp, wp, steps, ahead);
-  else if (width == 2 * kMr / 3) fma_steps<2 * kMr / 3>(acc, xp, wp, steps, ahead);
-  else fma_steps<kMr>(acc, xp, wp, steps, ahead);
+inline void fma_tile(Tile& acc, const float* x, int64_t ldx, const W* wp, int64_t steps, int width, const A* ahead) {
+  if (width == 1) fma_steps<1>(acc, x, ldx, wp, steps, ahead);
+  else if (width == 2) fma_steps<2>(acc, x, ldx, wp, steps, ahead);
+  else if (width == kMr / 3) fma_steps<kMr / 3>(acc, x, ldx, wp, steps, ahead);
+  else if (width == 2 * kMr / 3) fma_steps<2 * kMr / 3>(acc, x, ldx, wp, steps, ahead);
+  else fma_steps<kMr>(acc, x, ldx, wp, steps, ahead);
 }
 
 // Adds the bias (padded to kNr, or null) and stores rows x cols of the tile into y (row stride N).
@@ -140,17 +115,19 @@ void store_output(float* y, int64_t N, Tile& acc, const float* bias, int64_t row
   }
 }
 
-// One panel against the pass's packed rows: for each group of tiles, piece by piece, each
-// tile's chains resume from `state` (an exact fp32 store and load) so the arithmetic is one
-// chain per output whatever the blocking. With several tiles in a group, a bf16 piece is widened
-// once into `wide` rather than by every tile.
+// One panel against rows [0, rows) of x (kMr-row tiles; `tail`, when given, holds the last
+// partial tile's rows zero-padded to its width, row stride K): for each group of tiles, piece by
+// piece, each tile's chains resume from `state` (an exact fp32 store and load) so the arithmetic
+// is one chain per output whatever the blocking. With several tiles in a group, a bf16 piece is
+// widened once into `wide` rather than by every tile.
 template <class W>
-void panel_times_rows(float* y, int64_t N, const float* xp, const W* wp, const Plan& plan,
+void panel_times_rows(float* y, int64_t N, const float* x, const float* tail, const W* wp, int64_t K,
                       const float* bias, int64_t rows, int cols, float* state, float* wide) {
-  for (int64_t g0 = 0; g0 < plan.tiles; g0 += kGroupTiles) {
-    const int64_t g1 = std::min(plan.tiles, g0 + kGroupTiles);
-    for (int64_t off = 0; off < plan.K; off += kChunk) {
-      const int64_t steps = std::min(kChunk, plan.K - off);
+  const int64_t tiles = (rows + kMr - 1) / kMr;
+  for (int64_t g0 = 0; g0 < tiles; g0 += kGroupTiles) {
+    const int64_t g1 = std::min(tiles, g0 + kGroupTiles);
+    for (int64_t off = 0; off < K; off += kChunk) {
+      const int64_t steps = std::min(kChunk, K - off);
       const W* piece = wp + off * kNr;
       const bool widen = sizeof(W) == 2 && g1 - g0 > 1;
       if (widen)
@@ -162,13 +139,13 @@ void panel_times_rows(float* y, int64_t N, const float* xp, const W* wp, const P
         Tile acc;
         for (int r = 0; r < width; ++r)
           for (int v = 0; v < 2; ++v) acc[r][v] = off == 0 ? vzero() : vload(st + r * kNr + v * kLanes);
-        const float* xt = xp + plan.x_at(off, steps, t);
+        const float* xt = (tile_rows < width ? tail : x + t * kMr * K) + off;
         // The first tile of the first group fetches the next piece (or panel: they follow in
         // memory) while it computes, so the weight stream overlaps the FMAs.
         const W* ahead = t == 0 ? piece + steps * kNr : nullptr;
-        if (widen) fma_tile(acc, xt, wide, steps, width, ahead);
-        else fma_tile(acc, xt, piece, steps, width, ahead);
-        if (off + steps < plan.K) {
+        if (widen) fma_tile(acc, xt, K, wide, steps, width, ahead);
+        else fma_tile(acc, xt, K, piece, steps, width, ahead);
+        if (off + steps < K) {
           for (int r = 0; r < width; ++r)
             for (int v = 0; v < 2; ++v) vstore(st + r * kNr + v * kLanes, acc[r][v]);
         } else {
@@ -248,23 +225,22 @@ void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int
     case 4: return small_m<4, kWide ? 2 : 1>(y, x, w, bias, N, K, n_begin, n_end);
     default: break;
   }
-  thread_local std::vector<float> x_buf, state_buf, wide_buf;
-  const int64_t tiles_per_pass = balanced_piece((M + kMr - 1) / kMr, std::max<int64_t>(1, kMaxPackedX / (K * kMr)), 1);
+  thread_local std::vector<float> tail_buf, state_buf, wide_buf;
   float* state = scratch(state_buf, kGroupTiles * kMr * kNr);
   float* wide = scratch(wide_buf, kChunk * kNr);
-  for (int64_t m0 = 0; m0 < M; m0 += tiles_per_pass * kMr) {
-    const int64_t rows = std::min(M - m0, tiles_per_pass * kMr);
-    const Plan plan{K, (rows + kMr - 1) / kMr};
-    float* xp = scratch(x_buf, plan.tiles * kMr * K);
-    for (int64_t t = 0; t < plan.tiles; ++t)
-      pack_rows(xp, plan, t, x + (m0 + t * kMr) * K, std::min<int64_t>(kMr, rows - t * kMr));
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
-      const int cols = static_cast<int>(std::min<int64_t>(kNr, n_end - n0));
-      float bias_pad[kNr] = {};
-      if (bias) std::copy(bias + n0, bias + n0 + cols, bias_pad);
-      panel_times_rows(y + m0 * N + n0, N, xp, w + n0 * K, plan, bias ? bias_pad : nullptr, rows, cols, state,
-                       wide);
-    }
+  // The last tile, when partial, zero-padded to its micro-kernel's width (the others read x).
+  const int64_t tail_rows = M % kMr, tail_width = tail_rows ? tile_width(tail_rows) : 0;
+  float* tail = nullptr;
+  if (tail_rows < tail_width) {
+    tail = scratch(tail_buf, tail_width * K);
+    std::copy(x + (M - tail_rows) * K, x + M * K, tail);
+    std::fill(tail + tail_rows * K, tail + tail_width * K, 0.f);
+  }
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
+    const int cols = static_cast<int>(std::min<int64_t>(kNr, n_end - n0));
+    float bias_pad[kNr] = {};
+    if (bias) std::copy(bias + n0, bias + n0 + cols, bias_pad);
+    panel_times_rows(y + n0, N, x, tail, w + n0 * K, K, bias ? bias_pad : nullptr, M, cols, state, wide);
   }
 }
 

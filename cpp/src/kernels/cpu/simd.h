@@ -198,6 +198,8 @@ inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_
 inline Vec vpow2_times(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+// Lane by lane: a >= b ? x : y.
+inline Vec vselect_ge(Vec a, Vec b, Vec x, Vec y) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ), y, x); }
 #else
 inline float vmax_all(Vec v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -217,6 +219,7 @@ inline Vec vpow2_times(Vec y, Vec n) {
 }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline Vec vselect_ge(Vec a, Vec b, Vec x, Vec y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
 #endif
 
 // exp(x) (Cephes' expf polynomial, ~1 ulp) for x in [-87.3, 88.7]; below, ~1e-38 rather than 0;
