@@ -198,6 +198,7 @@ inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_
 inline Vec vpow2_times(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
 inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline float vfirst(Vec v) { return _mm512_cvtss_f32(v); }
 // Lane by lane: a >= b ? x : y.
 inline Vec vselect_ge(Vec a, Vec b, Vec x, Vec y) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GE_OQ), y, x); }
 #else
@@ -219,8 +220,21 @@ inline Vec vpow2_times(Vec y, Vec n) {
 }
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline float vfirst(Vec v) { return _mm256_cvtss_f32(v); }
 inline Vec vselect_ge(Vec a, Vec b, Vec x, Vec y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
 #endif
+
+// v, hidden from the optimiser: a product passed through it is never fused with a later add
+// (GCC contracts a * b + c into an FMA where it sees one, so two code shapes of the same
+// arithmetic could round differently).
+template <class T>
+inline T opaque(T v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// 0, 1, ..., kLanes - 1 (the first kLanes of them).
+alignas(64) inline constexpr float kLaneIndex[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 // exp(x) (Cephes' expf polynomial, ~1 ulp) for x in [-87.3, 88.7]; below, ~1e-38 rather than 0;
 // above, +inf (2^128).
