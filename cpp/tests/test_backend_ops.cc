@@ -324,8 +324,13 @@ TEST(backend_ops_rotary_kv_blocks_attention) {
       be->finish_step();
     }
     const char* names[] = {"rotary q", "rotary k", "write_kv + copy_blocks + paged_attention"};
+    // A bf16 cache rounds each backend's own rotary output: a last-bit difference there (allowed
+    // above) can round a key to the neighbouring bf16 value, 2^-8 relative, which moves the
+    // output by about that (seen on an AVX-512 CPU under the sanitizer build's -O1).
+    const float attention_tol = s.backend->capabilities().kv_bytes == 2 ? std::max(tolerance(*s.backend), 4e-3f)
+                                                                       : tolerance(*s.backend);
     for (size_t i = 0; i < results[0].size(); ++i)
-      expect_close(results[0][i], results[1][i], i == 2 ? tolerance(*s.backend) : elementwise_tolerance(*s.backend),
+      expect_close(results[0][i], results[1][i], i == 2 ? attention_tol : elementwise_tolerance(*s.backend),
                    s.name + " " + names[i]);
     // The reference itself against plain attention over the K/V as given (rounded to the
     // cache's bf16), which checks the cache plumbing shared by every CPU level.

@@ -77,16 +77,35 @@ using Tile = Vec[kMr][2];
 // from there (the next piece).
 template <int MR, class W, class A>
 inline void fma_steps(Tile& acc, const float* x, int64_t ldx, const W* wp, int64_t steps, const A* ahead) {
-  for (int64_t s = 0; s < steps; ++s, ++x, wp += kNr) {
+  // Rows in threes from one base pointer each, addressed as base + ldx * 4 or * 8: left to
+  // itself GCC made every row its own induction pointer, and twelve of them spilled to the stack
+  // (five reloads a step). The empty asm keeps the bases opaque so that it cannot.
+  static_assert(MR <= 12);
+  const float* b0 = x;
+  const float* b1 = MR > 3 ? x + 3 * ldx : x;
+  const float* b2 = MR > 6 ? x + 6 * ldx : x;
+  const float* b3 = MR > 9 ? x + 9 * ldx : x;
+  Vec a[MR][2];  // a local copy: the input rows' loads cannot alias it
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) a[r][0] = acc[r][0], a[r][1] = acc[r][1];
+  for (int64_t s = 0; s < steps; ++s, wp += kNr) {
+    asm("" : "+r"(b0));
+    if constexpr (MR > 3) asm("" : "+r"(b1));
+    if constexpr (MR > 6) asm("" : "+r"(b2));
+    if constexpr (MR > 9) asm("" : "+r"(b3));
     if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * kNr), _MM_HINT_T0);
     const Vec w0 = vload_as_f32(wp), w1 = vload_as_f32(wp + kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const Vec xv = vset1(x[r * ldx]);
-      acc[r][0] = vfma(xv, w0, acc[r][0]);
-      acc[r][1] = vfma(xv, w1, acc[r][1]);
+      const float* b = r < 3 ? b0 : r < 6 ? b1 : r < 9 ? b2 : b3;
+      const Vec xv = vset1(b[(r % 3) * ldx]);
+      a[r][0] = vfma(xv, w0, a[r][0]);
+      a[r][1] = vfma(xv, w1, a[r][1]);
     }
+    ++b0, ++b1, ++b2, ++b3;
   }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) acc[r][0] = a[r][0], acc[r][1] = a[r][1];
 }
 
 template <class W, class A>
