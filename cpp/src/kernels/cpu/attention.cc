@@ -31,34 +31,55 @@ constexpr int64_t kMaxHeadDim = 512;
 constexpr int kOutChunk = kLanes == 16 ? 16 : 8;
 // Tiles of at most this many rows (a decode's heads of one KV head) run attend_few (measured
 // with bench_attention on AVX-512, 64 decodes of 320 positions: 3 rows per KV head 1.6x faster
-// than attend_tile, 8 rows ~10 % slower).
+// than one 16-row tile, 8 rows ~10 % slower).
 constexpr int kFewRows = 4;
 // Key groups whose scores attend_few computes together: independent FMA chains to fill the
 // pipeline (one group's are only `rows` chains of head_dim dependent FMAs).
 constexpr int kFewGroups = 4;
 
-// Per-thread tile scratch: Q^T and O^T ([d][lane]), the group's K and V widened ([key][d]), P
-// ([key][lane]); attend_few keeps Q and O as [row][d], and K^T ([group][d][key]) and V for
-// kFewGroups groups. Used as head_dim packs it, so a small head keeps what it uses in L1.
+// Per-thread tile scratch: Q^T and O^T ([tile][d][lane]), the group's K and V widened
+// ([key][d]), P ([tile][key][lane]); attend_few keeps Q and O as [row][d], and K^T
+// ([group][d][key]) and V for kFewGroups groups. Sized by head_dim, so a small head keeps what
+// it uses in L1; one heap buffer per thread for every kernel instance (a thread_local array in
+// each template instance was 24 x 386 KB of static TLS, more than a thread's 8 MB stack).
 struct TileScratch {
-  alignas(64) float qt[kMaxHeadDim * kLanes];
-  alignas(64) float ot[kMaxHeadDim * kLanes];
-  alignas(64) float kw[kFewGroups * kLanes * kMaxHeadDim];
-  alignas(64) float vw[kFewGroups * kLanes * kMaxHeadDim];
-  alignas(64) float p[kLanes * kLanes];
+  float *qt, *ot, *kw, *vw, *p;
 };
+TileScratch tile_scratch(int64_t D) {
+  thread_local runtime::AlignedVector<float> buf;
+  const int64_t tiles = 2 * D * kLanes, groups = kFewGroups * kLanes * D;
+  const size_t need = size_t(2 * tiles + 2 * groups + 2 * kLanes * kLanes);
+  if (buf.size() < need) buf.resize(need);
+  float* b = buf.data();
+  return {b, b + tiles, b + 2 * tiles, b + 2 * tiles + groups, b + 2 * tiles + 2 * groups};
+}
 
-// One tile. HD is the head dim when known at compile time (0: a.head_dim), so that the
-// broadcasts of the widened keys are fixed offsets from one pointer.
-template <int HD, class KV>
-void attend_tile(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[kLanes],
-                 const float (&posf)[kLanes], int64_t max_pos, TileScratch& t) {
+// T tiles (1 or 2) of up to kLanes rows each. HD is the head dim when known at compile time
+// (0: a.head_dim), so that the broadcasts of the widened keys are fixed offsets from one pointer.
+// Two tiles share each widened key group, and each broadcast key or value then feeds two FMAs:
+// one tile's products issue a load per FMA, which the two load ports, not the FMA units, bound.
+template <int HD, int T, class KV>
+void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[2][kLanes],
+                  const float (&posf)[2][kLanes], int64_t max_pos, const TileScratch& t) {
+  static_assert(T == 1 || T == 2);
+  constexpr int kHalf = kLanes / 2, kChunk2 = kOutChunk / 2;
   const int64_t D = HD > 0 ? HD : a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
   const KV* kc = static_cast<const KV*>(a.k_cache);
   const KV* vc = static_cast<const KV*>(a.v_cache);
-  const Vec pos = vload(posf), neg_inf = vset1(-INFINITY), one = vset1(1.f);
-  for (int64_t d = 0; d < D; ++d) vstore(t.ot + d * kLanes, vzero());
-  Vec m = neg_inf, l = vzero();
+  const Vec neg_inf = vset1(-INFINITY), one = vset1(1.f);
+  Vec pos[T], m[T], l[T], corr[T];
+  float* qt[T];
+  float* ot[T];
+  float* pt[T];
+  for (int u = 0; u < T; ++u) {
+    pos[u] = vload(posf[u]);
+    m[u] = neg_inf;
+    l[u] = vzero();
+    qt[u] = t.qt + u * D * kLanes;
+    ot[u] = t.ot + u * D * kLanes;
+    pt[u] = t.p + u * kLanes * kLanes;
+    for (int64_t d = 0; d < D; ++d) vstore(ot[u] + d * kLanes, vzero());
+  }
   for (int64_t p0 = 0; p0 <= max_pos; p0 += kLanes) {
     const int ng = int(std::min<int64_t>(kLanes, max_pos - p0 + 1));
     for (int j = 0; j < kLanes; ++j) {
@@ -79,71 +100,100 @@ void attend_tile(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, fl
         vj[d] = scalar_as_f32(vc + off + d);
       }
     }
-    // S^T: one vector per key, the rows in lanes.
-    Vec s[kLanes];
+    // S^T: one vector per key, the rows in lanes (each an FMA chain over d).
+    Vec s[T][kLanes];
+    if constexpr (T == 1) {
 #pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) s[j] = vzero();
-    for (int64_t d = 0; d < D; ++d) {
-      const Vec q = vload(t.qt + d * kLanes);
+      for (int j = 0; j < kLanes; ++j) s[0][j] = vzero();
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec q = vload(qt[0] + d * kLanes);
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) s[j] = vfma(q, vset1(t.kw[j * D + d]), s[j]);
-    }
-    // Online softmax, lane by lane; key j counts for rows at positions >= p0 + j.
-    Vec gmax = neg_inf;
-#pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) {
-      s[j] = vselect_ge(pos, vset1(float(p0 + j)), s[j], neg_inf);
-      gmax = vmax(gmax, s[j]);
-    }
-    const Vec m_new = vmax(m, gmax);
-    const Vec corr = vselect_ge(pos, vset1(float(p0)), vexp(vsub(m, m_new)), one);
-    l = opaque(vmul(l, corr));
-    for (int j = 0; j < ng; ++j) {
-      const Vec pj = vselect_ge(pos, vset1(float(p0 + j)), vexp(vsub(s[j], m_new)), vzero());
-      l = vadd(l, pj);
-      vstore(t.p + j * kLanes, pj);
-    }
-    m = m_new;
-    // O^T = O^T * corr + (P . V)^T, kOutChunk vectors of it at a time.
-    for (int64_t d0 = 0; d0 < D; d0 += kOutChunk) {
-      const int nc = int(std::min<int64_t>(kOutChunk, D - d0));
-      float* o = t.ot + d0 * kLanes;
-      if (nc == kOutChunk) {
-        Vec acc[kOutChunk];
-#pragma GCC unroll 16
-        for (int c = 0; c < kOutChunk; ++c) acc[c] = vmul(vload(o + c * kLanes), corr);
-        for (int j = 0; j < ng; ++j) {
-          const Vec pj = vload(t.p + j * kLanes);
-          const float* v = t.vw + j * D + d0;
-#pragma GCC unroll 16
-          for (int c = 0; c < kOutChunk; ++c) acc[c] = vfma(pj, vset1(v[c]), acc[c]);
+        for (int j = 0; j < kLanes; ++j) s[0][j] = vfma(q, vset1(t.kw[j * D + d]), s[0][j]);
+      }
+    } else {
+      for (int h = 0; h < kLanes; h += kHalf) {  // half the keys at a time: 2 x kHalf chains
+        Vec s0[kHalf], s1[kHalf];
+#pragma GCC unroll 8
+        for (int j = 0; j < kHalf; ++j) s0[j] = s1[j] = vzero();
+        for (int64_t d = 0; d < D; ++d) {
+          const Vec q0 = vload(qt[0] + d * kLanes), q1 = vload(qt[1] + d * kLanes);
+#pragma GCC unroll 8
+          for (int j = 0; j < kHalf; ++j) {
+            const Vec k = vset1(t.kw[(h + j) * D + d]);
+            s0[j] = vfma(q0, k, s0[j]);
+            s1[j] = vfma(q1, k, s1[j]);
+          }
         }
-#pragma GCC unroll 16
-        for (int c = 0; c < kOutChunk; ++c) vstore(o + c * kLanes, acc[c]);
-      } else {  // head_dim not a multiple of kOutChunk: the rest a vector at a time
-        for (int c = 0; c < nc; ++c) {
-          Vec acc = vmul(vload(o + c * kLanes), corr);
-          for (int j = 0; j < ng; ++j) acc = vfma(vload(t.p + j * kLanes), vset1(t.vw[j * D + d0 + c]), acc);
-          vstore(o + c * kLanes, acc);
-        }
+#pragma GCC unroll 8
+        for (int j = 0; j < kHalf; ++j) s[0][h + j] = s0[j], s[1][h + j] = s1[j];
       }
     }
+    // Online softmax, lane by lane; key j counts for rows at positions >= p0 + j.
+    for (int u = 0; u < T; ++u) {
+      Vec gmax = neg_inf;
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) {
+        s[u][j] = vselect_ge(pos[u], vset1(float(p0 + j)), s[u][j], neg_inf);
+        gmax = vmax(gmax, s[u][j]);
+      }
+      const Vec m_new = vmax(m[u], gmax);
+      corr[u] = vselect_ge(pos[u], vset1(float(p0)), vexp(vsub(m[u], m_new)), one);
+      l[u] = opaque(vmul(l[u], corr[u]));
+      for (int j = 0; j < ng; ++j) {
+        const Vec pj = vselect_ge(pos[u], vset1(float(p0 + j)), vexp(vsub(s[u][j], m_new)), vzero());
+        l[u] = vadd(l[u], pj);
+        vstore(pt[u] + j * kLanes, pj);
+      }
+      m[u] = m_new;
+    }
+    // O^T = O^T * corr + (P . V)^T, kOutChunk vectors of it at a time (half as many per tile
+    // with two).
+    constexpr int kStep = T == 1 ? kOutChunk : kChunk2;
+    int64_t d0 = 0;
+    for (; d0 + kStep <= D; d0 += kStep) {
+      Vec acc[T][kStep];
+      for (int u = 0; u < T; ++u)
+#pragma GCC unroll 16
+        for (int c = 0; c < kStep; ++c) acc[u][c] = vmul(vload(ot[u] + (d0 + c) * kLanes), corr[u]);
+      for (int j = 0; j < ng; ++j) {
+        Vec pj[T];
+        for (int u = 0; u < T; ++u) pj[u] = vload(pt[u] + j * kLanes);
+        const float* v = t.vw + j * D + d0;
+#pragma GCC unroll 16
+        for (int c = 0; c < kStep; ++c) {
+          const Vec vv = vset1(v[c]);
+          for (int u = 0; u < T; ++u) acc[u][c] = vfma(pj[u], vv, acc[u][c]);
+        }
+      }
+      for (int u = 0; u < T; ++u)
+#pragma GCC unroll 16
+        for (int c = 0; c < kStep; ++c) vstore(ot[u] + (d0 + c) * kLanes, acc[u][c]);
+    }
+    if constexpr (HD == 0 || HD % kStep != 0)
+      for (; d0 < D; ++d0)  // head_dim not a multiple of kStep: the rest a vector at a time
+        for (int u = 0; u < T; ++u) {
+          Vec acc = vmul(vload(ot[u] + d0 * kLanes), corr[u]);
+          for (int j = 0; j < ng; ++j) acc = vfma(vload(pt[u] + j * kLanes), vset1(t.vw[j * D + d0]), acc);
+          vstore(ot[u] + d0 * kLanes, acc);
+        }
   }
-  alignas(64) float inv[kLanes];
-  vstore(inv, vselect_ge(vzero(), l, vzero(), vdiv(one, l)));  // l > 0 ? 1 / l : 0
-  for (int i = 0; i < kLanes && outs[i]; ++i)
-    for (int64_t d = 0; d < D; ++d) outs[i][d] = t.ot[d * kLanes + i] * inv[i];
+  for (int u = 0; u < T; ++u) {
+    alignas(64) float inv[kLanes];
+    vstore(inv, vselect_ge(vzero(), l[u], vzero(), vdiv(one, l[u])));  // l > 0 ? 1 / l : 0
+    for (int i = 0; i < kLanes && outs[u][i]; ++i)
+      for (int64_t d = 0; d < D; ++d) outs[u][i][d] = ot[u][d * kLanes + i] * inv[i];
+  }
 }
 
 // A tile of few rows with the keys in lanes instead (K transposed as it is widened): per row, a
-// vector of scores per key group, O a row of vectors. Bit for bit attend_tile's arithmetic: each
+// vector of scores per key group, O a row of vectors. Bit for bit attend_tiles' arithmetic: each
 // score the same FMA chain over d in order, the same vexp for each P and rescale factor, l and
 // each output summed over the keys in the same order, the same steps past a row's position
-// skipped. At 3 rows (a SmolLM2 decode) it does ~40 % of attend_tile's work, which would
+// skipped. At 3 rows (a SmolLM2 decode) it does ~40 % of attend_tiles' work, which would
 // compute 13 empty lanes. Needs head_dim % kLanes == 0. q holds the rows' scaled queries [row][d].
 template <int HD, class KV>
 void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[kLanes],
-                const float (&posf)[kLanes], int nt, int64_t max_pos, TileScratch& t) {
+                const float (&posf)[kLanes], int nt, int64_t max_pos, const TileScratch& t) {
   const int64_t D = HD > 0 ? HD : a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
   const KV* kc = static_cast<const KV*>(a.k_cache);
   const KV* vc = static_cast<const KV*>(a.v_cache);
@@ -223,7 +273,7 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
 template <int HD, class KV>
 void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = HD > 0 ? HD : a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
-  thread_local TileScratch t;
+  const TileScratch t = tile_scratch(D);
   for (int64_t s = seq_begin; s < seq_end; ++s) {
     const int64_t r0 = a.query_start_loc[s], q_len = a.query_start_loc[s + 1] - r0;
     const int64_t ctx = a.context_lens[s];
@@ -231,27 +281,35 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
     const int64_t kv_end = a.kv_head_end > 0 ? a.kv_head_end : nkv;
     const int64_t n_rows = a.row_end > 0 ? std::min(a.row_end, q_len * group) : q_len * group;
     for (int64_t kvh = a.kv_head_begin; kvh < kv_end; ++kvh) {
-      for (int64_t t0 = a.row_begin; t0 < n_rows; t0 += kLanes) {
-        const bool few = n_rows - t0 <= kFewRows && D % kLanes == 0;
-        float* outs[kLanes] = {};
-        alignas(64) float posf[kLanes];
+      for (int64_t t0 = a.row_begin; t0 < n_rows;) {
+        const int64_t left = n_rows - t0;
+        const bool few = left <= kFewRows && D % kLanes == 0;
+        const int tiles = few || left <= kLanes ? 1 : 2;
+        float* outs[2][kLanes] = {};
+        alignas(64) float posf[2][kLanes];
         int64_t max_pos = 0;
-        for (int i = 0; i < kLanes; ++i) {
-          if (t0 + i >= n_rows) {  // an empty lane: before every key, never written out
-            posf[i] = -1.f;
-            if (!few)
-              for (int64_t d = 0; d < D; ++d) t.qt[d * kLanes + i] = 0.f;
-            continue;
+        for (int u = 0; u < tiles; ++u) {
+          float* qt = t.qt + u * D * kLanes;
+          for (int i = 0; i < kLanes; ++i) {
+            const int64_t row = t0 + u * kLanes + i;
+            if (row >= n_rows) {  // an empty lane: before every key, never written out
+              posf[u][i] = -1.f;
+              if (!few)
+                for (int64_t d = 0; d < D; ++d) qt[d * kLanes + i] = 0.f;
+              continue;
+            }
+            const int64_t r = row / group, h = kvh * group + row % group;
+            const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
+            for (int64_t d = 0; d < D; ++d) qt[few ? i * D + d : d * kLanes + i] = q[d] * a.scale;
+            outs[u][i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
+            posf[u][i] = float(ctx - q_len + r);
+            max_pos = std::max(max_pos, ctx - q_len + r);
           }
-          const int64_t r = (t0 + i) / group, h = kvh * group + (t0 + i) % group;
-          const float* q = a.q + ((r0 + r) * a.num_q_heads + h) * D;
-          for (int64_t d = 0; d < D; ++d) t.qt[few ? i * D + d : d * kLanes + i] = q[d] * a.scale;
-          outs[i] = a.out + ((r0 + r) * a.num_q_heads + h) * D;
-          posf[i] = float(ctx - q_len + r);
-          max_pos = std::max(max_pos, ctx - q_len + r);
         }
-        if (few) attend_few<HD, KV>(a, bt, kvh, outs, posf, int(n_rows - t0), max_pos, t);
-        else attend_tile<HD, KV>(a, bt, kvh, outs, posf, max_pos, t);
+        if (few) attend_few<HD, KV>(a, bt, kvh, outs[0], posf[0], int(left), max_pos, t);
+        else if (tiles == 2) attend_tiles<HD, 2, KV>(a, bt, kvh, outs, posf, max_pos, t);
+        else attend_tiles<HD, 1, KV>(a, bt, kvh, outs, posf, max_pos, t);
+        t0 += tiles * kLanes;
       }
     }
   }
