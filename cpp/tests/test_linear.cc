@@ -167,8 +167,9 @@ TEST(linear_is_batch_invariant) {
 }
 
 TEST(linear_invariant_across_packing_passes) {
-  // Enough rows that the packed path takes several passes over the weights (its packed-input
-  // buffer is capped), with a K tail: still the rows of single-row calls, bit for bit.
+  // Enough rows for many row tiles and groups of them (the fp32 GEMM), several row passes and
+  // K slices (the bf16 levels), with a K tail and a partial last tile: still the rows of
+  // single-row calls, bit for bit.
   std::mt19937 rng(5);
   const int64_t M = 400, N = 40, K = 5633;
   for (bool bf16 : {false, true}) {

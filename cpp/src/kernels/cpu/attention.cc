@@ -63,7 +63,7 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
                   const float (&posf)[2][kLanes], int64_t max_pos, const TileScratch& t) {
   static_assert(T == 1 || T == 2);
   constexpr int kHalf = kLanes / 2, kChunk2 = kOutChunk / 2;
-  const int64_t D = HD > 0 ? HD : a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
+  const int64_t D = HD > 0 ? HD : a.head_dim;
   const KV* kc = static_cast<const KV*>(a.k_cache);
   const KV* vc = static_cast<const KV*>(a.v_cache);
   const Vec neg_inf = vset1(-INFINITY), one = vset1(1.f);
@@ -89,7 +89,7 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
         std::fill(kj, kj + D, 0.f);
         continue;
       }
-      const int64_t pj = p0 + j, off = ((int64_t(bt[pj / bs]) * nkv + kvh) * bs + pj % bs) * D;
+      const int64_t off = kv_row_offset(a, bt, kvh, p0 + j);
       int64_t d = 0;
       for (; d + kLanes <= D; d += kLanes) {
         vstore(kj + d, vload_as_f32(kc + off + d));
@@ -194,7 +194,7 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
 template <int HD, class KV>
 void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[kLanes],
                 const float (&posf)[kLanes], int nt, int64_t max_pos, const TileScratch& t) {
-  const int64_t D = HD > 0 ? HD : a.head_dim, bs = a.block_size, nkv = a.num_kv_heads;
+  const int64_t D = HD > 0 ? HD : a.head_dim;
   const KV* kc = static_cast<const KV*>(a.k_cache);
   const KV* vc = static_cast<const KV*>(a.v_cache);
   const float* q = t.qt;  // [row][d]
@@ -213,7 +213,7 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
       const int64_t p0 = g0 + g * kLanes;
       const int ng = int(std::min<int64_t>(kLanes, max_pos - p0 + 1));
       int64_t off[kLanes];
-      for (int j = 0; j < ng; ++j) off[j] = ((int64_t(bt[(p0 + j) / bs]) * nkv + kvh) * bs + (p0 + j) % bs) * D;
+      for (int j = 0; j < ng; ++j) off[j] = kv_row_offset(a, bt, kvh, p0 + j);
       float* kt = t.kw + g * D * kLanes;
       for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
         Vec r[kLanes];

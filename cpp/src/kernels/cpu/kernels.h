@@ -81,6 +81,12 @@ struct PagedAttentionArgs {
   int64_t row_begin = 0, row_end = 0;
 };
 
+// Where position p's K (or V) row of KV head kv_head sits in a cache of the standard layout, in
+// elements from the cache's start; bt is the sequence's block table.
+inline int64_t kv_row_offset(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv_head, int64_t p) {
+  return ((int64_t(bt[p / a.block_size]) * a.num_kv_heads + kv_head) * a.block_size + p % a.block_size) * a.head_dim;
+}
+
 
 
 // Activations quantized for the int8 Linear: per row, blocks of 32 values in two int8 levels,

@@ -38,7 +38,7 @@ float element(const void* data, bool bf16, int64_t idx) {
 }  // namespace
 
 void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
-  const int64_t D = a.head_dim, bs = a.block_size, group = a.num_q_heads / a.num_kv_heads;
+  const int64_t D = a.head_dim, group = a.num_q_heads / a.num_kv_heads;
   for (int64_t s = seq_begin; s < seq_end; ++s) {
     const int64_t r0 = a.query_start_loc[s], r1 = a.query_start_loc[s + 1], ctx = a.context_lens[s];
     const int32_t* bt = a.block_tables + s * a.block_table_stride;
@@ -52,7 +52,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
         std::vector<double> score(pos + 1);
         double mx = -INFINITY;
         for (int64_t p = 0; p <= pos; ++p) {
-          const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
+          const int64_t row = kv_row_offset(a, bt, h / group, p);
           double d = 0;
           for (int64_t i = 0; i < D; ++i) d += double(q[i]) * element(a.k_cache, a.kv_bf16, row + i);
           score[p] = d * a.scale;
@@ -63,7 +63,7 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
         for (int64_t p = 0; p <= pos; ++p) {
           const double w = std::exp(score[p] - mx);
           sum += w;
-          const int64_t row = ((int64_t(bt[p / bs]) * a.num_kv_heads + h / group) * bs + p % bs) * D;
+          const int64_t row = kv_row_offset(a, bt, h / group, p);
           for (int64_t i = 0; i < D; ++i) out[i] += w * element(a.v_cache, a.kv_bf16, row + i);
         }
         for (int64_t i = 0; i < D; ++i) a.out[(r * a.num_q_heads + h) * D + i] = float(out[i] / sum);
