@@ -38,15 +38,17 @@ TEST(thread_pool_runs_every_item_once) {
     for (int job = 0; job < 2000; ++job) {
       const int64_t n = int64_t(rng() % 5000), grain = 1 + int64_t(rng() % 40);
       for (int64_t i = 0; i < n; ++i) hits[size_t(i)] = 0;
-      std::atomic<int64_t> short_ranges{0};
+      std::atomic<int64_t> short_ranges{0}, split_groups{0};
       pool.parallel_for(n, [&](int64_t b, int64_t e) {
         short_ranges += (e - b < grain && e != n);  // only the last range may be short
+        split_groups += (b % grain != 0);           // ranges hold whole groups of `grain`
         for (int64_t i = b; i < e; ++i) hits[size_t(i)]++;
       }, grain);
       int64_t wrong = 0;
       for (int64_t i = 0; i < n; ++i) wrong += hits[size_t(i)] != 1;
       CHECK_EQ(wrong, 0);
       CHECK_EQ(short_ranges.load(), 0);
+      CHECK_EQ(split_groups.load(), 0);
       if (job % 500 == 0) pool.rest();  // workers asleep: the next job must wake them
     }
   }

@@ -170,7 +170,9 @@ void ThreadPool::work(uint32_t gen) {
         begin = next_of(c);
         if (gen_of(c) != gen || begin >= n) break;  // another job, nothing left, or locked
         // Guided: a share of what is left, so early chunks are large and late ones small.
-        end = std::min(n, begin + std::max(grain, (n - begin) / (2 * parts)));
+        // Whole multiples of the grain, so that a kernel working in groups of `grain` items
+        // is never handed a part-group in the middle of the range.
+        end = std::min(n, begin + (std::max(grain, (n - begin) / (2 * parts)) + grain - 1) / grain * grain);
         if (claim_.compare_exchange_weak(c, make_claim(gen, end))) {
           claimed = true;
           break;

@@ -192,7 +192,7 @@ class CpuBackend final : public Backend {
     };
     // int8 kernels run panels in pairs (two weight streams read faster than one): chunks of
     // an even count keep a lone panel to the end of a job.
-    pool().parallel_for(total, part, int8 ? 2 : 1);
+    pool().parallel_for(total, part, int8 ? 2 : cpu::linear_grain(x.rows));
   }
 
   void logits(float* out, const LinearInput& x, const Matrix& w) override {

@@ -31,7 +31,7 @@ void run_linear(const KernelTable& t, const PackedLinear& w, float* y, int64_t l
   auto part = [&](int64_t p0, int64_t p1) {
     t.linear(y, input, w.data.data(), w.bf16, bias, M, ldy, w.K, p0 * panel, std::min(w.N, p1 * panel));
   };
-  if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, 1);
+  if (parallel) runtime::ThreadPool::global().parallel_for(panels, part, linear_grain(M));
   else part(0, panels);
 }
 
