@@ -287,7 +287,9 @@ void panels_loop(float* y, int64_t ldy, const uint16_t* x, int64_t Kp, const uin
   int64_t n0 = n_begin;
   for (; n0 + (P - 1) * kPanel < n_end; n0 += P * kPanel)
     rows_times_panels<MR, P>(y, ldy, x, 0, Kp, w + n0 * Kp, bias, rows, n0, n_end);
-  for (; n0 < n_end; n0 += kPanel) rows_times_panels<MR, 1>(y, ldy, x, 0, Kp, w + n0 * Kp, bias, rows, n0, n_end);
+  // The last 1 .. P-1 panels side by side too (one weight stream per core reads slower).
+  if constexpr (P > 1)
+    if (n0 < n_end) panels_loop<MR, P - 1>(y, ldy, x, Kp, w, bias, rows, n0, n_end);
 }
 
 void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
