@@ -188,19 +188,18 @@ void rows_times_panels(float* y, int64_t N, const float* x, const W* wp, const f
   const W* w[P];
   for (int p = 0; p < P; ++p) w[p] = wp + p * K * kNr;
   for (int64_t k = 0; k < K; ++k) {
-    Vec wv[P][2];
+    // The rows' broadcasts first, then one panel's two weight vectors at a time: MR + 2
+    // registers besides the accumulators (not 2P + 1), which lets 2-4 rows run 3-4 panels.
+    Vec xv[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) xv[r] = vset1(x[r * K + k]);
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
-      wv[p][0] = vload_as_f32(w[p] + k * kNr);
-      wv[p][1] = vload_as_f32(w[p] + k * kNr + kLanes);
-    }
+      const Vec w0 = vload_as_f32(w[p] + k * kNr), w1 = vload_as_f32(w[p] + k * kNr + kLanes);
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const Vec xv = vset1(x[r * K + k]);
-#pragma GCC unroll 8
-      for (int p = 0; p < P; ++p) {
-        acc[p][r][0] = vfma(xv, wv[p][0], acc[p][r][0]);
-        acc[p][r][1] = vfma(xv, wv[p][1], acc[p][r][1]);
+      for (int r = 0; r < MR; ++r) {
+        acc[p][r][0] = vfma(xv[r], w0, acc[p][r][0]);
+        acc[p][r][1] = vfma(xv[r], w1, acc[p][r][1]);
       }
     }
   }
@@ -238,13 +237,13 @@ float* scratch(std::vector<float>& buf, int64_t floats) {
 template <class W>
 void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int64_t N, int64_t K,
          int64_t n_begin, int64_t n_end) {
-  // Registers: P x MR x 2 accumulators + 2P weights + a broadcast (32 zmm / 16 ymm).
+  // Registers: P x MR x 2 accumulators + MR broadcasts + 2 weights (32 zmm / 16 ymm).
   constexpr bool kWide = kLanes == 16;
   switch (M) {
     case 1: return small_m<1, kWide ? 4 : 2>(y, x, w, bias, N, K, n_begin, n_end);
-    case 2: return small_m<2, 2>(y, x, w, bias, N, K, n_begin, n_end);
-    case 3: return small_m<3, kWide ? 2 : 1>(y, x, w, bias, N, K, n_begin, n_end);
-    case 4: return small_m<4, kWide ? 2 : 1>(y, x, w, bias, N, K, n_begin, n_end);
+    case 2: return small_m<2, kWide ? 4 : 2>(y, x, w, bias, N, K, n_begin, n_end);
+    case 3: return small_m<3, kWide ? 4 : 1>(y, x, w, bias, N, K, n_begin, n_end);
+    case 4: return small_m<4, kWide ? 3 : 1>(y, x, w, bias, N, K, n_begin, n_end);
     default: break;
   }
   thread_local std::vector<float> tail_buf, state_buf, wide_buf;
