@@ -240,7 +240,7 @@ void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int
   // Registers: P x MR x 2 accumulators + MR broadcasts + 2 weights (32 zmm / 16 ymm).
   constexpr bool kWide = kLanes == 16;
   switch (M) {
-    case 1: return small_m<1, kWide ? 4 : 2>(y, x, w, bias, N, K, n_begin, n_end);
+    case 1: return small_m<1, 4>(y, x, w, bias, N, K, n_begin, n_end);
     case 2: return small_m<2, kWide ? 4 : 2>(y, x, w, bias, N, K, n_begin, n_end);
     case 3: return small_m<3, kWide ? 4 : 1>(y, x, w, bias, N, K, n_begin, n_end);
     case 4: return small_m<4, kWide ? 3 : 1>(y, x, w, bias, N, K, n_begin, n_end);
