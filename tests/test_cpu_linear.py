@@ -47,7 +47,7 @@ def _check(got, x, wf, bias, K, isa="scalar", bf16=False):
 
 
 @pytest.mark.parametrize("isa", isa_param())
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 12, 13, 16, 17, 33, 37, 64, 70])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16, 17, 33, 37, 64, 70])
 # 1, 2, 3, 5 and 10 panels of 32 columns: the decode kernels' groups of 3-4 panels and their remainders.
 @pytest.mark.parametrize("N,K", [(1, 1), (33, 16), (70, 37), (130, 301), (290, 40)])
 @pytest.mark.parametrize("bf16", [False, True])

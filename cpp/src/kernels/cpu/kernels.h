@@ -174,9 +174,9 @@ struct KernelTable {
 
 // Panels of `panel` columns covering N output columns (the last padded).
 inline int64_t linear_panels(int64_t panel, int64_t N) { return (N + panel - 1) / panel; }
-// Panels a thread should claim at a time for M input rows: a decode row's kernel reads four
-// panels side by side (several weight streams per core), so whole groups of four.
-inline int64_t linear_grain(int64_t M) { return M <= 4 ? 4 : 1; }
+// Panels a thread should claim at a time for M input rows: the kernels for up to 6 rows read
+// 2-4 panels side by side (several weight streams per core), so whole groups of four.
+inline int64_t linear_grain(int64_t M) { return M <= 6 ? 4 : 1; }
 
 // The input layout of the bf16 Linear: K rounded up to 32 (one AMX tile row) and the rows up to
 // 16 (one tile), zero-padded, in A-tile order — tile after tile of 16 rows, each a run of K/32

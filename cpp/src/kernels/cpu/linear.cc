@@ -244,6 +244,9 @@ void run(float* y, const float* x, const W* w, const float* bias, int64_t M, int
     case 2: return small_m<2, kWide ? 4 : 2>(y, x, w, bias, N, K, n_begin, n_end);
     case 3: return small_m<3, kWide ? 4 : 1>(y, x, w, bias, N, K, n_begin, n_end);
     case 4: return small_m<4, kWide ? 3 : 1>(y, x, w, bias, N, K, n_begin, n_end);
+    // 5 and 6 rows: the tiled path would run them as an 8-row tile, one panel at a time.
+    case 5: if constexpr (kWide) return small_m<5, 2>(y, x, w, bias, N, K, n_begin, n_end); else break;
+    case 6: if constexpr (kWide) return small_m<6, 2>(y, x, w, bias, N, K, n_begin, n_end); else break;
     default: break;
   }
   thread_local std::vector<float> tail_buf, state_buf, wide_buf;
