@@ -36,7 +36,8 @@ class ThreadPool {
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   // fn(begin, end) for disjoint ranges covering [0, n); every range holds whole groups of
-  // `grain` items (begin a multiple of grain; only the last range may end short). Which thread runs which range varies from call to call.
+  // `grain` items (begin a multiple of grain; only the last range may end short). Which thread
+  // runs which range varies from call to call.
   // Not reentrant: call it from one thread at a time, never from inside fn.
   template <class Fn>
   void parallel_for(int64_t n, Fn&& fn, int64_t grain = 1) {

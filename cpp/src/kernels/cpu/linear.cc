@@ -175,7 +175,7 @@ void panel_times_rows(float* y, int64_t N, const float* x, const float* tail, co
   }
 }
 
-// Up to 4 rows straight from x, P panels side by side: P sequential weight streams and
+// Up to 6 rows straight from x, P panels side by side: P sequential weight streams and
 // P x MR x 2 independent chains per thread keep enough loads in flight for one decode row (a
 // single panel stream per core reached ~75 % of what several do; 6 were no better, and software
 // prefetching on top made it slower). Each output's chain is the same as in panel_times_rows.
