@@ -87,8 +87,6 @@ inline int64_t kv_row_offset(const PagedAttentionArgs& a, const int32_t* bt, int
   return ((int64_t(bt[p / a.block_size]) * a.num_kv_heads + kv_head) * a.block_size + p % a.block_size) * a.head_dim;
 }
 
-
-
 // Activations quantized for the int8 Linear: per row, blocks of 32 values in two int8 levels,
 // x ~ d * (qs + qs2 / 254) (the second level holds the first's rounding error: ~15 bits in all,
 // where one int8 level flipped near-tied tokens of real models), with each level's block sums
