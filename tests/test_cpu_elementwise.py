@@ -67,23 +67,24 @@ def test_write_kv_cache(isa, bf16):
         _core.write_kv_cache(isa, key, value, kc, vc, np.full(tokens, 24, np.int32))
 
 
-def test_amx_tile_layout_of_the_kv_cache():
-    """The amx level keeps bf16 caches with head_dim % 32 == 0 and blocks of 16k tokens in its
-    tile layout (attention_tiles.h): K [d/2][block][2], V [block/2][d][2] per block and head.
-    Tokens written one at a time (decodes: half of each V word) and in runs (prefill)."""
-    if "amx" not in _core.cpu_supported_isas():
-        pytest.skip("this CPU has no amx")
+@pytest.mark.parametrize("isa", [i for i in ISAS if i not in ("ref", "scalar")])
+@pytest.mark.parametrize("d, bs", [(64, 16), (128, 32)])
+def test_pair_layout_of_the_kv_cache(isa, d, bs):
+    """Every vector level keeps bf16 caches with head_dim % 32 == 0 and blocks of 16k tokens in
+    the pair layout (attention_tiles.h): K [d/2][block][2], V [block/2][d][2] per block and head
+    (the amx level's tiles read it as is). Tokens written one at a time (decodes: half of each V
+    word) and in runs (prefill)."""
     rng = np.random.default_rng(2)
-    kv_heads, d, bs, blocks = 3, 64, 16, 4
+    kv_heads, blocks = 3, 4
     tokens = 23
     key = rng.standard_normal((tokens, kv_heads, d)).astype(np.float32)
     value = rng.standard_normal((tokens, kv_heads, d)).astype(np.float32)
     slots = rng.permutation(blocks * bs)[:tokens].astype(np.int32)
     kc = np.zeros((blocks, kv_heads, bs, d), np.uint16)
     vc = np.zeros_like(kc)
-    _core.write_kv_cache("amx", key[:5], value[:5], kc, vc, slots[:5])      # a run
-    for t in range(5, tokens):                                               # one at a time
-        _core.write_kv_cache("amx", key[t:t + 1], value[t:t + 1], kc, vc, slots[t:t + 1])
+    _core.write_kv_cache(isa, key[:5], value[:5], kc, vc, slots[:5])      # a run
+    for t in range(5, tokens):                                             # one at a time
+        _core.write_kv_cache(isa, key[t:t + 1], value[t:t + 1], kc, vc, slots[t:t + 1])
     k_flat = kc.reshape(blocks, kv_heads, d // 2, bs, 2)
     v_flat = vc.reshape(blocks, kv_heads, bs // 2, d, 2)
     for t, s in enumerate(slots):

@@ -3,9 +3,11 @@
 // successive calls read successive copies of the cache, together larger than any cache. Prints
 // the K + V bytes read per second, beside one thread plainly reading the same copies.
 // Usage: bench_attention [--isa LEVEL] [--seqs 64] [--ctx 320] [--kv-heads 3] [--group 3]
-//                        [--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--reps 15]
+//                        [--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--reps 15]
 //   --shuffle: each sequence's blocks scattered over the cache (a long-running server's tables)
 //   --pool:    sequences split over ThreadPool::global() as the CPU backend does (else one thread)
+//   --warm:    one cache of just the sequences' blocks, read again and again (what the kernel's
+//              arithmetic alone reaches, with K and V in the core's caches)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -50,7 +52,7 @@ int main(int argc, char** argv) {
   runtime::Isa isa = runtime::active_isa();
   int64_t seqs = 64, ctx = 320, nkv = 3, group = 3, D = 64, bs = 16;
   int reps = 15;
-  bool shuffle = false, use_pool = false;
+  bool shuffle = false, use_pool = false, warm = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&] { return std::atoll(argv[++i]); };
@@ -64,19 +66,21 @@ int main(int argc, char** argv) {
     else if (a == "--reps" && i + 1 < argc) reps = std::max(1, int(value()));
     else if (a == "--shuffle") shuffle = true;
     else if (a == "--pool") use_pool = true;
+    else if (a == "--warm") warm = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_attention [--isa LEVEL] [--seqs 64] [--ctx 320] [--kv-heads 3] [--group 3] "
-                   "[--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--reps 15]\n");
+                   "[--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--reps 15]\n");
       return 2;
     }
   }
   const cpu::KernelTable& table = cpu::kernels_for(isa);
   runtime::ThreadPool& pool = runtime::ThreadPool::global();
   const int64_t nq = nkv * group, per_seq = (ctx + bs - 1) / bs;
-  const int64_t blocks = std::max(seqs * per_seq, int64_t(1) << 14);  // a pool of blocks, as a server's
+  // A pool of blocks, as a server's.
+  const int64_t blocks = warm ? seqs * per_seq : std::max(seqs * per_seq, int64_t(1) << 14);
   const int64_t cache_bytes = blocks * nkv * bs * D * 2;  // bf16
-  const int64_t copies = std::max<int64_t>(2, kColdBytes / (2 * cache_bytes));
+  const int64_t copies = warm ? 1 : std::max<int64_t>(2, kColdBytes / (2 * cache_bytes));
   std::vector<runtime::HostBuffer> k, v;
   std::mt19937 rng(1);
   for (int64_t c = 0; c < copies; ++c) {
@@ -130,10 +134,10 @@ int main(int argc, char** argv) {
       },
       reps);
   const double kv_bytes = double(seqs) * double(ctx) * double(nkv) * double(D) * 2 * 2;
-  std::printf("isa %s, %s, %lld sequences x %lld positions, %lld KV heads (group %lld, head_dim %lld, block %lld)%s\n",
+  std::printf("isa %s, %s, %lld sequences x %lld positions, %lld KV heads (group %lld, head_dim %lld, block %lld)%s%s\n",
               runtime::isa_name(isa), use_pool ? "the pool's threads" : "one thread", (long long)seqs,
               (long long)ctx, (long long)nkv, (long long)group, (long long)D, (long long)bs,
-              shuffle ? ", blocks shuffled" : "");
+              shuffle ? ", blocks shuffled" : "", warm ? ", warm" : "");
   std::printf("decode attention: %.3f ms, %.1f GB/s of K+V (one thread reading plainly: %.1f GB/s)%s\n", sec * 1e3,
               kv_bytes / sec / 1e9, double(cache_bytes) / plain / 1e9, sink[0] == 42 ? " " : "");
   return 0;

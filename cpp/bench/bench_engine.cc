@@ -4,8 +4,10 @@
 // with --dummy.
 // Usage: bench_engine MODEL_DIR [--dummy] [--batch 16] [--prompt 16] [--tokens 64] [--reps 3]
 //                     [--dtype bfloat16] [--compute-dtype auto] [--max-model-len 1024]
-//                     [--max-num-batched-tokens 1024]
+//                     [--max-num-batched-tokens 1024] [--decode-only]
 // (--tokens 1 times the prefill: prompt tokens per second are batch * prompt / time.)
+// --decode-only: the clock starts once every prompt has its first token, so the figure is the
+// decode steps' alone (batch * (tokens - 1) / time), at contexts from prompt to prompt + tokens.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <exception>
 #include <random>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "flashpage/engine.h"
@@ -21,7 +24,7 @@ int main(int argc, char** argv) try {
   if (argc < 2) {
     std::fprintf(stderr, "usage: bench_engine MODEL_DIR [--dummy] [--batch B] [--prompt P] [--tokens T] "
                          "[--reps R] [--dtype D] [--compute-dtype C] [--max-model-len L] "
-                         "[--max-num-batched-tokens N]\n");
+                         "[--max-num-batched-tokens N] [--decode-only]\n");
     return 2;
   }
   flashpage::EngineConfig cfg;
@@ -29,6 +32,7 @@ int main(int argc, char** argv) try {
   cfg.max_model_len = 1024;
   cfg.max_num_batched_tokens = 1024;
   int batch = 16, prompt = 16, tokens = 64, reps = 3;
+  bool decode_only = false;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? argv[++i] : throw std::invalid_argument(a + " needs a value"); };
@@ -41,6 +45,7 @@ int main(int argc, char** argv) try {
     else if (a == "--compute-dtype") cfg.compute_dtype = next();
     else if (a == "--max-model-len") cfg.max_model_len = std::atoi(next());
     else if (a == "--max-num-batched-tokens") cfg.max_num_batched_tokens = std::atoi(next());
+    else if (a == "--decode-only") decode_only = true;
     else throw std::invalid_argument("unknown option " + a);
   }
   flashpage::Engine engine(cfg);
@@ -54,18 +59,33 @@ int main(int argc, char** argv) try {
     std::vector<std::vector<int32_t>> prompts(size_t(batch), std::vector<int32_t>(size_t(prompt), 0));
     for (auto& p : prompts)
       for (auto& t : p) t = int32_t(rng() % uint32_t(vocab));
-    const auto t0 = std::chrono::steady_clock::now();
-    engine.generate(prompts, opt);
+    auto t0 = std::chrono::steady_clock::now();
+    if (!decode_only) {
+      engine.generate(prompts, opt);
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    for (const auto& p : prompts) engine.add_request(p, opt);
+    std::unordered_set<int64_t> started;
+    while (int64_t(started.size()) < batch)
+      for (const flashpage::TokenEvent& e : engine.step()) started.insert(e.request_id);
+    t0 = std::chrono::steady_clock::now();
+    while (engine.has_unfinished()) engine.step();
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
+  if (decode_only && tokens < 2) throw std::invalid_argument("--decode-only needs --tokens of 2 or more");
+  // The engine would stop them short (the last token needs no position of its own).
+  if (int64_t(prompt) + tokens - 1 > engine.config().max_model_len)
+    throw std::invalid_argument("--prompt + --tokens - 1 exceeds --max-model-len " +
+                                std::to_string(engine.config().max_model_len));
   run();  // warm-up: scratch buffers, KV pages
   std::vector<double> rates;
-  const double per_run = double(batch) * (tokens == 1 ? prompt : tokens);
+  const double per_run = double(batch) * (tokens == 1 ? prompt : decode_only ? tokens - 1 : tokens);
   for (int r = 0; r < reps; ++r) rates.push_back(per_run / run());
   std::sort(rates.begin(), rates.end());
+  const char* what = tokens == 1 ? "prompt" : decode_only ? "decoded" : "generated";
   std::printf("batch %d, prompt %d, %d tokens each (%s): %.1f %s tok/s (median of %d; min %.1f, max %.1f)\n", batch,
-              prompt, tokens, engine.info().isa.c_str(), rates[rates.size() / 2], tokens == 1 ? "prompt" : "generated",
-              reps, rates.front(), rates.back());
+              prompt, tokens, engine.info().isa.c_str(), rates[rates.size() / 2], what, reps, rates.front(),
+              rates.back());
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_engine: %s\n", e.what());

@@ -54,18 +54,81 @@ TileScratch tile_scratch(int64_t D) {
   return {b, b + tiles, b + 2 * tiles, b + 2 * tiles + groups, b + 2 * tiles + 2 * groups};
 }
 
+// The kLanes keys and values from position p0 (ng of them before max_pos) widened to fp32 into
+// the tile scratch: K as [key][d] (keys from ng on zero: finite, masked later), V as [key][d].
+template <class KV>
+void widen_rows(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, int64_t p0, int ng, int64_t D,
+                const TileScratch& t) {
+  const KV* kc = static_cast<const KV*>(a.k_cache);
+  const KV* vc = static_cast<const KV*>(a.v_cache);
+  for (int j = 0; j < kLanes; ++j) {
+    float* kj = t.kw + j * D;
+    float* vj = t.vw + j * D;
+    if (j >= ng) {
+      std::fill(kj, kj + D, 0.f);
+      continue;
+    }
+    const int64_t off = kv_row_offset(a, bt, kvh, p0 + j);
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) {
+      vstore(kj + d, vload_as_f32(kc + off + d));
+      vstore(vj + d, vload_as_f32(vc + off + d));
+    }
+    for (; d < D; ++d) {
+      kj[d] = scalar_as_f32(kc + off + d);
+      vj[d] = scalar_as_f32(vc + off + d);
+    }
+  }
+}
+
+// The pair layout's first word of the kLanes keys from position p0 (p0 % kLanes == 0, so they
+// lie in one block and start a pair): K's pair row dp at k + dp * block_size * 2, V's rows of
+// keys 2jp and 2jp + 1 at v + jp * head_dim * 2.
+struct PairGroup {
+  const uint16_t *k, *v;
+};
+inline PairGroup pair_group(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, int64_t p0) {
+  const int64_t base = (int64_t(bt[p0 / a.block_size]) * a.num_kv_heads + kvh) * a.block_size * a.head_dim;
+  const int64_t off = p0 % a.block_size;
+  return {static_cast<const uint16_t*>(a.k_cache) + base + off * 2,
+          static_cast<const uint16_t*>(a.v_cache) + base + off * a.head_dim};
+}
+
+// widen_rows from the pair layout, K as K^T ([d][key]) this time: two rows of it per load.
+inline void widen_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, int64_t p0, int ng, int64_t D,
+                        const TileScratch& t) {
+  const PairGroup g = pair_group(a, bt, kvh, p0);
+  const int64_t k_row = a.block_size * 2;
+  const Vec live = vsub(vset1(float(ng - 1)), vload(kLaneIndex)), zero = vzero();  // >= 0: j < ng
+  for (int64_t dp = 0; dp < D / 2; ++dp) {
+    Vec lo, hi;
+    vload_bf16_pairs(g.k + dp * k_row, lo, hi);
+    vstore(t.kw + 2 * dp * kLanes, vselect_ge(live, zero, lo, zero));
+    vstore(t.kw + (2 * dp + 1) * kLanes, vselect_ge(live, zero, hi, zero));
+  }
+  for (int j = 0; j < ng; j += 2)
+    for (int64_t d = 0; d < D; d += kLanes) {
+      Vec lo, hi;
+      vload_bf16_pairs(g.v + (j / 2 * D + d) * 2, lo, hi);
+      vstore(t.vw + j * D + d, lo);
+      if (j + 1 < ng) vstore(t.vw + (j + 1) * D + d, hi);
+    }
+}
+
 // T tiles (1 or 2) of up to kLanes rows each. HD is the head dim when known at compile time
 // (0: a.head_dim), so that the broadcasts of the widened keys are fixed offsets from one pointer.
+// Pairs: the cache is in the pair layout (attention_tiles.h); the group's keys are widened as
+// K^T ([d][key], two rows of it per load) rather than as K ([key][d]).
 // Two tiles share each widened key group, and each broadcast key or value then feeds two FMAs:
 // one tile's products issue a load per FMA, which the two load ports, not the FMA units, bound.
-template <int HD, int T, class KV>
+template <int HD, int T, class KV, bool Pairs>
 void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[2][kLanes],
                   const float (&posf)[2][kLanes], int64_t max_pos, const TileScratch& t) {
   static_assert(T == 1 || T == 2);
   constexpr int kHalf = kLanes / 2, kChunk2 = kOutChunk / 2;
   const int64_t D = HD > 0 ? HD : a.head_dim;
-  const KV* kc = static_cast<const KV*>(a.k_cache);
-  const KV* vc = static_cast<const KV*>(a.v_cache);
+  // Where key j's element d lies in the widened group.
+  auto key_at = [](int j, int64_t d, int64_t D) { return Pairs ? d * kLanes + j : j * D + d; };
   const Vec neg_inf = vset1(-INFINITY), one = vset1(1.f);
   Vec pos[T], m[T], l[T], corr[T];
   float* qt[T];
@@ -82,24 +145,8 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
   }
   for (int64_t p0 = 0; p0 <= max_pos; p0 += kLanes) {
     const int ng = int(std::min<int64_t>(kLanes, max_pos - p0 + 1));
-    for (int j = 0; j < kLanes; ++j) {
-      float* kj = t.kw + j * D;
-      float* vj = t.vw + j * D;
-      if (j >= ng) {  // past every row: finite zeros, masked below
-        std::fill(kj, kj + D, 0.f);
-        continue;
-      }
-      const int64_t off = kv_row_offset(a, bt, kvh, p0 + j);
-      int64_t d = 0;
-      for (; d + kLanes <= D; d += kLanes) {
-        vstore(kj + d, vload_as_f32(kc + off + d));
-        vstore(vj + d, vload_as_f32(vc + off + d));
-      }
-      for (; d < D; ++d) {
-        kj[d] = scalar_as_f32(kc + off + d);
-        vj[d] = scalar_as_f32(vc + off + d);
-      }
-    }
+    if constexpr (Pairs) widen_pairs(a, bt, kvh, p0, ng, D, t);
+    else widen_rows<KV>(a, bt, kvh, p0, ng, D, t);
     // S^T: one vector per key, the rows in lanes (each an FMA chain over d).
     Vec s[T][kLanes];
     if constexpr (T == 1) {
@@ -108,7 +155,7 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
       for (int64_t d = 0; d < D; ++d) {
         const Vec q = vload(qt[0] + d * kLanes);
 #pragma GCC unroll 16
-        for (int j = 0; j < kLanes; ++j) s[0][j] = vfma(q, vset1(t.kw[j * D + d]), s[0][j]);
+        for (int j = 0; j < kLanes; ++j) s[0][j] = vfma(q, vset1(t.kw[key_at(j, d, D)]), s[0][j]);
       }
     } else {
       for (int h = 0; h < kLanes; h += kHalf) {  // half the keys at a time: 2 x kHalf chains
@@ -119,7 +166,7 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
           const Vec q0 = vload(qt[0] + d * kLanes), q1 = vload(qt[1] + d * kLanes);
 #pragma GCC unroll 8
           for (int j = 0; j < kHalf; ++j) {
-            const Vec k = vset1(t.kw[(h + j) * D + d]);
+            const Vec k = vset1(t.kw[key_at(h + j, d, D)]);
             s0[j] = vfma(q0, k, s0[j]);
             s1[j] = vfma(q1, k, s1[j]);
           }
@@ -270,7 +317,119 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
   }
 }
 
-template <int HD, class KV>
+// attend_few on the pair layout, NT rows: each group's K and V come straight from the cache and
+// are unpacked once for all the rows (a shift and a mask per two rows of K^T or two keys of V:
+// no transposition, no scratch copy), and the rows' FMA chains interleave. Bit for bit
+// attend_few's arithmetic: every score the same chain over d in order, the same exps, l and each
+// output summed over the keys in order, a row's steps past its position skipped.
+template <int HD, int NT>
+void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, float* const (&outs)[kLanes],
+                      const float (&posf)[kLanes], int64_t max_pos, const TileScratch& t) {
+  // Groups whose scores accumulate at once, and output vectors per pass of P . V: NT times
+  // either in registers (AVX2 has 16).
+  constexpr int kScoreGroups = kLanes == 16 ? kFewGroups : 2, kPvChunk = kLanes == 16 ? 4 : 2;
+  const int64_t D = HD > 0 ? HD : a.head_dim, k_row = a.block_size * 2;
+  const float* q = t.qt;  // [row][d]
+  float* o = t.ot;        // [row][d]
+  float m[NT], l[NT];
+  for (int i = 0; i < NT; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+    std::fill(o + i * D, o + (i + 1) * D, 0.f);
+  }
+  const Vec lane = vload(kLaneIndex), one = vset1(1.f);
+  for (int64_t g0 = 0; g0 <= max_pos; g0 += kFewGroups * kLanes) {
+    const int groups = int(std::min<int64_t>(kFewGroups, (max_pos - g0) / kLanes + 1));
+    PairGroup pg[kFewGroups];
+    for (int g = 0; g < groups; ++g) pg[g] = pair_group(a, bt, kvh, g0 + g * kLanes);
+    // Scores of all the pass's groups first: independent chains.
+    Vec s[NT][kFewGroups];
+    auto scores = [&]<int G>(int g_first) {
+      Vec acc[NT][G];
+      for (int i = 0; i < NT; ++i)
+        for (int g = 0; g < G; ++g) acc[i][g] = vzero();
+      for (int64_t dp = 0; dp < D / 2; ++dp) {
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          Vec k0, k1;
+          vload_bf16_pairs(pg[g_first + g].k + dp * k_row, k0, k1);
+          for (int i = 0; i < NT; ++i) acc[i][g] = vfma(vset1(q[i * D + 2 * dp]), k0, acc[i][g]);
+          for (int i = 0; i < NT; ++i) acc[i][g] = vfma(vset1(q[i * D + 2 * dp + 1]), k1, acc[i][g]);
+        }
+      }
+      for (int i = 0; i < NT; ++i)
+        for (int g = 0; g < G; ++g) s[i][g_first + g] = acc[i][g];
+    };
+    for (int g = 0; g < groups;) {
+      const int left = std::min(kScoreGroups, groups - g);
+      if (left >= 4) scores.template operator()<4>(g);
+      else if (left >= 2) scores.template operator()<2>(g);
+      else scores.template operator()<1>(g);
+      g += left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    }
+    for (int g = 0; g < groups; ++g) {
+      const int64_t p0 = g0 + g * kLanes;
+      // Softmax step of each row: a row before this group keeps its state (rescale 1, no keys).
+      alignas(64) float pr[NT][kLanes];
+      Vec corr[NT];
+      int nk[NT], nk_all = kLanes, nk_any = 0;
+      for (int i = 0; i < NT; ++i) {
+        corr[i] = one;
+        nk[i] = 0;
+        if (posf[i] >= float(p0)) {
+          const Vec valid = vsub(vset1(posf[i] - float(p0)), lane);  // >= 0 where key p0 + j counts
+          const Vec sg = vselect_ge(valid, vzero(), s[i][g], vset1(-INFINITY));
+          const float m_new = std::max(m[i], vmax_all(sg));
+          vstore(pr[i], vselect_ge(valid, vzero(), vexp(vsub(sg, vset1(m_new))), vzero()));
+          corr[i] = vexp(vset1(m[i] - m_new));
+          float li = opaque(l[i] * vfirst(corr[i]));
+          nk[i] = int(std::min<float>(float(kLanes), posf[i] - float(p0) + 1.f));
+          for (int j = 0; j < nk[i]; ++j) li += pr[i][j];
+          l[i] = li;
+          m[i] = m_new;
+        }
+        nk_all = std::min(nk_all, nk[i]);
+        nk_any = std::max(nk_any, nk[i]);
+      }
+      // O = O * corr + P . V, kPvChunk vectors of each row at a time.
+      const uint16_t* v = pg[g].v;
+      auto pv = [&]<int C>(int64_t d0) {
+        Vec acc[NT][C];
+        for (int i = 0; i < NT; ++i)
+          for (int c = 0; c < C; ++c) acc[i][c] = vmul(vload(o + i * D + d0 + c * kLanes), corr[i]);
+        int j = 0;
+        for (; j + 1 < nk_all; j += 2) {
+#pragma GCC unroll 4
+          for (int c = 0; c < C; ++c) {
+            Vec v0, v1;
+            vload_bf16_pairs(v + (j / 2 * D + d0 + c * kLanes) * 2, v0, v1);
+            for (int i = 0; i < NT; ++i) acc[i][c] = vfma(vset1(pr[i][j]), v0, acc[i][c]);
+            for (int i = 0; i < NT; ++i) acc[i][c] = vfma(vset1(pr[i][j + 1]), v1, acc[i][c]);
+          }
+        }
+        for (; j < nk_any; ++j)  // keys that only some rows take
+          for (int c = 0; c < C; ++c) {
+            Vec v0, v1;
+            vload_bf16_pairs(v + (j / 2 * D + d0 + c * kLanes) * 2, v0, v1);
+            const Vec vj = j % 2 ? v1 : v0;
+            for (int i = 0; i < NT; ++i)
+              if (j < nk[i]) acc[i][c] = vfma(vset1(pr[i][j]), vj, acc[i][c]);
+          }
+        for (int i = 0; i < NT; ++i)
+          for (int c = 0; c < C; ++c) vstore(o + i * D + d0 + c * kLanes, acc[i][c]);
+      };
+      int64_t d0 = 0;
+      for (; d0 + kPvChunk * kLanes <= D; d0 += kPvChunk * kLanes) pv.template operator()<kPvChunk>(d0);
+      for (; d0 < D; d0 += kLanes) pv.template operator()<1>(d0);
+    }
+  }
+  for (int i = 0; i < NT; ++i) {
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    for (int64_t d = 0; d < D; ++d) outs[i][d] = o[i * D + d] * inv;
+  }
+}
+
+template <int HD, class KV, bool Pairs>
 void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = HD > 0 ? HD : a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
   const TileScratch t = tile_scratch(D);
@@ -306,20 +465,29 @@ void attend(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
             max_pos = std::max(max_pos, ctx - q_len + r);
           }
         }
-        if (few) attend_few<HD, KV>(a, bt, kvh, outs[0], posf[0], int(left), max_pos, t);
-        else if (tiles == 2) attend_tiles<HD, 2, KV>(a, bt, kvh, outs, posf, max_pos, t);
-        else attend_tiles<HD, 1, KV>(a, bt, kvh, outs, posf, max_pos, t);
+        if (few && Pairs) {
+          if (left == 1) attend_few_pairs<HD, 1>(a, bt, kvh, outs[0], posf[0], max_pos, t);
+          else if (left == 2) attend_few_pairs<HD, 2>(a, bt, kvh, outs[0], posf[0], max_pos, t);
+          else if (left == 3) attend_few_pairs<HD, 3>(a, bt, kvh, outs[0], posf[0], max_pos, t);
+          else attend_few_pairs<HD, 4>(a, bt, kvh, outs[0], posf[0], max_pos, t);
+        } else if (few) {
+          attend_few<HD, KV>(a, bt, kvh, outs[0], posf[0], int(left), max_pos, t);
+        } else if (tiles == 2) {
+          attend_tiles<HD, 2, KV, Pairs>(a, bt, kvh, outs, posf, max_pos, t);
+        } else {
+          attend_tiles<HD, 1, KV, Pairs>(a, bt, kvh, outs, posf, max_pos, t);
+        }
         t0 += tiles * kLanes;
       }
     }
   }
 }
 
-template <class KV>
+template <class KV, bool Pairs = false>
 void attend_any(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
-  if (a.head_dim == 64) attend<64, KV>(a, seq_begin, seq_end);
-  else if (a.head_dim == 128) attend<128, KV>(a, seq_begin, seq_end);
-  else attend<0, KV>(a, seq_begin, seq_end);
+  if (a.head_dim == 64) attend<64, KV, Pairs>(a, seq_begin, seq_end);
+  else if (a.head_dim == 128) attend<128, KV, Pairs>(a, seq_begin, seq_end);
+  else attend<0, KV, Pairs>(a, seq_begin, seq_end);
 }
 
 }  // namespace
@@ -328,8 +496,11 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
   if (a.head_dim > kMaxHeadDim)
     throw std::invalid_argument("paged_attention: head_dim " + std::to_string(a.head_dim) +
                                 " exceeds " + std::to_string(kMaxHeadDim));
+  if (kv_pair_layout(a.kv_bf16, a.head_dim, a.block_size))
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (kv_tile_layout(a.kv_bf16, a.head_dim, a.block_size)) return paged_attention_tiles(a, seq_begin, seq_end);
+    return paged_attention_tiles(a, seq_begin, seq_end);
+#else
+    return attend_any<uint16_t, true>(a, seq_begin, seq_end);
 #endif
   if (a.kv_bf16) attend_any<uint16_t>(a, seq_begin, seq_end);
   else attend_any<float>(a, seq_begin, seq_end);

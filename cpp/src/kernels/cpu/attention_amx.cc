@@ -1,4 +1,4 @@
-// Paged attention on AMX tiles for bf16 caches in the tile layout (attention_tiles.h): a
+// Paged attention on AMX tiles for bf16 caches in the pair layout (attention_tiles.h): a
 // flash-attention loop over 16-row tiles of one KV head's rows (query positions x the heads of
 // its GQA group), keys 64 at a time from position 0:
 //   S = Q . K^T     four 16 x 16 tiles, Q (scaled, rounded to bf16) against the cached K tiles

@@ -1,5 +1,6 @@
-// Paged attention on AMX tiles (attention_amx.cc, the amx level only), and the KV-cache layout
-// it reads. Include only from sources compiled per ISA level.
+// The KV-cache layout of bf16 pairs that every vector level keeps for bf16 caches of common
+// shapes, and paged attention on AMX tiles over it (attention_amx.cc, the amx level only).
+// Include only from sources compiled per ISA level.
 #pragma once
 
 #include <cstdint>
@@ -8,17 +9,21 @@
 
 namespace flashpage::cpu::FLASHPAGE_ISA {
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Whether the amx level keeps a cache of this shape in its tile layout (and attends with tiles):
-// bf16 caches with head_dim a multiple of 32 and blocks a multiple of 16 tokens. Within each
-// [block, kv_head] of block_size x head_dim values (the standard layout's size and place):
+// Whether bf16 caches of this shape are kept in the pair layout: head_dim a multiple of 32 (and
+// at most 256) and blocks a multiple of 16 tokens. Within each [block, kv_head] of
+// block_size x head_dim values (the standard layout's size and place):
 //   K: [head_dim / 2][block_size][2] — 16 consecutive tokens' (d, d + 1) pairs side by side:
-//      the B tile of Q . K^T is 16 rows of 64 bytes, one per pair of d;
-//   V: [block_size / 2][head_dim][2] — (token, token + 1) pairs for each d: the B tile of P . V.
-// Other shapes keep the standard [block_size][head_dim] layout and the vector kernels.
-inline bool kv_tile_layout(bool kv_bf16, int64_t head_dim, int64_t block_size) {
+//      one vector load is K^T's rows d and d + 1 for 16 keys (the vector kernels' scores need
+//      no transposition), and the B tile of Q . K^T is 16 rows of 64 bytes, one per pair of d;
+//   V: [block_size / 2][head_dim][2] — (token, token + 1) pairs for each d: one vector load is
+//      V's rows of two tokens, and the B tile of P . V.
+// Other shapes (and fp32 caches, and the scalar reference) keep the standard
+// [block_size][head_dim] layout.
+inline bool kv_pair_layout(bool kv_bf16, int64_t head_dim, int64_t block_size) {
   return kv_bf16 && head_dim % 32 == 0 && head_dim <= 256 && block_size % 16 == 0;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
                           const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
                           int64_t block_size);

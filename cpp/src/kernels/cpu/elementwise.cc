@@ -44,12 +44,45 @@ void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t to
   }
 }
 
+#if !(defined(__AMX_TILE__) && defined(__AMX_BF16__))  // amx writes it with its own instructions
+namespace {
+
+// The pair layout (attention_tiles.h), one value at a time: a token's K is one half of each word
+// of its column, its V one half of each word of its pair row. 16-bit stores, never a
+// read-modify-write of a word: the pair's other token may be written by another thread.
+void write_kv_cache_pairs(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
+                          const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
+                          int64_t block_size) {
+  const int64_t D = head_dim, bs = block_size;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / bs, off = slot % bs;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* kr = key + (t * kv_heads + h) * D;
+      const float* vr = value + (t * kv_heads + h) * D;
+      uint16_t* kb = k_cache + (block * kv_heads + h) * bs * D + off * 2;
+      uint16_t* vb = v_cache + (block * kv_heads + h) * bs * D + (off / 2) * D * 2 + off % 2;
+      for (int64_t d = 0; d < D; ++d) {
+        kb[(d / 2) * bs * 2 + d % 2] = bf16_round(kr[d]);
+        vb[d * 2] = bf16_round(vr[d]);
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,
                     bool cache_bf16, const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads,
                     int64_t head_dim, int64_t block_size) {
+  if (kv_pair_layout(cache_bf16, head_dim, block_size))
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if (kv_tile_layout(cache_bf16, head_dim, block_size))
     return write_kv_cache_tiles(key, value, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
+                                slot_mapping, tokens, kv_heads, head_dim, block_size);
+#else
+    return write_kv_cache_pairs(key, value, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
                                 slot_mapping, tokens, kv_heads, head_dim, block_size);
 #endif
   for (int64_t t = 0; t < tokens; ++t) {

@@ -39,6 +39,13 @@ inline Vec vload_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
+// kLanes 32-bit words of bf16 pairs (raw uint16 at p: element 2i low, 2i + 1 high), widened:
+// `lo` the even elements, `hi` the odd ones, lane i from word i. A shift and a mask, no shuffle.
+inline void vload_bf16_pairs(const uint16_t* p, Vec& lo, Vec& hi) {
+  const __m512i w = _mm512_loadu_si512(p);
+  lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  hi = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
 // GCC 12 warns (-Wuninitialized) on inlined intrinsics built on _mm512_undefined_ps (the
 // 512-to-256 casts, shuffle_f32x4, permute_ps); their zero-masked forms with a full mask are
 // the same instructions without that.
@@ -113,6 +120,11 @@ inline void vstore_first(float* p, Vec v, int n) {
 inline Vec vload_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline void vload_bf16_pairs(const uint16_t* p, Vec& lo, Vec& hi) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  hi = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xFFFF0000u))));
 }
 // The same halving tree: lane i + lane i+4, then i + i+2, then i + i+1.
 inline float vsum(Vec v) {
