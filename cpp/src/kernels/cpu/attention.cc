@@ -9,6 +9,10 @@
 // kernel did before: attention was 33 % of a 1,024-token SmolLM2 prefill on AVX-512 at 14 % of
 // the FLOPs).
 //
+// bf16 caches of the usual shapes are in the pair layout (attention_tiles.h): a load is two rows
+// of K^T for kLanes keys, or two keys' rows of V, so decodes (attend_few_pairs) read them where
+// they lie, with no transposition (it was most of a decode's attention time).
+//
 // A row's arithmetic depends only on that row: every step is lane by lane, its key groups start
 // at position 0, and a group reaching past a row's position leaves it bit for bit as it was
 // (its scores masked to -inf, its P to 0, its rescale factor to 1). So results do not depend on
@@ -232,6 +236,32 @@ void attend_tiles(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, f
   }
 }
 
+// One row's online-softmax step over the kLanes keys from p0, the keys in lanes (attend_few and
+// attend_few_pairs: one code, so one arithmetic): the row at position pos >= p0 with scores s
+// gets P in pr, its running max m and sum l updated, and the keys it takes in nk; returns the
+// rescale factor of its output.
+inline Vec few_softmax_step(Vec s, float pos, int64_t p0, float& m, float& l, float* pr, int& nk) {
+  const Vec valid = vsub(vset1(pos - float(p0)), vload(kLaneIndex));  // >= 0 where key p0 + j counts
+  const Vec sg = vselect_ge(valid, vzero(), s, vset1(-INFINITY));
+  const float m_new = std::max(m, vmax_all(sg));
+  vstore(pr, vselect_ge(valid, vzero(), vexp(vsub(sg, vset1(m_new))), vzero()));
+  const Vec corr = vexp(vset1(m - m_new));
+  float li = opaque(l * vfirst(corr));
+  nk = int(std::min<float>(float(kLanes), pos - float(p0) + 1.f));
+  for (int j = 0; j < nk; ++j) li += pr[j];
+  l = li;
+  m = m_new;
+  return corr;
+}
+
+// Rows [0, n) of O ([row][d]) divided by their sums into outs.
+inline void few_finish(float* const (&outs)[kLanes], const float* o, const float* l, int n, int64_t D) {
+  for (int i = 0; i < n; ++i) {
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    for (int64_t d = 0; d < D; ++d) outs[i][d] = o[i * D + d] * inv;
+  }
+}
+
 // A tile of few rows with the keys in lanes instead (K transposed as it is widened): per row, a
 // vector of scores per key group, O a row of vectors. Bit for bit attend_tiles' arithmetic: each
 // score the same FMA chain over d in order, the same vexp for each P and rescale factor, l and
@@ -252,7 +282,6 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
     l[i] = 0.f;
     std::fill(o + i * D, o + (i + 1) * D, 0.f);
   }
-  const Vec lane = vload(kLaneIndex);
   for (int64_t g0 = 0; g0 <= max_pos; g0 += kFewGroups * kLanes) {
     const int groups = int(std::min<int64_t>(kFewGroups, (max_pos - g0) / kLanes + 1));
     // K^T of each group ([group][d][key]; keys past max_pos zero) and V ([group][key][d]).
@@ -291,17 +320,9 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
       for (int g = 0; g < groups; ++g) {
         const int64_t p0 = g0 + g * kLanes;
         if (posf[i] < float(p0)) break;
-        const Vec valid = vsub(vset1(posf[i] - float(p0)), lane);  // >= 0 where key p0 + j counts
-        const Vec sg = vselect_ge(valid, vzero(), s[g], vset1(-INFINITY));
-        const float m_new = std::max(m[i], vmax_all(sg));
         alignas(64) float pr[kLanes];
-        vstore(pr, vselect_ge(valid, vzero(), vexp(vsub(sg, vset1(m_new))), vzero()));
-        const Vec corr = vexp(vset1(m[i] - m_new));
-        float li = opaque(l[i] * vfirst(corr));
-        const int nk = int(std::min<float>(float(kLanes), posf[i] - float(p0) + 1.f));
-        for (int j = 0; j < nk; ++j) li += pr[j];
-        l[i] = li;
-        m[i] = m_new;
+        int nk;
+        const Vec corr = few_softmax_step(s[g], posf[i], p0, m[i], l[i], pr, nk);
         const float* vw = t.vw + g * kLanes * D;
         for (int64_t d = 0; d < D; d += kLanes) {
           Vec acc = vmul(vload(oi + d), corr);
@@ -311,10 +332,7 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
       }
     }
   }
-  for (int i = 0; i < nt; ++i) {
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    for (int64_t d = 0; d < D; ++d) outs[i][d] = o[i * D + d] * inv;
-  }
+  few_finish(outs, o, l, nt, D);
 }
 
 // attend_few on the pair layout, NT rows: each group's K and V come straight from the cache and
@@ -337,7 +355,7 @@ void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv
     l[i] = 0.f;
     std::fill(o + i * D, o + (i + 1) * D, 0.f);
   }
-  const Vec lane = vload(kLaneIndex), one = vset1(1.f);
+  const Vec one = vset1(1.f);
   for (int64_t g0 = 0; g0 <= max_pos; g0 += kFewGroups * kLanes) {
     const int groups = int(std::min<int64_t>(kFewGroups, (max_pos - g0) / kLanes + 1));
     PairGroup pg[kFewGroups];
@@ -376,18 +394,7 @@ void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv
       for (int i = 0; i < NT; ++i) {
         corr[i] = one;
         nk[i] = 0;
-        if (posf[i] >= float(p0)) {
-          const Vec valid = vsub(vset1(posf[i] - float(p0)), lane);  // >= 0 where key p0 + j counts
-          const Vec sg = vselect_ge(valid, vzero(), s[i][g], vset1(-INFINITY));
-          const float m_new = std::max(m[i], vmax_all(sg));
-          vstore(pr[i], vselect_ge(valid, vzero(), vexp(vsub(sg, vset1(m_new))), vzero()));
-          corr[i] = vexp(vset1(m[i] - m_new));
-          float li = opaque(l[i] * vfirst(corr[i]));
-          nk[i] = int(std::min<float>(float(kLanes), posf[i] - float(p0) + 1.f));
-          for (int j = 0; j < nk[i]; ++j) li += pr[i][j];
-          l[i] = li;
-          m[i] = m_new;
-        }
+        if (posf[i] >= float(p0)) corr[i] = few_softmax_step(s[i][g], posf[i], p0, m[i], l[i], pr[i], nk[i]);
         nk_all = std::min(nk_all, nk[i]);
         nk_any = std::max(nk_any, nk[i]);
       }
@@ -423,10 +430,7 @@ void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv
       for (; d0 < D; d0 += kLanes) pv.template operator()<1>(d0);
     }
   }
-  for (int i = 0; i < NT; ++i) {
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    for (int64_t d = 0; d < D; ++d) outs[i][d] = o[i * D + d] * inv;
-  }
+  few_finish(outs, o, l, NT, D);
 }
 
 template <int HD, class KV, bool Pairs>
