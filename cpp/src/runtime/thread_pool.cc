@@ -16,29 +16,39 @@
 namespace flashpage::runtime {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 // How long an idle thread polls before it sleeps: long enough to catch the next kernel of a step
 // (they follow each other within microseconds), short enough that a process sharing the core
 // loses little. No sched_yield while polling: under EEVDF each yield pushes the thread's
 // deadline back, and a worker that yields while it waits ends up starved beside a busy process
 // (measured: it got ~10 % of the shared core and did a tenth of the work).
 constexpr auto kPollFor = std::chrono::microseconds(50);
+// While the pool's threads are being kept off their CPUs, they poll for less: a thread that
+// sleeps often keeps its EEVDF lag and, woken, preempts the CPU-bound neighbour; one that polls
+// through its slice is preempted mid-chunk and the step waits out the neighbour's whole slice.
+// `bench.shared_core`: busy / quiet 0.55-0.58 with 50 us, 0.61-0.75 with 10 us always; but
+// 10 us on a quiet machine cost batch-16 decode 6 % and batch-1 decode through Python 0-15 %
+// (workers asleep between a step's regions), hence only while contended: 0.58-0.63.
+constexpr auto kPollContended = std::chrono::microseconds(10);
+// The sign of contention: a sleeping worker woken this long after its job was published. On a
+// quiet 2-core VM, in ~260 steps of batch-16 decode, three wakes took 0.3-1 ms and none longer;
+// beside a busy process ~30 a second took 1-10 ms. (Gaps in a polling thread's clock readings
+// were no sign: the quiet VM had dozens of 40-100 us.)
+constexpr auto kLateWake = std::chrono::milliseconds(1);
+// How long one late wake keeps the short polls.
+constexpr auto kContendedFor = std::chrono::milliseconds(500);
+
+template <class Duration>
+constexpr int64_t ns(Duration d) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(d).count();
+}
+int64_t now_ns() { return ns(Clock::now().time_since_epoch()); }
 
 inline void cpu_relax() {
 #if defined(__x86_64__)
   _mm_pause();
 #endif
-}
-
-// Polls `done` for up to kPollFor: true if it came true.
-template <class Done>
-bool poll(Done&& done) {
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  for (int i = 1;; ++i) {
-    if (done()) return true;
-    if (i % 64 == 0 && Clock::now() - start > kPollFor) return false;
-    cpu_relax();
-  }
 }
 
 // The quota (CPUs, rounded up) in a cgroup v2 cpu.max ("max 100000" or "150000 100000") or 0.
@@ -139,6 +149,7 @@ void ThreadPool::run(int64_t n, int64_t grain, Invoke invoke, void* ctx) {
   parts_.store(parts);
   claim_.store(make_claim(gen, 0));
   resting_.store(false, std::memory_order_relaxed);
+  published_ns_.store(now_ns(), std::memory_order_relaxed);
   generation_.store(gen, std::memory_order_release);
   generation_.notify_all();
   work(gen);
@@ -189,12 +200,36 @@ void ThreadPool::worker() {
   uint32_t seen = 0;
   for (;;) {
     auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    bool slept = false;
     if (resting_.load(std::memory_order_relaxed) || !poll([&] { return fresh() || resting_.load(std::memory_order_relaxed); }))
-      while (!fresh()) generation_.wait(seen);
+      for (; !fresh(); slept = true) generation_.wait(seen);
     if (!fresh()) continue;  // woke to rest
     if (stop_.load()) return;
     seen = generation_.load(std::memory_order_acquire);
+    if (slept) {
+      const int64_t now = now_ns();
+      if (now - published_ns_.load(std::memory_order_relaxed) > ns(kLateWake)) mark_contended(now);
+    }
     work(seen);
+  }
+}
+
+bool ThreadPool::contended(int64_t now) const {
+  return now < contended_until_ns_.load(std::memory_order_relaxed);
+}
+
+void ThreadPool::mark_contended(int64_t now) {
+  contended_until_ns_.store(now + ns(kContendedFor), std::memory_order_relaxed);
+}
+
+template <class Done>
+bool ThreadPool::poll(Done&& done) {
+  const auto start = Clock::now();
+  const auto limit = contended(ns(start.time_since_epoch())) ? kPollContended : kPollFor;
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    if (i % 64 == 0 && Clock::now() - start > limit) return false;
+    cpu_relax();
   }
 }
 

@@ -4,8 +4,9 @@
 // reference, not copied into a std::function.
 //
 // Behaving on a shared machine: a decode step issues ~150 parallel_for calls a few microseconds
-// apart, so idle threads poll for a short while (50 us) before they sleep on a futex, rather
-// than for milliseconds; a thread that another process keeps off its core holds up only the
+// apart, so idle threads poll for a short while (50 us; 10 us while workers wake late, a sign
+// that other work shares their cores) before they sleep on a futex, rather than for
+// milliseconds; a thread that another process keeps off its core holds up only the
 // chunk it is in, as the others claim the rest; and the caller sleeps rather than polls while
 // the last chunks finish, leaving its core to whoever can use it.
 #pragma once
@@ -59,6 +60,11 @@ class ThreadPool {
   void run(int64_t n, int64_t grain, Invoke invoke, void* ctx);
   void work(uint32_t gen);  // claims and runs chunks of job `gen` until none is left
   void worker();
+  // Polls `done` for a while (shorter while contended): true if it came true.
+  template <class Done>
+  bool poll(Done&& done);
+  bool contended(int64_t now_ns) const;
+  void mark_contended(int64_t now_ns);
 
   std::vector<std::thread> workers_;
   // The current job. Its fields are written while claim_ is locked for its generation, then
@@ -72,6 +78,10 @@ class ThreadPool {
   alignas(64) std::atomic<uint64_t> claim_{0};       // generation << 32 | the first unclaimed item
   alignas(64) std::atomic<int> busy_{0};             // threads claiming or running a chunk
   std::atomic<bool> caller_waiting_{false};
+  // Steady-clock ns: when the current job was published, and until when the pool's threads
+  // count as contended (kept off their CPUs by other work: they then poll for less).
+  std::atomic<int64_t> published_ns_{0};
+  std::atomic<int64_t> contended_until_ns_{0};
   std::atomic<bool> resting_{false};
   std::atomic<bool> stop_{false};
 };
