@@ -7,7 +7,8 @@
 //                     [--max-num-batched-tokens 1024] [--decode-only]
 // (--tokens 1 times the prefill: prompt tokens per second are batch * prompt / time.)
 // --decode-only: the clock starts once every prompt has its first token, so the figure is the
-// decode steps' alone (batch * (tokens - 1) / time), at contexts from prompt to prompt + tokens.
+// decode steps' alone (the tokens of the steps timed / time), at contexts from prompt to
+// prompt + tokens.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -33,6 +34,7 @@ int main(int argc, char** argv) try {
   cfg.max_num_batched_tokens = 1024;
   int batch = 16, prompt = 16, tokens = 64, reps = 3;
   bool decode_only = false;
+  int64_t decoded = 0;  // tokens of the timed steps, with --decode-only
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? argv[++i] : throw std::invalid_argument(a + " needs a value"); };
@@ -68,8 +70,11 @@ int main(int argc, char** argv) try {
     std::unordered_set<int64_t> started;
     while (int64_t(started.size()) < batch)
       for (const flashpage::TokenEvent& e : engine.step()) started.insert(e.request_id);
+    // Only the tokens of the steps timed: the first prompts decode while the last are prefilled.
     t0 = std::chrono::steady_clock::now();
-    while (engine.has_unfinished()) engine.step();
+    decoded = 0;
+    while (engine.has_unfinished())
+      for (const flashpage::TokenEvent& e : engine.step()) decoded += e.token >= 0;
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
   if (decode_only && tokens < 2) throw std::invalid_argument("--decode-only needs --tokens of 2 or more");
@@ -79,8 +84,11 @@ int main(int argc, char** argv) try {
                                 std::to_string(engine.config().max_model_len));
   run();  // warm-up: scratch buffers, KV pages
   std::vector<double> rates;
-  const double per_run = double(batch) * (tokens == 1 ? prompt : decode_only ? tokens - 1 : tokens);
-  for (int r = 0; r < reps; ++r) rates.push_back(per_run / run());
+  const double per_run = double(batch) * (tokens == 1 ? prompt : tokens);
+  for (int r = 0; r < reps; ++r) {
+    const double sec = run();
+    rates.push_back((decode_only ? double(decoded) : per_run) / sec);
+  }
   std::sort(rates.begin(), rates.end());
   const char* what = tokens == 1 ? "prompt" : decode_only ? "decoded" : "generated";
   std::printf("batch %d, prompt %d, %d tokens each (%s): %.1f %s tok/s (median of %d; min %.1f, max %.1f)\n", batch,
