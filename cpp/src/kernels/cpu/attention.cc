@@ -254,6 +254,15 @@ inline Vec few_softmax_step(Vec s, float pos, int64_t p0, float& m, float& l, fl
   return corr;
 }
 
+// The few-row state of rows [0, n) before their first key: O ([row][d]) zero, max -inf, sum 0.
+inline void few_start(float* o, float* m, float* l, int n, int64_t D) {
+  for (int i = 0; i < n; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+    std::fill(o + i * D, o + (i + 1) * D, 0.f);
+  }
+}
+
 // Rows [0, n) of O ([row][d]) divided by their sums into outs.
 inline void few_finish(float* const (&outs)[kLanes], const float* o, const float* l, int n, int64_t D) {
   for (int i = 0; i < n; ++i) {
@@ -277,11 +286,7 @@ void attend_few(const PagedAttentionArgs& a, const int32_t* bt, int64_t kvh, flo
   const float* q = t.qt;  // [row][d]
   float* o = t.ot;        // [row][d]
   float m[kFewRows], l[kFewRows];
-  for (int i = 0; i < nt; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.f;
-    std::fill(o + i * D, o + (i + 1) * D, 0.f);
-  }
+  few_start(o, m, l, nt, D);
   for (int64_t g0 = 0; g0 <= max_pos; g0 += kFewGroups * kLanes) {
     const int groups = int(std::min<int64_t>(kFewGroups, (max_pos - g0) / kLanes + 1));
     // K^T of each group ([group][d][key]; keys past max_pos zero) and V ([group][key][d]).
@@ -352,11 +357,7 @@ void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv
   const float* q = t.qt;  // [row][d]
   float* o = t.ot;        // [row][d]
   float m[NT], l[NT];
-  for (int i = 0; i < NT; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.f;
-    std::fill(o + i * D, o + (i + 1) * D, 0.f);
-  }
+  few_start(o, m, l, NT, D);
   const Vec one = vset1(1.f);
   for (int64_t g0 = 0; g0 <= max_pos; g0 += kFewGroups * kLanes) {
     const int groups = int(std::min<int64_t>(kFewGroups, (max_pos - g0) / kLanes + 1));
@@ -381,11 +382,11 @@ void attend_few_pairs(const PagedAttentionArgs& a, const int32_t* bt, int64_t kv
         for (int g = 0; g < G; ++g) s[i][g_first + g] = acc[i][g];
     };
     for (int g = 0; g < groups;) {
-      const int left = std::min(kScoreGroups, groups - g);
-      if (left >= 4) scores.template operator()<4>(g);
-      else if (left >= 2) scores.template operator()<2>(g);
+      const int left = std::min(kScoreGroups, groups - g), step = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      if (step == 4) scores.template operator()<4>(g);
+      else if (step == 2) scores.template operator()<2>(g);
       else scores.template operator()<1>(g);
-      g += left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      g += step;
     }
     for (int g = 0; g < groups; ++g) {
       const int64_t p0 = g0 + g * kLanes;
