@@ -239,15 +239,26 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
 
 #else  // avx512_bf16: vdpbf16ps, broadcasting each row's k pair against a half-block row
 
+// Lines [first, first + count) of each k block of a panel that the caller fetches into L2 while
+// it works on another (see run_bf16).
+struct Ahead {
+  const uint16_t* panel = nullptr;
+  int first = 0, count = 0;
+};
+
 // MR input rows times P panels side by side (P weight streams for small M, the decode case).
 template <int MR, int P>
 void rows_times_panels(float* y, int64_t ldy, const uint16_t* x, int64_t m0, int64_t Kp, const uint16_t* panel,
-                       const float* bias, int64_t rows, int64_t n0, int64_t n_end) {
+                       const float* bias, int64_t rows, int64_t n0, int64_t n_end, Ahead ahead = {}) {
   __m512 acc[P][MR][2];
   for (int p = 0; p < P; ++p)
     for (int i = 0; i < MR; ++i) acc[p][i][0] = acc[p][i][1] = _mm512_setzero_ps();
   const int64_t kblocks = Kp / kKBlock;
   for (int64_t kb = 0; kb < kblocks; ++kb) {
+    if (ahead.panel) {
+      const char* next = reinterpret_cast<const char*>(ahead.panel + kb * kBlock);
+      for (int line = ahead.first; line < ahead.first + ahead.count; ++line) prefetch_l1(next + 64 * line);
+    }
     for (int r = 0; r < 16; ++r) {
       __m512i wv[P][2];
 #pragma GCC unroll 4
@@ -306,18 +317,27 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
   const int64_t chunk_rows = balanced_piece(M, std::max<int64_t>(kMr, kChunkBytes / (Kp * 2) / kMr * kMr), kMr);
   for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
     const int64_t m1 = std::min(M, m0 + chunk_rows);
+    const int64_t groups = (m1 - m0 + kMr - 1) / kMr;
+    // Each row group fetches its share of the next panel as it goes, so that the weights'
+    // stream from memory overlaps the products rather than stalling the first group of each panel
+    // (decode batches: bench_linear 1536 x 576 at M = 32, 0.126 -> 0.085 ms; SmolLM2 decode of
+    // 16 sequences 950 -> 1,440 tok/s on Zen 5). Into L1: fetching into L2 gained half as much.
+    const int spread = static_cast<int>((32 + groups - 1) / groups);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
       const int64_t n1 = std::min(n_end, n0 + kPanel);
+      const uint16_t* panel = w + n0 * Kp;
       for (int64_t m = m0; m < m1; m += kMr) {
         const int64_t rows = std::min<int64_t>(kMr, m1 - m);
         float* ym = y + m * ldy;
-        const uint16_t* panel = w + n0 * Kp;
+        const int g = static_cast<int>((m - m0) / kMr);
+        Ahead ahead;
+        if (n0 + kPanel < n_end && g * spread < 32) ahead = {panel + kPanel * Kp, g * spread, std::min(spread, 32 - g * spread)};
         // Fewer rows, fewer FMAs; each row's arithmetic is the same in every variant.
-        if (rows > 8) rows_times_panels<kMr, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
-        else if (rows > 4) rows_times_panels<8, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
-        else if (rows > 2) rows_times_panels<4, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
-        else if (rows > 1) rows_times_panels<2, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
-        else rows_times_panels<1, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1);
+        if (rows > 8) rows_times_panels<kMr, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+        else if (rows > 4) rows_times_panels<8, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+        else if (rows > 2) rows_times_panels<4, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+        else if (rows > 1) rows_times_panels<2, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+        else rows_times_panels<1, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
       }
     }
   }
