@@ -4,8 +4,9 @@ caches; head dims including stories260K's 8. Each level keeps its own cache layo
 level: AMX tiles for bf16); the binding writes the standard-layout caches given here through
 the level's own cache writer first.
 
-The amx level attends to bf16 caches with bf16 arithmetic (Q and the probabilities rounded to
-bf16, fp32 sums, as flash attention on GPUs): about 2^-8 relative per term, hence 1e-2 there."""
+The levels with bf16 dot products (amx, avx512_bf16) attend to bf16 caches of the pair layout
+with bf16 arithmetic (Q and the probabilities rounded to bf16, fp32 sums, as flash attention on
+GPUs): about 2^-8 relative per term, hence 1e-2 there."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def isa_param():
 
 
 def tolerance(isa: str, bf16: bool) -> float:
-    return 1e-2 if bf16 and isa == "amx" else 2e-5
+    return 1e-2 if bf16 and isa in ("amx", "avx512_bf16") else 2e-5
 
 
 @pytest.mark.parametrize("isa", isa_param())
@@ -127,3 +128,22 @@ def test_paged_attention_rejects_mismatched_shapes():
         _core.paged_attention("ref", q[:, :, :8].copy(), k, v, tables, qsl, ctx, 1.0)
     with pytest.raises(ValueError, match="float32 or uint16"):
         _core.paged_attention("ref", q, k.astype(np.float64), v.astype(np.float64), tables, qsl, ctx, 1.0)
+
+
+@pytest.mark.parametrize("isa", isa_param())
+@pytest.mark.parametrize("bf16", [False, True])
+def test_paged_attention_ignores_what_lies_past_the_context(isa, bf16):
+    """Cache slots past a sequence's context (the rest of its last block) may hold anything, NaN
+    included (a freed block's old contents): the results are bitwise those of a clean cache."""
+    rng = np.random.default_rng(5)
+    qlens, lens, q_heads, kv_heads, d, bs = ([1, 3, 1, 20], [70, 130, 200, 41], 9, 3, 64, 16)
+    q, k, v, tables, qsl, ctx = make_batch(rng, qlens, lens, q_heads, kv_heads, d, bs)
+    if bf16:
+        k, v = to_bf16_bits(k), to_bf16_bits(v)
+    clean = _core.paged_attention(isa, q, k, v, tables, qsl, ctx, 0.125)
+    nan = np.uint16(0x7FC0) if bf16 else np.float32("nan")
+    for s, n in enumerate(lens):
+        last = tables[s, (n - 1) // bs]
+        k[last, :, n % bs or bs:] = nan
+        v[last, :, n % bs or bs:] = nan
+    np.testing.assert_array_equal(_core.paged_attention(isa, q, k, v, tables, qsl, ctx, 0.125), clean)

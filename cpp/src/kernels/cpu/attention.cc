@@ -504,8 +504,10 @@ void paged_attention(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq
     throw std::invalid_argument("paged_attention: head_dim " + std::to_string(a.head_dim) +
                                 " exceeds " + std::to_string(kMaxHeadDim));
   if (kv_pair_layout(a.kv_bf16, a.head_dim, a.block_size))
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FLASHPAGE_ATTENTION_TILES)
     return paged_attention_tiles(a, seq_begin, seq_end);
+#elif defined(FLASHPAGE_ATTENTION_PAIRS_BF16)
+    return paged_attention_pairs_bf16(a, seq_begin, seq_end);
 #else
     return attend_any<uint16_t, true>(a, seq_begin, seq_end);
 #endif

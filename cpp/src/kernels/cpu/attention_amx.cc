@@ -39,23 +39,6 @@ inline __mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
   return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// exp(x) for x <= 0, to ~3e-6 relative: 2^(x log2 e) as 2^n times a degree-5 polynomial of 2^f,
-// |f| <= 1/2. P goes to the product in bf16 (2^-9 relative), so the full-precision exp's extra
-// terms bought nothing. Below -87 (-inf included) ~1e-38, a normal float (no denormal slow
-// path; the callers mask what must be 0); 0 gives exactly 1.
-inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 y = _mm512_set1_ps(1.3333558146e-3f);  // ln2^5 / 120 ... ln2, 1: the Taylor series of 2^f
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108665e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650696e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718056e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, n);
-}
-
 inline void store_bf16(uint16_t* dst, __m512 v) {
   _mm256_store_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -198,7 +181,7 @@ void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAtt
         const __m512 mv = _mm512_set1_ps(mnew[i]);
         __m512 sum = _mm512_setzero_ps();
         for (int gi = 0; gi < groups; ++gi) {
-          const __m512 p = _mm512_maskz_mov_ps(mask[gi], exp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
+          const __m512 p = _mm512_maskz_mov_ps(mask[gi], vexp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
           sum = _mm512_add_ps(sum, p);
           store_bf16(st.p[gi] + i * kGroup, p);
         }
@@ -206,9 +189,9 @@ void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAtt
       }
       const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
       // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves
-      // the maximum as it was by exactly 1 (exp_nonpositive(0) is 1).
+      // the maximum as it was by exactly 1 (vexp_nonpositive(0) is 1).
       const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
-                                           exp_nonpositive(_mm512_sub_ps(m_old, m_new)));
+                                           vexp_nonpositive(_mm512_sub_ps(m_old, m_new)));
       _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
       _mm512_store_ps(st.m, m_new);
       _mm512_store_ps(st.corr, c);

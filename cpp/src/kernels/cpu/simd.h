@@ -265,4 +265,21 @@ inline Vec vexp(Vec x) {
   return vpow2_times(y, n);
 }
 
+// exp(x) for x <= 0, to ~3e-6 relative: 2^(x log2 e) as 2^n times a degree-5 polynomial of 2^f,
+// |f| <= 1/2 — for softmax probabilities that go to a product in bf16 (2^-9 relative), where the
+// full-precision exp's extra terms buy nothing. Below -87 (-inf included) ~1e-38, a normal float
+// (no denormal slow path; the callers mask what must be 0); 0 gives exactly 1.
+inline Vec vexp_nonpositive(Vec x) {
+  const Vec t = vmul(vmax(x, vset1(-87.f)), vset1(1.44269504088896341f));
+  const Vec n = vround(t);
+  const Vec f = vsub(t, n);
+  Vec y = vset1(1.3333558146e-3f);  // ln2^5 / 120 ... ln2, 1: the Taylor series of 2^f
+  y = vfma(y, f, vset1(9.6181291076e-3f));
+  y = vfma(y, f, vset1(5.5504108665e-2f));
+  y = vfma(y, f, vset1(2.4022650696e-1f));
+  y = vfma(y, f, vset1(6.9314718056e-1f));
+  y = vfma(y, f, vset1(1.f));
+  return vpow2_times(y, n);
+}
+
 }  // namespace flashpage::cpu::FLASHPAGE_ISA
