@@ -368,18 +368,26 @@ void linear_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bi
 }
 
 void to_bf16_rows(uint16_t* dst, const float* x, int64_t M, int64_t K) {
-  const int64_t Kp = bf16_input_stride(K), Mp = bf16_input_rows(M);
-  for (int64_t m = 0; m < Mp; ++m)
-    for (int64_t kb = 0; kb < Kp / kKBlock; ++kb) {
-      uint16_t* d = const_cast<uint16_t*>(input_at(dst, Kp, m, kb));
-      // Every element through the same instruction (round to nearest even), tails masked.
+  const int64_t Kp = bf16_input_stride(K), Mp = bf16_input_rows(M), full = K / kKBlock;
+  // Every element through the same rounding (to nearest even): whole blocks 32 at a time, the
+  // tail masked, padding rows zero.
+  for (int64_t m = 0; m < Mp; ++m) {
+    uint16_t* d = const_cast<uint16_t*>(input_at(dst, Kp, m, 0));
+    const float* xm = x + m * K;
+    int64_t kb = 0;
+    if (m < M)
+      for (; kb < full; ++kb) {
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xm + kb * kKBlock + 16), _mm512_loadu_ps(xm + kb * kKBlock));
+        _mm512_storeu_si512(d + kb * kHalf, (__m512i)h);
+      }
+    for (; kb < Kp / kKBlock; ++kb)
       for (int64_t k = kb * kKBlock; k < (kb + 1) * kKBlock; k += 16) {
         const int64_t n = m < M ? std::clamp<int64_t>(K - k, 0, 16) : 0;
         const __mmask16 mask = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x + m * K + k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k - kb * kKBlock), (__m256i)h);
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, xm + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + kb * kHalf + k - kb * kKBlock), (__m256i)h);
       }
-    }
+  }
 }
 
 }  // namespace flashpage::cpu::FLASHPAGE_ISA
