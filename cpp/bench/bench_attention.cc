@@ -3,11 +3,13 @@
 // successive calls read successive copies of the cache, together larger than any cache. Prints
 // the K + V bytes read per second, beside one thread plainly reading the same copies.
 // Usage: bench_attention [--isa LEVEL] [--seqs 64] [--ctx 320] [--kv-heads 3] [--group 3]
-//                        [--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--reps 15]
+//                        [--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--prefill] [--reps 15]
 //   --shuffle: each sequence's blocks scattered over the cache (a long-running server's tables)
 //   --pool:    sequences split over ThreadPool::global() as the CPU backend does (else one thread)
 //   --warm:    one cache of just the sequences' blocks, read again and again (what the kernel's
 //              arithmetic alone reaches, with K and V in the core's caches)
+//   --prefill: every sequence's whole context is its prompt (ctx query positions, causal; implies
+//              --warm); prints the attention FLOP/s (4 x head_dim per query head and key seen)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -52,7 +54,7 @@ int main(int argc, char** argv) {
   runtime::Isa isa = runtime::active_isa();
   int64_t seqs = 64, ctx = 320, nkv = 3, group = 3, D = 64, bs = 16;
   int reps = 15;
-  bool shuffle = false, use_pool = false, warm = false;
+  bool shuffle = false, use_pool = false, warm = false, prefill = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&] { return std::atoll(argv[++i]); };
@@ -67,10 +69,11 @@ int main(int argc, char** argv) {
     else if (a == "--shuffle") shuffle = true;
     else if (a == "--pool") use_pool = true;
     else if (a == "--warm") warm = true;
+    else if (a == "--prefill") prefill = warm = true;
     else {
       std::fprintf(stderr,
                    "usage: bench_attention [--isa LEVEL] [--seqs 64] [--ctx 320] [--kv-heads 3] [--group 3] "
-                   "[--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--reps 15]\n");
+                   "[--head-dim 64] [--block-size 16] [--shuffle] [--pool] [--warm] [--prefill] [--reps 15]\n");
       return 2;
     }
   }
@@ -100,8 +103,10 @@ int main(int argc, char** argv) {
   std::vector<int32_t> tables(static_cast<size_t>(seqs * per_seq)), starts(static_cast<size_t>(seqs + 1));
   std::vector<int32_t> lens(static_cast<size_t>(seqs), static_cast<int32_t>(ctx));
   std::copy_n(order.begin(), tables.size(), tables.begin());
-  std::iota(starts.begin(), starts.end(), 0);
-  std::vector<float> q(static_cast<size_t>(seqs * nq * D), 0.01f), out(q.size());
+  const int64_t q_len = prefill ? ctx : 1;
+  for (int64_t i = 0; i <= seqs; ++i) starts[size_t(i)] = static_cast<int32_t>(i * q_len);
+  std::vector<float> q(static_cast<size_t>(seqs * q_len * nq * D)), out(q.size());
+  for (float& x : q) x = float(int(rng() % 2001) - 1000) * 1e-3f;
   cpu::PagedAttentionArgs args{out.data(), q.data(), nullptr, nullptr, true, tables.data(), per_seq,
                                starts.data(), lens.data(), nq, nkv, D, bs, 1.f / std::sqrt(float(D))};
   size_t next = 0;
@@ -133,6 +138,14 @@ int main(int argc, char** argv) {
         for (int j = 0; j < 8; ++j) sink[size_t(j)] ^= acc[j];
       },
       reps);
+  if (prefill) {
+    const double flops = 4.0 * double(D) * double(nq) * double(seqs) * double(ctx) * double(ctx + 1) / 2;
+    std::printf("isa %s, %s, %lld prompts of %lld positions, %lld KV heads (group %lld, head_dim %lld)\n",
+                runtime::isa_name(isa), use_pool ? "the pool's threads" : "one thread", (long long)seqs,
+                (long long)ctx, (long long)nkv, (long long)group, (long long)D);
+    std::printf("prefill attention: %.3f ms, %.1f GFLOP/s\n", sec * 1e3, flops / sec / 1e9);
+    return 0;
+  }
   const double kv_bytes = double(seqs) * double(ctx) * double(nkv) * double(D) * 2 * 2;
   std::printf("isa %s, %s, %lld sequences x %lld positions, %lld KV heads (group %lld, head_dim %lld, block %lld)%s%s\n",
               runtime::isa_name(isa), use_pool ? "the pool's threads" : "one thread", (long long)seqs,

@@ -215,36 +215,6 @@ void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAtt
 
 }  // namespace
 
-void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
-                          const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-                          int64_t block_size) {
-  const int64_t D = head_dim, bs = block_size;
-  // K: the token's (d, d + 1) pairs are 32-bit words, one per pair row, block_size words apart.
-  const __m256i k_rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(bs)));
-  for (int64_t t = 0; t < tokens; ++t) {
-    const int64_t slot = slot_mapping[t];
-    if (slot < 0) continue;
-    const int64_t block = slot / bs, off = slot % bs;
-    // V: the token is one half of each word of its pair row (the low half if off is even).
-    const __mmask32 v_half = off % 2 ? 0xAAAAAAAAu : 0x55555555u;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const float* kr = key + (t * kv_heads + h) * D;
-      const float* vr = value + (t * kv_heads + h) * D;
-      auto* kw = reinterpret_cast<int32_t*>(k_cache + (block * kv_heads + h) * bs * D) + off;
-      auto* vw = v_cache + (block * kv_heads + h) * bs * D + (off / 2) * D * 2;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __m256i k16 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(kr + d));
-        _mm256_i32scatter_epi32(kw + (d / 2) * bs, k_rows, k16, 4);
-        const __m512i v32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(vr + d)));
-        const __m512i placed = off % 2 ? _mm512_slli_epi32(v32, 16) : v32;
-        // A masked store, not load-blend-store: the pair's other token may be written by another
-        // thread at the same time.
-        _mm512_mask_storeu_epi16(vw + d * 2, v_half, placed);
-      }
-    }
-  }
-}
-
 void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end) {
   const int64_t D = a.head_dim, nkv = a.num_kv_heads, group = a.num_q_heads / nkv;
   const __m512 scale = _mm512_set1_ps(a.scale);

@@ -26,9 +26,6 @@ inline bool kv_pair_layout(bool kv_bf16, int64_t head_dim, int64_t block_size) {
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define FLASHPAGE_ATTENTION_TILES 1
-void write_kv_cache_tiles(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
-                          const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
-                          int64_t block_size);
 void paged_attention_tiles(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end);
 #elif defined(__AVX512BF16__)
 // The same arithmetic with vdpbf16ps in vector registers (attention_bf16.cc, avx512_bf16).

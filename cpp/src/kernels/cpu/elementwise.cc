@@ -1,6 +1,8 @@
 // SiLU*mul, rotary embedding and the KV-cache write, compiled once per ISA level (vector code
 // or plain loops the compiler vectorises for each level's flags). The scalar references are in
 // dispatch.cc.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstring>
 
@@ -44,12 +46,12 @@ void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t to
   }
 }
 
-#if !(defined(__AMX_TILE__) && defined(__AMX_BF16__))  // amx writes it with its own instructions
 namespace {
 
-// The pair layout (attention_tiles.h), one value at a time: a token's K is one half of each word
-// of its column, its V one half of each word of its pair row. 16-bit stores, never a
-// read-modify-write of a word: the pair's other token may be written by another thread.
+// The pair layout (attention_tiles.h): a token's K is whole words (its (d, d + 1) pairs, one per
+// pair row, block_size words apart), its V one half of each word of its pair row. V goes by 16-bit
+// (masked) stores, never a read-modify-write of a word: the pair's other token may be written by
+// another thread at the same time.
 void write_kv_cache_pairs(const float* key, const float* value, uint16_t* k_cache, uint16_t* v_cache,
                           const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads, int64_t head_dim,
                           int64_t block_size) {
@@ -62,29 +64,34 @@ void write_kv_cache_pairs(const float* key, const float* value, uint16_t* k_cach
       const float* kr = key + (t * kv_heads + h) * D;
       const float* vr = value + (t * kv_heads + h) * D;
       uint16_t* kb = k_cache + (block * kv_heads + h) * bs * D + off * 2;
-      uint16_t* vb = v_cache + (block * kv_heads + h) * bs * D + (off / 2) * D * 2 + off % 2;
+      uint16_t* vb = v_cache + (block * kv_heads + h) * bs * D + (off / 2) * D * 2;
+#if defined(__AVX512BF16__)  // 16 values per rounding instruction (the same rounding, nearest even)
+      const __mmask32 v_half = off % 2 ? 0xAAAAAAAAu : 0x55555555u;
+      for (int64_t d = 0; d < D; d += 16) {
+        alignas(32) uint32_t k16[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(k16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(kr + d)));
+        for (int64_t i = 0; i < 8; ++i) std::memcpy(kb + (d / 2 + i) * bs * 2, k16 + i, 4);
+        const __m512i v32 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(vr + d)));
+        _mm512_mask_storeu_epi16(vb + d * 2, v_half, off % 2 ? _mm512_slli_epi32(v32, 16) : v32);
+      }
+#else
       for (int64_t d = 0; d < D; ++d) {
         kb[(d / 2) * bs * 2 + d % 2] = bf16_round(kr[d]);
-        vb[d * 2] = bf16_round(vr[d]);
+        vb[d * 2 + off % 2] = bf16_round(vr[d]);
       }
+#endif
     }
   }
 }
 
 }  // namespace
-#endif
 
 void write_kv_cache(const float* key, const float* value, void* k_cache, void* v_cache,
                     bool cache_bf16, const int32_t* slot_mapping, int64_t tokens, int64_t kv_heads,
                     int64_t head_dim, int64_t block_size) {
   if (kv_pair_layout(cache_bf16, head_dim, block_size))
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    return write_kv_cache_tiles(key, value, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
-                                slot_mapping, tokens, kv_heads, head_dim, block_size);
-#else
     return write_kv_cache_pairs(key, value, static_cast<uint16_t*>(k_cache), static_cast<uint16_t*>(v_cache),
                                 slot_mapping, tokens, kv_heads, head_dim, block_size);
-#endif
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t slot = slot_mapping[t];
     if (slot < 0) continue;
