@@ -329,7 +329,8 @@ void CpuBackend::plan_attention(const AttentionStep& st, const AttentionShape& s
   // an order fixed by that row alone, so the split does not change results. Threads take
   // contiguous runs of items of about equal cost (rows x the keys they attend to). The same
   // plan serves every layer of the step.
-  constexpr int64_t kPieceRows = 64;  // a multiple of the AMX kernel's 16-row tiles
+  // A multiple of the AMX kernel's 16-row tiles and of the avx512_bf16 kernel's 6-row passes.
+  constexpr int64_t kPieceRows = 96;
   constexpr int64_t kOneTileRows = 16;
   // Whole sequences as items only where there are enough of them to share out evenly.
   const bool group_heads = st.num_seqs >= 2 * pool().num_threads();
