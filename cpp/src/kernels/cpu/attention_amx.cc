@@ -35,10 +35,6 @@ constexpr int kMaxHeads = 4;  // KV heads of a sequence in one pass over its key
 // 16 keys); 6: P (16 keys); 7: V (8 key pairs x 16 d).
 const TileConfig kAttentionTiles{{16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 64}, {16, 32}, {8, 64}};
 
-inline __mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
-  return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-}
-
 inline void store_bf16(uint16_t* dst, __m512 v) {
   _mm256_store_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -171,30 +167,13 @@ void attend_tiles(TileState* const* sts, int nt, int64_t max_pos, const PagedAtt
         const int64_t valid = st.pos[i] - k0 + 1;  // keys of this step the row sees
         __m512 sc[kGroups];
         __mmask16 mask[kGroups];
-        __m512 mx = neg_inf;
         for (int gi = 0; gi < groups; ++gi) {
           mask[gi] = first_lanes(valid - gi * kGroup);
           sc[gi] = _mm512_load_ps(st.s + i * kStep + gi * kGroup);
-          mx = _mm512_mask_max_ps(mx, mask[gi], mx, sc[gi]);
         }
-        mnew[i] = std::max(st.m[i], vmax_all(mx));
-        const __m512 mv = _mm512_set1_ps(mnew[i]);
-        __m512 sum = _mm512_setzero_ps();
-        for (int gi = 0; gi < groups; ++gi) {
-          const __m512 p = _mm512_maskz_mov_ps(mask[gi], vexp_nonpositive(_mm512_sub_ps(sc[gi], mv)));
-          sum = _mm512_add_ps(sum, p);
-          store_bf16(st.p[gi] + i * kGroup, p);
-        }
-        sums[i] = vsum(sum);
+        sums[i] = softmax_row_step(sc, mask, groups, st.m[i], mnew[i], st.p[0] + i * kGroup, kRows * kGroup);
       }
-      const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
-      // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves
-      // the maximum as it was by exactly 1 (vexp_nonpositive(0) is 1).
-      const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
-                                           vexp_nonpositive(_mm512_sub_ps(m_old, m_new)));
-      _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
-      _mm512_store_ps(st.m, m_new);
-      _mm512_store_ps(st.corr, c);
+      _mm512_store_ps(st.corr, softmax_rescale(st.m, st.l, mnew, sums));
     }
     for (int h = 0; h < H; ++h) {
       TileState& st = *sts[h];

@@ -57,9 +57,6 @@ inline __m512i broadcast_pair(const void* p) {
   std::memcpy(&w, p, 4);
   return _mm512_set1_epi32(int(w));
 }
-inline __mmask16 first_lanes(int64_t n) {  // lanes [0, n), n clamped to [0, 16]
-  return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // NT rows (HD: head_dim when known at compile time, else 0) against the keys [0, max_pos] of
 // KV head kvh of the sequence with block table bt and context ctx.
@@ -69,7 +66,6 @@ void attend_rows(RowState& st, const PagedAttentionArgs& a, const int32_t* bt, i
   const int64_t D = HD > 0 ? HD : a.head_dim, bs = a.block_size, k_row = bs * 2;
   const auto* kc = static_cast<const uint16_t*>(a.k_cache);
   const auto* vc = static_cast<const uint16_t*>(a.v_cache);
-  const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   for (int64_t k0 = 0; k0 <= max_pos; k0 += kStep) {
     const int groups = int(std::min<int64_t>(kGroups, (max_pos - k0) / kGroup + 1));
     const uint16_t *k[kGroups], *v[kGroups], *v_cached[kGroups], *k_next[kGroups] = {};
@@ -123,42 +119,23 @@ void attend_rows(RowState& st, const PagedAttentionArgs& a, const int32_t* bt, i
     else if (groups == 2) scores.template operator()<2>();
     else scores.template operator()<1>();
     // The online softmax of the step: each row's new maximum, P (bf16 for the product) and its
-    // sum, then every row's rescale factor in one vector exp.
+    // sum, then every row's rescale factor in one vector exp (attention_tiles.h).
     alignas(64) float mnew[16], sums[16];
     std::memcpy(mnew, st.m, sizeof mnew);
     std::memset(sums, 0, sizeof sums);
     __mmask16 active[NT][kGroups];  // the groups a row takes part in: those starting at or before it
     for (int i = 0; i < NT; ++i) {
       const int64_t valid = int64_t(st.pos[i]) - k0 + 1;  // keys of this step the row sees
-      if (valid <= 0) {
-        for (int g = 0; g < kGroups; ++g) active[i][g] = 0;
-        continue;
-      }
+      for (int g = 0; g < kGroups; ++g) active[i][g] = 0;
+      if (valid <= 0) continue;
       __mmask16 mask[kGroups];
-      __m512 mx = neg_inf;
       for (int g = 0; g < groups; ++g) {
         mask[g] = first_lanes(valid - g * kGroup);
         active[i][g] = mask[g] ? 0xFFFF : 0;
-        mx = _mm512_mask_max_ps(mx, mask[g], mx, s[i][g]);
       }
-      for (int g = groups; g < kGroups; ++g) active[i][g] = 0;
-      mnew[i] = std::max(st.m[i], _mm512_reduce_max_ps(mx));
-      const __m512 mv = _mm512_set1_ps(mnew[i]);
-      __m512 sum = _mm512_setzero_ps();
-      for (int g = 0; g < groups; ++g) {
-        const __m512 p = _mm512_maskz_mov_ps(mask[g], vexp_nonpositive(_mm512_sub_ps(s[i][g], mv)));
-        sum = _mm512_add_ps(sum, p);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(st.p[i] + g * kGroup), (__m256i)_mm512_cvtneps_pbh(p));
-      }
-      sums[i] = _mm512_reduce_add_ps(sum);
+      sums[i] = softmax_row_step(s[i], mask, groups, st.m[i], mnew[i], st.p[i], kGroup);
     }
-    const __m512 m_old = _mm512_load_ps(st.m), m_new = _mm512_load_ps(mnew);
-    // A row's first step (m_old = -inf) rescales its zeros by exactly 0, a step that leaves the
-    // maximum as it was (or that the row sits out) by exactly 1.
-    const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_OQ),
-                                         vexp_nonpositive(_mm512_sub_ps(m_old, m_new)));
-    _mm512_store_ps(st.l, _mm512_fmadd_ps(_mm512_load_ps(st.l), c, _mm512_load_ps(sums)));
-    _mm512_store_ps(st.m, m_new);
+    const __m512 c = softmax_rescale(st.m, st.l, mnew, sums);
     alignas(64) float corr[16];
     _mm512_store_ps(corr, c);
     // O = O * c + P . V, four vectors of head_dim at a time; a row's products only in its groups.

@@ -239,7 +239,7 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
 
 #else  // avx512_bf16: vdpbf16ps, broadcasting each row's k pair against a half-block row
 
-// Lines [first, first + count) of each k block of a panel that the caller fetches into L2 while
+// Lines [first, first + count) of each k block of a panel that the caller fetches into L1 while
 // it works on another (see run_bf16).
 struct Ahead {
   const uint16_t* panel = nullptr;
