@@ -203,7 +203,7 @@ void attend_seqs(const PagedAttentionArgs& a, int64_t seq_begin, int64_t seq_end
         // head find them in L2, where the fetches only cost issue slots (1,024-token prefill -8 %).
         const bool fetch = n_rows - a.row_begin <= kMaxRows;
         const uint16_t* after[kGroups] = {};
-        {
+        if (fetch) {
           int64_t ns = s, nh = kvh;
           if (t0 + kMaxRows >= n_rows && ++nh >= kv_end) ns = s + 1, nh = a.kv_head_begin;
           if (ns < seq_end) {
