@@ -164,6 +164,35 @@ FloatArray linear(const std::string& isa, FloatArray x, py::array w, py::object 
   return y;
 }
 
+// The MLP's gate and up Linears and SiLU.mul as down's bf16 input, with one level's fused
+// kernel where it has one for these shapes (w packed first, x rounded as the model does):
+// (bf16 bits [M, inter], fused). Where it has none, nothing is computed: (None, False).
+py::tuple gate_up_silu(const std::string& isa, FloatArray x, py::array_t<uint16_t, py::array::c_style> gate,
+                       py::array_t<uint16_t, py::array::c_style> up) {
+  if (x.ndim() != 2 || gate.ndim() != 2 || up.ndim() != 2 || gate.shape(1) != x.shape(1) ||
+      up.shape(0) != gate.shape(0) || up.shape(1) != gate.shape(1))
+    throw std::invalid_argument("gate_up_silu: x [M, K], gate and up [inter, K] bf16 bits");
+  const auto& table = table_for(isa);
+  const int64_t M = x.shape(0), K = x.shape(1), I = gate.shape(0);
+  if (!cpu::takes_bf16_input(table, true) || !table.gate_up_silu(nullptr, nullptr, nullptr, nullptr, M, K, I, 0, 0))
+    return py::make_tuple(py::none(), false);
+  py::array_t<uint16_t> out({M, I});
+  {
+    py::gil_scoped_release release;
+    const cpu::PackedLinear g = cpu::pack_linear_weight(table, gate.data(), true, I, K);
+    const cpu::PackedLinear u = cpu::pack_linear_weight(table, up.data(), true, I, K);
+    runtime::AlignedVector<uint16_t> in, tiled(size_t(cpu::bf16_input_elems(M, I)));
+    const void* xin = cpu::linear_input_for(table, true, x.data(), M, K, in);
+    runtime::ThreadPool::global().parallel_for(cpu::linear_panels(table.linear_panel(), I), [&](int64_t b, int64_t e) {
+      table.gate_up_silu(tiled.data(), xin, g.data.data(), u.data.data(), M, K, I, b, e);
+    });
+    uint16_t* o = out.mutable_data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < I; ++i) o[m * I + i] = tiled[size_t(cpu::bf16_input_index(m, i, I))];
+  }
+  return py::make_tuple(out, true);
+}
+
 }  // namespace
 
 void bind_runtime(py::module_& m) {
@@ -203,6 +232,9 @@ void bind_runtime(py::module_& m) {
         py::arg("parallel") = true, py::kw_only(), py::arg("out") = py::none(), py::arg("col_offset") = 0,
         "x . w^T (+ bias) with the CPU kernels of one ISA level (w packed first, as at load); "
         "into out[:, col_offset:col_offset + N] if out is given.");
+  m.def("gate_up_silu", &gate_up_silu, py::arg("isa"), py::arg("x"), py::arg("gate"), py::arg("up"),
+        "down's bf16 input, silu(x . gate^T) * (x . up^T), by the level's fused kernel: (bits, True), or "
+        "(None, False) where it has none for these shapes.");
   m.def("num_threads", [] { return runtime::ThreadPool::global().num_threads(); });
   m.def("silu_and_mul", [](const std::string& isa, FloatArray in) {
     if (in.ndim() != 2 || in.shape(1) % 2 != 0)

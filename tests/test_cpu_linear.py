@@ -104,3 +104,32 @@ def test_linear_rejects_bad_shapes():
     with pytest.raises(ValueError, match="out must be"):
         _core.linear("ref", x, np.zeros((4, 8), np.float32), out=np.zeros((2, 8), np.float64))
     assert _core.num_threads() >= 1
+
+
+@pytest.mark.parametrize("isa", isa_param())
+@pytest.mark.parametrize("M,K,inter", [(5, 64, 32), (13, 96, 64), (37, 64, 96), (70, 160, 48), (300, 64, 64)])
+def test_fused_gate_up_silu_is_bitwise_the_three_ops_it_replaces(isa, M, K, inter):
+    """The bf16 levels' fused MLP head (gate and up Linears, SiLU.mul, rounding into down's
+    input) gives the bits of linear, silu_and_mul and the bf16 rounding run one after another —
+    the path the levels without it (and decode batches of 1-4 rows) take."""
+    rng = np.random.default_rng(M * 1000 + K + inter)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    gate = to_bf16_bits(rng.standard_normal((inter, K)).astype(np.float32))
+    up = to_bf16_bits(rng.standard_normal((inter, K)).astype(np.float32))
+    got, fused = _core.gate_up_silu(isa, x, gate, up)
+    assert fused == (isa == "avx512_bf16")  # amx's tiles and the fp32 levels run the ops apart
+    if not fused:
+        assert got is None
+        return
+    gate_up = np.concatenate([_core.linear(isa, x, gate), _core.linear(isa, x, up)], axis=1)
+    want = to_bf16_bits(_core.silu_and_mul(isa, gate_up))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", isa_param(["avx512_bf16"]))
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_decode_batches_keep_the_unfused_gate_up(isa, M):
+    """1-4 rows read several weight panels side by side (run_bf16's decode path): not fused."""
+    x = np.ones((M, 64), np.float32)
+    w = to_bf16_bits(np.ones((32, 64), np.float32))
+    assert _core.gate_up_silu(isa, x, w, w) == (None, False)

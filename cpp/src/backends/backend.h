@@ -134,6 +134,17 @@ class Backend {
                                      int64_t rows, int64_t dim, float eps) = 0;
   // out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i], made the next Linear's input.
   virtual LinearInput silu_and_mul_input(void* out, const void* gate_up, int64_t rows, int64_t inter) = 0;
+  // The MLP's gate and up Linears and SiLU.mul: down's input. By default the Linears into
+  // gate_up [rows, 2 * inter] (gate | up), then silu_and_mul_input into act; a backend may fuse
+  // them where down takes what it makes (the CPU's bf16 kernels: gate_up and act unwritten).
+  virtual LinearInput gate_up_silu_input(void* act, void* gate_up, const LinearInput& x, const Matrix& gate,
+                                         const Matrix& up, const Matrix& down, int64_t rows, int64_t inter) {
+    (void)down;
+    void* up_out = static_cast<char*>(gate_up) + inter * capabilities().activation_bytes;
+    const LinearJob jobs[] = {{gate_up, 2 * inter, &gate, nullptr}, {up_out, 2 * inter, &up, nullptr}};
+    linears(x, jobs);
+    return silu_and_mul_input(act, gate_up, rows, inter);
+  }
   virtual LinearInput linear_input(const void* x, int64_t rows, int64_t cols) = 0;
   // Every job's Linear over the same input, in one pass (the QKV and gate/up projections).
   virtual void linears(const LinearInput& x, std::span<const LinearJob> jobs) = 0;

@@ -96,7 +96,6 @@ void LlamaModel::forward(const StepInputs& st, void* workspace, const KvCacheVie
   be.plan_attention(st.attention, {nqh, nkvh, D, kv.block_size, float(1.0 / std::sqrt(double(D)))});
   be.copy_blocks(kv.caches, kv.block_bytes, st.block_copies);
   be.embed(a.residual, embed_, st.token_ids, T);
-  void* up = static_cast<char*>(a.gate_up) + I * be.capabilities().activation_bytes;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const Layer& L = layers_[size_t(l)];
     void *kc = kv.caches[size_t(2 * l)], *vc = kv.caches[size_t(2 * l + 1)];
@@ -116,10 +115,10 @@ void LlamaModel::forward(const StepInputs& st, void* workspace, const KvCacheVie
     be.paged_attention(a.attn, a.q, kc, vc);
     const backends::LinearJob o[] = {{a.delta, H, &L.o, nullptr}};
     be.linears(be.linear_input(a.attn, T, nqh * D), o);
-    const backends::LinearJob gate_up[] = {{a.gate_up, 2 * I, &L.gate, nullptr}, {up, 2 * I, &L.up, nullptr}};
-    be.linears(be.rms_norm_input(a.normed, a.delta, a.residual, L.post_attention_norm, T, H, eps), gate_up);
+    const backends::LinearInput mlp_in =
+        be.rms_norm_input(a.normed, a.delta, a.residual, L.post_attention_norm, T, H, eps);
     const backends::LinearJob down[] = {{a.delta, H, &L.down, nullptr}};
-    be.linears(be.silu_and_mul_input(a.act, a.gate_up, T, I), down);
+    be.linears(be.gate_up_silu_input(a.act, a.gate_up, mlp_in, L.gate, L.up, L.down, T, I), down);
   }
   // The final norm and the LM head only for the rows asked for.
   be.gather_rows(a.last_residual, a.residual, st.logits_indices, S, H);

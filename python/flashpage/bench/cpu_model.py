@@ -21,7 +21,13 @@ cores other processes kept busy during each engine's timed runs ("other load": a
 the benchmark makes its rows noise).
 
     python -m flashpage.bench.cpu_model [--shapes 110m,1.1b,smollm2] [--engines flashpage,...]
-        [--prefill-lens 512] [--repeats 3] [--json out.json]
+        [--prefill-lens 512] [--repeats 3] [--rounds 1] [--json out.json]
+
+--rounds N runs the engines N times in turn (flashpage, vLLM, flashpage, vLLM, ...), the bf16
+matmul rate measured again before each round: on a shared VM whose speed drifts by 10-20 % over
+minutes, two engines measured minutes apart are not compared on the same machine. Each round's
+table is printed, then the medians over the rounds (each engine's figures and the ratios of
+each round, % of peak against the median peak).
 
 An engine may carry a dtype: transformers:float32, vllm:float32, llamacpp:bf16 (defaults: bf16,
 llama.cpp f16). Each (engine, shape) runs in a fresh subprocess (this file, --worker), one at a
@@ -619,8 +625,10 @@ def label(engine: str) -> str:
     return f"{ENGINE_LABELS.get(name, name)} ({dtype or default})"
 
 
-def table(shape: Shape, ceiling: float, peak: float | None, prefill_lens: list[int], results: dict[str, dict]) -> str:
-    """Tokens/s per metric; prefill also as model GFLOP/s and % of the bf16 matmul rate."""
+def table(shape: Shape, ceiling: float, peak: float | None, prefill_lens: list[int], results: dict[str, dict],
+          ratios: dict[str, dict] | None = None) -> str:
+    """Tokens/s per metric; prefill also as model GFLOP/s and % of the bf16 matmul rate. The
+    ratio rows: `ratios` where given (per peer and metric), else flashpage's row over each peer's."""
     ms = metrics(prefill_lens)
     head = ["engine", *[f"prefill {n} tok/s (GFLOP/s, % of peak)" for n in prefill_lens],
             "decode b1 tok/s (% of ceiling)", "b16 tok/s", "b32 tok/s", "other load"]
@@ -641,10 +649,37 @@ def table(shape: Shape, ceiling: float, peak: float | None, prefill_lens: list[i
         lines.append(f"| {label(engine)} | " + " | ".join(cells) + " |")
     ours = next((r for e, r in results.items() if e.startswith("flashpage") and "decode" in r), None)
     for peer, theirs in results.items():
-        if ours and not peer.startswith("flashpage") and "decode" in theirs:
-            ratios = [f"{ours[m] / theirs[m]:.2f}x" for m in ms]
-            lines.append(f"| flashpage / {label(peer)} | " + " | ".join(ratios) + " | |")
+        if ratios is not None and peer in ratios:
+            cells = [f"{ratios[peer][m]:.2f}x" for m in ms]
+        elif ratios is None and ours and not peer.startswith("flashpage") and "decode" in theirs:
+            cells = [f"{ours[m] / theirs[m]:.2f}x" for m in ms]
+        else:
+            continue
+        lines.append(f"| flashpage / {label(peer)} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def combine_rounds(rounds: list[dict[str, dict]], names: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per engine the median of each metric over the rounds it completed; per peer the median
+    of flashpage / peer over the rounds where both completed."""
+    combined: dict[str, dict] = {}
+    for engine in rounds[0]:
+        done = [r[engine] for r in rounds if "unavailable" not in r[engine]]
+        if not done:
+            combined[engine] = rounds[0][engine]
+            continue
+        combined[engine] = {m: statistics.median(r[m] for r in done) for m in names}
+        loads = [r["other_load_cores"] for r in done if r.get("other_load_cores") is not None]
+        combined[engine]["other_load_cores"] = max(loads) if loads else None
+    ratios: dict[str, dict] = {}
+    ours = next((e for e in rounds[0] if e.startswith("flashpage")), None)
+    for peer in rounds[0]:
+        if ours is None or peer.startswith("flashpage"):
+            continue
+        pairs = [(r[ours], r[peer]) for r in rounds if "unavailable" not in r[ours] and "unavailable" not in r[peer]]
+        if pairs:
+            ratios[peer] = {m: statistics.median(a[m] / b[m] for a, b in pairs) for m in names}
+    return combined, ratios
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -655,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smollm2-dir", default=DEFAULT_SMOLLM2, help="the materialized SmolLM2 checkpoint")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run the engines this many times in turn")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="dummy model dirs and GGUFs")
     ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON,
@@ -690,15 +726,32 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         weight_bytes = 2 * shape.decode_params()
         ceiling = bandwidth * 1e9 / weight_bytes
-        results = {}
-        for engine in args.engines.split(","):
-            print(f"[{shape.name}] {label(engine)} ...", file=sys.stderr, flush=True)
-            results[engine] = run_worker(engine, shape, args)
-        print(f"\n### {shape.name}: batch-1 decode ceiling {ceiling:.1f} tok/s "
-              f"({weight_bytes / 1e6:.0f} MB of 16-bit weights a token at {bandwidth:.1f} GB/s)\n")
-        print(table(shape, ceiling, peak, lens, results), flush=True)
-        report["shapes"][shape.name] = {"shape": asdict(shape), "decode_weight_bytes": weight_bytes,
-                                        "decode_ceiling_tok_s": ceiling, "engines": results}
+        rounds: list[dict[str, dict]] = []
+        peaks: list[float] = [peak] if peak else []
+        for n in range(args.rounds):
+            round_peak = peak
+            if n > 0:  # the machine's rate now, not a round ago
+                round_peak = run_worker("peak", None, args).get("gflops")
+                peaks += [round_peak] if round_peak else []
+            results = {}
+            for engine in args.engines.split(","):
+                print(f"[{shape.name}] {label(engine)} ...", file=sys.stderr, flush=True)
+                results[engine] = run_worker(engine, shape, args)
+            rounds.append(results)
+            title = f" (round {n + 1} of {args.rounds}, bf16 matmul {round_peak or 0:.0f} GFLOP/s)" if args.rounds > 1 else ""
+            print(f"\n### {shape.name}: batch-1 decode ceiling {ceiling:.1f} tok/s "
+                  f"({weight_bytes / 1e6:.0f} MB of 16-bit weights a token at {bandwidth:.1f} GB/s){title}\n")
+            print(table(shape, ceiling, round_peak, lens, results), flush=True)
+        entry = {"shape": asdict(shape), "decode_weight_bytes": weight_bytes, "decode_ceiling_tok_s": ceiling,
+                 "engines": rounds[-1]}
+        if args.rounds > 1:
+            combined, ratios = combine_rounds(rounds, metrics(lens))
+            mid_peak = statistics.median(peaks) if peaks else None
+            print(f"\n### {shape.name}: medians of {args.rounds} rounds (bf16 matmul {mid_peak or 0:.0f} GFLOP/s, "
+                  f"the median of {len(peaks)}); ratios: the median of each round's\n")
+            print(table(shape, ceiling, mid_peak, lens, combined, ratios), flush=True)
+            entry |= {"engines": combined, "ratios": ratios, "rounds": rounds, "bf16_matmul_gflops_rounds": peaks}
+        report["shapes"][shape.name] = entry
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -13,7 +13,8 @@ namespace {
 #define FLASHPAGE_KERNEL_TABLE(level, isa, q8)                                                               \
   KernelTable {                                                                                             \
     isa, &level::rms_norm, &level::paged_attention, &level::linear_panel, &level::packed_linear_elems,      \
-        &level::pack_linear, &level::linear, &level::linear_input, &level::silu_and_mul, &level::rotary,    \
+        &level::pack_linear, &level::linear, &level::linear_input, &level::silu_and_mul,                    \
+        &level::gate_up_silu, &level::rotary,                                                               \
         &level::write_kv_cache, &q8::q8_panel, &q8::packed_q8_bytes, &q8::pack_q8, &q8::q8_linear,          \
         &q8::packed_qbits_bytes, &q8::pack_qbits, &q8::qbits_linear                                                 \
   }

@@ -44,6 +44,14 @@ namespace flashpage::cpu {
   void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K);                  \
   /* out[t, i] = silu(in[t, i]) * in[t, inter + i] for in [tokens, 2 * inter].           */ \
   void silu_and_mul(float* out, const float* in, int64_t tokens, int64_t inter);           \
+  /* gate_up's two Linears and SiLU.mul fused, for bf16 gate and up [inter, K] packed by   */ \
+  /* this level and x as linear_input wrote it: down's input (linear_input's layout for K  */ \
+  /* = inter) of silu(x . gate^T) * (x . up^T), the panels [p_begin, p_end) of inter's     */ \
+  /* columns (linear_panel() wide) — bitwise what linear, silu_and_mul and linear_input   */ \
+  /* give, where inter % 16 == 0. Returns whether the level fuses M rows (false: nothing   */ \
+  /* written; the caller runs them apart); an empty range only asks.                      */ \
+  bool gate_up_silu(uint16_t* out, const void* x, const void* gate, const void* up,         \
+                    int64_t M, int64_t K, int64_t inter, int64_t p_begin, int64_t p_end);   \
   /* Rotate-half RoPE in place on x [tokens, heads, head_dim]; cos_sin [positions,        */ \
   /* head_dim]: cos in the first half, sin in the second (scaling folded in).            */ \
   void rotary(float* x, const int32_t* positions, const float* cos_sin, int64_t tokens,    \
@@ -158,6 +166,7 @@ struct KernelTable {
   decltype(&ref::linear) linear;
   decltype(&ref::linear_input) linear_input;
   decltype(&ref::silu_and_mul) silu_and_mul;
+  decltype(&ref::gate_up_silu) gate_up_silu;
   decltype(&ref::rotary) rotary;
   decltype(&ref::write_kv_cache) write_kv_cache;
   // The int8 Linear: the level's own with VNNI (avx512_bf16, amx), the reference's elsewhere.

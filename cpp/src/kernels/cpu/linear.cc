@@ -313,6 +313,17 @@ void linear(float* y, const void* x, const void* w, bool w_bf16, const float* bi
   else run(y, xf, static_cast<const float*>(w), bias, M, N, K, n_begin, n_end);
 }
 
+bool gate_up_silu(uint16_t* out, const void* x, const void* gate, const void* up, int64_t M, int64_t K, int64_t inter,
+                  int64_t p_begin, int64_t p_end) {
+#if defined(__AVX512BF16__)
+  return gate_up_silu_bf16(out, static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(gate),
+                           static_cast<const uint16_t*>(up), M, K, inter, p_begin, p_end);
+#else
+  (void)out, (void)x, (void)gate, (void)up, (void)M, (void)K, (void)inter, (void)p_begin, (void)p_end;
+  return false;  // fp32 compute: gate_up and silu_and_mul run apart
+#endif
+}
+
 void linear_input(uint16_t* dst, const float* x, int64_t M, int64_t K) {
 #if defined(__AVX512BF16__)
   to_bf16_rows(dst, x, M, K);

@@ -303,6 +303,36 @@ void panels_loop(float* y, int64_t ldy, const uint16_t* x, int64_t Kp, const uin
     if (n0 < n_end) panels_loop<MR, P - 1>(y, ldy, x, Kp, w, bias, rows, n0, n_end);
 }
 
+// One group of up to 12 rows against one panel, by the variant for its row count (fewer rows,
+// fewer FMAs; each row's arithmetic is the same in every variant).
+void row_group(float* y, int64_t ldy, const uint16_t* x, int64_t m, int64_t Kp, const uint16_t* panel,
+               const float* bias, int64_t rows, int64_t n0, int64_t n1, Ahead ahead) {
+  if (rows > 8) rows_times_panels<12, 1>(y, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+  else if (rows > 4) rows_times_panels<8, 1>(y, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+  else if (rows > 2) rows_times_panels<4, 1>(y, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+  else if (rows > 1) rows_times_panels<2, 1>(y, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+  else rows_times_panels<1, 1>(y, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+}
+
+constexpr int kMr = 12;  // rows of the largest micro-kernel
+
+// Rows per pass over the panels: the bf16 inputs of a pass (rows x K) fit kChunkBytes.
+int64_t pass_rows(int64_t M, int64_t Kp) {
+  return balanced_piece(M, std::max<int64_t>(kMr, kChunkBytes / (Kp * 2) / kMr * kMr), kMr);
+}
+
+// Each row group fetches its share of the panel that comes next as it goes, so that the weights'
+// stream from memory overlaps the products rather than stalling the first group of each panel
+// (decode batches: bench_linear 1536 x 576 at M = 32, 0.126 -> 0.085 ms; SmolLM2 decode of 16
+// sequences 950 -> 1,440 tok/s on Zen 5). Into L1: fetching into L2 gained half as much.
+Ahead share_of(const uint16_t* next, int64_t m0, int64_t m1, int64_t m) {
+  const int64_t groups = (m1 - m0 + kMr - 1) / kMr;
+  const int spread = static_cast<int>((32 + groups - 1) / groups);
+  const int g = static_cast<int>((m - m0) / kMr);
+  if (!next || g * spread >= 32) return {};
+  return {next, g * spread, std::min(spread, 32 - g * spread)};
+}
+
 void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
               int64_t K, int64_t n_begin, int64_t n_end) {
   const int64_t Kp = bf16_input_stride(K);
@@ -313,34 +343,55 @@ void run_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias,
     case 4: return panels_loop<4, 2>(y, ldy, x, Kp, w, bias, 4, n_begin, n_end);
     default: break;
   }
-  constexpr int kMr = 12;
-  const int64_t chunk_rows = balanced_piece(M, std::max<int64_t>(kMr, kChunkBytes / (Kp * 2) / kMr * kMr), kMr);
+  const int64_t chunk_rows = pass_rows(M, Kp);
   for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
     const int64_t m1 = std::min(M, m0 + chunk_rows);
-    const int64_t groups = (m1 - m0 + kMr - 1) / kMr;
-    // Each row group fetches its share of the next panel as it goes, so that the weights'
-    // stream from memory overlaps the products rather than stalling the first group of each panel
-    // (decode batches: bench_linear 1536 x 576 at M = 32, 0.126 -> 0.085 ms; SmolLM2 decode of
-    // 16 sequences 950 -> 1,440 tok/s on Zen 5). Into L1: fetching into L2 gained half as much.
-    const int spread = static_cast<int>((32 + groups - 1) / groups);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanel) {
       const int64_t n1 = std::min(n_end, n0 + kPanel);
       const uint16_t* panel = w + n0 * Kp;
-      for (int64_t m = m0; m < m1; m += kMr) {
-        const int64_t rows = std::min<int64_t>(kMr, m1 - m);
-        float* ym = y + m * ldy;
-        const int g = static_cast<int>((m - m0) / kMr);
-        Ahead ahead;
-        if (n0 + kPanel < n_end && g * spread < 32) ahead = {panel + kPanel * Kp, g * spread, std::min(spread, 32 - g * spread)};
-        // Fewer rows, fewer FMAs; each row's arithmetic is the same in every variant.
-        if (rows > 8) rows_times_panels<kMr, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
-        else if (rows > 4) rows_times_panels<8, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
-        else if (rows > 2) rows_times_panels<4, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
-        else if (rows > 1) rows_times_panels<2, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
-        else rows_times_panels<1, 1>(ym, ldy, x, m, Kp, panel, bias, rows, n0, n1, ahead);
+      const uint16_t* next = n0 + kPanel < n_end ? panel + kPanel * Kp : nullptr;
+      for (int64_t m = m0; m < m1; m += kMr)
+        row_group(y + m * ldy, ldy, x, m, Kp, panel, bias, std::min<int64_t>(kMr, m1 - m), n0, n1,
+                  share_of(next, m0, m1, m));
+    }
+  }
+}
+
+// gate_up and SiLU.mul per panel: a pass's rows of gate panel j and up panel j side by side in
+// `s` ([rows][gate 32 | up 32], the layout silu_and_mul takes), then silu_and_mul and the
+// rounding into block j of down's input. The same kernels, sums and roundings as the Linear
+// into gate_up, silu_and_mul and to_bf16_rows (bitwise, where inter % 16 == 0: silu_and_mul's
+// scalar tail is not reached here); gate_up's fp32 rows never leave the thread's cache.
+void gate_up_silu_run(uint16_t* out, const uint16_t* x, const uint16_t* gate, const uint16_t* up, int64_t M,
+                      int64_t K, int64_t inter, int64_t p_begin, int64_t p_end) {
+  const int64_t Kp = bf16_input_stride(K), Ip = bf16_input_stride(inter), chunk_rows = pass_rows(M, Kp);
+  static thread_local runtime::AlignedVector<float> scratch;  // grows to the largest pass, then reused
+  if (int64_t(scratch.size()) < chunk_rows * 3 * kPanel) scratch.resize(size_t(chunk_rows * 3 * kPanel));
+  float* s = scratch.data();
+  float* act = s + chunk_rows * 2 * kPanel;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk_rows) {
+    const int64_t m1 = std::min(M, m0 + chunk_rows), rows = m1 - m0;
+    for (int64_t j = p_begin; j < p_end; ++j) {
+      const int64_t cols = std::min<int64_t>(kPanel, inter - j * kPanel);
+      const uint16_t* panels[2] = {gate + j * kPanel * Kp, up + j * kPanel * Kp};
+      const uint16_t* next[2] = {panels[1], j + 1 < p_end ? gate + (j + 1) * kPanel * Kp : nullptr};
+      for (int h = 0; h < 2; ++h)
+        for (int64_t m = m0; m < m1; m += kMr)
+          row_group(s + (m - m0) * 2 * kPanel + h * kPanel, 2 * kPanel, x, m, Kp, panels[h], nullptr,
+                    std::min<int64_t>(kMr, m1 - m), 0, cols, share_of(next[h], m0, m1, m));
+      if (cols < kPanel)  // past inter: zeros (silu(0) * 0), as linear_input pads
+        for (int64_t r = 0; r < rows; ++r)
+          for (int h = 0; h < 2; ++h) std::fill_n(s + r * 2 * kPanel + h * kPanel + cols, kPanel - cols, 0.f);
+      silu_and_mul(act, s, rows, kPanel);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_load_ps(act + r * kPanel + 16), _mm512_load_ps(act + r * kPanel));
+        _mm512_storeu_si512(const_cast<uint16_t*>(input_at(out, Ip, m0 + r, j)), (__m512i)h);
       }
     }
   }
+  for (int64_t m = M; m < bf16_input_rows(M); ++m)  // the tile's padding rows, as linear_input writes them
+    for (int64_t j = p_begin; j < p_end; ++j)
+      _mm512_storeu_si512(const_cast<uint16_t*>(input_at(out, Ip, m, j)), _mm512_setzero_si512());
 }
 
 #endif
@@ -365,6 +416,19 @@ void pack_linear_bf16(uint16_t* dst, const uint16_t* w, int64_t N, int64_t K, in
 void linear_bf16(float* y, const uint16_t* x, const uint16_t* w, const float* bias, int64_t M, int64_t ldy,
                  int64_t K, int64_t n_begin, int64_t n_end) {
   run_bf16(y, x, w, bias, M, ldy, K, n_begin, n_end);
+}
+
+bool gate_up_silu_bf16(uint16_t* out, const uint16_t* x, const uint16_t* gate, const uint16_t* up, int64_t M,
+                       int64_t K, int64_t inter, int64_t p_begin, int64_t p_end) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  (void)out, (void)x, (void)gate, (void)up, (void)M, (void)K, (void)inter, (void)p_begin, (void)p_end;
+  return false;  // the tiles' passes are another code; the Linear and silu_and_mul run apart
+#else
+  // Decode batches (M <= 4) read several panels side by side (run_bf16's panels_loop): unfused.
+  if (M <= 4) return false;
+  if (p_begin < p_end) gate_up_silu_run(out, x, gate, up, M, K, inter, p_begin, p_end);
+  return true;
+#endif
 }
 
 void to_bf16_rows(uint16_t* dst, const float* x, int64_t M, int64_t K) {
